@@ -1,0 +1,20 @@
+//! SeaORM entities for Entitle's tables. Shape only: no business rules and no
+//! GraphQL derives live here; `migration/` is the only place the schema changes.
+
+pub mod api_keys;
+pub mod customers;
+pub mod devices;
+pub mod entitlement_events;
+pub mod purchases;
+pub mod receipts;
+pub mod webhook_events;
+
+pub mod prelude {
+    pub use super::api_keys::Entity as ApiKeys;
+    pub use super::customers::Entity as Customers;
+    pub use super::devices::Entity as Devices;
+    pub use super::entitlement_events::Entity as EntitlementEvents;
+    pub use super::purchases::Entity as Purchases;
+    pub use super::receipts::Entity as Receipts;
+    pub use super::webhook_events::Entity as WebhookEvents;
+}

@@ -1,0 +1,230 @@
+//! Who is calling: a customer (JWT `sub`), an API key with a role, or an
+//! admin. Resolved once per request from the headers.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use axum::http::HeaderMap;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde_json::{Map, Value};
+
+use crate::{
+    config::{JwtAlgorithm, JwtConfig},
+    domain::{ApiKeyRole, ExternalId},
+    error::{AppError, AppResult},
+    service::{Core, api_keys::KeyIdentity},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Anonymous,
+    /// A signed-in end user; may read only itself.
+    Customer(String),
+    /// A bearer token carrying the admin claim.
+    AdminToken(String),
+    ApiKey { id: String, role: ApiKeyRole },
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Principal::AdminToken(_) | Principal::ApiKey { role: ApiKeyRole::Admin, .. })
+    }
+
+    pub fn require_authenticated(&self) -> AppResult<()> {
+        match self {
+            Principal::Anonymous => Err(AppError::Unauthenticated),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn require_admin(&self) -> AppResult<()> {
+        self.require_authenticated()?;
+        if self.is_admin() { Ok(()) } else { Err(AppError::Forbidden("admin access required")) }
+    }
+
+    /// Customer tokens read themselves; client keys read the customer they
+    /// name (they are embedded in apps that know their own user); service and
+    /// admin read anyone.
+    pub fn require_read(&self, customer_id: &str) -> AppResult<()> {
+        match self {
+            Principal::Anonymous => Err(AppError::Unauthenticated),
+            Principal::Customer(sub) if sub == customer_id => Ok(()),
+            Principal::Customer(_) => Err(AppError::Forbidden("a customer may read only itself")),
+            Principal::AdminToken(_) | Principal::ApiKey { .. } => Ok(()),
+        }
+    }
+
+    pub fn require_service(&self) -> AppResult<()> {
+        match self {
+            Principal::Anonymous => Err(AppError::Unauthenticated),
+            Principal::ApiKey { role: ApiKeyRole::Service | ApiKeyRole::Admin, .. } | Principal::AdminToken(_) => Ok(()),
+            _ => Err(AppError::Forbidden("a service or admin key is required")),
+        }
+    }
+
+    /// Registering devices: apps (client keys), admins, and a customer for itself.
+    pub fn require_register(&self, customer_id: Option<&str>) -> AppResult<()> {
+        match self {
+            Principal::Anonymous => Err(AppError::Unauthenticated),
+            Principal::ApiKey { role: ApiKeyRole::Client | ApiKeyRole::Admin, .. } | Principal::AdminToken(_) => Ok(()),
+            Principal::Customer(sub) if customer_id.is_none_or(|c| c == sub) => Ok(()),
+            Principal::Customer(_) => Err(AppError::Forbidden("a customer may register devices only for itself")),
+            Principal::ApiKey { role: ApiKeyRole::Service, .. } => Err(AppError::Forbidden("service keys are read-only")),
+        }
+    }
+}
+
+struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    admin_claim: String,
+    admin_value: String,
+}
+
+fn algorithm(a: JwtAlgorithm) -> Algorithm {
+    match a {
+        JwtAlgorithm::HS256 => Algorithm::HS256,
+        JwtAlgorithm::RS256 => Algorithm::RS256,
+        JwtAlgorithm::ES256 => Algorithm::ES256,
+    }
+}
+
+impl JwtVerifier {
+    fn new(cfg: &JwtConfig) -> anyhow::Result<Self> {
+        let key = match cfg.algorithm {
+            JwtAlgorithm::HS256 => {
+                DecodingKey::from_secret(cfg.secret.as_ref().map(|s| s.expose().as_bytes()).unwrap_or_default())
+            }
+            JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes())
+                .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
+            JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes())
+                .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
+        };
+        // One algorithm only: this is what stops `alg: none` and HS/RS confusion.
+        let mut validation = Validation::new(algorithm(cfg.algorithm));
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        validation.set_issuer(&[&cfg.issuer]);
+        validation.set_audience(&[&cfg.audience]);
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        validation.leeway = cfg.leeway_secs;
+        Ok(JwtVerifier {
+            key,
+            validation,
+            admin_claim: cfg.admin_claim.clone(),
+            admin_value: cfg.admin_value.clone(),
+        })
+    }
+
+    fn verify(&self, token: &str) -> Option<Principal> {
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).ok()?;
+        let sub = data.claims.get("sub")?.as_str()?;
+        let sub = ExternalId::parse(sub).ok()?.into_string();
+        let admin = match data.claims.get(&self.admin_claim) {
+            Some(Value::String(s)) => *s == self.admin_value,
+            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(self.admin_value.as_str())),
+            _ => false,
+        };
+        Some(if admin { Principal::AdminToken(sub) } else { Principal::Customer(sub) })
+    }
+}
+
+/// Mints a token with the configured key (development and tests only).
+pub fn mint_token(cfg: &JwtConfig, sub: &str, admin: bool, ttl: Duration) -> anyhow::Result<String> {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = serde_json::json!({
+        "sub": sub,
+        "iss": cfg.issuer,
+        "aud": cfg.audience,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl.as_secs() as i64,
+    });
+    if admin {
+        claims[&cfg.admin_claim] = Value::String(cfg.admin_value.clone());
+    }
+    let key = match cfg.algorithm {
+        JwtAlgorithm::HS256 => {
+            EncodingKey::from_secret(cfg.secret.as_ref().map(|s| s.expose().as_bytes()).unwrap_or_default())
+        }
+        JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+            let pem = cfg
+                .private_key_pem
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("auth.jwt.private_key_pem is needed to mint {:?} tokens", cfg.algorithm))?;
+            if cfg.algorithm == JwtAlgorithm::RS256 {
+                EncodingKey::from_rsa_pem(pem.expose().as_bytes())?
+            } else {
+                EncodingKey::from_ec_pem(pem.expose().as_bytes())?
+            }
+        }
+    };
+    Ok(jsonwebtoken::encode(&Header::new(algorithm(cfg.algorithm)), &claims, &key)?)
+}
+
+pub struct Authenticator {
+    jwt: Option<JwtVerifier>,
+    key_ttl: Duration,
+    /// SHA-256 of a presented key -> who it is, and when we last checked.
+    key_cache: RwLock<HashMap<String, (KeyIdentity, Instant)>>,
+}
+
+impl Authenticator {
+    pub fn new(jwt: Option<&JwtConfig>, key_ttl: Duration) -> anyhow::Result<Self> {
+        Ok(Authenticator {
+            jwt: jwt.map(JwtVerifier::new).transpose()?,
+            key_ttl,
+            key_cache: RwLock::new(HashMap::new()),
+        })
+    }
+
+    /// `Anonymous` when no credential is presented; an error when one is
+    /// presented and is not valid (never silently downgraded).
+    pub async fn principal(&self, core: &Arc<Core>, headers: &HeaderMap) -> AppResult<Principal> {
+        if let Some(auth) = headers.get(axum::http::header::AUTHORIZATION) {
+            let token = auth
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .ok_or(AppError::Unauthenticated)?;
+            let jwt = self.jwt.as_ref().ok_or(AppError::Unauthenticated)?;
+            return jwt.verify(token.trim()).ok_or(AppError::Unauthenticated);
+        }
+        let key = headers.get("api-key").or_else(|| headers.get("x-api-key"));
+        match key {
+            None => Ok(Principal::Anonymous),
+            Some(v) => {
+                let key = v.to_str().map_err(|_| AppError::Unauthenticated)?;
+                let id = self.api_key(core, key).await?.ok_or(AppError::Unauthenticated)?;
+                Ok(Principal::ApiKey { id: id.id, role: id.role })
+            }
+        }
+    }
+
+    async fn api_key(&self, core: &Arc<Core>, key: &str) -> AppResult<Option<KeyIdentity>> {
+        let hash = crate::service::api_keys::hash_key(key);
+        if let Some((id, at)) = self.key_cache.read().expect("key cache").get(&hash) {
+            if at.elapsed() < self.key_ttl {
+                return Ok(Some(id.clone()));
+            }
+        }
+        let found = core.lookup_api_key(key).await?;
+        let mut cache = self.key_cache.write().expect("key cache");
+        match found {
+            Some((id, hash)) => {
+                if cache.len() > 10_000 {
+                    cache.retain(|_, (_, at)| at.elapsed() < self.key_ttl);
+                }
+                cache.insert(hash, (id.clone(), Instant::now()));
+                Ok(Some(id))
+            }
+            None => {
+                cache.remove(&hash);
+                Ok(None)
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! One typed configuration, layered: built-in defaults, then `entitle.toml`
+//! (or `--config`), then `ENTITLE_*` environment variables (`__` nests).
+
+use std::{fmt, net::SocketAddr, path::Path};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Catalog, EntitlementDef, ProductDef, TransferPolicy, TrialPolicy};
+
+/// A secret string: deserialises from config like a plain string but never
+/// shows itself in `Debug` output, logs or error messages.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `sqlite://…` (default) or `postgres://…`. `DATABASE_URL` is honoured too.
+    pub database_url: Secret,
+    pub bind: SocketAddr,
+    /// Connections in the pool (SQLite readers share it with the writer).
+    pub database_max_connections: u32,
+    /// Log filter in `tracing` syntax.
+    pub log: String,
+    /// Whether sandbox/test-store purchases grant access.
+    pub accept_sandbox: bool,
+    /// What happens when a store purchase bound to one customer is submitted by another.
+    pub transfer_policy: TransferPolicy,
+    pub http: HttpConfig,
+    pub graphql: GraphqlConfig,
+    pub auth: AuthConfig,
+    pub trial: Option<TrialPolicy>,
+    pub catalog: CatalogConfig,
+    pub stripe: Option<StripeConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Largest accepted request body in bytes; larger ones get 413.
+    pub body_limit_bytes: usize,
+    /// Whole-request time limit in seconds; slower requests get 408.
+    pub request_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphqlConfig {
+    pub introspection: bool,
+    pub graphiql: bool,
+    pub max_depth: usize,
+    pub max_complexity: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwt: Option<JwtConfig>,
+    /// Seconds a looked-up API key is trusted before it is read again
+    /// (bounds how long a revoked key keeps working on other replicas).
+    pub api_key_cache_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The only algorithm accepted; tokens with any other `alg` are rejected.
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret.
+    pub secret: Option<Secret>,
+    /// RS256/ES256 public key, PEM.
+    pub public_key_pem: Option<String>,
+    /// RS256/ES256 private key, PEM; only `entitle token` (development) uses it.
+    pub private_key_pem: Option<Secret>,
+    pub issuer: String,
+    pub audience: String,
+    /// Claim whose value `admin_value` makes the bearer an admin.
+    pub admin_claim: String,
+    pub admin_value: String,
+    /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    pub leeway_secs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    #[serde(default)]
+    pub entitlements: Vec<EntitlementDef>,
+    #[serde(default)]
+    pub products: Vec<ProductDef>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StripeConfig {
+    pub secret_key: Option<Secret>,
+    pub webhook_secret: Option<Secret>,
+    pub api_base: Option<String>,
+    /// The Stripe Payment Link the Garmin shim hands out.
+    pub payment_link: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: Secret::new("sqlite://entitle.db?mode=rwc"),
+            bind: "127.0.0.1:8088".parse().expect("static address"),
+            database_max_connections: 16,
+            log: "info".into(),
+            accept_sandbox: true,
+            transfer_policy: TransferPolicy::Transfer,
+            http: HttpConfig {
+                body_limit_bytes: 64 * 1024,
+                request_timeout_secs: 30,
+            },
+            graphql: GraphqlConfig {
+                introspection: true,
+                graphiql: true,
+                max_depth: 10,
+                max_complexity: 500,
+            },
+            auth: AuthConfig {
+                jwt: None,
+                api_key_cache_secs: 10,
+            },
+            trial: None,
+            catalog: CatalogConfig::default(),
+            stripe: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (`path`, or `entitle.toml` when it
+    /// exists), then the environment. The error names the offending key.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match path {
+            Some(p) => {
+                if !p.exists() {
+                    anyhow::bail!("config file {} does not exist", p.display());
+                }
+                fig = fig.merge(Toml::file(p));
+            }
+            None => fig = fig.merge(Toml::file("entitle.toml")),
+        }
+        fig = fig
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            // ENTITLE_TEST_* belongs to the test harness, not to the server.
+            .merge(Env::prefixed("ENTITLE_").filter(|k| !k.as_str().starts_with("test_")).split("__"));
+        Self::from_figment(fig)
+    }
+
+    pub fn from_figment(fig: Figment) -> anyhow::Result<Config> {
+        let cfg: Config = fig.extract().map_err(|e| {
+            // figment's message names the key path and the source; join all of them.
+            let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+            anyhow::anyhow!("invalid configuration: {}", msgs.join("; "))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let url = self.database_url.expose();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            anyhow::bail!("invalid configuration: database_url must start with sqlite:, postgres:// or postgresql://");
+        }
+        if self.http.body_limit_bytes == 0 {
+            anyhow::bail!("invalid configuration: http.body_limit_bytes must be greater than 0");
+        }
+        if let Some(jwt) = &self.auth.jwt {
+            match jwt.algorithm {
+                JwtAlgorithm::HS256 => {
+                    if jwt.secret.as_ref().is_none_or(|s| s.expose().len() < 32) {
+                        anyhow::bail!("invalid configuration: auth.jwt.secret must be set and at least 32 bytes for HS256");
+                    }
+                }
+                JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+                    if jwt.public_key_pem.is_none() {
+                        anyhow::bail!("invalid configuration: auth.jwt.public_key_pem must be set for {:?}", jwt.algorithm);
+                    }
+                }
+            }
+        }
+        if let Some(trial) = &self.trial {
+            if trial.days == 0 {
+                anyhow::bail!("invalid configuration: trial.days must be at least 1");
+            }
+            if !self.catalog.entitlements.iter().any(|e| e.key == trial.entitlement) {
+                anyhow::bail!(
+                    "invalid configuration: trial.entitlement `{}` is not in catalog.entitlements",
+                    trial.entitlement
+                );
+            }
+        }
+        self.catalog()?;
+        Ok(())
+    }
+
+    pub fn catalog(&self) -> anyhow::Result<Catalog> {
+        Catalog::new(self.catalog.entitlements.clone(), self.catalog.products.clone())
+            .map_err(|e| anyhow::anyhow!("invalid configuration: catalog: {e}"))
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        !self.database_url.expose().starts_with("sqlite:")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_serve_out_of_the_box() {
+        let cfg = Config::from_figment(Figment::from(Serialized::defaults(Config::default()))).unwrap();
+        assert_eq!(cfg.database_url.expose(), "sqlite://entitle.db?mode=rwc");
+        assert_eq!(cfg.bind.to_string(), "127.0.0.1:8088");
+        assert!(cfg.stripe.is_none());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let mut cfg = Config::default();
+        cfg.database_url = Secret::new("postgres://user:hunter2@db/entitle");
+        cfg.stripe = Some(StripeConfig {
+            secret_key: Some(Secret::new("sk_test_supersecret")),
+            webhook_secret: Some(Secret::new("whsec_supersecret")),
+            api_base: None,
+            payment_link: None,
+        });
+        let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("hunter2"), "{dbg}");
+        assert!(!dbg.contains("supersecret"), "{dbg}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[http]\nbody_limit_bytes = \"lots\"\n"));
+        let err = Config::from_figment(fig).unwrap_err().to_string();
+        assert!(err.contains("body_limit_bytes"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string("bnid = \"x\"\n"));
+        let err = Config::from_figment(fig).unwrap_err().to_string();
+        assert!(err.contains("bnid"), "{err}");
+    }
+
+    #[test]
+    fn trial_entitlement_must_exist() {
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[trial]\ndays = 7\nentitlement = \"pro\"\n"));
+        let err = Config::from_figment(fig).unwrap_err().to_string();
+        assert!(err.contains("trial.entitlement"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_with_nesting() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("entitle.toml", "bind = \"127.0.0.1:9000\"\n[http]\nbody_limit_bytes = 1000\n")?;
+            jail.set_env("ENTITLE_HTTP__BODY_LIMIT_BYTES", "2000");
+            jail.set_env("DATABASE_URL", "postgres://localhost/x");
+            let cfg = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.bind.port(), 9000);
+            assert_eq!(cfg.http.body_limit_bytes, 2000);
+            assert!(cfg.is_postgres());
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,251 @@
+//! Queries over the entities, and the write-transaction discipline that keeps
+//! SQLite from failing with "database is locked" under concurrent writers.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use entities::{customers, devices, entitlement_events, purchases};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait,
+    sea_query::{Expr, ExprTrait, LikeExpr},
+};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::{
+    config::Config,
+    domain::{Change, PurchaseFacts},
+    error::{AppError, AppResult},
+};
+
+#[derive(Clone)]
+pub struct Db {
+    pub conn: DatabaseConnection,
+    /// SQLite has one writer at a time; queueing writers here, in-process,
+    /// is cheaper and fairer than letting them spin on the busy handler.
+    write_gate: Option<Arc<Mutex<()>>>,
+}
+
+/// A write transaction: IMMEDIATE on SQLite (so a read-then-write never dies
+/// with SQLITE_BUSY_SNAPSHOT), holding the in-process writer gate.
+pub struct WriteTxn {
+    txn: DatabaseTransaction,
+    _gate: Option<OwnedMutexGuard<()>>,
+}
+
+impl std::ops::Deref for WriteTxn {
+    type Target = DatabaseTransaction;
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+}
+
+impl WriteTxn {
+    pub async fn commit(self) -> AppResult<()> {
+        self.txn.commit().await?;
+        Ok(())
+    }
+}
+
+impl Db {
+    /// Connects and brings the schema up to date.
+    pub async fn connect(config: &Config) -> anyhow::Result<Db> {
+        let db = Self::connect_only(config).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub async fn connect_only(config: &Config) -> anyhow::Result<Db> {
+        let url = config.database_url.expose();
+        let mut opts = ConnectOptions::new(url.to_string());
+        opts.max_connections(config.database_max_connections)
+            .min_connections(1)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(10))
+            .sqlx_logging(false);
+        let sqlite = !config.is_postgres();
+        if sqlite {
+            opts.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                    .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true)
+            });
+        }
+        // The URL may carry a password: never echo it.
+        let conn = Database::connect(opts).await.context("cannot connect to the database (database_url)")?;
+        Ok(Db {
+            conn,
+            write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
+        })
+    }
+
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        Migrator::up(&self.conn, None).await.context("database migration failed")
+    }
+
+    pub fn backend(&self) -> DbBackend {
+        self.conn.get_database_backend()
+    }
+
+    pub async fn write(&self) -> AppResult<WriteTxn> {
+        let gate = match &self.write_gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        };
+        let txn = self
+            .conn
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..Default::default()
+            })
+            .await?;
+        Ok(WriteTxn { txn, _gate: gate })
+    }
+
+    pub async fn ping(&self) -> bool {
+        self.conn.ping().await.is_ok()
+    }
+}
+
+pub fn purchase_facts(m: &purchases::Model) -> AppResult<PurchaseFacts> {
+    let parse_err = |e: crate::domain::UnknownValue| AppError::Internal(anyhow::anyhow!("purchase {}: {e}", m.id));
+    Ok(PurchaseFacts {
+        id: m.id,
+        store: m.store.parse().map_err(parse_err)?,
+        product_id: m.product_id.clone(),
+        environment: m.environment.parse().map_err(parse_err)?,
+        status: m.status.parse().map_err(parse_err)?,
+        period_type: m.period_type.parse().map_err(parse_err)?,
+        purchased_at: m.purchased_at,
+        expires_at: m.expires_at,
+        grace_expires_at: m.grace_expires_at,
+        auto_renew: m.auto_renew,
+        revoked_at: m.revoked_at,
+    })
+}
+
+pub async fn purchases_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::CustomerId.eq(customer_id))
+        .order_by_asc(purchases::Column::Id)
+        .all(c)
+        .await?)
+}
+
+pub async fn purchase_facts_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<PurchaseFacts>> {
+    purchases_of(c, customer_id).await?.iter().map(purchase_facts).collect()
+}
+
+/// Creates the customer if absent; safe against concurrent creators.
+pub async fn ensure_customer(c: &impl ConnectionTrait, id: &str, now: DateTime<Utc>) -> AppResult<()> {
+    customers::Entity::insert(customers::ActiveModel {
+        id: Set(id.to_string()),
+        created_at: Set(now),
+        attributes: Set(serde_json::json!({})),
+    })
+    .on_conflict_do_nothing_on([customers::Column::Id])
+    .exec_without_returning(c)
+    .await?;
+    Ok(())
+}
+
+/// Reads the customer and, on PostgreSQL, row-locks it for the rest of the
+/// transaction, so that concurrent changes to one customer are serialised
+/// and each computes its change-log rows against the other's committed state.
+/// (SQLite's single writer already serialises them.)
+pub async fn lock_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<Option<customers::Model>> {
+    let mut q = customers::Entity::find_by_id(id.to_string());
+    if c.get_database_backend() == DbBackend::Postgres {
+        q = q.lock_exclusive();
+    }
+    Ok(q.one(c).await?)
+}
+
+pub async fn find_device(c: &impl ConnectionTrait, platform: &str, device_id: &str) -> AppResult<Option<devices::Model>> {
+    Ok(devices::Entity::find()
+        .filter(devices::Column::Platform.eq(platform))
+        .filter(devices::Column::DeviceId.eq(device_id))
+        .one(c)
+        .await?)
+}
+
+/// Appends the change-log rows of one state change, in the caller's transaction.
+pub async fn record_changes(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+    changes: &[Change],
+    now: DateTime<Utc>,
+) -> AppResult<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let rows = changes.iter().map(|ch| entitlement_events::ActiveModel {
+        customer_id: Set(customer_id.to_string()),
+        entitlement: Set(ch.entitlement.clone()),
+        kind: Set(ch.kind.as_str().to_string()),
+        old_status: Set(ch.old_status.map(str::to_string)),
+        new_status: Set(ch.new_status.to_string()),
+        purchase_id: Set(ch.purchase_id),
+        occurred_at: Set(now),
+        published_at: Set(None),
+        ..Default::default()
+    });
+    entitlement_events::Entity::insert_many(rows).exec_without_returning(c).await?;
+    Ok(())
+}
+
+pub async fn devices_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<devices::Model>> {
+    Ok(devices::Entity::find()
+        .filter(devices::Column::CustomerId.eq(customer_id))
+        .order_by_asc(devices::Column::Id)
+        .all(c)
+        .await?)
+}
+
+pub async fn receipts_of(c: &impl ConnectionTrait, customer_id: &str, limit: u64) -> AppResult<Vec<entities::receipts::Model>> {
+    use entities::receipts;
+    Ok(receipts::Entity::find()
+        .filter(receipts::Column::CustomerId.eq(customer_id))
+        .order_by_desc(receipts::Column::Id)
+        .limit(limit)
+        .all(c)
+        .await?)
+}
+
+pub async fn events_of(c: &impl ConnectionTrait, customer_id: &str, limit: u64) -> AppResult<Vec<entitlement_events::Model>> {
+    Ok(entitlement_events::Entity::find()
+        .filter(entitlement_events::Column::CustomerId.eq(customer_id))
+        .order_by_desc(entitlement_events::Column::Id)
+        .limit(limit)
+        .all(c)
+        .await?)
+}
+
+/// One page of customers ordered by id, after the cursor `after`, whose id
+/// starts with `prefix`. Fetches one extra row to tell whether more follow.
+pub async fn customers_page(
+    c: &impl ConnectionTrait,
+    prefix: Option<&str>,
+    after: Option<&str>,
+    first: u64,
+) -> AppResult<(Vec<customers::Model>, bool)> {
+    let mut q = customers::Entity::find().order_by_asc(customers::Column::Id);
+    if let Some(p) = prefix.filter(|p| !p.is_empty()) {
+        // Escape LIKE's wildcards so a search for `a_b` means exactly that.
+        let escaped = p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        q = q.filter(
+            Expr::col((customers::Entity, customers::Column::Id)).like(LikeExpr::new(format!("{escaped}%")).escape('\\')),
+        );
+    }
+    if let Some(a) = after {
+        q = q.filter(customers::Column::Id.gt(a));
+    }
+    let mut rows = q.limit(first + 1).all(c).await?;
+    let more = rows.len() as u64 > first;
+    rows.truncate(first as usize);
+    Ok((rows, more))
+}

@@ -1,0 +1,10 @@
+//! Pure business rules: what a customer is entitled to at an instant, and
+//! what changed between two such answers. No I/O, no framework types.
+
+mod catalog;
+mod engine;
+mod types;
+
+pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};
+pub use engine::{Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff};
+pub use types::*;

@@ -1,0 +1,90 @@
+use async_graphql::{Context, ID, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+
+use super::{
+    query::principal,
+    types::{Customer, Device, Platform, core},
+};
+use crate::{
+    domain::{self, ExternalId},
+    error::AppError,
+};
+
+pub struct MutationRoot;
+
+#[derive(InputObject)]
+pub struct RegisterDeviceInput {
+    pub platform: Platform,
+    pub device_id: String,
+    /// The app's user id; defaults to the device id.
+    pub customer_id: Option<ID>,
+}
+
+#[derive(SimpleObject)]
+pub struct RegisterDevicePayload {
+    pub customer: Customer,
+    pub device: Device,
+    /// True when this call saw the device for the first time.
+    pub created: bool,
+}
+
+fn parse_id(what: &str, s: &str) -> Result<ExternalId, AppError> {
+    ExternalId::parse(s).map_err(|e| AppError::bad_input(format!("invalid {what}: {e}")))
+}
+
+async fn customer_with(
+    ctx: &Context<'_>,
+    id: &str,
+    snapshot: domain::Snapshot,
+) -> async_graphql::Result<Customer> {
+    let model = core(ctx).find_customer(id).await?.ok_or(AppError::NotFound("customer"))?;
+    Ok(Customer::with_snapshot(model, snapshot))
+}
+
+#[Object]
+impl MutationRoot {
+    /// Registers a device; its first sight starts the configured free trial.
+    async fn register_device(
+        &self,
+        ctx: &Context<'_>,
+        input: RegisterDeviceInput,
+    ) -> async_graphql::Result<RegisterDevicePayload> {
+        let device_id = parse_id("deviceId", &input.device_id)?;
+        let customer_id = input.customer_id.as_deref().map(|c| parse_id("customerId", c)).transpose()?;
+        let p = principal(ctx);
+        // A customer token registers devices for itself.
+        let customer_id = match (p, customer_id) {
+            (crate::auth::Principal::Customer(sub), None) => Some(parse_id("customerId", sub)?),
+            (_, c) => c,
+        };
+        p.require_register(customer_id.as_ref().map(ExternalId::as_str))?;
+        let reg = core(ctx)
+            .register_device(input.platform.into(), &device_id, customer_id.as_ref())
+            .await?;
+        Ok(RegisterDevicePayload {
+            customer: customer_with(ctx, &reg.customer_id, reg.snapshot).await?,
+            device: Device(reg.device),
+            created: reg.created,
+        })
+    }
+
+    /// Grants a promotional entitlement until `expiresAt`, or for life (admin).
+    async fn grant_entitlement(
+        &self,
+        ctx: &Context<'_>,
+        customer_id: ID,
+        entitlement: String,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> async_graphql::Result<Customer> {
+        principal(ctx).require_admin()?;
+        let snap = core(ctx).grant_entitlement(&customer_id, &entitlement, expires_at).await?;
+        customer_with(ctx, &customer_id, snap).await
+    }
+
+    /// Ends a promotional grant now; other sources are untouched (admin).
+    async fn revoke_grant(&self, ctx: &Context<'_>, customer_id: ID, entitlement: String) -> async_graphql::Result<Customer> {
+        principal(ctx).require_admin()?;
+        let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
+        customer_with(ctx, &customer_id, snap).await
+    }
+}

@@ -1,0 +1,71 @@
+use async_graphql::{
+    Context, ID, Object,
+    connection::{Connection, Edge, EmptyFields},
+};
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
+use super::types::{Customer, Product, core};
+use crate::{auth::Principal, db, error::AppError};
+
+pub struct QueryRoot;
+
+pub(crate) fn principal<'a>(ctx: &Context<'a>) -> &'a Principal {
+    ctx.data_unchecked::<Principal>()
+}
+
+fn encode_cursor(id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(id)
+}
+
+fn decode_cursor(c: &str) -> Result<String, AppError> {
+    URL_SAFE_NO_PAD
+        .decode(c)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| AppError::bad_input("invalid cursor"))
+}
+
+#[Object]
+impl QueryRoot {
+    /// The signed-in customer (customer tokens only).
+    async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Customer> {
+        let id = match principal(ctx) {
+            Principal::Customer(sub) | Principal::AdminToken(sub) => sub,
+            Principal::Anonymous => return Err(AppError::Unauthenticated.into()),
+            Principal::ApiKey { .. } => return Err(AppError::Forbidden("`me` needs a customer token").into()),
+        };
+        let model = core(ctx).find_customer(id).await?.ok_or(AppError::NotFound("customer"))?;
+        Ok(Customer::new(model))
+    }
+
+    /// A customer by id: admins and service keys read anyone, client keys the
+    /// customer they name, customer tokens only themselves.
+    async fn customer(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Customer>> {
+        principal(ctx).require_read(&id)?;
+        Ok(core(ctx).find_customer(&id).await?.map(Customer::new))
+    }
+
+    /// Customers ordered by id, optionally those whose id starts with `search` (admin).
+    async fn customers(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20, validator(minimum = 1, maximum = 100))] first: i32,
+        after: Option<String>,
+        #[graphql(validator(max_length = 256))] search: Option<String>,
+    ) -> async_graphql::Result<Connection<String, Customer, EmptyFields, EmptyFields>> {
+        principal(ctx).require_admin()?;
+        let after = after.as_deref().map(decode_cursor).transpose()?;
+        let (rows, more) =
+            db::customers_page(&core(ctx).db.conn, search.as_deref(), after.as_deref(), first as u64).await?;
+        let mut conn = Connection::new(after.is_some(), more);
+        conn.edges
+            .extend(rows.into_iter().map(|m| Edge::new(encode_cursor(&m.id), Customer::new(m))));
+        Ok(conn)
+    }
+
+    /// The product catalog, for paywalls.
+    async fn products(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Product>> {
+        principal(ctx).require_authenticated()?;
+        Ok(core(ctx).catalog.products().iter().map(Product::from).collect())
+    }
+}

@@ -1,0 +1,397 @@
+//! GraphQL object types. Enums mirror `domain` through `remote`, so the
+//! domain stays free of GraphQL.
+
+use std::sync::Arc;
+
+use async_graphql::{Context, Enum, ID, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use entities::{customers, devices, entitlement_events, receipts};
+use tokio::sync::OnceCell;
+
+use crate::{
+    db,
+    domain::{self, EntitlementState, PurchaseFacts, Snapshot},
+    error::AppError,
+    service::Core,
+};
+
+pub(crate) fn core<'a>(ctx: &Context<'a>) -> &'a Arc<Core> {
+    ctx.data_unchecked::<Arc<Core>>()
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::Store")]
+pub enum Store {
+    AppStore,
+    PlayStore,
+    Stripe,
+    Promotional,
+    Trial,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::Environment")]
+pub enum Environment {
+    Production,
+    Sandbox,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::PurchaseStatus")]
+pub enum PurchaseStatus {
+    Active,
+    Trialing,
+    Canceled,
+    InGracePeriod,
+    InBillingRetry,
+    OnHold,
+    Paused,
+    Expired,
+    Refunded,
+    Revoked,
+    Pending,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::PeriodType")]
+pub enum PeriodType {
+    Normal,
+    Trial,
+    Intro,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::Platform")]
+pub enum Platform {
+    Garmin,
+    Ios,
+    Android,
+    Web,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::PaidStatus")]
+pub enum PaidStatus {
+    Paid,
+    Trial,
+    Expired,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::EventKind")]
+pub enum EventKind {
+    Granted,
+    Renewed,
+    BillingIssue,
+    Canceled,
+    Uncanceled,
+    Expired,
+    Refunded,
+    Revoked,
+    Transferred,
+    ProductChanged,
+}
+
+#[derive(Enum, Copy, Clone, Eq, PartialEq)]
+#[graphql(remote = "crate::domain::ProductKind")]
+pub enum ProductKind {
+    Subscription,
+    Lifetime,
+}
+
+/// A customer (an app user id, or a Garmin device id) and what it may use.
+pub struct Customer {
+    model: customers::Model,
+    snapshot: OnceCell<Snapshot>,
+}
+
+impl Customer {
+    pub fn new(model: customers::Model) -> Self {
+        Customer { model, snapshot: OnceCell::new() }
+    }
+
+    /// A customer whose entitlements the caller just computed.
+    pub fn with_snapshot(model: customers::Model, snapshot: Snapshot) -> Self {
+        Customer { model, snapshot: OnceCell::new_with(Some(snapshot)) }
+    }
+
+    async fn snap(&self, ctx: &Context<'_>) -> async_graphql::Result<&Snapshot> {
+        Ok(self
+            .snapshot
+            .get_or_try_init(|| core(ctx).snapshot(&self.model.id))
+            .await?)
+    }
+}
+
+#[Object]
+impl Customer {
+    async fn id(&self) -> ID {
+        ID(self.model.id.clone())
+    }
+
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.model.created_at
+    }
+
+    /// `PAID` when a paid or promotional source grants access, `TRIAL` when
+    /// only the server-side trial does, `EXPIRED` otherwise.
+    async fn paid_status(&self, ctx: &Context<'_>) -> async_graphql::Result<PaidStatus> {
+        Ok(self.snap(ctx).await?.paid_status.into())
+    }
+
+    /// End of the server-side free trial, if one was ever started.
+    async fn trial_ends_at(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<DateTime<Utc>>> {
+        Ok(self.snap(ctx).await?.trial_ends_at)
+    }
+
+    /// Every entitlement of the catalog, active or not.
+    async fn entitlements(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Entitlement>> {
+        Ok(self.snap(ctx).await?.entitlements.iter().cloned().map(Entitlement).collect())
+    }
+
+    async fn entitlement(&self, ctx: &Context<'_>, key: String) -> async_graphql::Result<Option<Entitlement>> {
+        Ok(self.snap(ctx).await?.entitlement(&key).cloned().map(Entitlement))
+    }
+
+    async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
+        let rows = db::purchases_of(&core(ctx).db.conn, &self.model.id).await?;
+        rows.into_iter()
+            .map(|m| Ok(Purchase { facts: db::purchase_facts(&m)?, model: m }))
+            .collect::<Result<_, AppError>>()
+            .map_err(Into::into)
+    }
+
+    async fn devices(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Device>> {
+        Ok(db::devices_of(&core(ctx).db.conn, &self.model.id).await?.into_iter().map(Device).collect())
+    }
+
+    /// Purchase submissions, newest first.
+    async fn receipts(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
+    ) -> async_graphql::Result<Vec<Receipt>> {
+        Ok(db::receipts_of(&core(ctx).db.conn, &self.model.id, limit)
+            .await?
+            .into_iter()
+            .map(Receipt)
+            .collect())
+    }
+
+    /// The entitlement change log, newest first.
+    async fn events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
+    ) -> async_graphql::Result<Vec<EntitlementEvent>> {
+        Ok(db::events_of(&core(ctx).db.conn, &self.model.id, limit)
+            .await?
+            .into_iter()
+            .map(EntitlementEvent)
+            .collect())
+    }
+}
+
+/// One entitlement's state now, and the purchase it comes from.
+pub struct Entitlement(EntitlementState);
+
+#[Object]
+impl Entitlement {
+    async fn key(&self) -> &str {
+        &self.0.key
+    }
+    async fn is_active(&self) -> bool {
+        self.0.is_active
+    }
+    /// When access ends; null for lifetime access or no source.
+    async fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.0.expires_at
+    }
+    async fn will_renew(&self) -> bool {
+        self.0.will_renew
+    }
+    async fn store(&self) -> Option<Store> {
+        self.0.store.map(Into::into)
+    }
+    async fn product_id(&self) -> Option<&str> {
+        self.0.product_id.as_deref()
+    }
+    async fn period_type(&self) -> Option<PeriodType> {
+        self.0.period_type.map(Into::into)
+    }
+    /// The source purchase's status; null when nothing ever granted it.
+    async fn status(&self) -> Option<PurchaseStatus> {
+        self.0.status.map(Into::into)
+    }
+    async fn grace_period_expires_at(&self) -> Option<DateTime<Utc>> {
+        self.0.grace_period_expires_at
+    }
+    async fn purchase_id(&self) -> Option<ID> {
+        self.0.purchase_id.map(|id| ID(id.to_string()))
+    }
+}
+
+pub struct Purchase {
+    facts: PurchaseFacts,
+    model: entities::purchases::Model,
+}
+
+#[Object]
+impl Purchase {
+    async fn id(&self) -> ID {
+        ID(self.model.id.to_string())
+    }
+    async fn store(&self) -> Store {
+        self.facts.store.into()
+    }
+    async fn store_purchase_id(&self) -> &str {
+        &self.model.store_purchase_id
+    }
+    async fn product_id(&self) -> &str {
+        &self.model.product_id
+    }
+    async fn environment(&self) -> Environment {
+        self.facts.environment.into()
+    }
+    async fn status(&self) -> PurchaseStatus {
+        self.facts.status.into()
+    }
+    async fn period_type(&self) -> PeriodType {
+        self.facts.period_type.into()
+    }
+    async fn purchased_at(&self) -> DateTime<Utc> {
+        self.model.purchased_at
+    }
+    async fn expires_at(&self) -> Option<DateTime<Utc>> {
+        self.model.expires_at
+    }
+    async fn grace_expires_at(&self) -> Option<DateTime<Utc>> {
+        self.model.grace_expires_at
+    }
+    async fn auto_renew(&self) -> bool {
+        self.model.auto_renew
+    }
+    async fn canceled_at(&self) -> Option<DateTime<Utc>> {
+        self.model.canceled_at
+    }
+    async fn revoked_at(&self) -> Option<DateTime<Utc>> {
+        self.model.revoked_at
+    }
+    async fn renewal_count(&self) -> i32 {
+        self.model.renewal_count
+    }
+    async fn source_updated_at(&self) -> DateTime<Utc> {
+        self.model.source_updated_at
+    }
+}
+
+pub struct Device(pub devices::Model);
+
+#[Object]
+impl Device {
+    async fn platform(&self) -> async_graphql::Result<Platform> {
+        let p: domain::Platform = self.0.platform.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        Ok(p.into())
+    }
+    async fn device_id(&self) -> &str {
+        &self.0.device_id
+    }
+    async fn customer_id(&self) -> ID {
+        ID(self.0.customer_id.clone())
+    }
+    async fn first_seen_at(&self) -> DateTime<Utc> {
+        self.0.first_seen_at
+    }
+    async fn last_seen_at(&self) -> DateTime<Utc> {
+        self.0.last_seen_at
+    }
+}
+
+/// A purchase submission as received, before and after verification.
+pub struct Receipt(receipts::Model);
+
+#[Object]
+impl Receipt {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+    async fn store(&self) -> async_graphql::Result<Store> {
+        let s: domain::Store = self.0.store.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        Ok(s.into())
+    }
+    async fn received_at(&self) -> DateTime<Utc> {
+        self.0.received_at
+    }
+    /// `pending`, `valid` or `invalid`.
+    async fn outcome(&self) -> &str {
+        &self.0.outcome
+    }
+    async fn error(&self) -> Option<&str> {
+        self.0.error.as_deref()
+    }
+    async fn purchase_id(&self) -> Option<ID> {
+        self.0.purchase_id.map(|id| ID(id.to_string()))
+    }
+    async fn payload(&self) -> async_graphql::Json<serde_json::Value> {
+        async_graphql::Json(self.0.payload.clone())
+    }
+}
+
+/// One row of the change log.
+pub struct EntitlementEvent(entitlement_events::Model);
+
+#[Object]
+impl EntitlementEvent {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+    async fn entitlement(&self) -> &str {
+        &self.0.entitlement
+    }
+    async fn kind(&self) -> async_graphql::Result<EventKind> {
+        let k: domain::EventKind = self.0.kind.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        Ok(k.into())
+    }
+    /// Upper-case status before the change (`ACTIVE`, `EXPIRED`, …); null if never held.
+    async fn old_status(&self) -> Option<&str> {
+        self.0.old_status.as_deref()
+    }
+    async fn new_status(&self) -> &str {
+        &self.0.new_status
+    }
+    async fn purchase_id(&self) -> Option<ID> {
+        self.0.purchase_id.map(|id| ID(id.to_string()))
+    }
+    async fn occurred_at(&self) -> DateTime<Utc> {
+        self.0.occurred_at
+    }
+    async fn published_at(&self) -> Option<DateTime<Utc>> {
+        self.0.published_at
+    }
+}
+
+/// A product of the catalog, for paywalls.
+#[derive(SimpleObject)]
+pub struct Product {
+    pub id: ID,
+    pub display_name: Option<String>,
+    pub entitlements: Vec<String>,
+    pub stripe_price_id: Option<String>,
+    pub app_store_product_id: Option<String>,
+    pub play_store_product_id: Option<String>,
+    pub kind: ProductKind,
+}
+
+impl From<&domain::ProductDef> for Product {
+    fn from(p: &domain::ProductDef) -> Self {
+        Product {
+            id: ID(p.id.clone()),
+            display_name: p.display_name.clone(),
+            entitlements: p.entitlements.clone(),
+            stripe_price_id: p.stripe_price_id.clone(),
+            app_store_product_id: p.app_store_product_id.clone(),
+            play_store_product_id: p.play_store_product_id.clone(),
+            kind: p.kind.into(),
+        }
+    }
+}

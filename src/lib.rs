@@ -1,0 +1,14 @@
+//! Entitle: a self-hosted entitlement server.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod graphql;
+pub mod metrics;
+pub mod rest;
+pub mod service;

@@ -1,0 +1,100 @@
+//! `POST /user`: the Garmin watch app's endpoint, wire-compatible with the
+//! original backend (`paid_status` and the legacy `status`).
+
+use axum::{
+    Json,
+    extract::{Query, State},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Caller, LimitedBody};
+use crate::{
+    app::AppState,
+    domain::{ExternalId, Platform},
+    error::{AppError, AppResult},
+};
+
+#[derive(Deserialize)]
+pub struct IdQuery {
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct IdBody {
+    id: String,
+}
+
+#[derive(Serialize)]
+pub struct UserResponse {
+    paid_status: &'static str,
+    status: &'static str,
+    payment_link: Option<String>,
+    checkout_url: Option<String>,
+    trial_ends_at: Option<String>,
+}
+
+pub async fn user(
+    State(state): State<AppState>,
+    Caller(principal): Caller,
+    Query(query): Query<IdQuery>,
+    LimitedBody(body): LimitedBody,
+) -> AppResult<Json<UserResponse>> {
+    principal.require_authenticated()?;
+    let raw = if body.iter().all(u8::is_ascii_whitespace) {
+        query.id.ok_or_else(|| AppError::bad_input("device id missing: send {\"id\": \"…\"} or ?id="))?
+    } else {
+        serde_json::from_slice::<IdBody>(&body)
+            .map_err(|_| AppError::bad_input("body must be JSON of the form {\"id\": \"<device id>\"}"))?
+            .id
+    };
+    let id = ExternalId::parse(&raw).map_err(|e| AppError::bad_input(format!("invalid device id: {e}")))?;
+    principal.require_register(Some(id.as_str()))?;
+
+    let reg = state.core.register_device(Platform::Garmin, &id, None).await?;
+    let link = state.config.stripe.as_ref().and_then(|s| s.payment_link.clone());
+    let checkout_url = link.as_deref().map(|l| checkout_url(l, &reg.customer_id));
+    let paid = reg.snapshot.paid_status;
+    Ok(Json(UserResponse {
+        paid_status: paid.as_str(),
+        status: paid.legacy_status(),
+        payment_link: link,
+        checkout_url,
+        trial_ends_at: reg
+            .snapshot
+            .trial_ends_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+    }))
+}
+
+/// The payment link with `client_reference_id`, so Stripe's checkout event
+/// names the device that paid.
+fn checkout_url(link: &str, customer_id: &str) -> String {
+    match url::Url::parse(link) {
+        Ok(mut u) => {
+            u.query_pairs_mut().append_pair("client_reference_id", customer_id);
+            u.to_string()
+        }
+        Err(_) => {
+            let sep = if link.contains('?') { '&' } else { '?' };
+            let enc: String = url::form_urlencoded::byte_serialize(customer_id.as_bytes()).collect();
+            format!("{link}{sep}client_reference_id={enc}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::checkout_url;
+
+    #[test]
+    fn checkout_url_appends_reference() {
+        assert_eq!(
+            checkout_url("https://buy.stripe.com/test_123", "dev 1&x"),
+            "https://buy.stripe.com/test_123?client_reference_id=dev+1%26x"
+        );
+        assert_eq!(
+            checkout_url("https://buy.stripe.com/test_123?prefilled_email=a", "d1"),
+            "https://buy.stripe.com/test_123?prefilled_email=a&client_reference_id=d1"
+        );
+    }
+}
