@@ -57,14 +57,23 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/graphql", post(graphql::post).get(graphql::get))
         .route("/user", post(rest::garmin::user))
-        .route("/api/subscriptions/check/{customer_id}", get(rest::subscriptions::check))
+        .route(
+            "/api/subscriptions/check/{customer_id}",
+            get(rest::subscriptions::check),
+        )
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))
         .fallback(rest::not_found)
-        .layer(middleware::from_fn_with_state(state.clone(), crate::metrics::track))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(state)
 }
 
@@ -88,7 +97,11 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;
     let addr = listener.local_addr()?;
     let app = router(state.clone());
-    let task = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(shutdown).await });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
     Ok(Running { addr, state, task })
 }
 

@@ -25,12 +25,22 @@ pub enum Principal {
     Customer(String),
     /// A bearer token carrying the admin claim.
     AdminToken(String),
-    ApiKey { id: String, role: ApiKeyRole },
+    ApiKey {
+        id: String,
+        role: ApiKeyRole,
+    },
 }
 
 impl Principal {
     pub fn is_admin(&self) -> bool {
-        matches!(self, Principal::AdminToken(_) | Principal::ApiKey { role: ApiKeyRole::Admin, .. })
+        matches!(
+            self,
+            Principal::AdminToken(_)
+                | Principal::ApiKey {
+                    role: ApiKeyRole::Admin,
+                    ..
+                }
+        )
     }
 
     pub fn require_authenticated(&self) -> AppResult<()> {
@@ -42,7 +52,11 @@ impl Principal {
 
     pub fn require_admin(&self) -> AppResult<()> {
         self.require_authenticated()?;
-        if self.is_admin() { Ok(()) } else { Err(AppError::Forbidden("admin access required")) }
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(AppError::Forbidden("admin access required"))
+        }
     }
 
     /// Customer tokens read themselves; client keys read the customer they
@@ -60,7 +74,11 @@ impl Principal {
     pub fn require_service(&self) -> AppResult<()> {
         match self {
             Principal::Anonymous => Err(AppError::Unauthenticated),
-            Principal::ApiKey { role: ApiKeyRole::Service | ApiKeyRole::Admin, .. } | Principal::AdminToken(_) => Ok(()),
+            Principal::ApiKey {
+                role: ApiKeyRole::Service | ApiKeyRole::Admin,
+                ..
+            }
+            | Principal::AdminToken(_) => Ok(()),
             _ => Err(AppError::Forbidden("a service or admin key is required")),
         }
     }
@@ -69,10 +87,19 @@ impl Principal {
     pub fn require_register(&self, customer_id: Option<&str>) -> AppResult<()> {
         match self {
             Principal::Anonymous => Err(AppError::Unauthenticated),
-            Principal::ApiKey { role: ApiKeyRole::Client | ApiKeyRole::Admin, .. } | Principal::AdminToken(_) => Ok(()),
+            Principal::ApiKey {
+                role: ApiKeyRole::Client | ApiKeyRole::Admin,
+                ..
+            }
+            | Principal::AdminToken(_) => Ok(()),
             Principal::Customer(sub) if customer_id.is_none_or(|c| c == sub) => Ok(()),
-            Principal::Customer(_) => Err(AppError::Forbidden("a customer may register devices only for itself")),
-            Principal::ApiKey { role: ApiKeyRole::Service, .. } => Err(AppError::Forbidden("service keys are read-only")),
+            Principal::Customer(_) => Err(AppError::Forbidden(
+                "a customer may register devices only for itself",
+            )),
+            Principal::ApiKey {
+                role: ApiKeyRole::Service,
+                ..
+            } => Err(AppError::Forbidden("service keys are read-only")),
         }
     }
 }
@@ -95,13 +122,20 @@ fn algorithm(a: JwtAlgorithm) -> Algorithm {
 impl JwtVerifier {
     fn new(cfg: &JwtConfig) -> anyhow::Result<Self> {
         let key = match cfg.algorithm {
-            JwtAlgorithm::HS256 => {
-                DecodingKey::from_secret(cfg.secret.as_ref().map(|s| s.expose().as_bytes()).unwrap_or_default())
-            }
-            JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes())
-                .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
-            JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes())
-                .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
+            JwtAlgorithm::HS256 => DecodingKey::from_secret(
+                cfg.secret
+                    .as_ref()
+                    .map(|s| s.expose().as_bytes())
+                    .unwrap_or_default(),
+            ),
+            JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(
+                cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes(),
+            )
+            .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
+            JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(
+                cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes(),
+            )
+            .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
         };
         // One algorithm only: this is what stops `alg: none` and HS/RS confusion.
         let mut validation = Validation::new(algorithm(cfg.algorithm));
@@ -120,20 +154,32 @@ impl JwtVerifier {
     }
 
     fn verify(&self, token: &str) -> Option<Principal> {
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).ok()?;
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).ok()?;
         let sub = data.claims.get("sub")?.as_str()?;
         let sub = ExternalId::parse(sub).ok()?.into_string();
         let admin = match data.claims.get(&self.admin_claim) {
             Some(Value::String(s)) => *s == self.admin_value,
-            Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(self.admin_value.as_str())),
+            Some(Value::Array(a)) => a
+                .iter()
+                .any(|v| v.as_str() == Some(self.admin_value.as_str())),
             _ => false,
         };
-        Some(if admin { Principal::AdminToken(sub) } else { Principal::Customer(sub) })
+        Some(if admin {
+            Principal::AdminToken(sub)
+        } else {
+            Principal::Customer(sub)
+        })
     }
 }
 
 /// Mints a token with the configured key (development and tests only).
-pub fn mint_token(cfg: &JwtConfig, sub: &str, admin: bool, ttl: Duration) -> anyhow::Result<String> {
+pub fn mint_token(
+    cfg: &JwtConfig,
+    sub: &str,
+    admin: bool,
+    ttl: Duration,
+) -> anyhow::Result<String> {
     let now = chrono::Utc::now().timestamp();
     let mut claims = serde_json::json!({
         "sub": sub,
@@ -147,14 +193,19 @@ pub fn mint_token(cfg: &JwtConfig, sub: &str, admin: bool, ttl: Duration) -> any
         claims[&cfg.admin_claim] = Value::String(cfg.admin_value.clone());
     }
     let key = match cfg.algorithm {
-        JwtAlgorithm::HS256 => {
-            EncodingKey::from_secret(cfg.secret.as_ref().map(|s| s.expose().as_bytes()).unwrap_or_default())
-        }
-        JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-            let pem = cfg
-                .private_key_pem
+        JwtAlgorithm::HS256 => EncodingKey::from_secret(
+            cfg.secret
                 .as_ref()
-                .ok_or_else(|| anyhow::anyhow!("auth.jwt.private_key_pem is needed to mint {:?} tokens", cfg.algorithm))?;
+                .map(|s| s.expose().as_bytes())
+                .unwrap_or_default(),
+        ),
+        JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
+            let pem = cfg.private_key_pem.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "auth.jwt.private_key_pem is needed to mint {:?} tokens",
+                    cfg.algorithm
+                )
+            })?;
             if cfg.algorithm == JwtAlgorithm::RS256 {
                 EncodingKey::from_rsa_pem(pem.expose().as_bytes())?
             } else {
@@ -162,7 +213,11 @@ pub fn mint_token(cfg: &JwtConfig, sub: &str, admin: bool, ttl: Duration) -> any
             }
         }
     };
-    Ok(jsonwebtoken::encode(&Header::new(algorithm(cfg.algorithm)), &claims, &key)?)
+    Ok(jsonwebtoken::encode(
+        &Header::new(algorithm(cfg.algorithm)),
+        &claims,
+        &key,
+    )?)
 }
 
 pub struct Authenticator {
@@ -188,7 +243,10 @@ impl Authenticator {
             let token = auth
                 .to_str()
                 .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
                 .ok_or(AppError::Unauthenticated)?;
             let jwt = self.jwt.as_ref().ok_or(AppError::Unauthenticated)?;
             return jwt.verify(token.trim()).ok_or(AppError::Unauthenticated);
@@ -198,8 +256,14 @@ impl Authenticator {
             None => Ok(Principal::Anonymous),
             Some(v) => {
                 let key = v.to_str().map_err(|_| AppError::Unauthenticated)?;
-                let id = self.api_key(core, key).await?.ok_or(AppError::Unauthenticated)?;
-                Ok(Principal::ApiKey { id: id.id, role: id.role })
+                let id = self
+                    .api_key(core, key)
+                    .await?
+                    .ok_or(AppError::Unauthenticated)?;
+                Ok(Principal::ApiKey {
+                    id: id.id,
+                    role: id.role,
+                })
             }
         }
     }

@@ -2,14 +2,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{
-    app,
-    clock::SystemClock,
-    config::Config,
-    db::Db,
-    domain::ApiKeyRole,
-    service::Core,
-};
+use crate::{app, clock::SystemClock, config::Config, db::Db, domain::ApiKeyRole, service::Core};
 
 #[derive(Parser)]
 #[command(name = "entitle", version, about = "Self-hosted entitlement server")]
@@ -99,8 +92,14 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::ApiKey(ApiKeyCommand::Create { name, role }) => {
-            let created = core(&config).await?.create_api_key(&name, role.into()).await?;
-            eprintln!("created API key {} (prefix {}); it is shown only now:", created.id, created.prefix);
+            let created = core(&config)
+                .await?
+                .create_api_key(&name, role.into())
+                .await?;
+            eprintln!(
+                "created API key {} (prefix {}); it is shown only now:",
+                created.id, created.prefix
+            );
             println!("{}", created.key);
             Ok(())
         }
@@ -109,13 +108,20 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             eprintln!("revoked API key {} ({})", row.id, row.name);
             Ok(())
         }
-        Command::Token { sub, admin, ttl_secs } => {
+        Command::Token {
+            sub,
+            admin,
+            ttl_secs,
+        } => {
             let jwt = config
                 .auth
                 .jwt
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("auth.jwt is not configured"))?;
-            println!("{}", crate::auth::mint_token(jwt, &sub, admin, Duration::from_secs(ttl_secs))?);
+            println!(
+                "{}",
+                crate::auth::mint_token(jwt, &sub, admin, Duration::from_secs(ttl_secs))?
+            );
             Ok(())
         }
     }

@@ -143,7 +143,7 @@ impl Default for Config {
             graphql: GraphqlConfig {
                 introspection: true,
                 graphiql: true,
-                max_depth: 10,
+                max_depth: 16,
                 max_complexity: 500,
             },
             auth: AuthConfig {
@@ -174,7 +174,11 @@ impl Config {
         fig = fig
             .merge(Env::raw().only(&["DATABASE_URL"]))
             // ENTITLE_TEST_* belongs to the test harness, not to the server.
-            .merge(Env::prefixed("ENTITLE_").filter(|k| !k.as_str().starts_with("test_")).split("__"));
+            .merge(
+                Env::prefixed("ENTITLE_")
+                    .filter(|k| !k.as_str().starts_with("test_"))
+                    .split("__"),
+            );
         Self::from_figment(fig)
     }
 
@@ -190,8 +194,13 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         let url = self.database_url.expose();
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            anyhow::bail!("invalid configuration: database_url must start with sqlite:, postgres:// or postgresql://");
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            anyhow::bail!(
+                "invalid configuration: database_url must start with sqlite:, postgres:// or postgresql://"
+            );
         }
         if self.http.body_limit_bytes == 0 {
             anyhow::bail!("invalid configuration: http.body_limit_bytes must be greater than 0");
@@ -200,12 +209,17 @@ impl Config {
             match jwt.algorithm {
                 JwtAlgorithm::HS256 => {
                     if jwt.secret.as_ref().is_none_or(|s| s.expose().len() < 32) {
-                        anyhow::bail!("invalid configuration: auth.jwt.secret must be set and at least 32 bytes for HS256");
+                        anyhow::bail!(
+                            "invalid configuration: auth.jwt.secret must be set and at least 32 bytes for HS256"
+                        );
                     }
                 }
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
                     if jwt.public_key_pem.is_none() {
-                        anyhow::bail!("invalid configuration: auth.jwt.public_key_pem must be set for {:?}", jwt.algorithm);
+                        anyhow::bail!(
+                            "invalid configuration: auth.jwt.public_key_pem must be set for {:?}",
+                            jwt.algorithm
+                        );
                     }
                 }
             }
@@ -214,7 +228,12 @@ impl Config {
             if trial.days == 0 {
                 anyhow::bail!("invalid configuration: trial.days must be at least 1");
             }
-            if !self.catalog.entitlements.iter().any(|e| e.key == trial.entitlement) {
+            if !self
+                .catalog
+                .entitlements
+                .iter()
+                .any(|e| e.key == trial.entitlement)
+            {
                 anyhow::bail!(
                     "invalid configuration: trial.entitlement `{}` is not in catalog.entitlements",
                     trial.entitlement
@@ -226,8 +245,11 @@ impl Config {
     }
 
     pub fn catalog(&self) -> anyhow::Result<Catalog> {
-        Catalog::new(self.catalog.entitlements.clone(), self.catalog.products.clone())
-            .map_err(|e| anyhow::anyhow!("invalid configuration: catalog: {e}"))
+        Catalog::new(
+            self.catalog.entitlements.clone(),
+            self.catalog.products.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid configuration: catalog: {e}"))
     }
 
     pub fn is_postgres(&self) -> bool {
@@ -241,7 +263,8 @@ mod tests {
 
     #[test]
     fn defaults_serve_out_of_the_box() {
-        let cfg = Config::from_figment(Figment::from(Serialized::defaults(Config::default()))).unwrap();
+        let cfg =
+            Config::from_figment(Figment::from(Serialized::defaults(Config::default()))).unwrap();
         assert_eq!(cfg.database_url.expose(), "sqlite://entitle.db?mode=rwc");
         assert_eq!(cfg.bind.to_string(), "127.0.0.1:8088");
         assert!(cfg.stripe.is_none());
@@ -272,7 +295,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_by_name() {
-        let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string("bnid = \"x\"\n"));
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("bnid = \"x\"\n"));
         let err = Config::from_figment(fig).unwrap_err().to_string();
         assert!(err.contains("bnid"), "{err}");
     }
@@ -288,7 +312,10 @@ mod tests {
     #[test]
     fn env_overrides_file_with_nesting() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("entitle.toml", "bind = \"127.0.0.1:9000\"\n[http]\nbody_limit_bytes = 1000\n")?;
+            jail.create_file(
+                "entitle.toml",
+                "bind = \"127.0.0.1:9000\"\n[http]\nbody_limit_bytes = 1000\n",
+            )?;
             jail.set_env("ENTITLE_HTTP__BODY_LIMIT_BYTES", "2000");
             jail.set_env("DATABASE_URL", "postgres://localhost/x");
             let cfg = Config::load(None).map_err(|e| e.to_string())?;

@@ -32,9 +32,9 @@ impl AppError {
     pub fn message(&self) -> String {
         match self {
             AppError::Unauthenticated => "authentication required".into(),
-            AppError::Forbidden(m) | AppError::UnsupportedMediaType(m) | AppError::MethodNotAllowed(m) => {
-                (*m).into()
-            }
+            AppError::Forbidden(m)
+            | AppError::UnsupportedMediaType(m)
+            | AppError::MethodNotAllowed(m) => (*m).into(),
             AppError::NotFound(what) => format!("{what} not found"),
             AppError::BadInput(m) | AppError::InvalidReceipt(m) => m.clone(),
             AppError::PayloadTooLarge => "request body too large".into(),
@@ -72,7 +72,9 @@ impl AppError {
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             AppError::ReceiptAlreadyInUse => StatusCode::CONFLICT,
-            AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -10,5 +10,6 @@ pub mod domain;
 pub mod error;
 pub mod graphql;
 pub mod metrics;
+pub mod providers;
 pub mod rest;
 pub mod service;

@@ -38,11 +38,25 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("entitle");
         let requests = Family::<RouteLabels, Counter>::default();
         let latency = Family::<RouteOnly, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ])
         });
-        registry.register("http_requests", "HTTP requests by route and status", requests.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency", latency.clone());
-        Metrics { registry, requests, latency }
+        registry.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+        }
     }
 }
 
@@ -67,8 +81,14 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
     let resp = next.run(req).await;
     let m = &state.metrics;
     m.requests
-        .get_or_create(&RouteLabels { method, route: route.clone(), status: resp.status().as_u16() })
+        .get_or_create(&RouteLabels {
+            method,
+            route: route.clone(),
+            status: resp.status().as_u16(),
+        })
         .inc();
-    m.latency.get_or_create(&RouteOnly { route }).observe(started.elapsed().as_secs_f64());
+    m.latency
+        .get_or_create(&RouteOnly { route })
+        .observe(started.elapsed().as_secs_f64());
     resp
 }

@@ -95,7 +95,10 @@ enum ApiKeys {
     RevokedAt,
 }
 
-fn fk(from: (impl IntoIden, impl IntoIden), to: (impl IntoIden, impl IntoIden)) -> ForeignKeyCreateStatement {
+fn fk(
+    from: (impl IntoIden, impl IntoIden),
+    to: (impl IntoIden, impl IntoIden),
+) -> ForeignKeyCreateStatement {
     ForeignKey::create()
         .from(from.0, from.1)
         .to(to.0, to.1)
@@ -133,7 +136,10 @@ impl MigrationTrait for Migration {
                 .col(string_len(Devices::CustomerId, 256))
                 .col(timestamp_with_time_zone(Devices::FirstSeenAt))
                 .col(timestamp_with_time_zone(Devices::LastSeenAt))
-                .foreign_key(&mut fk((Devices::Table, Devices::CustomerId), (Customers::Table, Customers::Id)))
+                .foreign_key(&mut fk(
+                    (Devices::Table, Devices::CustomerId),
+                    (Customers::Table, Customers::Id),
+                ))
                 .to_owned(),
         )
         .await?;
@@ -176,7 +182,10 @@ impl MigrationTrait for Migration {
                 .col(integer(Purchases::RenewalCount).default(0))
                 .col(timestamp_with_time_zone(Purchases::SourceUpdatedAt))
                 .col(json_null(Purchases::Raw))
-                .foreign_key(&mut fk((Purchases::Table, Purchases::CustomerId), (Customers::Table, Customers::Id)))
+                .foreign_key(&mut fk(
+                    (Purchases::Table, Purchases::CustomerId),
+                    (Customers::Table, Customers::Id),
+                ))
                 .to_owned(),
         )
         .await?;
@@ -265,7 +274,9 @@ impl MigrationTrait for Migration {
                 .col(string_len(EntitlementEvents::NewStatus, 32))
                 .col(big_integer_null(EntitlementEvents::PurchaseId))
                 .col(timestamp_with_time_zone(EntitlementEvents::OccurredAt))
-                .col(timestamp_with_time_zone_null(EntitlementEvents::PublishedAt))
+                .col(timestamp_with_time_zone_null(
+                    EntitlementEvents::PublishedAt,
+                ))
                 .to_owned(),
         )
         .await?;

@@ -8,9 +8,10 @@ use chrono::{DateTime, Utc};
 use entities::{customers, devices, entitlement_events, purchases};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
-    DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait,
     sea_query::{Expr, ExprTrait, LikeExpr},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -76,7 +77,9 @@ impl Db {
             });
         }
         // The URL may carry a password: never echo it.
-        let conn = Database::connect(opts).await.context("cannot connect to the database (database_url)")?;
+        let conn = Database::connect(opts)
+            .await
+            .context("cannot connect to the database (database_url)")?;
         Ok(Db {
             conn,
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
@@ -84,7 +87,9 @@ impl Db {
     }
 
     pub async fn migrate(&self) -> anyhow::Result<()> {
-        Migrator::up(&self.conn, None).await.context("database migration failed")
+        Migrator::up(&self.conn, None)
+            .await
+            .context("database migration failed")
     }
 
     pub fn backend(&self) -> DbBackend {
@@ -112,7 +117,9 @@ impl Db {
 }
 
 pub fn purchase_facts(m: &purchases::Model) -> AppResult<PurchaseFacts> {
-    let parse_err = |e: crate::domain::UnknownValue| AppError::Internal(anyhow::anyhow!("purchase {}: {e}", m.id));
+    let parse_err = |e: crate::domain::UnknownValue| {
+        AppError::Internal(anyhow::anyhow!("purchase {}: {e}", m.id))
+    };
     Ok(PurchaseFacts {
         id: m.id,
         store: m.store.parse().map_err(parse_err)?,
@@ -128,7 +135,10 @@ pub fn purchase_facts(m: &purchases::Model) -> AppResult<PurchaseFacts> {
     })
 }
 
-pub async fn purchases_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<purchases::Model>> {
+pub async fn purchases_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+) -> AppResult<Vec<purchases::Model>> {
     Ok(purchases::Entity::find()
         .filter(purchases::Column::CustomerId.eq(customer_id))
         .order_by_asc(purchases::Column::Id)
@@ -136,12 +146,23 @@ pub async fn purchases_of(c: &impl ConnectionTrait, customer_id: &str) -> AppRes
         .await?)
 }
 
-pub async fn purchase_facts_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<PurchaseFacts>> {
-    purchases_of(c, customer_id).await?.iter().map(purchase_facts).collect()
+pub async fn purchase_facts_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+) -> AppResult<Vec<PurchaseFacts>> {
+    purchases_of(c, customer_id)
+        .await?
+        .iter()
+        .map(purchase_facts)
+        .collect()
 }
 
 /// Creates the customer if absent; safe against concurrent creators.
-pub async fn ensure_customer(c: &impl ConnectionTrait, id: &str, now: DateTime<Utc>) -> AppResult<()> {
+pub async fn ensure_customer(
+    c: &impl ConnectionTrait,
+    id: &str,
+    now: DateTime<Utc>,
+) -> AppResult<()> {
     customers::Entity::insert(customers::ActiveModel {
         id: Set(id.to_string()),
         created_at: Set(now),
@@ -157,7 +178,10 @@ pub async fn ensure_customer(c: &impl ConnectionTrait, id: &str, now: DateTime<U
 /// transaction, so that concurrent changes to one customer are serialised
 /// and each computes its change-log rows against the other's committed state.
 /// (SQLite's single writer already serialises them.)
-pub async fn lock_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<Option<customers::Model>> {
+pub async fn lock_customer(
+    c: &impl ConnectionTrait,
+    id: &str,
+) -> AppResult<Option<customers::Model>> {
     let mut q = customers::Entity::find_by_id(id.to_string());
     if c.get_database_backend() == DbBackend::Postgres {
         q = q.lock_exclusive();
@@ -165,7 +189,11 @@ pub async fn lock_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<Opti
     Ok(q.one(c).await?)
 }
 
-pub async fn find_device(c: &impl ConnectionTrait, platform: &str, device_id: &str) -> AppResult<Option<devices::Model>> {
+pub async fn find_device(
+    c: &impl ConnectionTrait,
+    platform: &str,
+    device_id: &str,
+) -> AppResult<Option<devices::Model>> {
     Ok(devices::Entity::find()
         .filter(devices::Column::Platform.eq(platform))
         .filter(devices::Column::DeviceId.eq(device_id))
@@ -194,11 +222,16 @@ pub async fn record_changes(
         published_at: Set(None),
         ..Default::default()
     });
-    entitlement_events::Entity::insert_many(rows).exec_without_returning(c).await?;
+    entitlement_events::Entity::insert_many(rows)
+        .exec_without_returning(c)
+        .await?;
     Ok(())
 }
 
-pub async fn devices_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResult<Vec<devices::Model>> {
+pub async fn devices_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+) -> AppResult<Vec<devices::Model>> {
     Ok(devices::Entity::find()
         .filter(devices::Column::CustomerId.eq(customer_id))
         .order_by_asc(devices::Column::Id)
@@ -206,7 +239,11 @@ pub async fn devices_of(c: &impl ConnectionTrait, customer_id: &str) -> AppResul
         .await?)
 }
 
-pub async fn receipts_of(c: &impl ConnectionTrait, customer_id: &str, limit: u64) -> AppResult<Vec<entities::receipts::Model>> {
+pub async fn receipts_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+    limit: u64,
+) -> AppResult<Vec<entities::receipts::Model>> {
     use entities::receipts;
     Ok(receipts::Entity::find()
         .filter(receipts::Column::CustomerId.eq(customer_id))
@@ -216,7 +253,11 @@ pub async fn receipts_of(c: &impl ConnectionTrait, customer_id: &str, limit: u64
         .await?)
 }
 
-pub async fn events_of(c: &impl ConnectionTrait, customer_id: &str, limit: u64) -> AppResult<Vec<entitlement_events::Model>> {
+pub async fn events_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+    limit: u64,
+) -> AppResult<Vec<entitlement_events::Model>> {
     Ok(entitlement_events::Entity::find()
         .filter(entitlement_events::Column::CustomerId.eq(customer_id))
         .order_by_desc(entitlement_events::Column::Id)
@@ -236,9 +277,13 @@ pub async fn customers_page(
     let mut q = customers::Entity::find().order_by_asc(customers::Column::Id);
     if let Some(p) = prefix.filter(|p| !p.is_empty()) {
         // Escape LIKE's wildcards so a search for `a_b` means exactly that.
-        let escaped = p.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+        let escaped = p
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
         q = q.filter(
-            Expr::col((customers::Entity, customers::Column::Id)).like(LikeExpr::new(format!("{escaped}%")).escape('\\')),
+            Expr::col((customers::Entity, customers::Column::Id))
+                .like(LikeExpr::new(format!("{escaped}%")).escape('\\')),
         );
     }
     if let Some(a) = after {

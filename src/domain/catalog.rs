@@ -66,7 +66,10 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(entitlements: Vec<EntitlementDef>, products: Vec<ProductDef>) -> Result<Self, String> {
+    pub fn new(
+        entitlements: Vec<EntitlementDef>,
+        products: Vec<ProductDef>,
+    ) -> Result<Self, String> {
         let mut keys = HashSet::new();
         for e in &entitlements {
             if e.key.is_empty() {
@@ -87,7 +90,10 @@ impl Catalog {
             }
             for e in &p.entitlements {
                 if !keys.contains(e.as_str()) {
-                    return Err(format!("product `{}` grants unknown entitlement `{e}`", p.id));
+                    return Err(format!(
+                        "product `{}` grants unknown entitlement `{e}`",
+                        p.id
+                    ));
                 }
             }
             for (store, sid) in [
@@ -104,7 +110,11 @@ impl Catalog {
                 }
             }
         }
-        Ok(Catalog { entitlements, products, by_store_product })
+        Ok(Catalog {
+            entitlements,
+            products,
+            by_store_product,
+        })
     }
 
     pub fn entitlements(&self) -> &[EntitlementDef] {
@@ -131,7 +141,13 @@ impl Catalog {
         match store {
             Store::Trial | Store::Promotional => {
                 if self.has_entitlement(product_id) {
-                    vec![self.entitlements.iter().find(|e| e.key == product_id).map(|e| e.key.as_str()).unwrap_or_default()]
+                    vec![
+                        self.entitlements
+                            .iter()
+                            .find(|e| e.key == product_id)
+                            .map(|e| e.key.as_str())
+                            .unwrap_or_default(),
+                    ]
                 } else {
                     vec![]
                 }

@@ -48,7 +48,9 @@ impl PurchaseFacts {
             (a, _) => a,
         };
         match self.status {
-            PurchaseStatus::Active | PurchaseStatus::Trialing | PurchaseStatus::Canceled => cap(until(self.expires_at)),
+            PurchaseStatus::Active | PurchaseStatus::Trialing | PurchaseStatus::Canceled => {
+                cap(until(self.expires_at))
+            }
             PurchaseStatus::InGracePeriod => match self.grace_expires_at.or(self.expires_at) {
                 Some(g) if now < g => cap(Access::Until(g)),
                 _ => Access::None,
@@ -70,7 +72,10 @@ impl PurchaseFacts {
     /// reads as expired even when the store has not said so yet.
     fn effective_status(&self, now: DateTime<Utc>) -> PurchaseStatus {
         if self.revoked_at.is_some_and(|r| r <= now)
-            && !matches!(self.status, PurchaseStatus::Refunded | PurchaseStatus::Revoked)
+            && !matches!(
+                self.status,
+                PurchaseStatus::Refunded | PurchaseStatus::Revoked
+            )
         {
             return PurchaseStatus::Revoked;
         }
@@ -139,7 +144,12 @@ impl Snapshot {
 }
 
 /// Every configured entitlement of one customer at `now`.
-pub fn compute(catalog: &Catalog, purchases: &[PurchaseFacts], now: DateTime<Utc>, accept_sandbox: bool) -> Snapshot {
+pub fn compute(
+    catalog: &Catalog,
+    purchases: &[PurchaseFacts],
+    now: DateTime<Utc>,
+    accept_sandbox: bool,
+) -> Snapshot {
     let counts = |p: &&PurchaseFacts| accept_sandbox || p.environment == Environment::Production;
     let mut paid = false;
     let mut trial = false;
@@ -148,12 +158,17 @@ pub fn compute(catalog: &Catalog, purchases: &[PurchaseFacts], now: DateTime<Utc
         let mut best_active: Option<(&PurchaseFacts, Access)> = None;
         let mut best_lapsed: Option<&PurchaseFacts> = None;
         for p in purchases.iter().filter(counts) {
-            if !catalog.entitlements_for(p.store, &p.product_id).contains(&def.key.as_str()) {
+            if !catalog
+                .entitlements_for(p.store, &p.product_id)
+                .contains(&def.key.as_str())
+            {
                 continue;
             }
             match p.access(now) {
                 Access::None => {
-                    if best_lapsed.is_none_or(|b| (p.last_relevant_at(), p.id) > (b.last_relevant_at(), b.id)) {
+                    if best_lapsed
+                        .is_none_or(|b| (p.last_relevant_at(), p.id) > (b.last_relevant_at(), b.id))
+                    {
                         best_lapsed = Some(p);
                     }
                 }
@@ -183,13 +198,17 @@ pub fn compute(catalog: &Catalog, purchases: &[PurchaseFacts], now: DateTime<Utc
                     && p.expires_at.is_some()
                     && matches!(
                         p.status,
-                        PurchaseStatus::Active | PurchaseStatus::Trialing | PurchaseStatus::InGracePeriod
+                        PurchaseStatus::Active
+                            | PurchaseStatus::Trialing
+                            | PurchaseStatus::InGracePeriod
                     ),
                 store: Some(p.store),
                 product_id: Some(p.product_id.clone()),
                 period_type: Some(p.period_type),
                 status: Some(p.effective_status(now)),
-                grace_period_expires_at: p.grace_expires_at.filter(|_| p.status == PurchaseStatus::InGracePeriod),
+                grace_period_expires_at: p
+                    .grace_expires_at
+                    .filter(|_| p.status == PurchaseStatus::InGracePeriod),
                 purchase_id: Some(p.id),
             },
             (None, Some(p)) => EntitlementState {
@@ -231,7 +250,11 @@ pub fn compute(catalog: &Catalog, purchases: &[PurchaseFacts], now: DateTime<Utc
         .filter(|p| p.store == Store::Trial)
         .filter_map(|p| p.expires_at)
         .max();
-    Snapshot { entitlements, paid_status, trial_ends_at }
+    Snapshot {
+        entitlements,
+        paid_status,
+        trial_ends_at,
+    }
 }
 
 /// One row of the change log: an entitlement whose state moved.
@@ -249,12 +272,17 @@ pub struct Change {
 pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
     let mut out = Vec::new();
     for new in &after.entitlements {
-        let Some(new_status) = new.event_status() else { continue };
         let old = before.entitlement(&new.key);
         let old_status = old.and_then(EntitlementState::event_status);
-        let kind = match old.filter(|o| o.status.is_some()) {
-            None => Some(EventKind::Granted),
-            Some(old) => classify(old, new),
+        let (kind, new_status) = match (old.filter(|o| o.status.is_some()), new.event_status()) {
+            (None, None) => continue,
+            (None, Some(s)) => (Some(EventKind::Granted), s),
+            // Its only source went away (e.g. transferred to another customer).
+            (Some(_), None) => (
+                Some(EventKind::Revoked),
+                PurchaseStatus::Revoked.event_name(),
+            ),
+            (Some(old), Some(s)) => (classify(old, new), s),
         };
         if let Some(kind) = kind {
             out.push(Change {
@@ -297,7 +325,8 @@ fn classify(old: &EntitlementState, new: &EntitlementState) -> Option<EventKind>
                 }
             } else if old.product_id != new.product_id {
                 Some(EventKind::ProductChanged)
-            } else if new.status == Some(PurchaseStatus::InGracePeriod) && old.status != new.status {
+            } else if new.status == Some(PurchaseStatus::InGracePeriod) && old.status != new.status
+            {
                 Some(EventKind::BillingIssue)
             } else if old.will_renew && !new.will_renew {
                 Some(EventKind::Canceled)

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use async_graphql::{EmptySubscription, Schema, http::GraphiQLSource, parser::types::OperationType};
+use async_graphql::{
+    EmptySubscription, Schema, http::GraphiQLSource, parser::types::OperationType,
+};
 use axum::{
     Json,
     extract::{RawQuery, State},
@@ -43,10 +45,16 @@ pub fn build_schema(config: &Config, core: Arc<Core>) -> EntitleSchema {
 
 /// The SDL that `entitle export-schema` writes and `schema.graphql` holds.
 pub fn sdl() -> String {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription).finish().sdl()
+    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+        .finish()
+        .sdl()
 }
 
-async fn execute(state: &AppState, headers: &HeaderMap, request: async_graphql::Request) -> Response {
+async fn execute(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: async_graphql::Request,
+) -> Response {
     let principal = match state.auth.principal(&state.core, headers).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
@@ -63,9 +71,14 @@ async fn execute(state: &AppState, headers: &HeaderMap, request: async_graphql::
     Json(resp).into_response()
 }
 
-pub async fn post(State(state): State<AppState>, headers: HeaderMap, LimitedBody(body): LimitedBody) -> Response {
+pub async fn post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Response {
     if !is_json(&headers) {
-        return AppError::UnsupportedMediaType("GraphQL requests must be sent as application/json").into_response();
+        return AppError::UnsupportedMediaType("GraphQL requests must be sent as application/json")
+            .into_response();
     }
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -76,18 +89,30 @@ pub async fn post(State(state): State<AppState>, headers: HeaderMap, LimitedBody
     }
     let request: async_graphql::Request = match serde_json::from_value(value) {
         Ok(r) => r,
-        Err(e) => return AppError::bad_input(format!("not a GraphQL request: {e}")).into_response(),
+        Err(e) => {
+            return AppError::bad_input(format!("not a GraphQL request: {e}")).into_response();
+        }
     };
     execute(&state, &headers, request).await
 }
 
 /// GraphiQL without a query string; read-only queries with one.
-pub async fn get(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw): RawQuery) -> Response {
+pub async fn get(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let Some(raw) = raw.filter(|q| !q.is_empty()) else {
         if !state.config.graphql.graphiql {
             return AppError::NotFound("route").into_response();
         }
-        return Html(GraphiQLSource::build().endpoint("/graphql").title("Entitle GraphQL").finish()).into_response();
+        return Html(
+            GraphiQLSource::build()
+                .endpoint("/graphql")
+                .title("Entitle GraphQL")
+                .finish(),
+        )
+        .into_response();
     };
     let request = match async_graphql::http::parse_query_string(&raw) {
         Ok(r) => r,
@@ -95,8 +120,15 @@ pub async fn get(State(state): State<AppState>, headers: HeaderMap, RawQuery(raw
     };
     match async_graphql::parser::parse_query(&request.query) {
         Ok(doc) => {
-            if doc.operations.iter().any(|(_, op)| op.node.ty != OperationType::Query) {
-                return AppError::MethodNotAllowed("mutations and subscriptions must be sent with POST").into_response();
+            if doc
+                .operations
+                .iter()
+                .any(|(_, op)| op.node.ty != OperationType::Query)
+            {
+                return AppError::MethodNotAllowed(
+                    "mutations and subscriptions must be sent with POST",
+                )
+                .into_response();
             }
         }
         // Let execution report the syntax error in GraphQL's own shape.

@@ -37,7 +37,10 @@ async fn customer_with(
     id: &str,
     snapshot: domain::Snapshot,
 ) -> async_graphql::Result<Customer> {
-    let model = core(ctx).find_customer(id).await?.ok_or(AppError::NotFound("customer"))?;
+    let model = core(ctx)
+        .find_customer(id)
+        .await?
+        .ok_or(AppError::NotFound("customer"))?;
     Ok(Customer::with_snapshot(model, snapshot))
 }
 
@@ -50,7 +53,11 @@ impl MutationRoot {
         input: RegisterDeviceInput,
     ) -> async_graphql::Result<RegisterDevicePayload> {
         let device_id = parse_id("deviceId", &input.device_id)?;
-        let customer_id = input.customer_id.as_deref().map(|c| parse_id("customerId", c)).transpose()?;
+        let customer_id = input
+            .customer_id
+            .as_deref()
+            .map(|c| parse_id("customerId", c))
+            .transpose()?;
         let p = principal(ctx);
         // A customer token registers devices for itself.
         let customer_id = match (p, customer_id) {
@@ -77,12 +84,19 @@ impl MutationRoot {
         expires_at: Option<DateTime<Utc>>,
     ) -> async_graphql::Result<Customer> {
         principal(ctx).require_admin()?;
-        let snap = core(ctx).grant_entitlement(&customer_id, &entitlement, expires_at).await?;
+        let snap = core(ctx)
+            .grant_entitlement(&customer_id, &entitlement, expires_at)
+            .await?;
         customer_with(ctx, &customer_id, snap).await
     }
 
     /// Ends a promotional grant now; other sources are untouched (admin).
-    async fn revoke_grant(&self, ctx: &Context<'_>, customer_id: ID, entitlement: String) -> async_graphql::Result<Customer> {
+    async fn revoke_grant(
+        &self,
+        ctx: &Context<'_>,
+        customer_id: ID,
+        entitlement: String,
+    ) -> async_graphql::Result<Customer> {
         principal(ctx).require_admin()?;
         let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
         customer_with(ctx, &customer_id, snap).await

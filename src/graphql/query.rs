@@ -32,9 +32,14 @@ impl QueryRoot {
         let id = match principal(ctx) {
             Principal::Customer(sub) | Principal::AdminToken(sub) => sub,
             Principal::Anonymous => return Err(AppError::Unauthenticated.into()),
-            Principal::ApiKey { .. } => return Err(AppError::Forbidden("`me` needs a customer token").into()),
+            Principal::ApiKey { .. } => {
+                return Err(AppError::Forbidden("`me` needs a customer token").into());
+            }
         };
-        let model = core(ctx).find_customer(id).await?.ok_or(AppError::NotFound("customer"))?;
+        let model = core(ctx)
+            .find_customer(id)
+            .await?
+            .ok_or(AppError::NotFound("customer"))?;
         Ok(Customer::new(model))
     }
 
@@ -55,17 +60,29 @@ impl QueryRoot {
     ) -> async_graphql::Result<Connection<String, Customer, EmptyFields, EmptyFields>> {
         principal(ctx).require_admin()?;
         let after = after.as_deref().map(decode_cursor).transpose()?;
-        let (rows, more) =
-            db::customers_page(&core(ctx).db.conn, search.as_deref(), after.as_deref(), first as u64).await?;
+        let (rows, more) = db::customers_page(
+            &core(ctx).db.conn,
+            search.as_deref(),
+            after.as_deref(),
+            first as u64,
+        )
+        .await?;
         let mut conn = Connection::new(after.is_some(), more);
-        conn.edges
-            .extend(rows.into_iter().map(|m| Edge::new(encode_cursor(&m.id), Customer::new(m))));
+        conn.edges.extend(
+            rows.into_iter()
+                .map(|m| Edge::new(encode_cursor(&m.id), Customer::new(m))),
+        );
         Ok(conn)
     }
 
     /// The product catalog, for paywalls.
     async fn products(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Product>> {
         principal(ctx).require_authenticated()?;
-        Ok(core(ctx).catalog.products().iter().map(Product::from).collect())
+        Ok(core(ctx)
+            .catalog
+            .products()
+            .iter()
+            .map(Product::from)
+            .collect())
     }
 }

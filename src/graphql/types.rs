@@ -107,12 +107,18 @@ pub struct Customer {
 
 impl Customer {
     pub fn new(model: customers::Model) -> Self {
-        Customer { model, snapshot: OnceCell::new() }
+        Customer {
+            model,
+            snapshot: OnceCell::new(),
+        }
     }
 
     /// A customer whose entitlements the caller just computed.
     pub fn with_snapshot(model: customers::Model, snapshot: Snapshot) -> Self {
-        Customer { model, snapshot: OnceCell::new_with(Some(snapshot)) }
+        Customer {
+            model,
+            snapshot: OnceCell::new_with(Some(snapshot)),
+        }
     }
 
     async fn snap(&self, ctx: &Context<'_>) -> async_graphql::Result<&Snapshot> {
@@ -140,29 +146,57 @@ impl Customer {
     }
 
     /// End of the server-side free trial, if one was ever started.
-    async fn trial_ends_at(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<DateTime<Utc>>> {
+    async fn trial_ends_at(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<Option<DateTime<Utc>>> {
         Ok(self.snap(ctx).await?.trial_ends_at)
     }
 
     /// Every entitlement of the catalog, active or not.
     async fn entitlements(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Entitlement>> {
-        Ok(self.snap(ctx).await?.entitlements.iter().cloned().map(Entitlement).collect())
+        Ok(self
+            .snap(ctx)
+            .await?
+            .entitlements
+            .iter()
+            .cloned()
+            .map(Entitlement)
+            .collect())
     }
 
-    async fn entitlement(&self, ctx: &Context<'_>, key: String) -> async_graphql::Result<Option<Entitlement>> {
-        Ok(self.snap(ctx).await?.entitlement(&key).cloned().map(Entitlement))
+    async fn entitlement(
+        &self,
+        ctx: &Context<'_>,
+        key: String,
+    ) -> async_graphql::Result<Option<Entitlement>> {
+        Ok(self
+            .snap(ctx)
+            .await?
+            .entitlement(&key)
+            .cloned()
+            .map(Entitlement))
     }
 
     async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
         let rows = db::purchases_of(&core(ctx).db.conn, &self.model.id).await?;
         rows.into_iter()
-            .map(|m| Ok(Purchase { facts: db::purchase_facts(&m)?, model: m }))
+            .map(|m| {
+                Ok(Purchase {
+                    facts: db::purchase_facts(&m)?,
+                    model: m,
+                })
+            })
             .collect::<Result<_, AppError>>()
             .map_err(Into::into)
     }
 
     async fn devices(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Device>> {
-        Ok(db::devices_of(&core(ctx).db.conn, &self.model.id).await?.into_iter().map(Device).collect())
+        Ok(db::devices_of(&core(ctx).db.conn, &self.model.id)
+            .await?
+            .into_iter()
+            .map(Device)
+            .collect())
     }
 
     /// Purchase submissions, newest first.
@@ -290,7 +324,11 @@ pub struct Device(pub devices::Model);
 #[Object]
 impl Device {
     async fn platform(&self) -> async_graphql::Result<Platform> {
-        let p: domain::Platform = self.0.platform.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        let p: domain::Platform = self
+            .0
+            .platform
+            .parse()
+            .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
         Ok(p.into())
     }
     async fn device_id(&self) -> &str {
@@ -316,7 +354,11 @@ impl Receipt {
         ID(self.0.id.to_string())
     }
     async fn store(&self) -> async_graphql::Result<Store> {
-        let s: domain::Store = self.0.store.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        let s: domain::Store = self
+            .0
+            .store
+            .parse()
+            .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
         Ok(s.into())
     }
     async fn received_at(&self) -> DateTime<Utc> {
@@ -349,7 +391,11 @@ impl EntitlementEvent {
         &self.0.entitlement
     }
     async fn kind(&self) -> async_graphql::Result<EventKind> {
-        let k: domain::EventKind = self.0.kind.parse().map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        let k: domain::EventKind = self
+            .0
+            .kind
+            .parse()
+            .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
         Ok(k.into())
     }
     /// Upper-case status before the change (`ACTIVE`, `EXPIRED`, …); null if never held.

@@ -41,17 +41,29 @@ pub async fn user(
 ) -> AppResult<Json<UserResponse>> {
     principal.require_authenticated()?;
     let raw = if body.iter().all(u8::is_ascii_whitespace) {
-        query.id.ok_or_else(|| AppError::bad_input("device id missing: send {\"id\": \"…\"} or ?id="))?
+        query
+            .id
+            .ok_or_else(|| AppError::bad_input("device id missing: send {\"id\": \"…\"} or ?id="))?
     } else {
         serde_json::from_slice::<IdBody>(&body)
-            .map_err(|_| AppError::bad_input("body must be JSON of the form {\"id\": \"<device id>\"}"))?
+            .map_err(|_| {
+                AppError::bad_input("body must be JSON of the form {\"id\": \"<device id>\"}")
+            })?
             .id
     };
-    let id = ExternalId::parse(&raw).map_err(|e| AppError::bad_input(format!("invalid device id: {e}")))?;
+    let id = ExternalId::parse(&raw)
+        .map_err(|e| AppError::bad_input(format!("invalid device id: {e}")))?;
     principal.require_register(Some(id.as_str()))?;
 
-    let reg = state.core.register_device(Platform::Garmin, &id, None).await?;
-    let link = state.config.stripe.as_ref().and_then(|s| s.payment_link.clone());
+    let reg = state
+        .core
+        .register_device(Platform::Garmin, &id, None)
+        .await?;
+    let link = state
+        .config
+        .stripe
+        .as_ref()
+        .and_then(|s| s.payment_link.clone());
     let checkout_url = link.as_deref().map(|l| checkout_url(l, &reg.customer_id));
     let paid = reg.snapshot.paid_status;
     Ok(Json(UserResponse {
@@ -71,12 +83,14 @@ pub async fn user(
 fn checkout_url(link: &str, customer_id: &str) -> String {
     match url::Url::parse(link) {
         Ok(mut u) => {
-            u.query_pairs_mut().append_pair("client_reference_id", customer_id);
+            u.query_pairs_mut()
+                .append_pair("client_reference_id", customer_id);
             u.to_string()
         }
         Err(_) => {
             let sep = if link.contains('?') { '&' } else { '?' };
-            let enc: String = url::form_urlencoded::byte_serialize(customer_id.as_bytes()).collect();
+            let enc: String =
+                url::form_urlencoded::byte_serialize(customer_id.as_bytes()).collect();
             format!("{link}{sep}client_reference_id={enc}")
         }
     }

@@ -19,7 +19,11 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, AppError> {
-        state.auth.principal(&state.core, &parts.headers).await.map(Caller)
+        state
+            .auth
+            .principal(&state.core, &parts.headers)
+            .await
+            .map(Caller)
     }
 }
 
@@ -54,7 +58,8 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
         .and_then(|v| v.split(';').next())
         .is_some_and(|m| {
             let m = m.trim();
-            m.eq_ignore_ascii_case("application/json") || m.eq_ignore_ascii_case("application/graphql-response+json")
+            m.eq_ignore_ascii_case("application/json")
+                || m.eq_ignore_ascii_case("application/graphql-response+json")
         })
 }
 

@@ -40,7 +40,9 @@ impl From<&EntitlementState> for EntitlementJson {
         EntitlementJson {
             key: e.key.clone(),
             is_active: e.is_active,
-            expires_at: e.expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            expires_at: e
+                .expires_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
             will_renew: e.will_renew,
             store: e.store.map(|s| s.as_str()),
             product_id: e.product_id.clone(),
@@ -55,13 +57,22 @@ pub async fn check(
     Path(customer_id): Path<String>,
 ) -> AppResult<Json<CheckResponse>> {
     principal.require_service()?;
-    let id = ExternalId::parse(&customer_id).map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
-    state.core.find_customer(id.as_str()).await?.ok_or(AppError::NotFound("customer"))?;
+    let id = ExternalId::parse(&customer_id)
+        .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
+    state
+        .core
+        .find_customer(id.as_str())
+        .await?
+        .ok_or(AppError::NotFound("customer"))?;
     let snap = state.core.snapshot(id.as_str()).await?;
     Ok(Json(CheckResponse {
         customer_id: id.into_string(),
         is_subscribed: snap.entitlements.iter().any(|e| e.is_active),
         paid_status: snap.paid_status.as_str(),
-        entitlements: snap.entitlements.iter().map(EntitlementJson::from).collect(),
+        entitlements: snap
+            .entitlements
+            .iter()
+            .map(EntitlementJson::from)
+            .collect(),
     }))
 }

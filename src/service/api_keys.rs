@@ -3,7 +3,10 @@
 
 use entities::api_keys;
 use rand::RngCore;
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel,
+    QueryFilter,
+};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -41,7 +44,8 @@ fn random_hex(bytes: usize) -> String {
 }
 
 pub fn key_prefix(key: &str) -> Option<&str> {
-    (key.starts_with(KEY_PREFIX) && key.len() > PREFIX_LEN && key.is_ascii()).then(|| &key[..PREFIX_LEN])
+    (key.starts_with(KEY_PREFIX) && key.len() > PREFIX_LEN && key.is_ascii())
+        .then(|| &key[..PREFIX_LEN])
 }
 
 impl Core {
@@ -87,7 +91,9 @@ impl Core {
 
     /// The key's identity, or `None` for an unknown, malformed or revoked key.
     pub async fn lookup_api_key(&self, key: &str) -> AppResult<Option<(KeyIdentity, String)>> {
-        let Some(prefix) = key_prefix(key) else { return Ok(None) };
+        let Some(prefix) = key_prefix(key) else {
+            return Ok(None);
+        };
         let Some(row) = api_keys::Entity::find()
             .filter(api_keys::Column::Prefix.eq(prefix))
             .one(&self.db.conn)
@@ -96,7 +102,8 @@ impl Core {
             return Ok(None);
         };
         let presented = hash_key(key);
-        if !bool::from(presented.as_bytes().ct_eq(row.hash.as_bytes())) || row.revoked_at.is_some() {
+        if !bool::from(presented.as_bytes().ct_eq(row.hash.as_bytes())) || row.revoked_at.is_some()
+        {
             return Ok(None);
         }
         let role = row

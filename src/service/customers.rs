@@ -1,7 +1,8 @@
 use chrono::{DateTime, Duration, Utc};
 use entities::{customers, devices, purchases};
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, TryInsertResult,
-    sea_query::OnConflict,
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
+    TryInsertResult, sea_query::OnConflict,
 };
 
 use super::Core;
@@ -42,7 +43,9 @@ impl Core {
         customer_id: Option<&ExternalId>,
     ) -> AppResult<Registration> {
         let now = self.now();
-        if let Some(device) = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await? {
+        if let Some(device) =
+            db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await?
+        {
             return self.known_device(device, customer_id, now).await;
         }
 
@@ -66,7 +69,9 @@ impl Core {
             drop(txn);
             let device = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str())
                 .await?
-                .ok_or_else(|| AppError::Internal(anyhow::anyhow!("device vanished after conflict")))?;
+                .ok_or_else(|| {
+                    AppError::Internal(anyhow::anyhow!("device vanished after conflict"))
+                })?;
             return self.known_device(device, customer_id, now).await;
         }
 
@@ -91,11 +96,16 @@ impl Core {
                 raw: Set(None),
                 ..Default::default()
             })
-            .on_conflict_do_nothing_on([purchases::Column::Store, purchases::Column::StorePurchaseId])
+            .on_conflict_do_nothing_on([
+                purchases::Column::Store,
+                purchases::Column::StorePurchaseId,
+            ])
             .exec_without_returning(&*txn)
             .await?;
         }
-        let snapshot = self.record_transition(&*txn, &customer, &before, now).await?;
+        let snapshot = self
+            .record_transition(&*txn, &customer, &before, now)
+            .await?;
         let device = db::find_device(&*txn, platform.as_str(), device_id.as_str())
             .await?
             .ok_or_else(|| AppError::Internal(anyhow::anyhow!("device missing after insert")))?;
@@ -133,7 +143,9 @@ impl Core {
         } else {
             device
         };
-        let snapshot = self.snapshot_in(&self.db.conn, &device.customer_id, now).await?;
+        let snapshot = self
+            .snapshot_in(&self.db.conn, &device.customer_id, now)
+            .await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),
             device,
@@ -143,7 +155,9 @@ impl Core {
     }
 
     pub async fn find_customer(&self, id: &str) -> AppResult<Option<customers::Model>> {
-        Ok(customers::Entity::find_by_id(id.to_string()).one(&self.db.conn).await?)
+        Ok(customers::Entity::find_by_id(id.to_string())
+            .one(&self.db.conn)
+            .await?)
     }
 
     /// Grants a promotional entitlement until `expires_at` (`None`: lifetime).
@@ -156,13 +170,17 @@ impl Core {
     ) -> AppResult<Snapshot> {
         let now = self.now();
         if !self.catalog.has_entitlement(entitlement) {
-            return Err(AppError::bad_input(format!("unknown entitlement `{entitlement}`")));
+            return Err(AppError::bad_input(format!(
+                "unknown entitlement `{entitlement}`"
+            )));
         }
         if expires_at.is_some_and(|e| e <= now) {
             return Err(AppError::bad_input("expiresAt must be in the future"));
         }
         let txn = self.db.write().await?;
-        db::lock_customer(&*txn, customer_id).await?.ok_or(AppError::NotFound("customer"))?;
+        db::lock_customer(&*txn, customer_id)
+            .await?
+            .ok_or(AppError::NotFound("customer"))?;
         let before = self.snapshot_in(&*txn, customer_id, now).await?;
         let key = grant_purchase_key(customer_id, entitlement);
         let row = purchases::ActiveModel {
@@ -198,7 +216,9 @@ impl Core {
             )
             .exec_without_returning(&*txn)
             .await?;
-        let after = self.record_transition(&*txn, customer_id, &before, now).await?;
+        let after = self
+            .record_transition(&*txn, customer_id, &before, now)
+            .await?;
         txn.commit().await?;
         Ok(after)
     }
@@ -207,13 +227,19 @@ impl Core {
     pub async fn revoke_grant(&self, customer_id: &str, entitlement: &str) -> AppResult<Snapshot> {
         let now = self.now();
         if !self.catalog.has_entitlement(entitlement) {
-            return Err(AppError::bad_input(format!("unknown entitlement `{entitlement}`")));
+            return Err(AppError::bad_input(format!(
+                "unknown entitlement `{entitlement}`"
+            )));
         }
         let txn = self.db.write().await?;
-        db::lock_customer(&*txn, customer_id).await?.ok_or(AppError::NotFound("customer"))?;
+        db::lock_customer(&*txn, customer_id)
+            .await?
+            .ok_or(AppError::NotFound("customer"))?;
         let grant = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::Promotional.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(grant_purchase_key(customer_id, entitlement)))
+            .filter(
+                purchases::Column::StorePurchaseId.eq(grant_purchase_key(customer_id, entitlement)),
+            )
             .filter(purchases::Column::RevokedAt.is_null())
             .one(&*txn)
             .await?
@@ -224,7 +250,9 @@ impl Core {
         am.revoked_at = Set(Some(now));
         am.source_updated_at = Set(now);
         am.update(&*txn).await?;
-        let after = self.record_transition(&*txn, customer_id, &before, now).await?;
+        let after = self
+            .record_transition(&*txn, customer_id, &before, now)
+            .await?;
         txn.commit().await?;
         Ok(after)
     }

@@ -16,6 +16,7 @@ use crate::{
 
 pub mod api_keys;
 pub mod customers;
+pub mod purchases;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
@@ -45,13 +46,19 @@ impl Core {
 
     /// The customer's entitlements at `now`, read through `c` (a transaction
     /// when the caller is about to change them).
-    pub async fn snapshot_in(&self, c: &impl ConnectionTrait, customer_id: &str, now: DateTime<Utc>) -> AppResult<Snapshot> {
+    pub async fn snapshot_in(
+        &self,
+        c: &impl ConnectionTrait,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<Snapshot> {
         let facts = db::purchase_facts_of(c, customer_id).await?;
         Ok(compute(&self.catalog, &facts, now, self.accept_sandbox))
     }
 
     pub async fn snapshot(&self, customer_id: &str) -> AppResult<Snapshot> {
-        self.snapshot_in(&self.db.conn, customer_id, self.now()).await
+        self.snapshot_in(&self.db.conn, customer_id, self.now())
+            .await
     }
 
     /// Writes one change-log row per entitlement that moved between `before`

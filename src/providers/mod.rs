@@ -1,0 +1,67 @@
+//! One folder per store. A provider turns raw store input into a verified,
+//! normalised [`VerifiedPurchase`]. Only code in this module can construct
+//! one, so unverified data cannot reach `service/`.
+
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Environment, PeriodType, PurchaseStatus, Store};
+
+/// A store purchase's state as read from a verified source (a signature we
+/// checked, or the store's own API). Only providers can make one.
+#[derive(Clone, Debug)]
+pub struct VerifiedPurchase(PurchaseState);
+
+/// Everything a provider knows after verification; see [`VerifiedPurchase`].
+#[derive(Clone, Debug)]
+pub struct PurchaseState {
+    pub store: Store,
+    /// Apple original transaction id, Play purchase token, Stripe
+    /// subscription or checkout session id.
+    pub store_purchase_id: String,
+    /// The store's product id (Stripe: price id), as the catalog maps it.
+    pub product_id: String,
+    pub environment: Environment,
+    pub status: PurchaseStatus,
+    pub period_type: PeriodType,
+    pub purchased_at: DateTime<Utc>,
+    /// `None` for lifetime purchases.
+    pub expires_at: Option<DateTime<Utc>>,
+    pub grace_expires_at: Option<DateTime<Utc>>,
+    pub auto_renew: bool,
+    pub canceled_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// `None` keeps the stored count.
+    pub renewal_count: Option<i32>,
+    /// The store's own timestamp of this state; older never overwrites newer.
+    pub source_updated_at: DateTime<Utc>,
+    /// The customer the store says made the purchase (Apple
+    /// `appAccountToken`, Play `obfuscatedExternalAccountId`, Stripe
+    /// `client_reference_id` / `metadata.customer_id`).
+    pub bound_customer: Option<String>,
+    /// A purchase of the same store this one supersedes (Play
+    /// `linkedPurchaseToken`); it stops granting when this one is applied.
+    pub replaces: Option<String>,
+    /// The verified payload, kept for audit.
+    pub raw: serde_json::Value,
+}
+
+impl VerifiedPurchase {
+    /// Only providers call this, after checking signatures or reading the store API.
+    #[allow(dead_code)] // the store providers are its callers
+    pub(in crate::providers) fn new(s: PurchaseState) -> Self {
+        VerifiedPurchase(s)
+    }
+}
+
+impl std::ops::Deref for VerifiedPurchase {
+    type Target = PurchaseState;
+    fn deref(&self) -> &PurchaseState {
+        &self.0
+    }
+}
+
+/// Lets unit tests of `service/` stand in for a provider.
+#[cfg(test)]
+pub(crate) fn verified_for_test(s: PurchaseState) -> VerifiedPurchase {
+    VerifiedPurchase(s)
+}

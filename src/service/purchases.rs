@@ -1,0 +1,287 @@
+//! Applying verified store state: the one path by which Stripe, App Store
+//! and Play purchases change what a customer may use.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use entities::{purchases, receipts, webhook_events};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
+    QueryFilter, TryInsertResult,
+};
+
+use super::Core;
+use crate::{
+    db::{self, WriteTxn},
+    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff},
+    error::{AppError, AppResult},
+    providers::VerifiedPurchase,
+};
+
+/// Who is applying a purchase.
+#[derive(Clone, Copy, Debug)]
+pub enum Submitter<'a> {
+    /// A customer submitted it (`verifyPurchase`, checkout): it becomes theirs,
+    /// subject to the transfer policy.
+    Customer(&'a str),
+    /// A store told us (webhook, reconciliation): the purchase stays with its
+    /// owner, or goes to the customer the store binds it to.
+    Store,
+}
+
+#[derive(Debug)]
+pub struct Applied {
+    pub customer_id: String,
+    pub purchase_id: i64,
+    /// The owner's entitlements after the change.
+    pub snapshot: Snapshot,
+    /// True when the stored state was newer and the incoming one was ignored.
+    pub stale: bool,
+}
+
+fn is_final(status: &str) -> bool {
+    status == PurchaseStatus::Refunded.as_str() || status == PurchaseStatus::Revoked.as_str()
+}
+
+impl Core {
+    /// Applies a verified purchase state in the caller's write transaction,
+    /// with its change-log rows. Older state (by the store's own timestamp)
+    /// never overwrites newer; a refund is never undone by an older message.
+    pub async fn apply_purchase_in(
+        &self,
+        txn: &WriteTxn,
+        vp: &VerifiedPurchase,
+        submitter: Submitter<'_>,
+        now: DateTime<Utc>,
+    ) -> AppResult<Applied> {
+        let existing = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(vp.store.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))
+            .one(&**txn)
+            .await?;
+        let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
+        let owner = match submitter {
+            Submitter::Customer(c) => {
+                let claimed = previous_owner.as_deref().or(vp.bound_customer.as_deref());
+                if claimed.is_some_and(|o| o != c) && self.transfer_policy == TransferPolicy::Keep {
+                    return Err(AppError::ReceiptAlreadyInUse);
+                }
+                c.to_string()
+            }
+            Submitter::Store => previous_owner
+                .clone()
+                .or_else(|| vp.bound_customer.clone())
+                .ok_or(AppError::NotFound("customer for this purchase"))?,
+        };
+        crate::domain::ExternalId::parse(&owner)
+            .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
+        db::ensure_customer(&**txn, &owner, now).await?;
+
+        let replaced = match vp.replaces.as_deref() {
+            Some(r) if r != vp.store_purchase_id => {
+                purchases::Entity::find()
+                    .filter(purchases::Column::Store.eq(vp.store.as_str()))
+                    .filter(purchases::Column::StorePurchaseId.eq(r))
+                    .one(&**txn)
+                    .await?
+            }
+            _ => None,
+        };
+
+        // Lock every customer this touches, in one order, and remember how
+        // each stood before.
+        let mut affected: BTreeSet<String> = BTreeSet::new();
+        affected.insert(owner.clone());
+        affected.extend(previous_owner.iter().cloned());
+        affected.extend(replaced.iter().map(|r| r.customer_id.clone()));
+        let mut before = Vec::with_capacity(affected.len());
+        for c in &affected {
+            db::lock_customer(&**txn, c).await?;
+            before.push((c.clone(), self.snapshot_in(&**txn, c, now).await?));
+        }
+
+        let stale = existing.as_ref().is_some_and(|e| {
+            e.source_updated_at > vp.source_updated_at
+                || (is_final(&e.status)
+                    && !matches!(
+                        vp.status,
+                        PurchaseStatus::Refunded | PurchaseStatus::Revoked
+                    )
+                    && e.revoked_at.is_some_and(|r| vp.source_updated_at <= r))
+        });
+        let purchase_id = match existing {
+            Some(e) if stale => {
+                let id = e.id;
+                if e.customer_id != owner {
+                    let mut am = e.into_active_model();
+                    am.customer_id = Set(owner.clone());
+                    am.update(&**txn).await?;
+                }
+                id
+            }
+            Some(e) => {
+                let renewal_count = vp.renewal_count.unwrap_or(e.renewal_count);
+                let mut am = e.into_active_model();
+                self.fill(&mut am, vp, &owner, renewal_count);
+                am.update(&**txn).await?.id
+            }
+            None => {
+                let mut am = <purchases::ActiveModel as Default>::default();
+                self.fill(&mut am, vp, &owner, vp.renewal_count.unwrap_or(0));
+                am.insert(&**txn).await?.id
+            }
+        };
+
+        if let Some(r) = replaced
+            .filter(|r| !is_final(&r.status) && r.status != PurchaseStatus::Expired.as_str())
+        {
+            let end = r.expires_at.map_or(now, |e| e.min(now));
+            let mut am = r.into_active_model();
+            am.status = Set(PurchaseStatus::Expired.as_str().into());
+            am.expires_at = Set(Some(end));
+            am.auto_renew = Set(false);
+            am.source_updated_at = Set(vp.source_updated_at);
+            am.update(&**txn).await?;
+        }
+
+        let mut owner_snapshot = None;
+        for (c, b) in before {
+            let after = self.snapshot_in(&**txn, &c, now).await?;
+            let mut changes = diff(&b, &after);
+            if Some(&c) == previous_owner.as_ref() && c != owner {
+                // What the previous owner lost, it lost to the transfer.
+                for ch in changes.iter_mut().filter(|ch| ch.new_status != "ACTIVE") {
+                    ch.kind = EventKind::Transferred;
+                }
+            }
+            db::record_changes(&**txn, &c, &changes, now).await?;
+            if c == owner {
+                owner_snapshot = Some(after);
+            }
+        }
+        Ok(Applied {
+            customer_id: owner,
+            purchase_id,
+            snapshot: owner_snapshot
+                .ok_or_else(|| AppError::Internal(anyhow::anyhow!("owner not in affected set")))?,
+            stale,
+        })
+    }
+
+    fn fill(
+        &self,
+        am: &mut purchases::ActiveModel,
+        vp: &VerifiedPurchase,
+        owner: &str,
+        renewal_count: i32,
+    ) {
+        am.customer_id = Set(owner.to_string());
+        am.store = Set(vp.store.as_str().into());
+        am.store_purchase_id = Set(vp.store_purchase_id.clone());
+        am.product_id = Set(vp.product_id.clone());
+        am.environment = Set(vp.environment.as_str().into());
+        am.status = Set(vp.status.as_str().into());
+        am.period_type = Set(vp.period_type.as_str().into());
+        am.purchased_at = Set(vp.purchased_at);
+        am.expires_at = Set(vp.expires_at);
+        am.grace_expires_at = Set(vp.grace_expires_at);
+        am.auto_renew = Set(vp.auto_renew);
+        am.canceled_at = Set(vp.canceled_at);
+        am.revoked_at = Set(vp.revoked_at);
+        am.renewal_count = Set(renewal_count);
+        am.source_updated_at = Set(vp.source_updated_at);
+        am.raw = Set(Some(vp.raw.clone()));
+    }
+
+    /// Applies one verified purchase in its own transaction.
+    pub async fn apply_purchase(
+        &self,
+        vp: &VerifiedPurchase,
+        submitter: Submitter<'_>,
+    ) -> AppResult<Applied> {
+        let txn = self.db.write().await?;
+        let applied = self
+            .apply_purchase_in(&txn, vp, submitter, self.now())
+            .await?;
+        txn.commit().await?;
+        Ok(applied)
+    }
+
+    /// Records a store notification in the caller's transaction. `false`
+    /// means it was seen before: acknowledge it and change nothing. Because
+    /// the row commits with the effect, a failed apply leaves no row and the
+    /// store's retry is processed.
+    pub async fn claim_webhook(
+        &self,
+        txn: &WriteTxn,
+        source: Store,
+        event_id: &str,
+        payload: &serde_json::Value,
+        outcome: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<bool> {
+        let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
+            source: Set(source.as_str().into()),
+            event_id: Set(event_id.to_string()),
+            received_at: Set(now),
+            payload: Set(payload.clone()),
+            outcome: Set(outcome.to_string()),
+            processed_at: Set(Some(now)),
+            ..Default::default()
+        })
+        .on_conflict_do_nothing_on([
+            webhook_events::Column::Source,
+            webhook_events::Column::EventId,
+        ])
+        .exec_without_returning(&**txn)
+        .await?;
+        Ok(matches!(res, TryInsertResult::Inserted(n) if n > 0))
+    }
+
+    /// Stores a purchase submission before it is verified (the audit trail),
+    /// committed on its own so a failed verification is still on record.
+    pub async fn record_receipt(
+        &self,
+        customer_id: &str,
+        store: Store,
+        payload: serde_json::Value,
+    ) -> AppResult<i64> {
+        let row = receipts::ActiveModel {
+            customer_id: Set(customer_id.to_string()),
+            store: Set(store.as_str().into()),
+            payload: Set(payload),
+            received_at: Set(self.now()),
+            outcome: Set("pending".into()),
+            error: Set(None),
+            purchase_id: Set(None),
+            ..Default::default()
+        }
+        .insert(&self.db.conn)
+        .await?;
+        Ok(row.id)
+    }
+
+    /// Marks a submission valid (with its purchase) or invalid (with a reason
+    /// safe to show the operator).
+    pub async fn finish_receipt(
+        &self,
+        c: &impl ConnectionTrait,
+        receipt_id: i64,
+        outcome: Result<i64, &str>,
+    ) -> AppResult<()> {
+        let (outcome, error, purchase_id) = match outcome {
+            Ok(pid) => ("valid", None, Some(pid)),
+            Err(e) => ("invalid", Some(e.to_string()), None),
+        };
+        receipts::ActiveModel {
+            id: Set(receipt_id),
+            outcome: Set(outcome.into()),
+            error: Set(error),
+            purchase_id: Set(purchase_id),
+            ..Default::default()
+        }
+        .update(c)
+        .await?;
+        Ok(())
+    }
+}
