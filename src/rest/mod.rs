@@ -11,6 +11,7 @@ use crate::{app::AppState, auth::Principal, error::AppError};
 pub mod garmin;
 pub mod health;
 pub mod subscriptions;
+pub mod webhooks;
 
 /// The caller, from `Authorization: Bearer` or an `api-key` header.
 pub struct Caller(pub Principal);
