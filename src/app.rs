@@ -30,23 +30,32 @@ pub struct AppState {
     pub schema: EntitleSchema,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// `None` when the `[apple]` section is absent.
+    pub apple: Option<Arc<crate::providers::apple::Apple>>,
 }
 
 impl AppState {
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
         let db = Db::connect(&config).await?;
+        let apple = config
+            .apple
+            .as_ref()
+            .map(|a| crate::providers::apple::Apple::new(a, config.accept_sandbox, clock.clone()))
+            .transpose()?
+            .map(Arc::new);
         let core = Arc::new(Core::new(&config, db, clock)?);
         let auth = Arc::new(Authenticator::new(
             config.auth.jwt.as_ref(),
             Duration::from_secs(config.auth.api_key_cache_secs),
         )?);
-        let schema = graphql::build_schema(&config, core.clone());
+        let schema = graphql::build_schema(&config, core.clone(), apple.clone());
         Ok(AppState {
             core,
             auth,
             schema,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
+            apple,
         })
     }
 }
@@ -61,6 +70,7 @@ pub fn router(state: AppState) -> Router {
             "/api/subscriptions/check/{customer_id}",
             get(rest::subscriptions::check),
         )
+        .route("/webhooks/apple", post(rest::webhooks::apple::notify))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))

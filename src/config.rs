@@ -52,6 +52,7 @@ pub struct Config {
     pub trial: Option<TrialPolicy>,
     pub catalog: CatalogConfig,
     pub stripe: Option<StripeConfig>,
+    pub apple: Option<AppleConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -127,6 +128,51 @@ pub struct StripeConfig {
     pub payment_link: Option<String>,
 }
 
+/// Which App Store environment a deployment verifies as its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppleEnvironment {
+    Production,
+    Sandbox,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppleConfig {
+    pub bundle_id: String,
+    /// The app's Apple ID; required in production, where it is checked on
+    /// every notification.
+    pub app_apple_id: Option<i64>,
+    /// `production` also accepts Sandbox data (stored as sandbox) when
+    /// `accept_sandbox` is on; a Sandbox payload is never taken for production.
+    #[serde(default = "AppleConfig::default_environment")]
+    pub environment: AppleEnvironment,
+    /// Trusted roots, DER or PEM files. Empty: the embedded Apple Root CA - G3.
+    /// The root sent inside `x5c` is never trusted.
+    #[serde(default)]
+    pub root_certificates: Vec<std::path::PathBuf>,
+    /// App Store Server API credentials (App Store Connect > Users and Access >
+    /// Integrations > In-App Purchase). Without them nothing is re-read from Apple
+    /// and `transactionId` / `appReceipt` submissions are refused.
+    pub issuer_id: Option<String>,
+    pub key_id: Option<String>,
+    /// The `.p8` key's PEM text.
+    pub private_key: Option<Secret>,
+    /// Defaults to Apple's production or sandbox host for `environment`.
+    pub api_base: Option<String>,
+}
+
+impl AppleConfig {
+    fn default_environment() -> AppleEnvironment {
+        AppleEnvironment::Production
+    }
+
+    /// Whether the App Store Server API can be called.
+    pub fn api_configured(&self) -> bool {
+        self.issuer_id.is_some() && self.key_id.is_some() && self.private_key.is_some()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -153,6 +199,7 @@ impl Default for Config {
             trial: None,
             catalog: CatalogConfig::default(),
             stripe: None,
+            apple: None,
         }
     }
 }
@@ -237,6 +284,26 @@ impl Config {
                 anyhow::bail!(
                     "invalid configuration: trial.entitlement `{}` is not in catalog.entitlements",
                     trial.entitlement
+                );
+            }
+        }
+        if let Some(apple) = &self.apple {
+            if apple.bundle_id.is_empty() {
+                anyhow::bail!("invalid configuration: apple.bundle_id must be set");
+            }
+            if apple.environment == AppleEnvironment::Production && apple.app_apple_id.is_none() {
+                anyhow::bail!(
+                    "invalid configuration: apple.app_apple_id must be set in the production environment"
+                );
+            }
+            let api = [
+                apple.issuer_id.is_some(),
+                apple.key_id.is_some(),
+                apple.private_key.is_some(),
+            ];
+            if api.iter().any(|x| *x) && !api.iter().all(|x| *x) {
+                anyhow::bail!(
+                    "invalid configuration: apple.issuer_id, apple.key_id and apple.private_key go together"
                 );
             }
         }

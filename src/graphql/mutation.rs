@@ -75,6 +75,16 @@ impl MutationRoot {
         })
     }
 
+    /// Verifies a store purchase, binds it to the customer and answers with
+    /// the customer's entitlements.
+    async fn verify_purchase(
+        &self,
+        ctx: &Context<'_>,
+        input: super::verify::VerifyPurchaseInput,
+    ) -> async_graphql::Result<super::verify::VerifyPurchasePayload> {
+        super::verify::verify_purchase(ctx, input).await
+    }
+
     /// Grants a promotional entitlement until `expiresAt`, or for life (admin).
     async fn grant_entitlement(
         &self,

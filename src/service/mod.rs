@@ -15,6 +15,7 @@ use crate::{
 };
 
 pub mod api_keys;
+pub mod apple;
 pub mod customers;
 pub mod purchases;
 

@@ -1,0 +1,181 @@
+//! App Store Server API client: Get Transaction Info and Get All
+//! Subscription Statuses, authenticated with an ES256 bearer token.
+
+use std::{sync::Arc, time::Duration};
+
+use app_store_server_library::models::{
+    status_response::StatusResponse, transaction_info_response::TransactionInfoResponse,
+};
+use chrono::{DateTime, Utc};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::{
+    clock::Clock,
+    config::{AppleConfig, AppleEnvironment},
+    error::{AppError, AppResult},
+};
+
+const PRODUCTION_BASE: &str = "https://api.storekit.itunes.apple.com";
+const SANDBOX_BASE: &str = "https://api.storekit-sandbox.itunes.apple.com";
+/// Attempts per call; 5xx answers and connection failures are retried.
+const ATTEMPTS: u32 = 3;
+const STORE: &str = "App Store";
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    issuer_id: String,
+    key_id: String,
+    bundle_id: String,
+    key: EncodingKey,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Serialize)]
+struct Claims<'a> {
+    iss: &'a str,
+    iat: i64,
+    exp: i64,
+    aud: &'static str,
+    bid: &'a str,
+}
+
+impl ApiClient {
+    pub fn new(cfg: &AppleConfig, clock: Arc<dyn Clock>) -> anyhow::Result<ApiClient> {
+        let (Some(issuer_id), Some(key_id), Some(private_key)) =
+            (&cfg.issuer_id, &cfg.key_id, &cfg.private_key)
+        else {
+            anyhow::bail!("invalid configuration: apple API credentials are incomplete");
+        };
+        let key = EncodingKey::from_ec_pem(private_key.expose().as_bytes()).map_err(|_| {
+            anyhow::anyhow!("invalid configuration: apple.private_key is not a PKCS#8 EC PEM key")
+        })?;
+        let base = cfg
+            .api_base
+            .clone()
+            .unwrap_or_else(|| match cfg.environment {
+                AppleEnvironment::Production => PRODUCTION_BASE.into(),
+                AppleEnvironment::Sandbox => SANDBOX_BASE.into(),
+            })
+            .trim_end_matches('/')
+            .to_string();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(ApiClient {
+            http,
+            base,
+            issuer_id: issuer_id.clone(),
+            key_id: key_id.clone(),
+            bundle_id: cfg.bundle_id.clone(),
+            key,
+            clock,
+        })
+    }
+
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    /// A bearer token valid for five minutes.
+    pub fn token(&self) -> AppResult<String> {
+        let iat = self.clock.now().timestamp();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.key_id.clone());
+        header.typ = Some("JWT".into());
+        let claims = Claims {
+            iss: &self.issuer_id,
+            iat,
+            exp: iat + 300,
+            aud: "appstoreconnect-v1",
+            bid: &self.bundle_id,
+        };
+        jsonwebtoken::encode(&header, &claims, &self.key)
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("signing App Store API token: {e}")))
+    }
+
+    /// GET Transaction Info: the signed transaction for any transaction id.
+    pub async fn transaction_info(&self, transaction_id: &str) -> AppResult<String> {
+        let r: TransactionInfoResponse = self
+            .get(&format!(
+                "/inApps/v1/transactions/{}",
+                path_segment(transaction_id)?
+            ))
+            .await?;
+        r.signed_transaction_info.ok_or_else(|| {
+            AppError::Internal(anyhow::anyhow!(
+                "App Store answered without signedTransactionInfo"
+            ))
+        })
+    }
+
+    /// GET All Subscription Statuses of the subscription `transaction_id` belongs to.
+    pub async fn subscription_statuses(&self, transaction_id: &str) -> AppResult<StatusResponse> {
+        self.get(&format!(
+            "/inApps/v1/subscriptions/{}",
+            path_segment(transaction_id)?
+        ))
+        .await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> AppResult<T> {
+        let url = format!("{}{}", self.base, path);
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            let resp = self.http.get(&url).bearer_auth(self.token()?).send().await;
+            let retry = match resp {
+                Ok(r) if r.status().is_success() => {
+                    return r.json::<T>().await.map_err(|e| {
+                        AppError::Internal(anyhow::anyhow!(
+                            "App Store API answer not understood: {e}"
+                        ))
+                    });
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    match status.as_u16() {
+                        400 | 404 => {
+                            return Err(AppError::InvalidReceipt(
+                                "the App Store does not know this transaction".into(),
+                            ));
+                        }
+                        401 | 403 => {
+                            return Err(AppError::Internal(anyhow::anyhow!(
+                                "App Store API refused our credentials ({status})"
+                            )));
+                        }
+                        429 => return Err(AppError::StoreUnavailable(STORE)),
+                        s if s >= 500 => {
+                            tracing::warn!(status = s, attempt, "App Store API error");
+                            true
+                        }
+                        _ => {
+                            return Err(AppError::Internal(anyhow::anyhow!(
+                                "App Store API answered {status}"
+                            )));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "App Store API unreachable");
+                    true
+                }
+            };
+            if retry && attempt < ATTEMPTS {
+                tokio::time::sleep(delay).await;
+                delay *= 3;
+            }
+        }
+        Err(AppError::StoreUnavailable(STORE))
+    }
+}
+
+/// Transaction ids are digits; anything else never reaches a URL.
+fn path_segment(id: &str) -> AppResult<&str> {
+    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        Ok(id)
+    } else {
+        Err(AppError::bad_input("transactionId must be alphanumeric"))
+    }
+}

@@ -1,0 +1,213 @@
+//! App Store use cases: a customer submits a purchase, Apple notifies us.
+
+use entities::purchases;
+use sea_orm::EntityTrait;
+use serde_json::json;
+
+use super::{
+    Core,
+    purchases::{Applied, Submitter},
+};
+use crate::{
+    domain::Store,
+    error::{AppError, AppResult},
+    providers::{
+        VerifiedPurchase,
+        apple::{self, Apple, Verified},
+    },
+};
+
+/// What an app may submit to prove an App Store purchase.
+#[derive(Clone, Debug)]
+pub enum AppStoreSubmission {
+    /// StoreKit 2 `Transaction.jwsRepresentation`.
+    SignedTransaction(String),
+    /// Any transaction id of the purchase, resolved through the App Store Server API.
+    TransactionId(String),
+    /// A legacy (StoreKit 1) app receipt, base64.
+    AppReceipt(String),
+}
+
+impl AppStoreSubmission {
+    fn audit(&self) -> serde_json::Value {
+        match self {
+            AppStoreSubmission::SignedTransaction(s) => json!({ "signedTransaction": s }),
+            AppStoreSubmission::TransactionId(s) => json!({ "transactionId": s }),
+            AppStoreSubmission::AppReceipt(s) => json!({ "appReceipt": s }),
+        }
+    }
+}
+
+/// What became of a notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationOutcome {
+    Applied,
+    /// Older than the state we hold; recorded, changed nothing.
+    Stale,
+    /// A type that changes no purchase (TEST, summaries, …); recorded.
+    Ignored,
+    /// About a purchase nobody submitted and no appAccountToken names; recorded.
+    NoCustomer,
+    /// Seen before; nothing recorded or changed.
+    Duplicate,
+}
+
+impl NotificationOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationOutcome::Applied => "applied",
+            NotificationOutcome::Stale => "stale",
+            NotificationOutcome::Ignored => "ignored",
+            NotificationOutcome::NoCustomer => "no_customer",
+            NotificationOutcome::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl Core {
+    async fn resolve_app_store(
+        &self,
+        apple: &Apple,
+        customer_id: &str,
+        submission: &AppStoreSubmission,
+    ) -> AppResult<VerifiedPurchase> {
+        let verified = match submission {
+            AppStoreSubmission::SignedTransaction(jws) => {
+                let tx = apple.verify_transaction(jws.trim())?;
+                let signed_date = tx.signed_date.ok_or_else(|| {
+                    AppError::InvalidReceipt("transaction has no signedDate".into())
+                })?;
+                let reread = match (apple.api(), tx.transaction_id.as_deref()) {
+                    (Some(_), Some(id)) => match apple.reread(id).await {
+                        Ok(v) => Some(v),
+                        // The submission is itself verified: degrade to it.
+                        Err(AppError::StoreUnavailable(_)) => None,
+                        Err(e) => return Err(e),
+                    },
+                    _ => None,
+                };
+                reread.unwrap_or(Verified {
+                    transaction: tx,
+                    renewal: None,
+                    status: None,
+                    notification: None,
+                    signed_date,
+                })
+            }
+            AppStoreSubmission::TransactionId(id) => apple.reread(id.trim()).await?,
+            AppStoreSubmission::AppReceipt(receipt) => {
+                let id = apple::transaction_id_from_receipt(receipt)?;
+                apple.reread(&id).await?
+            }
+        };
+        apple.purchase(&verified, Some(customer_id))
+    }
+
+    /// `verifyPurchase` for the App Store: records the submission, verifies
+    /// it (re-reading Apple's API when configured), binds it to the customer
+    /// under the transfer policy and applies it.
+    pub async fn verify_app_store(
+        &self,
+        apple: &Apple,
+        customer_id: &str,
+        submission: AppStoreSubmission,
+    ) -> AppResult<(Applied, purchases::Model)> {
+        let receipt_id = self
+            .record_receipt(customer_id, Store::AppStore, submission.audit())
+            .await?;
+        let result: AppResult<(Applied, purchases::Model)> = async {
+            let vp = self
+                .resolve_app_store(apple, customer_id, &submission)
+                .await?;
+            let txn = self.db.write().await?;
+            let applied = self
+                .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())
+                .await?;
+            self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
+                .await?;
+            let model = purchases::Entity::find_by_id(applied.purchase_id)
+                .one(&*txn)
+                .await?
+                .ok_or(AppError::NotFound("purchase"))?;
+            txn.commit().await?;
+            Ok((applied, model))
+        }
+        .await;
+        if let Err(e) = &result {
+            let reason = match e {
+                AppError::Internal(_) => "internal error".to_string(),
+                e => e.message(),
+            };
+            self.finish_receipt(&self.db.conn, receipt_id, Err(&reason))
+                .await?;
+        }
+        result
+    }
+
+    /// `POST /webhooks/apple`: verifies an App Store Server Notification v2,
+    /// re-reads the purchase from Apple when the API is configured, and
+    /// applies it with its dedupe row in one transaction.
+    pub async fn apple_notification(
+        &self,
+        apple: &Apple,
+        body: &[u8],
+    ) -> AppResult<NotificationOutcome> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body {
+            signed_payload: String,
+        }
+        let body: Body = serde_json::from_slice(body)
+            .map_err(|_| AppError::bad_input("expected a JSON body with signedPayload"))?;
+        let n = apple.verify_notification(body.signed_payload.trim())?;
+
+        let verified = match n.verified().filter(|_| n.is_handled()) {
+            None => None,
+            Some(v) => match (apple.api(), v.transaction.transaction_id.clone()) {
+                (Some(_), Some(id)) => {
+                    let mut fresh = apple.reread(&id).await?;
+                    fresh.notification = v.notification.clone();
+                    Some(fresh)
+                }
+                _ => Some(v),
+            },
+        };
+        let vp = verified.map(|v| apple.purchase(&v, None)).transpose()?;
+
+        let now = self.now();
+        let txn = self.db.write().await?;
+        let outcome = match &vp {
+            None => NotificationOutcome::Ignored,
+            Some(vp) => match self
+                .apply_purchase_in(&txn, vp, Submitter::Store, now)
+                .await
+            {
+                Ok(a) if a.stale => NotificationOutcome::Stale,
+                Ok(_) => NotificationOutcome::Applied,
+                Err(AppError::NotFound(_)) => NotificationOutcome::NoCustomer,
+                Err(e) => return Err(e),
+            },
+        };
+        if !self
+            .claim_webhook(
+                &txn,
+                Store::AppStore,
+                &n.uuid,
+                &n.raw,
+                outcome.as_str(),
+                now,
+            )
+            .await?
+        {
+            // Dropping the transaction rolls back what the duplicate did.
+            return Ok(NotificationOutcome::Duplicate);
+        }
+        txn.commit().await?;
+        tracing::info!(
+            notification = %n.kind,
+            outcome = outcome.as_str(),
+            "App Store notification"
+        );
+        Ok(outcome)
+    }
+}
