@@ -369,6 +369,19 @@ mod tests {
     }
 
     #[test]
+    fn apple_production_needs_app_apple_id() {
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[apple]\nbundle_id = \"com.example\"\n"));
+        let err = Config::from_figment(fig).unwrap_err().to_string();
+        assert!(err.contains("apple.app_apple_id"), "{err}");
+        let fig = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(
+            "[apple]\nbundle_id = \"com.example\"\nenvironment = \"sandbox\"\nkey_id = \"K\"\n",
+        ));
+        let err = Config::from_figment(fig).unwrap_err().to_string();
+        assert!(err.contains("go together"), "{err}");
+    }
+
+    #[test]
     fn trial_entitlement_must_exist() {
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string("[trial]\ndays = 7\nentitlement = \"pro\"\n"));

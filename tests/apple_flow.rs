@@ -597,6 +597,7 @@ async fn transaction_id_is_resolved_through_the_api(b: Backend) {
 
     // The bearer token Apple expects.
     let reqs = server.received_requests().await.unwrap();
+    let n_before = reqs.len();
     let auth = reqs[0]
         .headers
         .get("authorization")
@@ -618,6 +619,32 @@ async fn transaction_id_is_resolved_through_the_api(b: Backend) {
         data.claims["exp"].as_i64().unwrap() - data.claims["iat"].as_i64().unwrap(),
         300
     );
+
+    // An id Apple does not know (404 in production, then in sandbox).
+    let client = app.key(ApiKeyRole::Client).await;
+    let before = app.counts().await;
+    let (_, body) = verify(
+        &app,
+        &client,
+        json!({ "transactionId": "5999999999", "customerId": OTHER }),
+    )
+    .await;
+    assert_eq!(error_code(&body), Some("INVALID_RECEIPT"), "{body}");
+    assert_nothing_granted(&before, &app.counts().await);
+    assert_eq!(
+        server.received_requests().await.unwrap().len(),
+        n_before + 2
+    );
+    // An id that is not one never reaches Apple.
+    let before = app.counts().await;
+    let (_, body) = verify(
+        &app,
+        &client,
+        json!({ "transactionId": "../../v1/x", "customerId": OTHER }),
+    )
+    .await;
+    assert_eq!(error_code(&body), Some("BAD_USER_INPUT"), "{body}");
+    assert_nothing_granted(&before, &app.counts().await);
 }
 
 async fn legacy_receipt_is_resolved_through_the_api(b: Backend) {

@@ -77,11 +77,19 @@ impl Core {
                 let signed_date = tx.signed_date.ok_or_else(|| {
                     AppError::InvalidReceipt("transaction has no signedDate".into())
                 })?;
+                let env = apple::environment(&tx);
                 let reread = match (apple.api(), tx.transaction_id.as_deref()) {
-                    (Some(_), Some(id)) => match apple.reread(id).await {
+                    (Some(_), Some(id)) => match apple.reread(id, Some(env)).await {
                         Ok(v) => Some(v),
-                        // The submission is itself verified: degrade to it.
-                        Err(AppError::StoreUnavailable(_)) => None,
+                        // The submission carries Apple's own signature: when
+                        // Apple cannot be asked, it is the best truth we have.
+                        Err(e @ (AppError::StoreUnavailable(_) | AppError::InvalidReceipt(_))) => {
+                            tracing::warn!(
+                                error = e.message(),
+                                "App Store re-read failed; using the signed transaction"
+                            );
+                            None
+                        }
                         Err(e) => return Err(e),
                     },
                     _ => None,
@@ -94,10 +102,10 @@ impl Core {
                     signed_date,
                 })
             }
-            AppStoreSubmission::TransactionId(id) => apple.reread(id.trim()).await?,
+            AppStoreSubmission::TransactionId(id) => apple.reread(id.trim(), None).await?,
             AppStoreSubmission::AppReceipt(receipt) => {
                 let id = apple::transaction_id_from_receipt(receipt)?;
-                apple.reread(&id).await?
+                apple.reread(&id, None).await?
             }
         };
         apple.purchase(&verified, Some(customer_id))
@@ -165,9 +173,18 @@ impl Core {
             None => None,
             Some(v) => match (apple.api(), v.transaction.transaction_id.clone()) {
                 (Some(_), Some(id)) => {
-                    let mut fresh = apple.reread(&id).await?;
-                    fresh.notification = v.notification.clone();
-                    Some(fresh)
+                    let env = apple::environment(&v.transaction);
+                    match apple.reread(&id, Some(env)).await {
+                        Ok(mut fresh) => {
+                            fresh.notification = v.notification.clone();
+                            Some(fresh)
+                        }
+                        // Apple answering "unknown" to its own signed
+                        // notification: apply what it signed.
+                        Err(AppError::InvalidReceipt(_)) => Some(v),
+                        // Down: fail, so Apple delivers again later.
+                        Err(e) => return Err(e),
+                    }
                 }
                 _ => Some(v),
             },

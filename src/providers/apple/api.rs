@@ -24,7 +24,8 @@ const STORE: &str = "App Store";
 
 pub struct ApiClient {
     http: reqwest::Client,
-    base: String,
+    production_base: String,
+    sandbox_base: String,
     issuer_id: String,
     key_id: String,
     bundle_id: String,
@@ -51,21 +52,21 @@ impl ApiClient {
         let key = EncodingKey::from_ec_pem(private_key.expose().as_bytes()).map_err(|_| {
             anyhow::anyhow!("invalid configuration: apple.private_key is not a PKCS#8 EC PEM key")
         })?;
-        let base = cfg
-            .api_base
-            .clone()
-            .unwrap_or_else(|| match cfg.environment {
-                AppleEnvironment::Production => PRODUCTION_BASE.into(),
-                AppleEnvironment::Sandbox => SANDBOX_BASE.into(),
-            })
-            .trim_end_matches('/')
-            .to_string();
+        // An explicit base (a local fake, a proxy) serves both environments.
+        let base = |default: &str| {
+            cfg.api_base
+                .as_deref()
+                .unwrap_or(default)
+                .trim_end_matches('/')
+                .to_string()
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
         Ok(ApiClient {
             http,
-            base,
+            production_base: base(PRODUCTION_BASE),
+            sandbox_base: base(SANDBOX_BASE),
             issuer_id: issuer_id.clone(),
             key_id: key_id.clone(),
             bundle_id: cfg.bundle_id.clone(),
@@ -96,13 +97,13 @@ impl ApiClient {
     }
 
     /// GET Transaction Info: the signed transaction for any transaction id.
-    pub async fn transaction_info(&self, transaction_id: &str) -> AppResult<String> {
-        let r: TransactionInfoResponse = self
-            .get(&format!(
-                "/inApps/v1/transactions/{}",
-                path_segment(transaction_id)?
-            ))
-            .await?;
+    pub async fn transaction_info(
+        &self,
+        env: AppleEnvironment,
+        transaction_id: &str,
+    ) -> AppResult<String> {
+        let path = format!("/inApps/v1/transactions/{}", path_segment(transaction_id)?);
+        let r: TransactionInfoResponse = self.get(env, &path).await?;
         r.signed_transaction_info.ok_or_else(|| {
             AppError::Internal(anyhow::anyhow!(
                 "App Store answered without signedTransactionInfo"
@@ -111,16 +112,21 @@ impl ApiClient {
     }
 
     /// GET All Subscription Statuses of the subscription `transaction_id` belongs to.
-    pub async fn subscription_statuses(&self, transaction_id: &str) -> AppResult<StatusResponse> {
-        self.get(&format!(
-            "/inApps/v1/subscriptions/{}",
-            path_segment(transaction_id)?
-        ))
-        .await
+    pub async fn subscription_statuses(
+        &self,
+        env: AppleEnvironment,
+        transaction_id: &str,
+    ) -> AppResult<StatusResponse> {
+        let path = format!("/inApps/v1/subscriptions/{}", path_segment(transaction_id)?);
+        self.get(env, &path).await
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> AppResult<T> {
-        let url = format!("{}{}", self.base, path);
+    async fn get<T: DeserializeOwned>(&self, env: AppleEnvironment, path: &str) -> AppResult<T> {
+        let base = match env {
+            AppleEnvironment::Production => &self.production_base,
+            AppleEnvironment::Sandbox => &self.sandbox_base,
+        };
+        let url = format!("{base}{path}");
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=ATTEMPTS {
             let resp = self.http.get(&url).bearer_auth(self.token()?).send().await;

@@ -60,6 +60,7 @@ const APPLE_ROOT_CA_G3: &[u8] = include_bytes!("AppleRootCA-G3.cer");
 /// The App Store provider: verifiers for the configured environment (and
 /// Sandbox beside production) and, when configured, the API client.
 pub struct Apple {
+    environment: AppleEnvironment,
     primary: SignedDataVerifier,
     /// Beside a production verifier when sandbox purchases are accepted.
     sandbox: Option<SignedDataVerifier>,
@@ -177,6 +178,7 @@ impl Apple {
             None
         };
         Ok(Apple {
+            environment: cfg.environment,
             primary,
             sandbox,
             api,
@@ -263,12 +265,42 @@ impl Apple {
 
     /// Re-reads the truth for `transaction_id` from the App Store Server API:
     /// the transaction and, for subscriptions, the latest renewal state.
-    pub async fn reread(&self, transaction_id: &str) -> AppResult<Verified> {
+    /// `env` is the transaction's environment when known; otherwise the
+    /// configured one is asked first, then Sandbox (when accepted), as Apple
+    /// advises for ids of unknown origin.
+    pub async fn reread(
+        &self,
+        transaction_id: &str,
+        env: Option<Environment>,
+    ) -> AppResult<Verified> {
         let api = self
             .api
             .as_ref()
             .ok_or(AppError::NotConfigured("App Store Server API"))?;
-        let signed = api.transaction_info(transaction_id).await?;
+        let candidates = match env {
+            Some(Environment::Production) => vec![AppleEnvironment::Production],
+            Some(Environment::Sandbox) => vec![AppleEnvironment::Sandbox],
+            None if self.sandbox.is_some() => {
+                vec![AppleEnvironment::Production, AppleEnvironment::Sandbox]
+            }
+            None => vec![self.environment],
+        };
+        let mut found = None;
+        for (i, e) in candidates.iter().enumerate() {
+            match api.transaction_info(*e, transaction_id).await {
+                Ok(signed) => {
+                    found = Some((*e, signed));
+                    break;
+                }
+                Err(AppError::InvalidReceipt(_)) if i + 1 < candidates.len() => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        let Some((api_env, signed)) = found else {
+            return Err(AppError::InvalidReceipt(
+                "the App Store does not know this transaction".into(),
+            ));
+        };
         let tx = self.verify_transaction(&signed)?;
         if tx.expires_date.is_none() {
             let signed_date = tx.signed_date.unwrap_or_else(|| api.now());
@@ -280,7 +312,7 @@ impl Apple {
                 signed_date,
             });
         }
-        let statuses = api.subscription_statuses(transaction_id).await?;
+        let statuses = api.subscription_statuses(api_env, transaction_id).await?;
         let original = tx.original_transaction_id.clone();
         let item = statuses
             .data
@@ -358,7 +390,8 @@ pub fn account_token(customer_id: &str) -> uuid::Uuid {
 pub const ACCOUNT_TOKEN_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x5d1e_46b0_65a3_5e07_9d0a_58e1_c8a4_2f31);
 
-fn environment(tx: &JWSTransactionDecodedPayload) -> Environment {
+/// The environment a verified transaction belongs to.
+pub fn environment(tx: &JWSTransactionDecodedPayload) -> Environment {
     match tx.environment {
         Some(AppleEnv::Production) => Environment::Production,
         _ => Environment::Sandbox,
