@@ -272,14 +272,16 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let mut cfg = Config::default();
-        cfg.database_url = Secret::new("postgres://user:hunter2@db/entitle");
-        cfg.stripe = Some(StripeConfig {
-            secret_key: Some(Secret::new("sk_test_supersecret")),
-            webhook_secret: Some(Secret::new("whsec_supersecret")),
-            api_base: None,
-            payment_link: None,
-        });
+        let cfg = Config {
+            database_url: Secret::new("postgres://user:hunter2@db/entitle"),
+            stripe: Some(StripeConfig {
+                secret_key: Some(Secret::new("sk_test_supersecret")),
+                webhook_secret: Some(Secret::new("whsec_supersecret")),
+                api_base: None,
+                payment_link: None,
+            }),
+            ..Config::default()
+        };
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
@@ -310,6 +312,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn env_overrides_file_with_nesting() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

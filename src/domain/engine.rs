@@ -429,7 +429,7 @@ mod tests {
             PurchaseStatus::Canceled,
         ] {
             let p = sub(1, st);
-            let (e, paid) = pro(&[p.clone()], end - Duration::seconds(1));
+            let (e, paid) = pro(std::slice::from_ref(&p), end - Duration::seconds(1));
             assert!(e.is_active, "{st:?}");
             assert_eq!(e.expires_at, Some(end));
             assert_eq!(e.status, Some(st));
@@ -471,7 +471,7 @@ mod tests {
             grace_expires_at: Some(grace_end),
             ..sub(1, PurchaseStatus::InGracePeriod)
         };
-        let (e, _) = pro(&[p.clone()], t0() + Duration::days(33));
+        let (e, _) = pro(std::slice::from_ref(&p), t0() + Duration::days(33));
         assert!(e.is_active, "past expires_at but inside grace");
         assert_eq!(e.expires_at, Some(grace_end));
         assert_eq!(e.grace_period_expires_at, Some(grace_end));
@@ -505,7 +505,9 @@ mod tests {
                 ..sub(1, st)
             };
             assert!(
-                pro(&[p.clone()], r - Duration::seconds(1)).0.is_active,
+                pro(std::slice::from_ref(&p), r - Duration::seconds(1))
+                    .0
+                    .is_active,
                 "{st:?} before revoked_at"
             );
             let (e, _) = pro(&[p], r);
@@ -543,7 +545,7 @@ mod tests {
             ..sub(1, PurchaseStatus::Active)
         };
         let far = t0() + Duration::days(365 * 50);
-        let s = compute(&catalog(), &[life.clone()], far, true);
+        let s = compute(&catalog(), std::slice::from_ref(&life), far, true);
         for key in ["pro", "maps"] {
             let e = s.entitlement(key).unwrap();
             assert!(
@@ -568,7 +570,7 @@ mod tests {
         };
         let now = t0() + Duration::days(1);
         assert!(
-            compute(&catalog(), &[p.clone()], now, true)
+            compute(&catalog(), std::slice::from_ref(&p), now, true)
                 .entitlement("pro")
                 .unwrap()
                 .is_active
@@ -682,11 +684,15 @@ mod tests {
         let now = t0() + Duration::days(1);
         let active = sub(1, PurchaseStatus::Active);
         assert_eq!(
-            kinds(&[], &[active.clone()], now),
+            kinds(&[], std::slice::from_ref(&active), now),
             vec![(EventKind::Granted, None, "ACTIVE")]
         );
         assert_eq!(
-            kinds(&[active.clone()], &[active.clone()], now),
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&active),
+                now
+            ),
             vec![],
             "no change, no event"
         );
@@ -695,7 +701,7 @@ mod tests {
             ..active.clone()
         };
         assert_eq!(
-            kinds(&[active.clone()], &[renewed], now),
+            kinds(std::slice::from_ref(&active), &[renewed], now),
             vec![(EventKind::Renewed, Some("ACTIVE"), "ACTIVE")]
         );
         let canceled = PurchaseFacts {
@@ -703,11 +709,15 @@ mod tests {
             ..sub(1, PurchaseStatus::Canceled)
         };
         assert_eq!(
-            kinds(&[active.clone()], &[canceled.clone()], now),
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&canceled),
+                now
+            ),
             vec![(EventKind::Canceled, Some("ACTIVE"), "ACTIVE")]
         );
         assert_eq!(
-            kinds(&[canceled], &[active.clone()], now),
+            kinds(&[canceled], std::slice::from_ref(&active), now),
             vec![(EventKind::Uncanceled, Some("ACTIVE"), "ACTIVE")]
         );
         let grace = PurchaseFacts {
@@ -715,16 +725,20 @@ mod tests {
             ..sub(1, PurchaseStatus::InGracePeriod)
         };
         assert_eq!(
-            kinds(&[active.clone()], &[grace], now),
+            kinds(std::slice::from_ref(&active), &[grace], now),
             vec![(EventKind::BillingIssue, Some("ACTIVE"), "ACTIVE")]
         );
         let retry = sub(1, PurchaseStatus::InBillingRetry);
         assert_eq!(
-            kinds(&[active.clone()], &[retry.clone()], now),
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&retry),
+                now
+            ),
             vec![(EventKind::BillingIssue, Some("ACTIVE"), "IN_BILLING_RETRY")]
         );
         assert_eq!(
-            kinds(&[retry], &[active.clone()], now),
+            kinds(&[retry], std::slice::from_ref(&active), now),
             vec![(EventKind::Renewed, Some("IN_BILLING_RETRY"), "ACTIVE")]
         );
         let refunded = PurchaseFacts {
@@ -732,12 +746,20 @@ mod tests {
             ..sub(1, PurchaseStatus::Refunded)
         };
         assert_eq!(
-            kinds(&[active.clone()], &[refunded.clone()], now),
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&refunded),
+                now
+            ),
             vec![(EventKind::Refunded, Some("ACTIVE"), "REFUNDED")]
         );
         let expired = sub(1, PurchaseStatus::Expired);
         assert_eq!(
-            kinds(&[active.clone()], &[expired.clone()], now),
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&expired),
+                now
+            ),
             vec![(EventKind::Expired, Some("ACTIVE"), "EXPIRED")]
         );
         // Already lapsed, then refunded: still a change of state.
@@ -751,7 +773,7 @@ mod tests {
             ..sub(2, PurchaseStatus::Active)
         };
         assert_eq!(
-            kinds(&[active.clone()], &[other], now),
+            kinds(std::slice::from_ref(&active), &[other], now),
             vec![(EventKind::Granted, Some("ACTIVE"), "ACTIVE")]
         );
         assert_eq!(
