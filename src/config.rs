@@ -304,6 +304,21 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid_and_serves_the_garmin_flow() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/entitle.example.toml"));
+        let cfg = Config::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(path)),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trial.as_ref().map(|t| t.entitlement.as_str()),
+            Some("pro")
+        );
+        assert!(cfg.stripe.and_then(|s| s.payment_link).is_some());
+        assert_eq!(cfg.catalog().unwrap().products().len(), 2);
+    }
+
+    #[test]
     fn trial_entitlement_must_exist() {
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string("[trial]\ndays = 7\nentitlement = \"pro\"\n"));

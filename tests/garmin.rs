@@ -4,9 +4,9 @@
 mod common;
 
 use chrono::Duration;
-use futures_util::StreamExt;
 use common::{Auth, Backend, spawn};
 use entitle::domain::ApiKeyRole;
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -331,10 +331,15 @@ async fn slow_clients_time_out(b: Backend) {
     let app = common::spawn_with(b, |c| c.http.request_timeout_secs = 1).await;
     let key = app.key(ApiKeyRole::Client).await;
     let before = app.counts().await;
-    let stream = futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{\"id\": ".to_vec()) })
-        .chain(futures_util::stream::pending());
+    let stream =
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{\"id\": ".to_vec()) })
+            .chain(futures_util::stream::pending());
     let resp = key
-        .apply(app.client.post(app.url("/user")).header("content-type", "application/json"))
+        .apply(
+            app.client
+                .post(app.url("/user"))
+                .header("content-type", "application/json"),
+        )
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
