@@ -314,7 +314,12 @@ mod tests {
             cfg.trial.as_ref().map(|t| t.entitlement.as_str()),
             Some("pro")
         );
-        assert!(cfg.stripe.and_then(|s| s.payment_link).is_some());
+        assert!(
+            cfg.stripe
+                .as_ref()
+                .and_then(|s| s.payment_link.as_ref())
+                .is_some()
+        );
         assert_eq!(cfg.catalog().unwrap().products().len(), 2);
     }
 
