@@ -4,7 +4,7 @@
 import { chromium } from 'playwright-core';
 import path from 'node:path';
 
-const { BASE, ADMIN_KEY, SCREENSHOTS } = process.env;
+const { BASE, ADMIN_KEY, ADMIN_TOKEN, CUSTOMER_TOKEN, SCREENSHOTS } = process.env;
 const DAY = 86400e3;
 const day = (offset) => new Date(Date.now() + offset * DAY).toISOString().slice(0, 10);
 
@@ -12,12 +12,23 @@ let passed = 0;
 let failed = 0;
 const problems = [];
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
-});
+// Anything thrown outside a check still ends with the tally line.
+process.on('uncaughtException', (e) => { console.log(`FAIL ${e.stack || e}`); console.log(`${passed} passed, ${failed + 1} failed`); process.exit(1); });
+process.on('unhandledRejection', (e) => { console.log(`FAIL ${e && e.stack || e}`); console.log(`${passed} passed, ${failed + 1} failed`); process.exit(1); });
+
+let browser;
+try {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+  });
+} catch (e) {
+  console.log(`FAIL chromium does not start: ${e.message}`);
+  console.log('0 passed, 1 failed');
+  process.exit(1);
+}
 const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
 const page = await context.newPage();
 page.setDefaultTimeout(10000);
@@ -246,6 +257,22 @@ try {
     await waitText(page.locator('#result'), '"com.example.maps.lifetime"');
   });
 
+  await check('every example operation passes the server validation', async () => {
+    const ids = await page.locator('#examples option').evaluateAll((os) => os.map((o) => o.value));
+    const bad = [];
+    for (const id of ids) {
+      await page.selectOption('#examples', id);
+      await page.evaluate(() => { document.getElementById('result').textContent = ''; });
+      await page.click('#run');
+      const out = await waitText(page.locator('#result'), 'HTTP ');
+      const body = JSON.parse(out.slice(out.indexOf('\n') + 1));
+      // "me" needs a customer token; everything else must succeed for an admin.
+      const ok = id === 'query.me' ? body.errors && body.errors[0].extensions.code !== 'BAD_USER_INPUT' : !body.errors && body.data;
+      if (!ok) bad.push(`${id}: ${JSON.stringify(body).slice(0, 200)}`);
+    }
+    expect(!bad.length, bad.join('\n'));
+  });
+
   await check('explorer completes field names from the schema', async () => {
     await page.fill('#editor', '');
     await page.click('#editor');
@@ -271,6 +298,18 @@ try {
     await page.locator('#signin-view').waitFor({ state: 'visible' });
     const s = await page.evaluate(() => sessionStorage.length);
     expect(s === 0, 'session storage not cleared');
+  });
+
+  await check('a customer token is not enough; an admin token signs in', async () => {
+    await page.fill('#signin-secret', CUSTOMER_TOKEN);
+    await page.click('#signin-submit');
+    await waitText(page.locator('#signin-error'), 'not an admin one');
+    await page.fill('#signin-secret', ADMIN_TOKEN);
+    await page.click('#signin-submit');
+    await page.locator('#customers-table tbody tr[data-customer]').first().waitFor();
+    await waitText(page.locator('#whoami'), 'token');
+    await page.click('#customers-table tbody tr[data-customer="bob"] a');
+    await waitText(entitlement('pro'), 'Stripe subscription canceled');
   });
 
   await check('no script errors, CSP violations or outside requests', async () => {

@@ -28,8 +28,13 @@ BIN="$ROOT/target/debug/entitle"
 
 WORK="$(mktemp -d)"
 SERVER_PID=""
+REPORTED=0
 cleanup() {
   if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+  if [ "$REPORTED" = 0 ]; then
+    [ -f "$WORK/server.log" ] && tail -n 20 "$WORK/server.log" >&2
+    echo "0 passed, 1 failed"
+  fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -41,6 +46,14 @@ cat >"$CONFIG" <<TOML
 database_url = "sqlite://$DB?mode=rwc"
 bind = "127.0.0.1:$PORT"
 log = "warn"
+
+[auth.jwt]
+algorithm = "HS256"
+issuer = "https://playground.test/"
+audience = "entitle"
+admin_claim = "role"
+admin_value = "admin"
+leeway_secs = 30
 
 [trial]
 days = 7
@@ -72,8 +85,14 @@ app_store_product_id = "com.example.maps.lifetime"
 play_store_product_id = "maps_lifetime"
 TOML
 
+# A throwaway signing secret, from the environment as in production.
+ENTITLE_AUTH__JWT__SECRET="$(node -e 'console.log(require("crypto").randomBytes(32).toString("hex"))')"
+export ENTITLE_AUTH__JWT__SECRET
+
 "$BIN" --config "$CONFIG" migrate 2>/dev/null
 ADMIN_KEY="$("$BIN" --config "$CONFIG" api-key create --name playground-test --role admin 2>/dev/null)"
+ADMIN_TOKEN="$("$BIN" --config "$CONFIG" token --sub ops-person --admin)"
+CUSTOMER_TOKEN="$("$BIN" --config "$CONFIG" token --sub alice)"
 
 "$BIN" --config "$CONFIG" serve >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
@@ -84,8 +103,11 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-export BASE ADMIN_KEY DB
+export BASE ADMIN_KEY ADMIN_TOKEN CUSTOMER_TOKEN DB
 export SCREENSHOTS="$HERE/screenshots"
 mkdir -p "$SCREENSHOTS"
 node "$HERE/seed.mjs"
-node "$HERE/browser.test.mjs"
+status=0
+REPORTED=1
+node "$HERE/browser.test.mjs" || status=$?
+exit "$status"
