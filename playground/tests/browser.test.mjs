@@ -280,6 +280,7 @@ try {
     await page.locator('#completions').waitFor({ state: 'visible' });
     const labels = await page.locator('#completions li').evaluateAll((ls) => ls.map((l) => l.dataset.label));
     expect(labels.includes('customer') && labels.includes('customers') && !labels.includes('products'), labels.join());
+    await shot('06-explorer-completion');
     await page.keyboard.press('ArrowDown');
     await page.keyboard.press('Enter');
     await page.keyboard.type('(first: 2) {\n    nodes { pai');
@@ -290,7 +291,7 @@ try {
     await page.fill('#variables', '{}');
     await page.click('#run');
     await waitText(page.locator('#result'), '"paidStatus": "PAID"');
-    await shot('06-explorer');
+    await shot('07-explorer-result');
   });
 
   await check('sign out forgets the key', async () => {
