@@ -6,7 +6,10 @@ import path from 'node:path';
 
 const { BASE, ADMIN_KEY, ADMIN_TOKEN, CUSTOMER_TOKEN, SCREENSHOTS } = process.env;
 const DAY = 86400e3;
-const day = (offset) => new Date(Date.now() + offset * DAY).toISOString().slice(0, 10);
+const seedNow = Number(process.env.SEED_NOW) || Date.now();
+// A date relative to when the seed ran, as the page prints it.
+const day = (offset) => new Date(seedNow + offset * DAY).toISOString().slice(0, 10);
+const today = () => new Date().toISOString().slice(0, 10);
 
 let passed = 0;
 let failed = 0;
@@ -177,18 +180,19 @@ try {
   await check('grant a promotional entitlement with confirmation', async () => {
     const before = await page.locator('#events tr[data-event]').count();
     await page.selectOption('#grant-entitlement', 'maps');
-    await page.fill('#grant-date', day(14));
+    const until = new Date(Date.now() + 14 * DAY).toISOString().slice(0, 10);
+    await page.fill('#grant-date', until);
     await page.click('#grant-submit');
     await page.locator('#confirm').waitFor({ state: 'visible' });
     const ask = await text('#confirm-text');
-    expect(ask.includes('maps') && ask.includes(day(14)), `confirmation: ${ask}`);
+    expect(ask.includes('maps') && ask.includes(until), `confirmation: ${ask}`);
     // Cancel first: nothing may change.
     await page.click('#confirm-cancel');
     await page.waitForTimeout(300);
     expect(await entitlement('maps').getAttribute('data-active') === 'false', 'cancel still granted');
     await page.click('#grant-submit');
     await page.click('#confirm-ok');
-    await waitText(entitlement('maps'), 'active: promotional grant until ' + day(14));
+    await waitText(entitlement('maps'), 'active: promotional grant until ' + until);
     expect(await entitlement('maps').getAttribute('data-active') === 'true', 'maps not active after grant');
     await page.waitForFunction((n) => document.querySelectorAll('#events tr[data-event]').length > n, before);
     await waitText(page.locator('#events'), 'granted');
@@ -200,7 +204,7 @@ try {
     await page.click('#entitlements [data-revoke="maps"]');
     await page.locator('#confirm').waitFor({ state: 'visible' });
     await page.click('#confirm-ok');
-    await waitText(entitlement('maps'), 'inactive: promotional grant revoked on ' + day(0));
+    await waitText(entitlement('maps'), 'inactive: promotional grant revoked on ' + today());
     expect(await entitlement('maps').getAttribute('data-active') === 'false', 'maps still active');
     expect(await page.locator('#entitlements [data-revoke]').count() === 0, 'revoke button left');
     await waitText(page.locator('#events tr[data-event]').first(), 'revoked');

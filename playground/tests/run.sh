@@ -103,7 +103,9 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-export BASE ADMIN_KEY ADMIN_TOKEN CUSTOMER_TOKEN DB
+# One "now" for the seed and the expectations, so a run across midnight agrees.
+SEED_NOW="$(date +%s%3N)"
+export BASE ADMIN_KEY ADMIN_TOKEN CUSTOMER_TOKEN DB SEED_NOW
 export SCREENSHOTS="$HERE/screenshots"
 mkdir -p "$SCREENSHOTS"
 node "$HERE/seed.mjs"

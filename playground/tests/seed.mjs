@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 
 const { BASE, ADMIN_KEY, DB } = process.env;
 const DAY = 86400e3;
-const now = Date.now();
+const now = Number(process.env.SEED_NOW) || Date.now();
 
 async function gql(query, variables) {
   const r = await fetch(BASE + '/graphql', {
