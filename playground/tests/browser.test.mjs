@@ -235,6 +235,22 @@ try {
     await waitText(page.locator('#customer-error'), 'No customer has the id');
   });
 
+  await check('a lifetime grant turns an expired customer paid, and back', async () => {
+    await page.goto(BASE + '/playground#/customers/dave');
+    await waitText(entitlement('pro'), 'inactive: free trial ended');
+    await page.selectOption('#grant-entitlement', 'pro');
+    await page.check('#grant-form input[name=until][value=lifetime]');
+    await page.click('#grant-submit');
+    await waitText(page.locator('#confirm-text'), 'for life');
+    await page.click('#confirm-ok');
+    await waitText(entitlement('pro'), 'active: promotional grant for life');
+    await waitText(page.locator('#customer-status'), 'paid');
+    await page.click('#entitlements [data-revoke="pro"]');
+    await page.click('#confirm-ok');
+    await waitText(entitlement('pro'), 'inactive: promotional grant revoked on ' + today());
+    await waitText(page.locator('#customer-status'), 'expired');
+  });
+
   await check('explorer offers an example for every query and mutation', async () => {
     await page.goto(BASE + '/playground#/customers/alice');
     await page.locator('#entitlements [data-entitlement]').first().waitFor();
