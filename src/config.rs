@@ -339,14 +339,16 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let mut cfg = Config::default();
-        cfg.database_url = Secret::new("postgres://user:hunter2@db/entitle");
-        cfg.stripe = Some(StripeConfig {
-            secret_key: Some(Secret::new("sk_test_supersecret")),
-            webhook_secret: Some(Secret::new("whsec_supersecret")),
-            api_base: None,
-            payment_link: None,
-        });
+        let cfg = Config {
+            database_url: Secret::new("postgres://user:hunter2@db/entitle"),
+            stripe: Some(StripeConfig {
+                secret_key: Some(Secret::new("sk_test_supersecret")),
+                webhook_secret: Some(Secret::new("whsec_supersecret")),
+                api_base: None,
+                payment_link: None,
+            }),
+            ..Config::default()
+        };
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
@@ -382,6 +384,26 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid_and_serves_the_garmin_flow() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/entitle.example.toml"));
+        let cfg = Config::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(path)),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trial.as_ref().map(|t| t.entitlement.as_str()),
+            Some("pro")
+        );
+        assert!(
+            cfg.stripe
+                .as_ref()
+                .and_then(|s| s.payment_link.as_ref())
+                .is_some()
+        );
+        assert_eq!(cfg.catalog().unwrap().products().len(), 2);
+    }
+
+    #[test]
     fn trial_entitlement_must_exist() {
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string("[trial]\ndays = 7\nentitlement = \"pro\"\n"));
@@ -390,6 +412,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn env_overrides_file_with_nesting() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
