@@ -428,6 +428,73 @@ async fn refund_is_not_undone_by_a_late_renewal(b: Backend) {
     let c = customer(&app, CUSTOMER).await;
     assert_eq!(ent(&c, "pro")["isActive"], false, "{c}");
     assert_eq!(purchase(&c, "3000000001")["status"], "REFUNDED");
+
+    // Apple reversing its refund later does restore access.
+    let reversed = notification(
+        "REFUND_REVERSED",
+        None,
+        "c0000000-0000-4000-8000-000000000003",
+        "Production",
+        t0 + Duration::days(3),
+        Some(&sub.tx(
+            "3000000001",
+            t0,
+            Some(t0 + Duration::days(30)),
+            t0 + Duration::days(3),
+        )),
+        Some(&sub.renewal(true, false, None, t0 + Duration::days(3))),
+        Some(1),
+    );
+    let (s, body) = post_webhook(&app, &reversed).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["outcome"], "applied", "{body}");
+    let c = customer(&app, CUSTOMER).await;
+    assert_eq!(ent(&c, "pro")["isActive"], true, "{c}");
+}
+
+async fn unowned_notification_is_recorded(b: Backend) {
+    let app = app(b, AppleEnvironment::Production, None).await;
+    let t0 = app.state.core.now();
+    let sub = Sub::new("3100000001", MONTHLY, CUSTOMER, t0);
+    let mut tx = sub.tx("3100000001", t0, Some(t0 + Duration::days(30)), t0);
+    tx.as_object_mut().unwrap().remove("appAccountToken");
+    let jws = notification(
+        "SUBSCRIBED",
+        Some("INITIAL_BUY"),
+        "c1000000-0000-4000-8000-000000000001",
+        "Production",
+        t0,
+        Some(&tx),
+        None,
+        Some(1),
+    );
+    let (s, body) = post_webhook(&app, &jws).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["outcome"], "no_customer", "{body}");
+    assert_eq!(app.count("purchases").await, 0);
+    assert_eq!(app.count("webhook_events").await, 1);
+    // The app submits it afterwards: it is theirs.
+    let key = app.key(ApiKeyRole::Client).await;
+    let (_, body) = verify(
+        &app,
+        &key,
+        json!({ "signedTransaction": sign(&tx), "customerId": "alice" }),
+    )
+    .await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(
+        ent(&body["data"]["verifyPurchase"]["customer"], "pro")["isActive"],
+        true
+    );
+    // A service key may read but not submit.
+    let service = app.key(ApiKeyRole::Service).await;
+    let (_, body) = verify(
+        &app,
+        &service,
+        json!({ "signedTransaction": sign(&tx), "customerId": "alice" }),
+    )
+    .await;
+    assert_eq!(error_code(&body), Some("FORBIDDEN"), "{body}");
 }
 
 // ---------------------------------------------------------------------------
@@ -1107,6 +1174,7 @@ on_all_backends!(
     done_when_in_order,
     done_when_shuffled_twice,
     refund_is_not_undone_by_a_late_renewal,
+    unowned_notification_is_recorded,
     every_notification_type_is_acknowledged,
     transaction_id_is_resolved_through_the_api,
     legacy_receipt_is_resolved_through_the_api,
