@@ -19,8 +19,8 @@ use wiremock::{
 const CUSTOMER: &str = "6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11";
 const OTHER: &str = "0b7f3e2a-9c1d-4e5f-8a6b-7c8d9e0f1a2b";
 
-const VERIFY: &str = r#"mutation($input: VerifyPurchaseInput!) {
-  verifyPurchase(input: $input) {
+const VERIFY: &str = r#"mutation($input: VerifyPurchaseInput!, $customerId: ID) {
+  verifyPurchase(input: $input, customerId: $customerId) {
     customer { id entitlements { key isActive expiresAt willRenew status periodType store productId gracePeriodExpiresAt } }
     purchase { storePurchaseId productId status environment expiresAt autoRenew }
   }
@@ -37,9 +37,18 @@ async fn app(b: Backend, env: AppleEnvironment, api: Option<&str>) -> TestApp {
     spawn_with(b, |c| configure(c, env, api)).await
 }
 
-async fn verify(app: &TestApp, auth: &Auth, app_store: Value) -> (StatusCode, Value) {
-    app.gql(auth, VERIFY, json!({ "input": { "appStore": app_store } }))
-        .await
+/// `app_store` may carry `customerId`; it is sent as the mutation's argument.
+async fn verify(app: &TestApp, auth: &Auth, mut app_store: Value) -> (StatusCode, Value) {
+    let customer = app_store
+        .as_object_mut()
+        .and_then(|o| o.remove("customerId"))
+        .unwrap_or(Value::Null);
+    app.gql(
+        auth,
+        VERIFY,
+        json!({ "input": { "appStore": app_store }, "customerId": customer }),
+    )
+    .await
 }
 
 async fn customer(app: &TestApp, id: &str) -> Value {

@@ -30,9 +30,6 @@ pub struct AppStoreInput {
     pub transaction_id: Option<String>,
     /// A legacy base64 app receipt; its transaction is looked up with the App Store Server API.
     pub app_receipt: Option<String>,
-    /// The customer the purchase is for. Customer tokens may omit it (they
-    /// submit for themselves); client keys must name it.
-    pub customer_id: Option<ID>,
 }
 
 #[derive(SimpleObject)]
@@ -73,10 +70,11 @@ fn app_store_submission(input: AppStoreInput) -> Result<AppStoreSubmission, AppE
 pub async fn verify_purchase(
     ctx: &Context<'_>,
     input: VerifyPurchaseInput,
+    customer_id: Option<ID>,
 ) -> async_graphql::Result<VerifyPurchasePayload> {
+    let customer = customer_for(principal(ctx), customer_id.as_ref())?;
     match input {
         VerifyPurchaseInput::AppStore(input) => {
-            let customer = customer_for(principal(ctx), input.customer_id.as_ref())?;
             let submission = app_store_submission(input)?;
             let apple = ctx
                 .data_unchecked::<AppleProvider>()
