@@ -10,6 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::{Auth, Backend, TestApp, error_code, spawn_with};
 use entitle::{config::AppleEnvironment, domain::ApiKeyRole};
 use reqwest::StatusCode;
+use sea_orm::EntityTrait;
 use serde_json::{Value, json};
 use wiremock::{
     Mock, MockServer, ResponseTemplate,
@@ -482,6 +483,14 @@ async fn unowned_notification_is_recorded(b: Backend) {
     assert_eq!(body["outcome"], "no_customer", "{body}");
     assert_eq!(app.count("purchases").await, 0);
     assert_eq!(app.count("webhook_events").await, 1);
+    let row = entities::webhook_events::Entity::find()
+        .one(&app.state.core.db.conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.source, "app_store");
+    assert_eq!(row.event_id, "c1000000-0000-4000-8000-000000000001");
+    assert_eq!(row.outcome, "no_customer");
     // The app submits it afterwards: it is theirs.
     let key = app.key(ApiKeyRole::Client).await;
     let (_, body) = verify(
@@ -846,6 +855,75 @@ async fn apple_down_is_store_unavailable(b: Backend) {
     assert_eq!(app.counts().await, before);
 }
 
+async fn a_5xx_is_retried(b: Backend) {
+    let server = MockServer::start().await;
+    // One failure first, then the real answer.
+    Mock::given(method("GET"))
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    let app = app(b, AppleEnvironment::Production, Some(&server.uri())).await;
+    let t0 = app.state.core.now();
+    let sub = Sub::new("5100000001", MONTHLY, CUSTOMER, t0);
+    let tx = sub.tx("5100000001", t0, Some(t0 + Duration::days(30)), t0);
+    mount_api(
+        &server,
+        "5100000001",
+        &sub,
+        1,
+        &tx,
+        &sub.renewal(true, false, None, t0),
+    )
+    .await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let (_, body) = verify(
+        &app,
+        &key,
+        json!({ "transactionId": "5100000001", "customerId": CUSTOMER }),
+    )
+    .await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(
+        ent(&body["data"]["verifyPurchase"]["customer"], "pro")["isActive"],
+        true
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 3);
+}
+
+async fn concurrent_duplicates_apply_once(b: Backend) {
+    let app = app(b, AppleEnvironment::Production, None).await;
+    let t0 = app.state.core.now();
+    let sub = Sub::new("5200000001", MONTHLY, CUSTOMER, t0);
+    let jws = notification(
+        "SUBSCRIBED",
+        Some("INITIAL_BUY"),
+        "c2000000-0000-4000-8000-000000000001",
+        "Production",
+        t0,
+        Some(&sub.tx("5200000001", t0, Some(t0 + Duration::days(30)), t0)),
+        Some(&sub.renewal(true, false, None, t0)),
+        Some(1),
+    );
+    let posts = (0..6).map(|_| post_webhook(&app, &jws));
+    let results = futures_util::future::join_all(posts).await;
+    let mut applied = 0;
+    for (s, body) in results {
+        assert_eq!(s, StatusCode::OK, "{body}");
+        if body["outcome"] == "applied" {
+            applied += 1;
+        } else {
+            assert_eq!(body["outcome"], "duplicate", "{body}");
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(app.count("webhook_events").await, 1);
+    assert_eq!(app.count("purchases").await, 1);
+    let c = customer(&app, CUSTOMER).await;
+    assert_eq!(ent(&c, "pro")["isActive"], true);
+}
+
 // ---------------------------------------------------------------------------
 // Bad input: each answered with its code, and nothing granted.
 
@@ -1189,6 +1267,8 @@ on_all_backends!(
     legacy_receipt_is_resolved_through_the_api,
     webhook_rereads_the_truth,
     apple_down_is_store_unavailable,
+    a_5xx_is_retried,
+    concurrent_duplicates_apply_once,
     bad_submissions_grant_nothing,
     transfer_policy_moves_a_purchase,
     sandbox_beside_production_keeps_its_environment,

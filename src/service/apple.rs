@@ -1,7 +1,7 @@
 //! App Store use cases: a customer submits a purchase, Apple notifies us.
 
-use entities::purchases;
-use sea_orm::EntityTrait;
+use entities::{purchases, webhook_events};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
 use serde_json::json;
 
 use super::{
@@ -193,6 +193,26 @@ impl Core {
 
         let now = self.now();
         let txn = self.db.write().await?;
+        // Claim first: a concurrent duplicate then waits on the dedupe row
+        // and finds it taken, instead of racing this one to the purchase.
+        let provisional = if vp.is_some() {
+            NotificationOutcome::Applied
+        } else {
+            NotificationOutcome::Ignored
+        };
+        if !self
+            .claim_webhook(
+                &txn,
+                Store::AppStore,
+                &n.uuid,
+                &n.raw,
+                provisional.as_str(),
+                now,
+            )
+            .await?
+        {
+            return Ok(NotificationOutcome::Duplicate);
+        }
         let outcome = match &vp {
             None => NotificationOutcome::Ignored,
             Some(vp) => match self
@@ -205,19 +225,16 @@ impl Core {
                 Err(e) => return Err(e),
             },
         };
-        if !self
-            .claim_webhook(
-                &txn,
-                Store::AppStore,
-                &n.uuid,
-                &n.raw,
-                outcome.as_str(),
-                now,
-            )
-            .await?
-        {
-            // Dropping the transaction rolls back what the duplicate did.
-            return Ok(NotificationOutcome::Duplicate);
+        if outcome != provisional {
+            webhook_events::Entity::update_many()
+                .col_expr(
+                    webhook_events::Column::Outcome,
+                    Expr::value(outcome.as_str()),
+                )
+                .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
+                .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
+                .exec(&*txn)
+                .await?;
         }
         txn.commit().await?;
         tracing::info!(
