@@ -193,6 +193,17 @@ impl Core {
 
         let now = self.now();
         let txn = self.db.write().await?;
+        // A redelivery usually finds its row here. (This read also makes a
+        // SQLite connection notice schema changes made since it last looked,
+        // which the upsert below would otherwise trip over.)
+        let seen = webhook_events::Entity::find()
+            .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
+            .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
+            .one(&*txn)
+            .await?;
+        if seen.is_some() {
+            return Ok(NotificationOutcome::Duplicate);
+        }
         // Claim first: a concurrent duplicate then waits on the dedupe row
         // and finds it taken, instead of racing this one to the purchase.
         let provisional = if vp.is_some() {
