@@ -125,6 +125,13 @@ pub struct StripeConfig {
     pub api_base: Option<String>,
     /// The Stripe Payment Link the Garmin shim hands out.
     pub payment_link: Option<String>,
+    /// Days of continued access after a failed renewal (`past_due`); absent
+    /// or 0 means no access while Stripe retries the payment.
+    #[serde(default)]
+    pub grace_period_days: Option<u32>,
+    /// Per-request time limit for calls to the Stripe API, seconds.
+    #[serde(default)]
+    pub api_timeout_secs: Option<u64>,
 }
 
 impl Default for Config {
@@ -240,6 +247,13 @@ impl Config {
                 );
             }
         }
+        if let Some(base) = self.stripe.as_ref().and_then(|s| s.api_base.as_deref())
+            && (!base.ends_with('/') || url::Url::parse(base).is_err())
+        {
+            anyhow::bail!(
+                "invalid configuration: stripe.api_base must be an absolute URL ending with `/`"
+            );
+        }
         self.catalog()?;
         Ok(())
     }
@@ -279,6 +293,8 @@ mod tests {
             webhook_secret: Some(Secret::new("whsec_supersecret")),
             api_base: None,
             payment_link: None,
+            grace_period_days: None,
+            api_timeout_secs: None,
         });
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");

@@ -6,6 +6,8 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Environment, PeriodType, PurchaseStatus, Store};
 
+pub mod stripe;
+
 /// A store purchase's state as read from a verified source (a signature we
 /// checked, or the store's own API). Only providers can make one.
 #[derive(Clone, Debug)]

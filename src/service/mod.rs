@@ -17,6 +17,7 @@ use crate::{
 pub mod api_keys;
 pub mod customers;
 pub mod purchases;
+pub mod stripe;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
@@ -26,6 +27,8 @@ pub struct Core {
     pub accept_sandbox: bool,
     pub trial: Option<TrialPolicy>,
     pub transfer_policy: TransferPolicy,
+    /// Present when a `[stripe]` section is configured.
+    pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
 }
 
 impl Core {
@@ -37,6 +40,12 @@ impl Core {
             accept_sandbox: config.accept_sandbox,
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
+            stripe: config
+                .stripe
+                .as_ref()
+                .map(crate::providers::stripe::StripeProvider::from_config)
+                .transpose()?
+                .map(Arc::new),
         })
     }
 
