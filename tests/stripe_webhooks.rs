@@ -120,6 +120,175 @@ async fn garmin_flow_subscription_without_api(b: Backend) {
     );
 }
 
+/// A subscription payment link with the API configured, in the order Stripe
+/// usually sends: the subscription (naming only Stripe's customer) first,
+/// then the completed session that names the device.
+async fn garmin_flow_subscription_link_with_api(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    app.post_user(&key, "watch-8").await;
+    app.clock.advance(Duration::days(8));
+    let now = app.state.core.now();
+    let sub = subscription(
+        "sub_g8",
+        "cus_g8",
+        None,
+        "price_pro_monthly",
+        "active",
+        now,
+        now + Duration::days(30),
+    );
+    fake.set_subscription(&sub);
+    let (s, r) = deliver(
+        &app,
+        &event("evt_g8a", "customer.subscription.created", sub, now),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("unmatched")),
+        "{r}"
+    );
+    assert_eq!(
+        app.post_user(&key, "watch-8").await.1["paid_status"],
+        "expired"
+    );
+    let session = checkout_session(
+        "cs_g8",
+        "subscription",
+        Some("watch-8"),
+        Some("cus_g8"),
+        Some("sub_g8"),
+    );
+    let (s, r) = deliver(
+        &app,
+        &event("evt_g8b", "checkout.session.completed", session, now),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("applied")),
+        "{r}"
+    );
+    assert_eq!(
+        app.post_user(&key, "watch-8").await.1["paid_status"],
+        "paid"
+    );
+    // Later events find the device through the Stripe customer on file.
+    let (s, r) = deliver(
+        &app,
+        &event(
+            "evt_g8c",
+            "invoice.paid",
+            json!({ "id": "in_g8", "subscription": "sub_g8", "customer": "cus_g8" }),
+            now,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("applied")),
+        "{r}"
+    );
+}
+
+/// A delayed payment method: nothing until `async_payment_succeeded`.
+async fn async_payment_grants_only_when_it_succeeds(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let now = app.state.core.now();
+    fake.set_line_items("cs_async", "price_pro_lifetime");
+    let mut session = checkout_session("cs_async", "payment", Some("user-a"), Some("cus_a"), None);
+    session["payment_status"] = json!("unpaid");
+    let (s, r) = deliver(
+        &app,
+        &event("evt_a1", "checkout.session.completed", session.clone(), now),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("awaiting_payment")),
+        "{r}"
+    );
+    assert_eq!(app.count("purchases").await, 0);
+    let (s, r) = deliver(
+        &app,
+        &event(
+            "evt_a2",
+            "checkout.session.async_payment_failed",
+            session.clone(),
+            now,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("payment_failed")),
+        "{r}"
+    );
+    assert_eq!(app.count("purchases").await, 0);
+    session["payment_status"] = json!("paid");
+    let (s, r) = deliver(
+        &app,
+        &event(
+            "evt_a3",
+            "checkout.session.async_payment_succeeded",
+            session,
+            now,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("applied")),
+        "{r}"
+    );
+    assert_eq!(entitlements(&app, "user-a").await["paidStatus"], "PAID");
+}
+
+/// Distinct events about one new subscription, all at once: one purchase.
+async fn concurrent_events_for_one_subscription(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let now = app.state.core.now();
+    let sub = subscription(
+        "sub_cc",
+        "cus_cc",
+        Some("user-cc"),
+        "price_pro_monthly",
+        "active",
+        now,
+        now + Duration::days(30),
+    );
+    fake.set_subscription(&sub);
+    let session = checkout_session(
+        "cs_cc",
+        "subscription",
+        Some("user-cc"),
+        Some("cus_cc"),
+        Some("sub_cc"),
+    );
+    let events = vec![
+        event("evt_cc1", "customer.subscription.created", sub.clone(), now),
+        event("evt_cc2", "customer.subscription.updated", sub.clone(), now),
+        event("evt_cc3", "checkout.session.completed", session, now),
+        event(
+            "evt_cc4",
+            "invoice.paid",
+            json!({ "id": "in_cc", "subscription": "sub_cc" }),
+            now,
+        ),
+    ];
+    let results = futures_util::future::join_all(events.iter().map(|e| deliver(&app, e))).await;
+    for (s, r) in &results {
+        assert_eq!(*s, StatusCode::OK, "{r}");
+    }
+    assert_eq!(app.count("purchases").await, 1);
+    assert_eq!(app.count("webhook_events").await, 4);
+    assert_eq!(event_kinds(&app, "user-cc").await, ["granted"]);
+}
+
 async fn payment_for_unknown_id_creates_the_customer(b: Backend) {
     let fake = FakeStripe::start().await;
     let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
@@ -750,6 +919,9 @@ async fn api_down_during_webhook_is_retried(b: Backend) {
 on_all_backends!(
     garmin_flow_payment_link_to_paid,
     garmin_flow_subscription_without_api,
+    garmin_flow_subscription_link_with_api,
+    async_payment_grants_only_when_it_succeeds,
+    concurrent_events_for_one_subscription,
     payment_for_unknown_id_creates_the_customer,
     web_subscription_life_cycle,
     lifetime_refund_revokes,

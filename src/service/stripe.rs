@@ -294,6 +294,16 @@ impl Core {
         customer: Option<String>,
         now: DateTime<Utc>,
     ) -> AppResult<&'static str> {
+        // Two events about one new subscription (checkout completed and
+        // subscription created arrive together) would both insert it; holding
+        // the named customer's lock first makes the second see the first.
+        if let Some(c) = customer
+            .as_deref()
+            .or(state.state().bound_customer.as_deref())
+        {
+            db::ensure_customer(&**txn, c, now).await?;
+            db::lock_customer(&**txn, c).await?;
+        }
         let existing = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
             .filter(purchases::Column::StorePurchaseId.eq(state.state().store_purchase_id.as_str()))

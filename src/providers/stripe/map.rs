@@ -22,10 +22,10 @@ fn environment(livemode: bool) -> Environment {
 }
 
 /// The customer a Stripe object names in its metadata (set by our
-/// `createCheckoutSession`).
+/// `createCheckoutSession`); a value that is not a valid id is ignored.
 pub fn metadata_customer(m: Option<&std::collections::HashMap<String, String>>) -> Option<String> {
     m.and_then(|m| m.get("customer_id"))
-        .filter(|s| !s.is_empty())
+        .filter(|s| crate::domain::ExternalId::parse(s).is_ok())
         .cloned()
 }
 
