@@ -269,7 +269,7 @@ async fn concurrent_events_for_one_subscription(b: Backend) {
         Some("cus_cc"),
         Some("sub_cc"),
     );
-    let events = vec![
+    let events = [
         event("evt_cc1", "customer.subscription.created", sub.clone(), now),
         event("evt_cc2", "customer.subscription.updated", sub.clone(), now),
         event("evt_cc3", "checkout.session.completed", session, now),
