@@ -699,22 +699,53 @@ async fn orderings_converge(b: Backend) {
             event(
                 &format!("evt_o{i}_c"),
                 "customer.subscription.created",
-                created,
+                created.clone(),
                 now - Duration::seconds(30),
             ),
             event(
                 &format!("evt_o{i}_u"),
                 "customer.subscription.updated",
-                updated,
+                updated.clone(),
                 now - Duration::seconds(20),
             ),
             event(
                 &format!("evt_o{i}_d"),
                 "customer.subscription.deleted",
-                deleted,
+                deleted.clone(),
                 now - Duration::seconds(10),
             ),
         ];
+        for k in order {
+            let (s, r) = deliver(&app, &events[*k]).await;
+            assert_eq!(s, StatusCode::OK, "{r}");
+        }
+        finals.push((
+            purchase_status(&app, &id).await,
+            entitlements(&app, &cust).await["paidStatus"].clone(),
+        ));
+
+        // The same, all stamped with one second (Stripe's resolution): the
+        // end of the subscription still wins.
+        let id = format!("sub_os{i}");
+        let cust = format!("user-os{i}");
+        let same = now - Duration::seconds(5);
+        let events: Vec<String> = [
+            ("created", created),
+            ("updated", updated),
+            ("deleted", deleted),
+        ]
+        .into_iter()
+        .map(|(k, mut o)| {
+            o["id"] = json!(id);
+            o["metadata"] = json!({ "customer_id": cust });
+            event(
+                &format!("evt_os{i}_{k}"),
+                &format!("customer.subscription.{k}"),
+                o,
+                same,
+            )
+        })
+        .collect();
         for k in order {
             let (s, r) = deliver(&app, &events[*k]).await;
             assert_eq!(s, StatusCode::OK, "{r}");

@@ -316,6 +316,21 @@ impl Core {
         {
             return Ok("refund_stands");
         }
+        // A Stripe subscription never comes back once it has ended, so an
+        // ended one ignores other states even with an equal (one-second)
+        // timestamp, as events read without the API have.
+        let ended = |raw: Option<&Value>| {
+            matches!(
+                raw.and_then(|r| r.get("status")).and_then(Value::as_str),
+                Some("canceled" | "incomplete_expired")
+            )
+        };
+        if let Some(e) = &existing
+            && ended(e.raw.as_ref())
+            && !ended(Some(&state.state().raw))
+        {
+            return Ok("already_ended");
+        }
         let customer = match customer {
             Some(c) => Some(c),
             None if existing.is_none() && state.state().bound_customer.is_none() => {
