@@ -465,6 +465,57 @@ async fn web_subscription_life_cycle(b: Backend) {
     );
 }
 
+/// A refund under a newer API version: the charge names no invoice; the
+/// invoice is found through the PaymentIntent's invoice payment.
+async fn subscription_refund_found_through_invoice_payments(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let now = app.state.core.now();
+    let sub = subscription(
+        "sub_r",
+        "cus_r",
+        Some("user-r"),
+        "price_pro_monthly",
+        "active",
+        now,
+        now + Duration::days(30),
+    );
+    fake.set_subscription(&sub);
+    let (s, _) = deliver(
+        &app,
+        &event("evt_r1", "customer.subscription.created", sub, now),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut payment = openapi_fixture("invoice_payment");
+    payment["invoice"] = json!("in_sub_r");
+    payment["payment"] = json!({ "type": "payment_intent", "payment_intent": "pi_r" });
+    fake.set(
+        "GET",
+        "/v1/invoice_payments",
+        json!({ "object": "list", "data": [payment], "has_more": false, "url": "/v1/invoice_payments" }),
+    );
+    let mut charge = openapi_fixture("charge");
+    charge["refunded"] = json!(true);
+    charge["payment_intent"] = json!("pi_r");
+    if let Some(o) = charge.as_object_mut() {
+        o.remove("invoice");
+    }
+    let (s, r) = deliver(&app, &event("evt_r2", "charge.refunded", charge, now)).await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("refunded")),
+        "{r}"
+    );
+    let reqs = fake.requests("GET", "/v1/invoice_payments").await;
+    let q = reqs[0].url.query().unwrap_or_default().to_string();
+    assert!(
+        q.contains("payment_intent%5D=pi_r") || q.contains("payment_intent]=pi_r"),
+        "{q}"
+    );
+    assert_eq!(entitlements(&app, "user-r").await["paidStatus"], "EXPIRED");
+}
+
 async fn purchase_status(app: &common::TestApp, store_purchase_id: &str) -> String {
     use entities::purchases;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
@@ -956,6 +1007,7 @@ on_all_backends!(
     payment_for_unknown_id_creates_the_customer,
     web_subscription_life_cycle,
     lifetime_refund_revokes,
+    subscription_refund_found_through_invoice_payments,
     past_due_with_grace_keeps_access,
     trialing_unpaid_paused_and_incomplete_expired,
     duplicates_apply_once,

@@ -278,8 +278,20 @@ impl Core {
                     .and_then(|r| r.iter().filter_map(|r| r.get("created")?.as_i64()).max())
                     .map(provider::map::ts)
                     .unwrap_or(ev.created);
+                let mut charge = ev.object.clone();
+                // Newer API versions dropped `charge.invoice`; find it from
+                // the PaymentIntent when we can, before the transaction.
+                if provider::id_of(charge.get("invoice")).is_none()
+                    && let (Some(api), Some(pi)) =
+                        (p.api(), provider::id_of(charge.get("payment_intent")))
+                    && !self.has_purchase_with(&pi).await?
+                    && let Some(inv) = api.invoice_of_payment_intent(&pi).await?
+                    && let Some(o) = charge.as_object_mut()
+                {
+                    o.insert("invoice".into(), Value::String(inv));
+                }
                 Ok(Plan::Refund {
-                    charge: ev.object.clone(),
+                    charge,
                     refunded_at,
                 })
             }
@@ -392,6 +404,13 @@ impl Core {
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         Ok("refunded")
+    }
+
+    /// Whether a one-time purchase was paid by this PaymentIntent.
+    async fn has_purchase_with(&self, payment_intent: &str) -> AppResult<bool> {
+        Ok(find_by_raw(&self.db.conn, "payment_intent", payment_intent)
+            .await?
+            .is_some())
     }
 
     /// Our customer whose Stripe customer id is `stripe_customer`.

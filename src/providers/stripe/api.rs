@@ -43,6 +43,16 @@ struct PortalSession {
     url: String,
 }
 
+#[derive(miniserde::Deserialize)]
+struct InvoicePayments {
+    data: Vec<InvoicePayment>,
+}
+
+#[derive(miniserde::Deserialize)]
+struct InvoicePayment {
+    invoice: Option<String>,
+}
+
 fn unavailable(what: &'static str, e: StripeError) -> AppError {
     // Stripe's message may quote the request; keep it in the log only.
     match &e {
@@ -95,6 +105,40 @@ impl StripeApi {
             .data
             .iter()
             .find_map(|i| i.price.as_ref().map(|p| p.id.to_string())))
+    }
+
+    /// The invoice a PaymentIntent paid. Newer API versions no longer name
+    /// the invoice on a charge; invoice payments link the two.
+    pub async fn invoice_of_payment_intent(
+        &self,
+        payment_intent: &str,
+    ) -> AppResult<Option<String>> {
+        #[derive(serde::Serialize)]
+        struct Payment<'a> {
+            #[serde(rename = "type")]
+            kind: &'a str,
+            payment_intent: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        struct Query<'a> {
+            payment: Payment<'a>,
+            limit: u8,
+        }
+        let q = Query {
+            payment: Payment {
+                kind: "payment_intent",
+                payment_intent: path_part(payment_intent)?,
+            },
+            limit: 1,
+        };
+        let list = RequestBuilder::new(StripeMethod::Get, "/invoice_payments")
+            .query(&q)
+            .customize::<InvoicePayments>()
+            .timeout(self.timeout)
+            .send(&self.client)
+            .await
+            .map_err(|e| unavailable("list invoice payments", e))?;
+        Ok(list.data.into_iter().find_map(|p| p.invoice))
     }
 
     pub async fn create_checkout_session(
