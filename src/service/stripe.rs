@@ -131,7 +131,7 @@ impl Core {
             set_outcome(&txn, &ev.id, outcome).await?;
         }
         txn.commit().await?;
-        tracing::info!(event = %ev.id, kind = %ev.kind, outcome, "stripe webhook");
+        tracing::debug!(event = %ev.id, kind = %ev.kind, outcome, "stripe webhook");
         Ok(WebhookOutcome::Processed(outcome))
     }
 
