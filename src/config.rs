@@ -176,7 +176,7 @@ impl Config {
             // ENTITLE_TEST_* belongs to the test harness, not to the server.
             .merge(
                 Env::prefixed("ENTITLE_")
-                    .filter(|k| !k.as_str().starts_with("test_"))
+                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__"),
             );
         Self::from_figment(fig)
@@ -341,6 +341,8 @@ mod tests {
             )?;
             jail.set_env("ENTITLE_HTTP__BODY_LIMIT_BYTES", "2000");
             jail.set_env("DATABASE_URL", "postgres://localhost/x");
+            // The test harness's own variable is not a server setting.
+            jail.set_env("ENTITLE_TEST_POSTGRES_URL", "postgres://localhost/y");
             let cfg = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(cfg.bind.port(), 9000);
             assert_eq!(cfg.http.body_limit_bytes, 2000);
