@@ -65,6 +65,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))
+        .route("/playground", get(rest::playground::index))
+        .route("/playground/", get(rest::playground::index))
+        .route("/playground/{file}", get(rest::playground::file))
         .fallback(rest::not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -270,10 +270,10 @@ impl Authenticator {
 
     async fn api_key(&self, core: &Arc<Core>, key: &str) -> AppResult<Option<KeyIdentity>> {
         let hash = crate::service::api_keys::hash_key(key);
-        if let Some((id, at)) = self.key_cache.read().expect("key cache").get(&hash) {
-            if at.elapsed() < self.key_ttl {
-                return Ok(Some(id.clone()));
-            }
+        if let Some((id, at)) = self.key_cache.read().expect("key cache").get(&hash)
+            && at.elapsed() < self.key_ttl
+        {
+            return Ok(Some(id.clone()));
         }
         let found = core.lookup_api_key(key).await?;
         let mut cache = self.key_cache.write().expect("key cache");

@@ -183,7 +183,7 @@ impl Config {
             // ENTITLE_TEST_* belongs to the test harness, not to the server.
             .merge(
                 Env::prefixed("ENTITLE_")
-                    .filter(|k| !k.as_str().starts_with("test_"))
+                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__"),
             );
         Self::from_figment(fig)
@@ -286,16 +286,18 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let mut cfg = Config::default();
-        cfg.database_url = Secret::new("postgres://user:hunter2@db/entitle");
-        cfg.stripe = Some(StripeConfig {
-            secret_key: Some(Secret::new("sk_test_supersecret")),
-            webhook_secret: Some(Secret::new("whsec_supersecret")),
-            api_base: None,
-            payment_link: None,
-            grace_period_days: None,
-            api_timeout_secs: None,
-        });
+        let cfg = Config {
+            database_url: Secret::new("postgres://user:hunter2@db/entitle"),
+            stripe: Some(StripeConfig {
+                secret_key: Some(Secret::new("sk_test_supersecret")),
+                webhook_secret: Some(Secret::new("whsec_supersecret")),
+                api_base: None,
+                payment_link: None,
+                grace_period_days: None,
+                api_timeout_secs: None,
+            }),
+            ..Config::default()
+        };
         let dbg = format!("{cfg:?}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
@@ -318,6 +320,26 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid_and_serves_the_garmin_flow() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/entitle.example.toml"));
+        let cfg = Config::from_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::file(path)),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.trial.as_ref().map(|t| t.entitlement.as_str()),
+            Some("pro")
+        );
+        assert!(
+            cfg.stripe
+                .as_ref()
+                .and_then(|s| s.payment_link.as_ref())
+                .is_some()
+        );
+        assert_eq!(cfg.catalog().unwrap().products().len(), 2);
+    }
+
+    #[test]
     fn trial_entitlement_must_exist() {
         let fig = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string("[trial]\ndays = 7\nentitlement = \"pro\"\n"));
@@ -326,6 +348,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
     fn env_overrides_file_with_nesting() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -334,6 +357,8 @@ mod tests {
             )?;
             jail.set_env("ENTITLE_HTTP__BODY_LIMIT_BYTES", "2000");
             jail.set_env("DATABASE_URL", "postgres://localhost/x");
+            // The test harness's own variable is not a server setting.
+            jail.set_env("ENTITLE_TEST_POSTGRES_URL", "postgres://localhost/y");
             let cfg = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(cfg.bind.port(), 9000);
             assert_eq!(cfg.http.body_limit_bytes, 2000);

@@ -6,6 +6,7 @@ mod common;
 use chrono::Duration;
 use common::{Auth, Backend, spawn};
 use entitle::domain::ApiKeyRole;
+use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -324,3 +325,27 @@ on_all_backends!(
     bad_input_is_rejected_and_writes_nothing,
     oversize_chunked_body_is_rejected,
 );
+
+/// A client that never finishes its body is cut off by the request timeout.
+async fn slow_clients_time_out(b: Backend) {
+    let app = common::spawn_with(b, |c| c.http.request_timeout_secs = 1).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let before = app.counts().await;
+    let stream =
+        futures_util::stream::once(async { Ok::<_, std::io::Error>(b"{\"id\": ".to_vec()) })
+            .chain(futures_util::stream::pending());
+    let resp = key
+        .apply(
+            app.client
+                .post(app.url("/user"))
+                .header("content-type", "application/json"),
+        )
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(app.counts().await, before);
+}
+
+on_all_backends!(slow_clients_time_out);

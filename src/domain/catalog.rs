@@ -156,12 +156,11 @@ impl Catalog {
                 if let Some(v) = self.by_store_product.get(&(store, product_id.to_string())) {
                     return v.iter().map(String::as_str).collect();
                 }
-                if store == Store::PlayStore {
-                    if let Some((bare, _)) = product_id.split_once(':') {
-                        if let Some(v) = self.by_store_product.get(&(store, bare.to_string())) {
-                            return v.iter().map(String::as_str).collect();
-                        }
-                    }
+                if store == Store::PlayStore
+                    && let Some((bare, _)) = product_id.split_once(':')
+                    && let Some(v) = self.by_store_product.get(&(store, bare.to_string()))
+                {
+                    return v.iter().map(String::as_str).collect();
                 }
                 vec![]
             }

@@ -340,3 +340,445 @@ fn classify(old: &EntitlementState, new: &EntitlementState) -> Option<EventKind>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{Duration, TimeZone};
+
+    use super::*;
+    use crate::domain::{EntitlementDef, ProductDef, ProductKind};
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+    }
+
+    fn catalog() -> Catalog {
+        Catalog::new(
+            vec![
+                EntitlementDef {
+                    key: "pro".into(),
+                    description: None,
+                },
+                EntitlementDef {
+                    key: "maps".into(),
+                    description: None,
+                },
+            ],
+            vec![
+                ProductDef {
+                    id: "pro_monthly".into(),
+                    entitlements: vec!["pro".into()],
+                    kind: ProductKind::Subscription,
+                    display_name: None,
+                    stripe_price_id: Some("price_m".into()),
+                    app_store_product_id: Some("com.x.pro.monthly".into()),
+                    play_store_product_id: Some("pro_sub".into()),
+                },
+                ProductDef {
+                    id: "bundle".into(),
+                    entitlements: vec!["pro".into(), "maps".into()],
+                    kind: ProductKind::Lifetime,
+                    display_name: None,
+                    stripe_price_id: Some("price_life".into()),
+                    app_store_product_id: None,
+                    play_store_product_id: None,
+                },
+            ],
+        )
+        .unwrap()
+    }
+
+    fn sub(id: i64, status: PurchaseStatus) -> PurchaseFacts {
+        PurchaseFacts {
+            id,
+            store: Store::AppStore,
+            product_id: "com.x.pro.monthly".into(),
+            environment: Environment::Production,
+            status,
+            period_type: PeriodType::Normal,
+            purchased_at: t0(),
+            expires_at: Some(t0() + Duration::days(30)),
+            grace_expires_at: None,
+            auto_renew: true,
+            revoked_at: None,
+        }
+    }
+
+    fn trial(id: i64, days: i64) -> PurchaseFacts {
+        PurchaseFacts {
+            store: Store::Trial,
+            product_id: "pro".into(),
+            period_type: PeriodType::Trial,
+            auto_renew: false,
+            expires_at: Some(t0() + Duration::days(days)),
+            ..sub(id, PurchaseStatus::Active)
+        }
+    }
+
+    fn pro(ps: &[PurchaseFacts], now: DateTime<Utc>) -> (EntitlementState, PaidStatus) {
+        let s = compute(&catalog(), ps, now, true);
+        (s.entitlement("pro").unwrap().clone(), s.paid_status)
+    }
+
+    #[test]
+    fn granting_statuses_last_until_expiry_exclusive() {
+        let end = t0() + Duration::days(30);
+        for st in [
+            PurchaseStatus::Active,
+            PurchaseStatus::Trialing,
+            PurchaseStatus::Canceled,
+        ] {
+            let p = sub(1, st);
+            let (e, paid) = pro(std::slice::from_ref(&p), end - Duration::seconds(1));
+            assert!(e.is_active, "{st:?}");
+            assert_eq!(e.expires_at, Some(end));
+            assert_eq!(e.status, Some(st));
+            assert_eq!(paid, PaidStatus::Paid);
+            let (e, paid) = pro(&[p], end);
+            assert!(!e.is_active, "{st:?} at the exact expiry instant");
+            assert_eq!(e.status, Some(PurchaseStatus::Expired));
+            assert_eq!(paid, PaidStatus::Expired);
+        }
+    }
+
+    #[test]
+    fn intro_period_grants_like_active() {
+        let p = PurchaseFacts {
+            period_type: PeriodType::Intro,
+            ..sub(1, PurchaseStatus::Active)
+        };
+        let (e, _) = pro(&[p], t0() + Duration::days(1));
+        assert!(e.is_active);
+        assert_eq!(e.period_type, Some(PeriodType::Intro));
+    }
+
+    #[test]
+    fn canceled_does_not_renew_but_keeps_paid_period() {
+        let (e, _) = pro(
+            &[sub(1, PurchaseStatus::Canceled)],
+            t0() + Duration::days(29),
+        );
+        assert!(e.is_active);
+        assert!(!e.will_renew);
+        let (e, _) = pro(&[sub(1, PurchaseStatus::Active)], t0() + Duration::days(29));
+        assert!(e.will_renew);
+    }
+
+    #[test]
+    fn grace_period_grants_until_grace_end() {
+        let grace_end = t0() + Duration::days(36);
+        let p = PurchaseFacts {
+            grace_expires_at: Some(grace_end),
+            ..sub(1, PurchaseStatus::InGracePeriod)
+        };
+        let (e, _) = pro(std::slice::from_ref(&p), t0() + Duration::days(33));
+        assert!(e.is_active, "past expires_at but inside grace");
+        assert_eq!(e.expires_at, Some(grace_end));
+        assert_eq!(e.grace_period_expires_at, Some(grace_end));
+        let (e, _) = pro(&[p], grace_end);
+        assert!(!e.is_active);
+        assert_eq!(e.status, Some(PurchaseStatus::Expired));
+    }
+
+    #[test]
+    fn no_access_statuses() {
+        for st in [
+            PurchaseStatus::InBillingRetry,
+            PurchaseStatus::OnHold,
+            PurchaseStatus::Paused,
+            PurchaseStatus::Expired,
+            PurchaseStatus::Pending,
+        ] {
+            let (e, paid) = pro(&[sub(1, st)], t0() + Duration::days(1));
+            assert!(!e.is_active, "{st:?}");
+            assert_eq!(e.status, Some(st));
+            assert_eq!(paid, PaidStatus::Expired);
+        }
+    }
+
+    #[test]
+    fn refund_and_revoke_end_access_from_revoked_at_whatever_expiry_says() {
+        for st in [PurchaseStatus::Refunded, PurchaseStatus::Revoked] {
+            let r = t0() + Duration::days(10);
+            let p = PurchaseFacts {
+                revoked_at: Some(r),
+                ..sub(1, st)
+            };
+            assert!(
+                pro(std::slice::from_ref(&p), r - Duration::seconds(1))
+                    .0
+                    .is_active,
+                "{st:?} before revoked_at"
+            );
+            let (e, _) = pro(&[p], r);
+            assert!(!e.is_active, "{st:?} from revoked_at on");
+            assert_eq!(e.status, Some(st));
+        }
+        // An active status with a past revocation still loses access.
+        let p = PurchaseFacts {
+            revoked_at: Some(t0() + Duration::days(1)),
+            ..sub(1, PurchaseStatus::Active)
+        };
+        let (e, _) = pro(&[p], t0() + Duration::days(2));
+        assert!(!e.is_active);
+        assert_eq!(e.status, Some(PurchaseStatus::Revoked));
+    }
+
+    #[test]
+    fn refund_after_expiry_reads_refunded() {
+        let p = PurchaseFacts {
+            revoked_at: Some(t0() + Duration::days(40)),
+            ..sub(1, PurchaseStatus::Refunded)
+        };
+        let (e, _) = pro(&[p], t0() + Duration::days(41));
+        assert!(!e.is_active);
+        assert_eq!(e.status, Some(PurchaseStatus::Refunded));
+    }
+
+    #[test]
+    fn lifetime_grants_forever_until_refunded() {
+        let life = PurchaseFacts {
+            store: Store::Stripe,
+            product_id: "price_life".into(),
+            expires_at: None,
+            auto_renew: false,
+            ..sub(1, PurchaseStatus::Active)
+        };
+        let far = t0() + Duration::days(365 * 50);
+        let s = compute(&catalog(), std::slice::from_ref(&life), far, true);
+        for key in ["pro", "maps"] {
+            let e = s.entitlement(key).unwrap();
+            assert!(
+                e.is_active && e.expires_at.is_none() && !e.will_renew,
+                "{key}"
+            );
+        }
+        let refunded = PurchaseFacts {
+            status: PurchaseStatus::Refunded,
+            revoked_at: Some(t0() + Duration::days(3)),
+            ..life
+        };
+        let s = compute(&catalog(), &[refunded], far, true);
+        assert!(!s.entitlement("pro").unwrap().is_active);
+    }
+
+    #[test]
+    fn sandbox_counts_only_when_accepted() {
+        let p = PurchaseFacts {
+            environment: Environment::Sandbox,
+            ..sub(1, PurchaseStatus::Active)
+        };
+        let now = t0() + Duration::days(1);
+        assert!(
+            compute(&catalog(), std::slice::from_ref(&p), now, true)
+                .entitlement("pro")
+                .unwrap()
+                .is_active
+        );
+        let s = compute(&catalog(), &[p], now, false);
+        let e = s.entitlement("pro").unwrap();
+        assert!(!e.is_active);
+        assert_eq!(
+            e.status, None,
+            "an ignored sandbox purchase is no source at all"
+        );
+        assert_eq!(s.paid_status, PaidStatus::Expired);
+    }
+
+    #[test]
+    fn longest_source_wins_and_paid_beats_trial_for_paid_status() {
+        let now = t0() + Duration::days(1);
+        // Trial lasts longer than the paid month: entitlement reports the trial,
+        // paid_status still says paid.
+        let (e, paid) = pro(&[sub(1, PurchaseStatus::Active), trial(2, 60)], now);
+        assert_eq!(e.store, Some(Store::Trial));
+        assert_eq!(e.expires_at, Some(t0() + Duration::days(60)));
+        assert_eq!(paid, PaidStatus::Paid);
+        // Paid lasts longer: reported.
+        let (e, _) = pro(&[sub(1, PurchaseStatus::Active), trial(2, 7)], now);
+        assert_eq!(e.store, Some(Store::AppStore));
+        // Equal end: paid wins the tie.
+        let (e, _) = pro(&[trial(2, 30), sub(1, PurchaseStatus::Active)], now);
+        assert_eq!(e.store, Some(Store::AppStore));
+        // Lifetime promo beats any dated source.
+        let promo = PurchaseFacts {
+            store: Store::Promotional,
+            product_id: "pro".into(),
+            expires_at: None,
+            ..sub(3, PurchaseStatus::Active)
+        };
+        let (e, paid) = pro(&[sub(1, PurchaseStatus::Active), promo], now);
+        assert_eq!(e.store, Some(Store::Promotional));
+        assert_eq!(e.expires_at, None);
+        assert_eq!(paid, PaidStatus::Paid);
+    }
+
+    #[test]
+    fn paid_status_trial_only_and_expired() {
+        let (_, paid) = pro(&[trial(1, 7)], t0() + Duration::days(6));
+        assert_eq!(paid, PaidStatus::Trial);
+        let s = compute(&catalog(), &[trial(1, 7)], t0() + Duration::days(7), true);
+        assert_eq!(s.paid_status, PaidStatus::Expired);
+        assert_eq!(s.trial_ends_at, Some(t0() + Duration::days(7)));
+        assert_eq!(
+            compute(&catalog(), &[], t0(), true).paid_status,
+            PaidStatus::Expired
+        );
+    }
+
+    #[test]
+    fn lapsed_entitlement_reports_most_recent_source() {
+        let old = PurchaseFacts {
+            expires_at: Some(t0() + Duration::days(5)),
+            ..sub(1, PurchaseStatus::Expired)
+        };
+        let newer = PurchaseFacts {
+            revoked_at: Some(t0() + Duration::days(20)),
+            ..sub(2, PurchaseStatus::Refunded)
+        };
+        let (e, _) = pro(&[old, newer], t0() + Duration::days(50));
+        assert_eq!(e.purchase_id, Some(2));
+        assert_eq!(e.status, Some(PurchaseStatus::Refunded));
+    }
+
+    #[test]
+    fn unmapped_products_grant_nothing() {
+        let p = PurchaseFacts {
+            product_id: "com.x.unknown".into(),
+            ..sub(1, PurchaseStatus::Active)
+        };
+        let (e, paid) = pro(&[p], t0());
+        assert!(!e.is_active);
+        assert_eq!(e.status, None);
+        assert_eq!(paid, PaidStatus::Expired);
+    }
+
+    #[test]
+    fn play_base_plan_maps_to_bare_product() {
+        let p = PurchaseFacts {
+            store: Store::PlayStore,
+            product_id: "pro_sub:monthly".into(),
+            ..sub(1, PurchaseStatus::Active)
+        };
+        assert!(pro(&[p], t0()).0.is_active);
+    }
+
+    fn kinds(
+        before: &[PurchaseFacts],
+        after: &[PurchaseFacts],
+        now: DateTime<Utc>,
+    ) -> Vec<(EventKind, Option<&'static str>, &'static str)> {
+        let c = catalog();
+        diff(
+            &compute(&c, before, now, true),
+            &compute(&c, after, now, true),
+        )
+        .into_iter()
+        .filter(|ch| ch.entitlement == "pro")
+        .map(|ch| (ch.kind, ch.old_status, ch.new_status))
+        .collect()
+    }
+
+    #[test]
+    fn diff_classifies_transitions() {
+        let now = t0() + Duration::days(1);
+        let active = sub(1, PurchaseStatus::Active);
+        assert_eq!(
+            kinds(&[], std::slice::from_ref(&active), now),
+            vec![(EventKind::Granted, None, "ACTIVE")]
+        );
+        assert_eq!(
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&active),
+                now
+            ),
+            vec![],
+            "no change, no event"
+        );
+        let renewed = PurchaseFacts {
+            expires_at: Some(t0() + Duration::days(60)),
+            ..active.clone()
+        };
+        assert_eq!(
+            kinds(std::slice::from_ref(&active), &[renewed], now),
+            vec![(EventKind::Renewed, Some("ACTIVE"), "ACTIVE")]
+        );
+        let canceled = PurchaseFacts {
+            auto_renew: false,
+            ..sub(1, PurchaseStatus::Canceled)
+        };
+        assert_eq!(
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&canceled),
+                now
+            ),
+            vec![(EventKind::Canceled, Some("ACTIVE"), "ACTIVE")]
+        );
+        assert_eq!(
+            kinds(&[canceled], std::slice::from_ref(&active), now),
+            vec![(EventKind::Uncanceled, Some("ACTIVE"), "ACTIVE")]
+        );
+        let grace = PurchaseFacts {
+            grace_expires_at: Some(t0() + Duration::days(40)),
+            ..sub(1, PurchaseStatus::InGracePeriod)
+        };
+        assert_eq!(
+            kinds(std::slice::from_ref(&active), &[grace], now),
+            vec![(EventKind::BillingIssue, Some("ACTIVE"), "ACTIVE")]
+        );
+        let retry = sub(1, PurchaseStatus::InBillingRetry);
+        assert_eq!(
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&retry),
+                now
+            ),
+            vec![(EventKind::BillingIssue, Some("ACTIVE"), "IN_BILLING_RETRY")]
+        );
+        assert_eq!(
+            kinds(&[retry], std::slice::from_ref(&active), now),
+            vec![(EventKind::Renewed, Some("IN_BILLING_RETRY"), "ACTIVE")]
+        );
+        let refunded = PurchaseFacts {
+            revoked_at: Some(now),
+            ..sub(1, PurchaseStatus::Refunded)
+        };
+        assert_eq!(
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&refunded),
+                now
+            ),
+            vec![(EventKind::Refunded, Some("ACTIVE"), "REFUNDED")]
+        );
+        let expired = sub(1, PurchaseStatus::Expired);
+        assert_eq!(
+            kinds(
+                std::slice::from_ref(&active),
+                std::slice::from_ref(&expired),
+                now
+            ),
+            vec![(EventKind::Expired, Some("ACTIVE"), "EXPIRED")]
+        );
+        // Already lapsed, then refunded: still a change of state.
+        assert_eq!(
+            kinds(&[expired], &[refunded], now),
+            vec![(EventKind::Refunded, Some("EXPIRED"), "REFUNDED")]
+        );
+        let other = PurchaseFacts {
+            store: Store::Stripe,
+            product_id: "price_m".into(),
+            ..sub(2, PurchaseStatus::Active)
+        };
+        assert_eq!(
+            kinds(std::slice::from_ref(&active), &[other], now),
+            vec![(EventKind::Granted, Some("ACTIVE"), "ACTIVE")]
+        );
+        assert_eq!(
+            kinds(&[active], &[], now),
+            vec![(EventKind::Revoked, Some("ACTIVE"), "REVOKED")]
+        );
+    }
+}

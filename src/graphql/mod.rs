@@ -119,21 +119,15 @@ pub async fn get(
         Ok(r) => r,
         Err(_) => return AppError::bad_input("malformed GraphQL query string").into_response(),
     };
-    match async_graphql::parser::parse_query(&request.query) {
-        Ok(doc) => {
-            if doc
-                .operations
-                .iter()
-                .any(|(_, op)| op.node.ty != OperationType::Query)
-            {
-                return AppError::MethodNotAllowed(
-                    "mutations and subscriptions must be sent with POST",
-                )
-                .into_response();
-            }
-        }
-        // Let execution report the syntax error in GraphQL's own shape.
-        Err(_) => {}
+    // A syntax error is left for execution to report in GraphQL's own shape.
+    if let Ok(doc) = async_graphql::parser::parse_query(&request.query)
+        && doc
+            .operations
+            .iter()
+            .any(|(_, op)| op.node.ty != OperationType::Query)
+    {
+        return AppError::MethodNotAllowed("mutations and subscriptions must be sent with POST")
+            .into_response();
     }
     execute(&state, &headers, request).await
 }

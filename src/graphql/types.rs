@@ -21,6 +21,7 @@ pub(crate) fn core<'a>(ctx: &Context<'a>) -> &'a Arc<Core> {
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
 #[graphql(remote = "crate::domain::Store")]
+#[allow(clippy::enum_variant_names)] // the stores' own names
 pub enum Store {
     AppStore,
     PlayStore,

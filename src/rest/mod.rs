@@ -10,6 +10,7 @@ use crate::{app::AppState, auth::Principal, error::AppError};
 
 pub mod garmin;
 pub mod health;
+pub mod playground;
 pub mod subscriptions;
 pub mod webhooks;
 

@@ -24,12 +24,40 @@ pub struct Registration {
     pub snapshot: Snapshot,
 }
 
-fn trial_purchase_key(customer_id: &str, entitlement: &str) -> String {
-    format!("trial:{entitlement}:{customer_id}")
+/// Trials and grants are keyed one per (customer, entitlement), so the
+/// unique (store, store_purchase_id) index makes "at most one" a database fact.
+fn own_purchase_key(store: Store, customer_id: &str, entitlement: &str) -> String {
+    format!("{store}:{entitlement}:{customer_id}")
 }
 
-fn grant_purchase_key(customer_id: &str, entitlement: &str) -> String {
-    format!("promotional:{entitlement}:{customer_id}")
+/// A purchase row for access we give ourselves: a trial or a promotional grant.
+fn granted_by_us(
+    customer_id: &str,
+    store: Store,
+    entitlement: &str,
+    period_type: PeriodType,
+    expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> purchases::ActiveModel {
+    purchases::ActiveModel {
+        customer_id: Set(customer_id.to_string()),
+        store: Set(store.as_str().into()),
+        store_purchase_id: Set(own_purchase_key(store, customer_id, entitlement)),
+        product_id: Set(entitlement.to_string()),
+        environment: Set(Environment::Production.as_str().into()),
+        status: Set(PurchaseStatus::Active.as_str().into()),
+        period_type: Set(period_type.as_str().into()),
+        purchased_at: Set(now),
+        expires_at: Set(expires_at),
+        grace_expires_at: Set(None),
+        auto_renew: Set(false),
+        canceled_at: Set(None),
+        revoked_at: Set(None),
+        renewal_count: Set(0),
+        source_updated_at: Set(now),
+        raw: Set(None),
+        ..Default::default()
+    }
 }
 
 impl Core {
@@ -77,25 +105,14 @@ impl Core {
 
         let before = self.snapshot_in(&*txn, &customer, now).await?;
         if let Some(trial) = &self.trial {
-            purchases::Entity::insert(purchases::ActiveModel {
-                customer_id: Set(customer.clone()),
-                store: Set(Store::Trial.as_str().into()),
-                store_purchase_id: Set(trial_purchase_key(&customer, &trial.entitlement)),
-                product_id: Set(trial.entitlement.clone()),
-                environment: Set(Environment::Production.as_str().into()),
-                status: Set(PurchaseStatus::Active.as_str().into()),
-                period_type: Set(PeriodType::Trial.as_str().into()),
-                purchased_at: Set(now),
-                expires_at: Set(Some(now + Duration::days(i64::from(trial.days)))),
-                grace_expires_at: Set(None),
-                auto_renew: Set(false),
-                canceled_at: Set(None),
-                revoked_at: Set(None),
-                renewal_count: Set(0),
-                source_updated_at: Set(now),
-                raw: Set(None),
-                ..Default::default()
-            })
+            purchases::Entity::insert(granted_by_us(
+                &customer,
+                Store::Trial,
+                &trial.entitlement,
+                PeriodType::Trial,
+                Some(now + Duration::days(i64::from(trial.days))),
+                now,
+            ))
             .on_conflict_do_nothing_on([
                 purchases::Column::Store,
                 purchases::Column::StorePurchaseId,
@@ -182,26 +199,14 @@ impl Core {
             .await?
             .ok_or(AppError::NotFound("customer"))?;
         let before = self.snapshot_in(&*txn, customer_id, now).await?;
-        let key = grant_purchase_key(customer_id, entitlement);
-        let row = purchases::ActiveModel {
-            customer_id: Set(customer_id.to_string()),
-            store: Set(Store::Promotional.as_str().into()),
-            store_purchase_id: Set(key),
-            product_id: Set(entitlement.to_string()),
-            environment: Set(Environment::Production.as_str().into()),
-            status: Set(PurchaseStatus::Active.as_str().into()),
-            period_type: Set(PeriodType::Normal.as_str().into()),
-            purchased_at: Set(now),
-            expires_at: Set(expires_at),
-            grace_expires_at: Set(None),
-            auto_renew: Set(false),
-            canceled_at: Set(None),
-            revoked_at: Set(None),
-            renewal_count: Set(0),
-            source_updated_at: Set(now),
-            raw: Set(None),
-            ..Default::default()
-        };
+        let row = granted_by_us(
+            customer_id,
+            Store::Promotional,
+            entitlement,
+            PeriodType::Normal,
+            expires_at,
+            now,
+        );
         purchases::Entity::insert(row)
             .on_conflict(
                 OnConflict::columns([purchases::Column::Store, purchases::Column::StorePurchaseId])
@@ -237,9 +242,11 @@ impl Core {
             .ok_or(AppError::NotFound("customer"))?;
         let grant = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::Promotional.as_str()))
-            .filter(
-                purchases::Column::StorePurchaseId.eq(grant_purchase_key(customer_id, entitlement)),
-            )
+            .filter(purchases::Column::StorePurchaseId.eq(own_purchase_key(
+                Store::Promotional,
+                customer_id,
+                entitlement,
+            )))
             .filter(purchases::Column::RevokedAt.is_null())
             .one(&*txn)
             .await?

@@ -285,3 +285,276 @@ impl Core {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::Duration;
+    use sea_orm::{EntityTrait, PaginatorTrait};
+
+    use super::*;
+    use crate::{
+        clock::OffsetClock,
+        config::{Config, Secret},
+        db::Db,
+        domain::{EntitlementDef, Environment, PeriodType, ProductDef, ProductKind},
+        providers::{PurchaseState, verified_for_test},
+    };
+
+    async fn core(policy: TransferPolicy) -> (Core, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::default();
+        cfg.database_url = Secret::new(format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("t.db").display()
+        ));
+        cfg.transfer_policy = policy;
+        cfg.catalog.entitlements = vec![EntitlementDef {
+            key: "pro".into(),
+            description: None,
+        }];
+        cfg.catalog.products = vec![ProductDef {
+            id: "m".into(),
+            entitlements: vec!["pro".into()],
+            kind: ProductKind::Subscription,
+            display_name: None,
+            stripe_price_id: None,
+            app_store_product_id: Some("pro.m".into()),
+            play_store_product_id: Some("pro_sub".into()),
+        }];
+        let db = Db::connect(&cfg).await.unwrap();
+        (
+            Core::new(&cfg, db, Arc::new(OffsetClock::default())).unwrap(),
+            dir,
+        )
+    }
+
+    fn state(
+        core: &Core,
+        id: &str,
+        status: PurchaseStatus,
+        updated_offset_secs: i64,
+    ) -> PurchaseState {
+        let now = core.now();
+        PurchaseState {
+            store: Store::AppStore,
+            store_purchase_id: id.into(),
+            product_id: "pro.m".into(),
+            environment: Environment::Production,
+            status,
+            period_type: PeriodType::Normal,
+            purchased_at: now - Duration::days(1),
+            expires_at: Some(now + Duration::days(29)),
+            grace_expires_at: None,
+            auto_renew: true,
+            canceled_at: None,
+            revoked_at: (status == PurchaseStatus::Refunded).then_some(now),
+            renewal_count: None,
+            source_updated_at: now + Duration::seconds(updated_offset_secs),
+            bound_customer: None,
+            replaces: None,
+            raw: serde_json::json!({}),
+        }
+    }
+
+    async fn kinds(core: &Core, customer: &str) -> Vec<String> {
+        db::events_of(&core.db.conn, customer, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .rev()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn older_state_never_overwrites_newer_and_refund_sticks() {
+        let (core, _d) = core(TransferPolicy::Transfer).await;
+        let a = core
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx1", PurchaseStatus::Active, 0)),
+                Submitter::Customer("alice"),
+            )
+            .await
+            .unwrap();
+        assert!(a.snapshot.entitlement("pro").unwrap().is_active);
+        let r = core
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx1", PurchaseStatus::Refunded, 10)),
+                Submitter::Store,
+            )
+            .await
+            .unwrap();
+        assert!(!r.snapshot.entitlement("pro").unwrap().is_active);
+        // A renewal signed before the refund arrives late: ignored.
+        let late = core
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx1", PurchaseStatus::Active, 5)),
+                Submitter::Store,
+            )
+            .await
+            .unwrap();
+        assert!(late.stale);
+        assert!(!late.snapshot.entitlement("pro").unwrap().is_active);
+        // Applying the same state twice changes nothing.
+        core.apply_purchase(
+            &verified_for_test(state(&core, "otx1", PurchaseStatus::Refunded, 10)),
+            Submitter::Store,
+        )
+        .await
+        .unwrap();
+        assert_eq!(kinds(&core, "alice").await, vec!["granted", "refunded"]);
+        assert_eq!(
+            purchases::Entity::find()
+                .count(&core.db.conn)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn transfer_policy_moves_the_purchase_with_two_events() {
+        let (core, _d) = core(TransferPolicy::Transfer).await;
+        let vp = verified_for_test(state(&core, "otx2", PurchaseStatus::Active, 0));
+        core.apply_purchase(&vp, Submitter::Customer("alice"))
+            .await
+            .unwrap();
+        let b = core
+            .apply_purchase(&vp, Submitter::Customer("bob"))
+            .await
+            .unwrap();
+        assert_eq!(b.customer_id, "bob");
+        assert!(b.snapshot.entitlement("pro").unwrap().is_active);
+        assert!(
+            !core
+                .snapshot("alice")
+                .await
+                .unwrap()
+                .entitlement("pro")
+                .unwrap()
+                .is_active
+        );
+        assert_eq!(kinds(&core, "alice").await, vec!["granted", "transferred"]);
+        assert_eq!(kinds(&core, "bob").await, vec!["granted"]);
+        // A later store message keeps it with its current owner.
+        let s = core
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx2", PurchaseStatus::Active, 60)),
+                Submitter::Store,
+            )
+            .await
+            .unwrap();
+        assert_eq!(s.customer_id, "bob");
+    }
+
+    #[tokio::test]
+    async fn keep_policy_rejects_a_second_customer() {
+        let (core, _d) = core(TransferPolicy::Keep).await;
+        let vp = verified_for_test(state(&core, "otx3", PurchaseStatus::Active, 0));
+        core.apply_purchase(&vp, Submitter::Customer("alice"))
+            .await
+            .unwrap();
+        let err = core
+            .apply_purchase(&vp, Submitter::Customer("bob"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::ReceiptAlreadyInUse));
+        assert!(
+            core.find_customer("bob").await.unwrap().is_none(),
+            "nothing written for bob"
+        );
+        // Bound to alice by the store, submitted by bob: also rejected.
+        let mut bound = state(&core, "otx4", PurchaseStatus::Active, 0);
+        bound.bound_customer = Some("alice".into());
+        let err = core
+            .apply_purchase(&verified_for_test(bound), Submitter::Customer("bob"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::ReceiptAlreadyInUse));
+    }
+
+    #[tokio::test]
+    async fn replacement_leaves_one_live_purchase() {
+        let (core, _d) = core(TransferPolicy::Transfer).await;
+        core.apply_purchase(
+            &verified_for_test(state(&core, "tok-old", PurchaseStatus::Active, 0)),
+            Submitter::Customer("c"),
+        )
+        .await
+        .unwrap();
+        let mut up = state(&core, "tok-new", PurchaseStatus::Active, 10);
+        up.replaces = Some("tok-old".into());
+        core.apply_purchase(&verified_for_test(up), Submitter::Customer("c"))
+            .await
+            .unwrap();
+        let rows = db::purchases_of(&core.db.conn, "c").await.unwrap();
+        let now = core.now();
+        let live: Vec<_> = rows
+            .iter()
+            .filter(|r| db::purchase_facts(r).unwrap().access(now) != crate::domain::Access::None)
+            .map(|r| r.store_purchase_id.as_str())
+            .collect();
+        assert_eq!(live, vec!["tok-new"]);
+    }
+
+    #[tokio::test]
+    async fn store_message_without_owner_is_not_found() {
+        let (core, _d) = core(TransferPolicy::Transfer).await;
+        let err = core
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx9", PurchaseStatus::Active, 0)),
+                Submitter::Store,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AppError::NotFound(_)));
+    }
+
+    #[tokio::test]
+    async fn webhook_claim_is_once() {
+        let (core, _d) = core(TransferPolicy::Transfer).await;
+        let now = core.now();
+        let txn = core.db.write().await.unwrap();
+        assert!(
+            core.claim_webhook(
+                &txn,
+                Store::Stripe,
+                "evt_1",
+                &serde_json::json!({}),
+                "processed",
+                now
+            )
+            .await
+            .unwrap()
+        );
+        assert!(
+            !core
+                .claim_webhook(
+                    &txn,
+                    Store::Stripe,
+                    "evt_1",
+                    &serde_json::json!({}),
+                    "processed",
+                    now
+                )
+                .await
+                .unwrap()
+        );
+        // Same id from another store is another event.
+        assert!(
+            core.claim_webhook(
+                &txn,
+                Store::AppStore,
+                "evt_1",
+                &serde_json::json!({}),
+                "processed",
+                now
+            )
+            .await
+            .unwrap()
+        );
+        txn.commit().await.unwrap();
+    }
+}

@@ -1,0 +1,346 @@
+// Drives the dashboard in Debian's chromium as an operator would. Each check
+// is counted; a failing check saves a screenshot and the run goes on where it
+// can. The last line is "N passed, N failed".
+import { chromium } from 'playwright-core';
+import path from 'node:path';
+
+const { BASE, ADMIN_KEY, ADMIN_TOKEN, CUSTOMER_TOKEN, SCREENSHOTS } = process.env;
+const DAY = 86400e3;
+const seedNow = Number(process.env.SEED_NOW) || Date.now();
+// A date relative to when the seed ran, as the page prints it.
+const day = (offset) => new Date(seedNow + offset * DAY).toISOString().slice(0, 10);
+const today = () => new Date().toISOString().slice(0, 10);
+
+let passed = 0;
+let failed = 0;
+const problems = [];
+
+// Anything thrown outside a check still ends with the tally line.
+process.on('uncaughtException', (e) => { console.log(`FAIL ${e.stack || e}`); console.log(`${passed} passed, ${failed + 1} failed`); process.exit(1); });
+process.on('unhandledRejection', (e) => { console.log(`FAIL ${e && e.stack || e}`); console.log(`${passed} passed, ${failed + 1} failed`); process.exit(1); });
+
+let browser;
+try {
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage'],
+  });
+} catch (e) {
+  console.log(`FAIL chromium does not start: ${e.message}`);
+  console.log('0 passed, 1 failed');
+  process.exit(1);
+}
+const context = await browser.newContext({ viewport: { width: 1360, height: 900 } });
+const page = await context.newPage();
+page.setDefaultTimeout(10000);
+const consoleErrors = [];
+// The refused sign-in answers 401 on purpose; chromium logs that as an error.
+page.on('console', (m) => {
+  if (m.type() === 'error' && !/status of 401/.test(m.text())) consoleErrors.push(m.text());
+});
+page.on('pageerror', (e) => consoleErrors.push(String(e)));
+// Only this server may be contacted.
+const foreign = [];
+page.on('request', (r) => { if (!r.url().startsWith(BASE) && !r.url().startsWith('data:')) foreign.push(r.url()); });
+
+const shot = (name) => page.screenshot({ path: path.join(SCREENSHOTS, name + '.png'), fullPage: true });
+
+async function check(name, fn) {
+  try {
+    await fn();
+    passed++;
+    console.log(`ok   ${name}`);
+  } catch (e) {
+    failed++;
+    problems.push(name);
+    console.log(`FAIL ${name}\n     ${String(e.message || e).split('\n').slice(0, 6).join('\n     ')}`);
+    await shot('failed-' + name.replace(/[^a-z0-9]+/gi, '-').toLowerCase()).catch(() => {});
+  }
+}
+function expect(cond, msg) { if (!cond) throw new Error(msg); }
+const text = (sel) => page.locator(sel).innerText();
+const entitlement = (key) => page.locator(`#entitlements [data-entitlement="${key}"]`);
+async function waitText(locator, needle, timeout = 10000) {
+  const deadline = Date.now() + timeout;
+  let last = '';
+  while (Date.now() < deadline) {
+    last = await locator.innerText().catch(() => '');
+    if (typeof needle === 'string' ? last.includes(needle) : needle.test(last)) return last;
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`expected ${needle} in: ${last.slice(0, 400)}`);
+}
+async function adminGql(query, variables) {
+  const r = await fetch(BASE + '/graphql', {
+    method: 'POST', headers: { 'content-type': 'application/json', 'api-key': ADMIN_KEY },
+    body: JSON.stringify({ query, variables }),
+  });
+  return r.json();
+}
+
+try {
+  await check('page loads and asks for a key', async () => {
+    const resp = await page.goto(BASE + '/playground');
+    expect(resp.status() === 200, `status ${resp.status()}`);
+    await page.locator('#signin-view').waitFor({ state: 'visible' });
+    expect(await page.locator('#customers-view').isHidden(), 'customers shown before sign-in');
+    await shot('01-sign-in');
+  });
+
+  await check('a wrong key is refused', async () => {
+    await page.fill('#signin-secret', 'ek_not_a_real_key');
+    await page.click('#signin-submit');
+    await waitText(page.locator('#signin-error'), 'refused');
+    expect(await page.locator('#customers-view').isHidden(), 'signed in with a bad key');
+  });
+
+  await check('sign in with the admin key; it stays in session storage only', async () => {
+    await page.fill('#signin-secret', ADMIN_KEY);
+    await page.click('#signin-submit');
+    await page.locator('#customers-view').waitFor({ state: 'visible' });
+    await page.locator('#customers-table tbody tr[data-customer]').first().waitFor();
+    const store = await page.evaluate(() => ({ session: JSON.stringify(sessionStorage), local: localStorage.length, cookie: document.cookie }));
+    expect(store.session.includes(ADMIN_KEY.slice(0, 12)), 'key not in sessionStorage');
+    expect(store.local === 0 && store.cookie === '', 'key leaked to localStorage or cookies');
+  });
+
+  await check('customers are listed and paginated', async () => {
+    const rows = page.locator('#customers-table tbody tr[data-customer]');
+    expect(await rows.count() === 20, `page 1 has ${await rows.count()} rows`);
+    expect(await rows.first().getAttribute('data-customer') === 'alice', 'ordered by id');
+    await page.click('#next-page');
+    await waitText(page.locator('#page-label'), 'Page 2');
+    await page.waitForFunction(() => document.querySelectorAll('#customers-table tbody tr[data-customer]').length === 9);
+    expect(await page.locator('#next-page').isDisabled(), 'next enabled on the last page');
+    await page.click('#prev-page');
+    await page.waitForFunction(() => document.querySelector('#customers-table tbody tr[data-customer]')?.dataset.customer === 'alice');
+    await shot('02-customers');
+  });
+
+  await check('search by id prefix', async () => {
+    await page.fill('#search', 'ali');
+    await page.press('#search', 'Enter');
+    await page.waitForFunction(() => {
+      const rows = [...document.querySelectorAll('#customers-table tbody tr[data-customer]')];
+      return rows.length === 1 && rows[0].dataset.customer === 'alice';
+    });
+    await page.fill('#search', 'nobody-');
+    await page.press('#search', 'Enter');
+    await waitText(page.locator('#customers-table tbody'), 'No customer id starts with');
+    await page.fill('#search', 'ali');
+    await page.press('#search', 'Enter');
+    await page.locator('#customers-table tbody tr[data-customer="alice"]').waitFor();
+  });
+
+  await check('open a customer: entitlements with their reasons', async () => {
+    await page.click('#customers-table tbody tr[data-customer="alice"] a');
+    await page.locator('#customer-view').waitFor({ state: 'visible' });
+    const pro = await waitText(entitlement('pro'), 'active: App Store subscription renews ' + day(27));
+    expect(/source: App Store/.test(pro) && /com\.example\.pro\.monthly/.test(pro), `pro facts: ${pro}`);
+    expect(await entitlement('pro').getAttribute('data-active') === 'true', 'pro not active');
+    await waitText(entitlement('maps'), 'inactive: App Store lifetime purchase refunded on ' + day(-5));
+    expect(await entitlement('maps').getAttribute('data-active') === 'false', 'maps active');
+    expect((await text('#customer-status')) === 'paid', 'paid status');
+  });
+
+  await check('purchases: trial, App Store purchase and refund each explained', async () => {
+    const row = (store, status) => page.locator(`#purchases tr[data-store="${store}"][data-status="${status}"]`);
+    expect(await page.locator('#purchases tr[data-purchase]').count() === 3, 'three purchases');
+    const trial = await row('TRIAL', 'EXPIRED').innerText();
+    expect(trial.includes('no access: free trial ended ' + day(-3)), `trial row: ${trial}`);
+    const sub = await row('APP_STORE', 'ACTIVE').innerText();
+    expect(sub.includes('grants pro until ' + day(27)), `subscription row: ${sub}`);
+    const refund = await row('APP_STORE', 'REFUNDED').innerText();
+    expect(refund.includes('no access: refunded on ' + day(-5)), `refund row: ${refund}`);
+  });
+
+  await check('timeline draws one bar per purchase, colored by status', async () => {
+    const bars = page.locator('#timeline-svg g.bar');
+    expect(await bars.count() === 3, `bars: ${await bars.count()}`);
+    const statuses = await bars.evaluateAll((gs) => gs.map((g) => g.dataset.status).sort());
+    expect(JSON.stringify(statuses) === JSON.stringify(['ACTIVE', 'EXPIRED', 'REFUNDED']), statuses.join());
+    const fills = await bars.evaluateAll((gs) => gs.map((g) => [g.dataset.status, g.querySelector('rect').getAttribute('fill')]));
+    const refundFill = fills.find(([s]) => s === 'REFUNDED')[1];
+    const activeFill = fills.find(([s]) => s === 'ACTIVE')[1];
+    expect(refundFill !== activeFill, 'refund and active share a color');
+  });
+
+  await check('devices, receipts and change log are shown', async () => {
+    await waitText(page.locator('#devices'), 'A7F3C2D1-alice-iphone');
+    const receipts = await text('#receipts');
+    expect(/invalid/.test(receipts) && /certificate chain/.test(receipts), `receipts: ${receipts}`);
+    expect(await page.locator('#receipts tr[data-receipt]').count() === 3, 'three receipts');
+    const log = await text('#events');
+    expect(/refunded/.test(log) && /ACTIVE → REFUNDED/.test(log), `events: ${log}`);
+    await shot('03-customer-alice');
+  });
+
+  await check('grant a promotional entitlement with confirmation', async () => {
+    const before = await page.locator('#events tr[data-event]').count();
+    await page.selectOption('#grant-entitlement', 'maps');
+    const until = new Date(Date.now() + 14 * DAY).toISOString().slice(0, 10);
+    await page.fill('#grant-date', until);
+    await page.click('#grant-submit');
+    await page.locator('#confirm').waitFor({ state: 'visible' });
+    const ask = await text('#confirm-text');
+    expect(ask.includes('maps') && ask.includes(until), `confirmation: ${ask}`);
+    // Cancel first: nothing may change.
+    await page.click('#confirm-cancel');
+    await page.waitForTimeout(300);
+    expect(await entitlement('maps').getAttribute('data-active') === 'false', 'cancel still granted');
+    await page.click('#grant-submit');
+    await page.click('#confirm-ok');
+    await waitText(entitlement('maps'), 'active: promotional grant until ' + until);
+    expect(await entitlement('maps').getAttribute('data-active') === 'true', 'maps not active after grant');
+    await page.waitForFunction((n) => document.querySelectorAll('#events tr[data-event]').length > n, before);
+    await waitText(page.locator('#events'), 'granted');
+    expect(await page.locator('#purchases tr[data-store="PROMOTIONAL"]').count() === 1, 'no promotional purchase row');
+    await shot('04-granted');
+  });
+
+  await check('revoke the grant with confirmation', async () => {
+    await page.click('#entitlements [data-revoke="maps"]');
+    await page.locator('#confirm').waitFor({ state: 'visible' });
+    await page.click('#confirm-ok');
+    await waitText(entitlement('maps'), 'inactive: promotional grant revoked on ' + today());
+    expect(await entitlement('maps').getAttribute('data-active') === 'false', 'maps still active');
+    expect(await page.locator('#entitlements [data-revoke]').count() === 0, 'revoke button left');
+    await waitText(page.locator('#events tr[data-event]').first(), 'revoked');
+    // The App Store subscription is untouched.
+    expect(await entitlement('pro').getAttribute('data-active') === 'true', 'pro lost');
+  });
+
+  await check('a change made elsewhere shows up while the page is open', async () => {
+    const r = await adminGql('mutation { grantEntitlement(customerId: "alice", entitlement: "maps") { id } }');
+    expect(!r.errors, JSON.stringify(r));
+    await waitText(entitlement('maps'), 'active: promotional grant for life', 12000);
+    await waitText(page.locator('#live'), /updated|live/);
+    await shot('05-live-update');
+    const r2 = await adminGql('mutation { revokeGrant(customerId: "alice", entitlement: "maps") { id } }');
+    expect(!r2.errors, JSON.stringify(r2));
+    await waitText(entitlement('maps'), 'inactive', 12000);
+  });
+
+  await check('other customers read right: canceled, grace period, expired trial', async () => {
+    await page.goto(BASE + '/playground#/customers/bob');
+    await waitText(entitlement('pro'), 'active: Stripe subscription canceled; the paid period runs until ' + day(10));
+    await page.goto(BASE + '/playground#/customers/carol');
+    await waitText(entitlement('pro'), 'active: Google Play subscription has a billing problem; grace period until ' + day(6));
+    await page.goto(BASE + '/playground#/customers/dave');
+    await waitText(entitlement('pro'), 'inactive: free trial ended ' + day(-13));
+    expect((await text('#customer-status')) === 'expired', 'dave not expired');
+    await page.goto(BASE + '/playground#/customers/nobody-here');
+    await waitText(page.locator('#customer-error'), 'No customer has the id');
+  });
+
+  await check('a lifetime grant turns an expired customer paid, and back', async () => {
+    await page.goto(BASE + '/playground#/customers/dave');
+    await waitText(entitlement('pro'), 'inactive: free trial ended');
+    await page.selectOption('#grant-entitlement', 'pro');
+    await page.check('#grant-form input[name=until][value=lifetime]');
+    await page.click('#grant-submit');
+    await waitText(page.locator('#confirm-text'), 'for life');
+    await page.click('#confirm-ok');
+    await waitText(entitlement('pro'), 'active: promotional grant for life');
+    await waitText(page.locator('#customer-status'), 'paid');
+    await page.click('#entitlements [data-revoke="pro"]');
+    await page.click('#confirm-ok');
+    await waitText(entitlement('pro'), 'inactive: promotional grant revoked on ' + today());
+    await waitText(page.locator('#customer-status'), 'expired');
+  });
+
+  await check('explorer offers an example for every query and mutation', async () => {
+    await page.goto(BASE + '/playground#/customers/alice');
+    await page.locator('#entitlements [data-entitlement]').first().waitFor();
+    await page.click('[data-nav="explorer"]');
+    await page.locator('#explorer-view').waitFor({ state: 'visible' });
+    await page.waitForFunction(() => document.querySelectorAll('#examples option').length > 0);
+    const intro = await adminGql('{ __schema { queryType { fields { name } } mutationType { fields { name } } } }');
+    const want = [...intro.data.__schema.queryType.fields.map((f) => 'query.' + f.name),
+      ...intro.data.__schema.mutationType.fields.map((f) => 'mutation.' + f.name)].sort();
+    const have = (await page.locator('#examples option').evaluateAll((os) => os.map((o) => o.value))).sort();
+    expect(JSON.stringify(want) === JSON.stringify(have), `want ${want} have ${have}`);
+  });
+
+  await check('explorer runs an example query', async () => {
+    await page.selectOption('#examples', 'query.customer');
+    const vars = JSON.parse(await page.inputValue('#variables'));
+    expect(vars.id === 'alice', `variables ${JSON.stringify(vars)}`);
+    await page.click('#run');
+    const out = await waitText(page.locator('#result'), '"id": "alice"');
+    expect(out.includes('HTTP 200') && out.includes('"isActive": true'), out.slice(0, 300));
+    await page.selectOption('#examples', 'query.products');
+    await page.click('#editor');
+    await page.keyboard.press('Control+Enter');
+    await waitText(page.locator('#result'), '"com.example.maps.lifetime"');
+  });
+
+  await check('every example operation passes the server validation', async () => {
+    const ids = await page.locator('#examples option').evaluateAll((os) => os.map((o) => o.value));
+    const bad = [];
+    for (const id of ids) {
+      await page.selectOption('#examples', id);
+      await page.evaluate(() => { document.getElementById('result').textContent = ''; });
+      await page.click('#run');
+      const out = await waitText(page.locator('#result'), 'HTTP ');
+      const body = JSON.parse(out.slice(out.indexOf('\n') + 1));
+      // "me" needs a customer token; everything else must succeed for an admin.
+      const ok = id === 'query.me' ? body.errors && body.errors[0].extensions.code !== 'BAD_USER_INPUT' : !body.errors && body.data;
+      if (!ok) bad.push(`${id}: ${JSON.stringify(body).slice(0, 200)}`);
+    }
+    expect(!bad.length, bad.join('\n'));
+  });
+
+  await check('explorer completes field names from the schema', async () => {
+    await page.fill('#editor', '');
+    await page.click('#editor');
+    await page.keyboard.type('query {\n  custo');
+    await page.locator('#completions').waitFor({ state: 'visible' });
+    const labels = await page.locator('#completions li').evaluateAll((ls) => ls.map((l) => l.dataset.label));
+    expect(labels.includes('customer') && labels.includes('customers') && !labels.includes('products'), labels.join());
+    await shot('06-explorer-completion');
+    await page.keyboard.press('ArrowDown');
+    await page.keyboard.press('Enter');
+    await page.keyboard.type('(first: 2) {\n    nodes { pai');
+    await page.locator('#completions li[data-label="paidStatus"]').waitFor();
+    await page.keyboard.press('Enter');
+    await page.keyboard.type(' id }\n  }\n}');
+    expect((await page.inputValue('#editor')).includes('customers(first: 2) {\n    nodes { paidStatus id }'), await page.inputValue('#editor'));
+    await page.fill('#variables', '{}');
+    await page.click('#run');
+    await waitText(page.locator('#result'), '"paidStatus": "PAID"');
+    await shot('07-explorer-result');
+  });
+
+  await check('sign out forgets the key', async () => {
+    await page.click('#signout');
+    await page.locator('#signin-view').waitFor({ state: 'visible' });
+    const s = await page.evaluate(() => sessionStorage.length);
+    expect(s === 0, 'session storage not cleared');
+  });
+
+  await check('a customer token is not enough; an admin token signs in', async () => {
+    await page.fill('#signin-secret', CUSTOMER_TOKEN);
+    await page.click('#signin-submit');
+    await waitText(page.locator('#signin-error'), 'not an admin one');
+    await page.fill('#signin-secret', ADMIN_TOKEN);
+    await page.click('#signin-submit');
+    await page.locator('#customers-table tbody tr[data-customer]').first().waitFor();
+    await waitText(page.locator('#whoami'), 'token');
+    await page.click('#customers-table tbody tr[data-customer="bob"] a');
+    await waitText(entitlement('pro'), 'Stripe subscription canceled');
+  });
+
+  await check('no script errors, CSP violations or outside requests', async () => {
+    expect(consoleErrors.length === 0, consoleErrors.join('\n'));
+    expect(foreign.length === 0, foreign.join('\n'));
+  });
+} finally {
+  await browser.close();
+}
+
+if (problems.length) console.log('failed: ' + problems.join('; '));
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);

@@ -1,0 +1,149 @@
+//! REST routes beside GraphQL: subscription check, health, readiness,
+//! metrics, unknown routes.
+
+mod common;
+
+use chrono::Duration;
+use common::{Auth, Backend, spawn};
+use entitle::domain::ApiKeyRole;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn get(app: &common::TestApp, auth: &Auth, path: &str) -> (StatusCode, Value) {
+    let resp = auth
+        .apply(app.client.get(app.url(path)))
+        .send()
+        .await
+        .unwrap();
+    let s = resp.status();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn subscription_check(b: Backend) {
+    let app = spawn(b).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let service = app.key(ApiKeyRole::Service).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    app.post_user(&client, "svc-1").await;
+
+    let (s, r) = get(&app, &service, "/api/subscriptions/check/svc-1").await;
+    assert_eq!(s, StatusCode::OK, "{r}");
+    assert_eq!(r["is_subscribed"], true);
+    assert_eq!(r["paid_status"], "trial");
+    assert_eq!(r["entitlements"][0]["key"], "pro");
+    assert_eq!(r["entitlements"][0]["store"], "trial");
+
+    app.clock.advance(Duration::days(8));
+    let (_, r) = get(&app, &service, "/api/subscriptions/check/svc-1").await;
+    assert_eq!(r["is_subscribed"], false);
+    assert_eq!(r["entitlements"][0]["status"], "expired");
+
+    app.gql(
+        &admin,
+        "mutation { grantEntitlement(customerId: \"svc-1\", entitlement: \"pro\") { id } }",
+        json!({}),
+    )
+    .await;
+    let (_, r) = get(&app, &admin, "/api/subscriptions/check/svc-1").await;
+    assert_eq!(r["is_subscribed"], true);
+    assert_eq!(r["paid_status"], "paid");
+    assert_eq!(
+        r["entitlements"][0]["expires_at"],
+        Value::Null,
+        "lifetime grant"
+    );
+
+    for (auth, path, status, code) in [
+        (
+            &service,
+            "/api/subscriptions/check/unknown",
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+        ),
+        (
+            &client,
+            "/api/subscriptions/check/svc-1",
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+        ),
+        (
+            &Auth::None,
+            "/api/subscriptions/check/svc-1",
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+        ),
+        (
+            &service,
+            "/api/subscriptions/check/a%01b",
+            StatusCode::BAD_REQUEST,
+            "BAD_USER_INPUT",
+        ),
+        (
+            &service,
+            "/no/such/route",
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+        ),
+    ] {
+        let (s, r) = get(&app, auth, path).await;
+        assert_eq!(s, status, "{path}: {r}");
+        assert_eq!(r["error"]["code"], code, "{path}");
+    }
+}
+
+async fn health_ready_metrics(b: Backend) {
+    let app = spawn(b).await;
+    let (s, r) = get(&app, &Auth::None, "/health").await;
+    assert_eq!((s, r["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let (s, r) = get(&app, &Auth::None, "/ready").await;
+    assert_eq!((s, r["status"].as_str()), (StatusCode::OK, Some("ready")));
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(
+            "entitle_http_requests_total{method=\"GET\",route=\"/ready\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("entitle_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+
+    // With the database gone, readiness says so and liveness does not care.
+    app.state.core.db.conn.clone().close().await.unwrap();
+    let (s, _) = get(&app, &Auth::None, "/ready").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, _) = get(&app, &Auth::None, "/health").await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+async fn internal_errors_do_not_leak(b: Backend) {
+    let app = spawn(b).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let Auth::Key(_) = &client else {
+        unreachable!()
+    };
+    app.post_user(&client, "leak-1").await;
+    app.state.core.db.conn.clone().close().await.unwrap();
+    // The cached key still authenticates; the database read then fails.
+    let (s, r) = app.post_user(&client, "leak-2").await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{r}");
+    assert_eq!(
+        r["error"],
+        json!({ "code": "INTERNAL", "message": "internal error" })
+    );
+}
+
+on_all_backends!(
+    subscription_check,
+    health_ready_metrics,
+    internal_errors_do_not_leak
+);
