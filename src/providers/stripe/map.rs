@@ -55,7 +55,9 @@ pub fn subscription_state(
         .map(|i| i.current_period_end)
         .max()
         .map(ts)?;
-    let ends_at_period_end = sub.cancel_at_period_end || sub.cancel_at.is_some();
+    // A `cancel_at` beyond this period still renews until then.
+    let ends_at_period_end =
+        sub.cancel_at_period_end || sub.cancel_at.is_some_and(|c| ts(c) <= period_end);
     let access_end = match sub.cancel_at.map(ts) {
         Some(c) if c < period_end => c,
         _ => period_end,
@@ -213,4 +215,80 @@ pub fn refunded_state(
             raw
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_sub(edit: impl FnOnce(&mut Value)) -> Subscription {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/vectors/stripe/object.subscription.json"
+        );
+        let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        v["status"] = json!("active");
+        v["cancel_at"] = Value::Null;
+        v["cancel_at_period_end"] = json!(false);
+        v["items"]["data"][0]["current_period_start"] = json!(1_000);
+        v["items"]["data"][0]["current_period_end"] = json!(2_000);
+        edit(&mut v);
+        miniserde::json::from_str(&v.to_string()).expect("fixture parses")
+    }
+
+    fn state(sub: &Subscription, grace: Option<Duration>) -> PurchaseState {
+        subscription_state(sub, grace, ts(1_500), None).unwrap()
+    }
+
+    #[test]
+    fn the_fixture_maps() {
+        let s = state(&fixture_sub(|_| {}), None);
+        assert_eq!(s.status, PurchaseStatus::Active);
+        assert_eq!(s.expires_at, Some(ts(2_000)));
+        assert!(s.auto_renew);
+        assert_eq!(s.environment, Environment::Sandbox);
+        assert_eq!(s.product_id, "price_1PgafmB7WZ01zgkW6dKueIc5");
+    }
+
+    #[test]
+    fn cancel_at_in_this_period_ends_it_and_later_does_not() {
+        let s = state(&fixture_sub(|v| v["cancel_at"] = json!(1_800)), None);
+        assert_eq!(
+            (s.status, s.expires_at, s.auto_renew),
+            (PurchaseStatus::Canceled, Some(ts(1_800)), false)
+        );
+        let s = state(&fixture_sub(|v| v["cancel_at"] = json!(9_000)), None);
+        assert_eq!((s.status, s.auto_renew), (PurchaseStatus::Active, true));
+        let s = state(
+            &fixture_sub(|v| v["cancel_at_period_end"] = json!(true)),
+            None,
+        );
+        assert_eq!(
+            (s.status, s.expires_at),
+            (PurchaseStatus::Canceled, Some(ts(2_000)))
+        );
+    }
+
+    #[test]
+    fn past_due_is_retry_or_grace_from_the_unpaid_period_start() {
+        let sub = fixture_sub(|v| v["status"] = json!("past_due"));
+        assert_eq!(state(&sub, None).status, PurchaseStatus::InBillingRetry);
+        let s = state(&sub, Some(Duration::seconds(100)));
+        assert_eq!(s.status, PurchaseStatus::InGracePeriod);
+        assert_eq!(s.grace_expires_at, Some(ts(1_100)));
+    }
+
+    #[test]
+    fn ended_states_do_not_grant() {
+        for (status, expected) in [
+            ("canceled", PurchaseStatus::Expired),
+            ("incomplete_expired", PurchaseStatus::Expired),
+            ("unpaid", PurchaseStatus::OnHold),
+            ("paused", PurchaseStatus::Paused),
+            ("incomplete", PurchaseStatus::Pending),
+        ] {
+            let s = state(&fixture_sub(|v| v["status"] = json!(status)), None);
+            assert_eq!(s.status, expected, "{status}");
+        }
+    }
 }
