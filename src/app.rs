@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
             "/api/subscriptions/check/{customer_id}",
             get(rest::subscriptions::check),
         )
+        .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))
