@@ -93,6 +93,10 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
+    crate::service::google::spawn_acknowledgement_retries(
+        state.core.clone(),
+        Duration::from_secs(15 * 60),
+    );
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;

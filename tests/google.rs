@@ -1111,6 +1111,35 @@ async fn acknowledgement_retried_on_next_read(b: Backend) {
     );
 }
 
+/// Acknowledgement fails and no notification follows: the periodic retry
+/// acknowledges it, once.
+async fn acknowledgement_retried_by_sweep(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("sub-1", Sub::active(now).json());
+    g.fake.set("life-1", product_purchase(0, false, None, now));
+    g.fake.with(|s| s.ack_down = true);
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    verify(&app, &key, "user-1", "maps_forever", "life-1").await;
+    assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
+    assert_eq!(
+        app.state.core.retry_play_acknowledgements().await.ok(),
+        Some(0)
+    );
+
+    g.fake.with(|s| s.ack_down = false);
+    let core = &app.state.core;
+    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(2));
+    assert_eq!(
+        g.fake.ack_state("sub-1"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+    assert_eq!(g.fake.ack_state("life-1"), 1);
+    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(0));
+    assert_eq!(g.fake.with(|s| s.acks.len()), 2);
+}
+
 /// The access token is cached, and refreshed when Google refuses it.
 async fn access_token_cached_and_refreshed_on_401(b: Backend) {
     let (app, g) = setup(b).await;
@@ -1322,6 +1351,7 @@ on_all_backends!(
     google_down_then_retry,
     token_endpoint_down,
     acknowledgement_retried_on_next_read,
+    acknowledgement_retried_by_sweep,
     access_token_cached_and_refreshed_on_401,
     legacy_receipt_verifies,
     legacy_receipt_bad_signature,

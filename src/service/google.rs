@@ -2,14 +2,20 @@
 //! receipt), and Google pushes real-time developer notifications.
 //!
 //! Acknowledgement: Google refunds a purchase nobody acknowledged within
-//! three days. We acknowledge after the purchase is committed; when that
-//! call fails the purchase stays granted and nothing is recorded, because
-//! the retry needs no bookkeeping: every later read of the purchase (the
-//! notification Google sends for it, a resubmission) sees Google's own
-//! `acknowledgementState` still pending and acknowledges again.
+//! three days. We acknowledge after the purchase is committed. When that
+//! call fails the purchase stays granted, and the stored `raw` (Google's
+//! own answer) still says `acknowledgementState` pending: that is the
+//! reminder. Every later read of the purchase (a notification, a
+//! resubmission) acknowledges again, and a periodic sweep
+//! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
+//! within the three days. A successful acknowledgement marks `raw` so.
+
+use std::{sync::Arc, time::Duration};
 
 use entities::{purchases, webhook_events};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
+};
 use serde_json::json;
 
 use super::{
@@ -17,7 +23,7 @@ use super::{
     purchases::{Applied, Submitter},
 };
 use crate::{
-    domain::{ProductDef, ProductKind, Store},
+    domain::{ProductDef, ProductKind, PurchaseStatus, Store},
     error::{AppError, AppResult},
     providers::google::{
         self as play, Fetched, GoogleError, GooglePlay, PlayKind,
@@ -90,6 +96,26 @@ impl PushOutcome {
     }
 }
 
+/// Runs [`Core::retry_play_acknowledgements`] every `every`, for as long as
+/// the process lives.
+pub fn spawn_acknowledgement_retries(core: Arc<Core>, every: Duration) {
+    if core.google.is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now() + every;
+        let mut tick = tokio::time::interval_at(start, every);
+        loop {
+            tick.tick().await;
+            match core.retry_play_acknowledgements().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(n, "Play purchases acknowledged on retry"),
+                Err(e) => tracing::warn!(error = ?e, "Play acknowledgement retry failed"),
+            }
+        }
+    });
+}
+
 fn bare(product_id: &str) -> &str {
     product_id.split(':').next().unwrap_or(product_id)
 }
@@ -134,13 +160,97 @@ impl Core {
         }
     }
 
-    async fn acknowledge_play(&self, google: &GooglePlay, kind: &PlayKind, token: &str) {
+    /// True when acknowledged (and so marked in the stored purchase).
+    async fn acknowledge_play(&self, google: &GooglePlay, kind: &PlayKind, token: &str) -> bool {
         if let Err(e) = google.acknowledge(kind, token).await {
             tracing::warn!(
                 error = ?e,
-                "Play acknowledgement failed; it is retried on the purchase's next read"
+                "Play acknowledgement failed; it is retried later"
             );
+            return false;
         }
+        if let Err(e) = self.mark_play_acknowledged(token).await {
+            tracing::warn!(error = ?e, "could not record a Play acknowledgement");
+        }
+        true
+    }
+
+    /// Notes in the stored payload that Google has the acknowledgement, so
+    /// the sweep skips it. `raw` is audit data: no change-log row.
+    async fn mark_play_acknowledged(&self, token: &str) -> AppResult<()> {
+        let txn = self.db.write().await?;
+        let row = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(token))
+            .one(&*txn)
+            .await?;
+        if let Some(row) = row
+            && let Some(mut raw) = row.raw.clone()
+            && let Some(obj) = raw.as_object_mut()
+        {
+            let acked = if obj
+                .get("acknowledgementState")
+                .is_some_and(|v| v.is_number())
+            {
+                json!(1)
+            } else {
+                json!("ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED")
+            };
+            obj.insert("acknowledgementState".into(), acked);
+            let mut am = row.into_active_model();
+            am.raw = Set(Some(raw));
+            am.update(&*txn).await?;
+        }
+        txn.commit().await
+    }
+
+    /// Acknowledges the Play purchases of the last three days whose stored
+    /// state says Google still waits for it (Google was down when they were
+    /// verified). Returns how many it acknowledged.
+    pub async fn retry_play_acknowledgements(&self) -> AppResult<usize> {
+        let Some(google) = self.google.as_deref() else {
+            return Ok(0);
+        };
+        let since = self.now() - chrono::Duration::days(3);
+        let rows = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::PurchasedAt.gte(since))
+            .filter(purchases::Column::Status.is_in([
+                PurchaseStatus::Active.as_str(),
+                PurchaseStatus::Trialing.as_str(),
+                PurchaseStatus::Canceled.as_str(),
+                PurchaseStatus::InGracePeriod.as_str(),
+            ]))
+            .all(&self.db.conn)
+            .await?;
+        let mut done = 0;
+        for p in rows.iter().filter(|p| {
+            p.raw.as_ref().is_some_and(|r| {
+                r["acknowledgementState"] == "ACKNOWLEDGEMENT_STATE_PENDING"
+                    || r["acknowledgementState"] == 0
+            })
+        }) {
+            let Some(kind) = self.play_product(&p.product_id).map(|d| d.kind) else {
+                continue;
+            };
+            match self
+                .fetch_play(google, kind, &p.product_id, &p.store_purchase_id)
+                .await
+            {
+                Ok(f) if f.needs_ack => {
+                    if self
+                        .acknowledge_play(google, &f.kind, &p.store_purchase_id)
+                        .await
+                    {
+                        done += 1;
+                    }
+                }
+                // Acknowledged meanwhile, or no longer to be acknowledged.
+                Ok(_) => self.mark_play_acknowledged(&p.store_purchase_id).await?,
+                Err(e) => tracing::warn!(error = ?e, "Play acknowledgement retry: read failed"),
+            }
+        }
+        Ok(done)
     }
 
     /// `verifyPurchase` for Google Play: records the submission, reads the
