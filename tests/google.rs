@@ -1285,6 +1285,27 @@ async fn duplicates_test_and_subscription_refund(b: Backend) {
     assert!(!is_active(&c));
     assert_eq!(purchase_status(&c, "sub-1"), "REFUNDED");
 
+    // A newer notification reads the token as merely expired: still refunded.
+    let mut s = Sub::active(now);
+    s.state = "SUBSCRIPTION_STATE_EXPIRED";
+    s.acknowledged = true;
+    s.expiry = t;
+    g.fake.set("sub-1", s.json());
+    let events = app.count("entitlement_events").await;
+    let (st, body) = push(
+        &app,
+        "m-after",
+        &sub_note(13, "sub-1", t + Duration::minutes(1)),
+    )
+    .await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("applied"))
+    );
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert_eq!(purchase_status(&c, "sub-1"), "REFUNDED");
+    assert_eq!(app.count("entitlement_events").await, events);
+
     // A purchase nobody here has and no account binds: recorded, not applied.
     g.fake.set("stranger", Sub::active(now).json());
     let (st, body) = push(&app, "m-stranger", &sub_note(4, "stranger", t)).await;
@@ -1336,6 +1357,26 @@ async fn verify_requires_a_customer(b: Backend) {
     assert_eq!(error_code(&body), Some("FORBIDDEN"), "{body}");
     assert_eq!(app.counts().await, before2);
     assert_eq!(before[2], app.counts().await[2], "no purchase");
+}
+
+/// The service-account JSON passes through the environment intact, and
+/// never shows in `Debug`.
+#[test]
+fn service_account_from_env_is_kept_and_redacted() {
+    let sa = json!({"type": "service_account", "client_email": SA_EMAIL,
+                    "private_key": "-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"})
+    .to_string();
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("ENTITLE_GOOGLE__PACKAGE_NAME", PACKAGE);
+        jail.set_env("ENTITLE_GOOGLE__SERVICE_ACCOUNT", &sa);
+        jail.set_env("ENTITLE_GOOGLE__PUBSUB_AUDIENCE", AUDIENCE);
+        let cfg = Config::load(None).map_err(|e| e.to_string())?;
+        let g = cfg.google.as_ref().unwrap();
+        assert_eq!(g.service_account.as_ref().unwrap().expose(), sa);
+        assert_eq!(g.api_base, "https://androidpublisher.googleapis.com/");
+        assert!(!format!("{cfg:?}").contains("MIIsecret"));
+        Ok(())
+    });
 }
 
 on_all_backends!(

@@ -23,8 +23,10 @@ use super::{
     purchases::{Applied, Submitter},
 };
 use crate::{
+    db::WriteTxn,
     domain::{ProductDef, ProductKind, PurchaseStatus, Store},
     error::{AppError, AppResult},
+    providers::VerifiedPurchase,
     providers::google::{
         self as play, Fetched, GoogleError, GooglePlay, PlayKind,
         rtdn::{self, DeveloperNotification},
@@ -158,6 +160,36 @@ impl Core {
             }
             ProductKind::Lifetime => google.fetch_product(bare(product_id), token, now).await,
         }
+    }
+
+    /// Google never reinstates a refunded or revoked token (a new purchase
+    /// gets a new token), so once we hold one as such, later reads keep
+    /// that status and its time, whatever else they update.
+    async fn keep_play_refund(
+        &self,
+        txn: &WriteTxn,
+        purchase: VerifiedPurchase,
+    ) -> AppResult<VerifiedPurchase> {
+        if matches!(
+            purchase.status,
+            PurchaseStatus::Refunded | PurchaseStatus::Revoked
+        ) {
+            return Ok(purchase);
+        }
+        let stored = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
+            .one(&**txn)
+            .await?;
+        Ok(match stored {
+            Some(s) => match s.status.parse::<PurchaseStatus>() {
+                Ok(st @ (PurchaseStatus::Refunded | PurchaseStatus::Revoked)) => {
+                    play::keep_final(purchase, st, s.revoked_at)
+                }
+                _ => purchase,
+            },
+            None => purchase,
+        })
     }
 
     /// True when acknowledged (and so marked in the stored purchase).
@@ -312,13 +344,9 @@ impl Core {
 
         let txn = self.db.write().await?;
         let now = self.now();
+        let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self
-            .apply_purchase_in(
-                &txn,
-                &fetched.purchase,
-                Submitter::Customer(customer_id),
-                now,
-            )
+            .apply_purchase_in(&txn, &purchase, Submitter::Customer(customer_id), now)
             .await?;
         self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
             .await?;
@@ -368,10 +396,20 @@ impl Core {
 
         let txn = self.db.write().await?;
         let now = self.now();
+        let (fetched, ack) = match fetched {
+            Ok(f) => {
+                let ack = (f.needs_ack, f.kind);
+                (
+                    Ok(self.keep_play_refund(&txn, f.purchase).await?),
+                    Some(ack),
+                )
+            }
+            Err(o) => (Err(o), None),
+        };
         let outcome = match &fetched {
             Err(o) => *o,
-            Ok(f) => match self
-                .apply_purchase_in(&txn, &f.purchase, Submitter::Store, now)
+            Ok(purchase) => match self
+                .apply_purchase_in(&txn, purchase, Submitter::Store, now)
                 .await
             {
                 Ok(a) if a.stale => PushOutcome::Stale,
@@ -397,11 +435,10 @@ impl Core {
         }
         txn.commit().await?;
 
-        if let Ok(f) = &fetched
-            && f.needs_ack
+        if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)
             && matches!(outcome, PushOutcome::Applied | PushOutcome::Stale)
         {
-            self.acknowledge_play(google, &f.kind, &f.purchase.store_purchase_id)
+            self.acknowledge_play(google, kind, &purchase.store_purchase_id)
                 .await;
         }
         Ok(outcome)

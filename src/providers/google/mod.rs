@@ -288,6 +288,20 @@ pub fn revoked(f: Fetched, revoked_at: DateTime<Utc>) -> Fetched {
     }
 }
 
+/// Keeps a refund or revocation we already hold: `state` is a later read
+/// of the same token, whose other fields still apply.
+pub fn keep_final(
+    state: VerifiedPurchase,
+    status: PurchaseStatus,
+    revoked_at: Option<DateTime<Utc>>,
+) -> VerifiedPurchase {
+    let mut s = state.0;
+    s.revoked_at = revoked_at.or(Some(s.source_updated_at));
+    s.status = status;
+    s.auto_renew = false;
+    VerifiedPurchase::new(s)
+}
+
 /// Stamps the state with the notification's own time, so a late message
 /// never overwrites what a newer one already applied.
 pub fn stamped(f: Fetched, at: DateTime<Utc>) -> Fetched {
