@@ -84,6 +84,7 @@ struct FakeState {
     revoked_tokens: HashSet<String>,
     jwks: Vec<Value>,
     jwks_fetches: u32,
+    jwks_down: bool,
 }
 
 #[derive(Clone, Default)]
@@ -162,6 +163,9 @@ impl Respond for Fake {
             }));
         }
         if path == "/jwks" {
+            if s.jwks_down {
+                return ResponseTemplate::new(502);
+            }
             s.jwks_fetches += 1;
             return ResponseTemplate::new(200).set_body_json(json!({ "keys": s.jwks }));
         }
@@ -919,6 +923,9 @@ async fn malformed_pushes(b: Backend) {
         ("no envelope", "{\"hello\": 1}".to_string()),
         ("not JSON at all", "hello".to_string()),
     ];
+    let (st, resp) = push_raw(&app, Some(&good), "x".repeat(200 * 1024)).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(app.counts().await, before);
     for (name, body) in cases {
         let (st, resp) = push_raw(&app, Some(&good), body).await;
         assert_eq!(st, StatusCode::BAD_REQUEST, "{name}: {resp}");
@@ -1045,8 +1052,16 @@ async fn google_down_then_retry(b: Backend) {
     let key = app.key(ApiKeyRole::Client).await;
     let now = app.state.core.now();
     g.fake.set("sub-1", Sub::active(now).json());
-    g.fake.with(|s| s.down = true);
+    // Google's keys out of reach: the push is not refused, but retried.
+    g.fake.with(|s| s.jwks_down = true);
     let before = app.counts().await;
+    let (st, _) = push(&app, "m-0", &sub_note(4, "sub-1", now)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.counts().await, before);
+    g.fake.with(|s| {
+        s.jwks_down = false;
+        s.down = true;
+    });
     let (_, body) = app
         .gql(
             &key,
