@@ -1383,6 +1383,8 @@ fn service_account_from_env_is_kept_and_redacted() {
                     "private_key": "-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"})
     .to_string();
     figment::Jail::expect_with(|jail| {
+        // The harness's own ENTITLE_TEST_* variables are not the server's.
+        jail.clear_env();
         jail.set_env("ENTITLE_GOOGLE__PACKAGE_NAME", PACKAGE);
         jail.set_env("ENTITLE_GOOGLE__SERVICE_ACCOUNT", &sa);
         jail.set_env("ENTITLE_GOOGLE__PUBSUB_AUDIENCE", AUDIENCE);
