@@ -1374,29 +1374,6 @@ async fn verify_requires_a_customer(b: Backend) {
     assert_eq!(before[2], app.counts().await[2], "no purchase");
 }
 
-/// The service-account JSON passes through the environment intact, and
-/// never shows in `Debug`.
-#[test]
-#[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
-fn service_account_from_env_is_kept_and_redacted() {
-    let sa = json!({"type": "service_account", "client_email": SA_EMAIL,
-                    "private_key": "-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"})
-    .to_string();
-    figment::Jail::expect_with(|jail| {
-        // The harness's own ENTITLE_TEST_* variables are not the server's.
-        jail.clear_env();
-        jail.set_env("ENTITLE_GOOGLE__PACKAGE_NAME", PACKAGE);
-        jail.set_env("ENTITLE_GOOGLE__SERVICE_ACCOUNT", &sa);
-        jail.set_env("ENTITLE_GOOGLE__PUBSUB_AUDIENCE", AUDIENCE);
-        let cfg = Config::load(None).map_err(|e| e.to_string())?;
-        let g = cfg.google.as_ref().unwrap();
-        assert_eq!(g.service_account.as_ref().unwrap().expose(), sa);
-        assert_eq!(g.api_base, "https://androidpublisher.googleapis.com/");
-        assert!(!format!("{cfg:?}").contains("MIIsecret"));
-        Ok(())
-    });
-}
-
 on_all_backends!(
     lifecycle_in_order_then_shuffled,
     upgrade_leaves_one_live_purchase,

@@ -313,3 +313,33 @@ pub fn stamped(f: Fetched, at: DateTime<Utc>) -> Fetched {
         kind: f.kind,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    /// The service-account JSON passes through the environment intact, and
+    /// never shows in `Debug`.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn service_account_from_env_is_kept_and_redacted() {
+        let sa = serde_json::json!({
+            "type": "service_account",
+            "client_email": "sa@example-project.iam.gserviceaccount.com",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"
+        })
+        .to_string();
+        figment::Jail::expect_with(|jail| {
+            // The test harness's own ENTITLE_TEST_* variables are not the server's.
+            jail.clear_env();
+            jail.set_env("ENTITLE_GOOGLE__PACKAGE_NAME", "com.example.app");
+            jail.set_env("ENTITLE_GOOGLE__SERVICE_ACCOUNT", &sa);
+            let cfg = Config::load(None).map_err(|e| e.to_string())?;
+            let g = cfg.google.as_ref().unwrap();
+            assert_eq!(g.service_account.as_ref().unwrap().expose(), sa);
+            assert_eq!(g.api_base, "https://androidpublisher.googleapis.com/");
+            assert!(!format!("{cfg:?}").contains("MIIsecret"));
+            Ok(())
+        });
+    }
+}
