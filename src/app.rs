@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
             "/api/subscriptions/check/{customer_id}",
             get(rest::subscriptions::check),
         )
+        .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))
@@ -95,6 +96,10 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
+    crate::service::google::spawn_acknowledgement_retries(
+        state.core.clone(),
+        Duration::from_secs(15 * 60),
+    );
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;

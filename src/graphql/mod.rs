@@ -25,6 +25,7 @@ use crate::{
 mod mutation;
 mod query;
 mod types;
+mod verify;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;

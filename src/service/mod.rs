@@ -16,6 +16,7 @@ use crate::{
 
 pub mod api_keys;
 pub mod customers;
+pub mod google;
 pub mod purchases;
 
 /// What every use case needs: the database, the catalog and the clock.
@@ -26,6 +27,7 @@ pub struct Core {
     pub accept_sandbox: bool,
     pub trial: Option<TrialPolicy>,
     pub transfer_policy: TransferPolicy,
+    pub google: Option<Arc<crate::providers::google::GooglePlay>>,
 }
 
 impl Core {
@@ -37,6 +39,12 @@ impl Core {
             accept_sandbox: config.accept_sandbox,
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
+            google: config
+                .google
+                .as_ref()
+                .map(crate::providers::google::GooglePlay::new)
+                .transpose()?
+                .map(Arc::new),
         })
     }
 
