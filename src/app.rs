@@ -62,6 +62,7 @@ pub fn router(state: AppState) -> Router {
             get(rest::subscriptions::check),
         )
         .route("/webhooks/stripe", post(rest::webhooks::stripe::receive))
+        .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))
@@ -96,6 +97,10 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
+    crate::service::google::spawn_acknowledgement_retries(
+        state.core.clone(),
+        Duration::from_secs(15 * 60),
+    );
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;

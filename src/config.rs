@@ -52,6 +52,7 @@ pub struct Config {
     pub trial: Option<TrialPolicy>,
     pub catalog: CatalogConfig,
     pub stripe: Option<StripeConfig>,
+    pub google: Option<GoogleConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -134,6 +135,58 @@ pub struct StripeConfig {
     pub api_timeout_secs: Option<u64>,
 }
 
+/// Google Play: the Play Developer API (service account), Pub/Sub push
+/// (real-time developer notifications) and legacy signed receipts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleConfig {
+    /// The app's package name; purchases and notifications for any other are refused.
+    pub package_name: String,
+    /// The service-account key: the JSON itself, or the path of the JSON file.
+    pub service_account: Option<Secret>,
+    #[serde(default = "google_api_base")]
+    pub api_base: String,
+    /// Where the service-account assertion is exchanged; defaults to the
+    /// key file's `token_uri`, else Google's.
+    #[serde(default)]
+    pub token_uri: Option<String>,
+    /// The `aud` of the Pub/Sub push OIDC token (set on the push subscription).
+    #[serde(default)]
+    pub pubsub_audience: Option<String>,
+    /// The service account Pub/Sub signs push tokens as (`email` claim).
+    #[serde(default)]
+    pub pubsub_service_account: Option<String>,
+    #[serde(default = "google_jwks_uri")]
+    pub jwks_uri: String,
+    /// The app's base64 RSA public key (Play Console, "Licensing"), for
+    /// legacy `INAPP_PURCHASE_DATA` receipts.
+    #[serde(default)]
+    pub license_public_key: Option<String>,
+}
+
+fn google_api_base() -> String {
+    "https://androidpublisher.googleapis.com/".into()
+}
+
+fn google_jwks_uri() -> String {
+    "https://www.googleapis.com/oauth2/v3/certs".into()
+}
+
+impl GoogleConfig {
+    pub fn new(package_name: impl Into<String>) -> Self {
+        GoogleConfig {
+            package_name: package_name.into(),
+            service_account: None,
+            api_base: google_api_base(),
+            token_uri: None,
+            pubsub_audience: None,
+            pubsub_service_account: None,
+            jwks_uri: google_jwks_uri(),
+            license_public_key: None,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -160,6 +213,7 @@ impl Default for Config {
             trial: None,
             catalog: CatalogConfig::default(),
             stripe: None,
+            google: None,
         }
     }
 }

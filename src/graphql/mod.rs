@@ -26,6 +26,7 @@ mod mutation;
 mod query;
 mod stripe;
 mod types;
+mod verify;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;

@@ -109,6 +109,17 @@ impl MutationRoot {
         Ok(PortalSession { url })
     }
 
+    /// Verifies a store purchase and gives it to the customer: the caller
+    /// itself for a customer token; `customerId` for an app key.
+    async fn verify_purchase(
+        &self,
+        ctx: &Context<'_>,
+        input: super::verify::VerifyPurchaseInput,
+        customer_id: Option<ID>,
+    ) -> async_graphql::Result<super::verify::VerifyPurchasePayload> {
+        super::verify::verify_purchase(ctx, input, customer_id).await
+    }
+
     /// Grants a promotional entitlement until `expiresAt`, or for life (admin).
     async fn grant_entitlement(
         &self,

@@ -271,6 +271,15 @@ pub struct Purchase {
     model: entities::purchases::Model,
 }
 
+impl Purchase {
+    pub fn from_model(model: entities::purchases::Model) -> Result<Self, AppError> {
+        Ok(Purchase {
+            facts: db::purchase_facts(&model)?,
+            model,
+        })
+    }
+}
+
 #[Object]
 impl Purchase {
     async fn id(&self) -> ID {

@@ -2,6 +2,8 @@
 //! normalised [`VerifiedPurchase`]. Only code in this module can construct
 //! one, so unverified data cannot reach `service/`.
 
+pub mod google;
+
 use chrono::{DateTime, Utc};
 
 use crate::domain::{Environment, PeriodType, PurchaseStatus, Store};

@@ -16,6 +16,7 @@ use crate::{
 
 pub mod api_keys;
 pub mod customers;
+pub mod google;
 pub mod purchases;
 pub mod stripe;
 
@@ -29,6 +30,7 @@ pub struct Core {
     pub transfer_policy: TransferPolicy,
     /// Present when a `[stripe]` section is configured.
     pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
+    pub google: Option<Arc<crate::providers::google::GooglePlay>>,
 }
 
 impl Core {
@@ -44,6 +46,12 @@ impl Core {
                 .stripe
                 .as_ref()
                 .map(crate::providers::stripe::StripeProvider::from_config)
+                .transpose()?
+                .map(Arc::new),
+            google: config
+                .google
+                .as_ref()
+                .map(crate::providers::google::GooglePlay::new)
                 .transpose()?
                 .map(Arc::new),
         })

@@ -1,0 +1,95 @@
+//! `verifyPurchase`: one mutation for every store; the input names the store.
+
+use async_graphql::{Context, ID, InputObject, OneofObject, SimpleObject};
+use entities::purchases;
+use sea_orm::EntityTrait;
+
+use super::{
+    query::principal,
+    types::{Customer, Purchase, core},
+};
+use crate::{
+    auth::Principal, domain::ExternalId, error::AppError, service::google::PlaySubmission,
+};
+
+/// A purchase to verify, from exactly one store.
+#[derive(OneofObject)]
+pub enum VerifyPurchaseInput {
+    /// A Google Play Billing purchase token.
+    PlayStore(PlayStoreInput),
+    /// A legacy Google Play receipt (`INAPP_PURCHASE_DATA` and
+    /// `INAPP_DATA_SIGNATURE`), as older billing clients and the Cordova
+    /// purchase plugin send it. Checked against the app's licensing key,
+    /// then read from the Play API like a token.
+    PlayStoreReceipt(PlayStoreReceiptInput),
+}
+
+#[derive(InputObject)]
+pub struct PlayStoreInput {
+    pub package_name: String,
+    /// The Play product id (for a subscription, the subscription's id).
+    pub product_id: String,
+    pub purchase_token: String,
+}
+
+#[derive(InputObject)]
+pub struct PlayStoreReceiptInput {
+    /// `INAPP_PURCHASE_DATA`: the purchase JSON exactly as the store signed it.
+    pub signed_data: String,
+    /// `INAPP_DATA_SIGNATURE`: base64.
+    pub signature: String,
+}
+
+#[derive(SimpleObject)]
+pub struct VerifyPurchasePayload {
+    /// The customer the purchase now belongs to, with its entitlements.
+    pub customer: Customer,
+    pub purchase: Option<Purchase>,
+}
+
+pub async fn verify_purchase(
+    ctx: &Context<'_>,
+    input: VerifyPurchaseInput,
+    customer_id: Option<ID>,
+) -> async_graphql::Result<VerifyPurchasePayload> {
+    let p = principal(ctx);
+    p.require_authenticated()?;
+    // A customer token submits for itself; app keys name the customer.
+    let customer_id = match (p, customer_id) {
+        (_, Some(c)) => c.0,
+        (Principal::Customer(sub), None) => sub.clone(),
+        (_, None) => return Err(AppError::bad_input("customerId is required").into()),
+    };
+    let customer_id = ExternalId::parse(&customer_id)
+        .map_err(|e| AppError::bad_input(format!("invalid customerId: {e}")))?;
+    p.require_register(Some(customer_id.as_str()))?;
+    let core = core(ctx);
+    let submission = match input {
+        VerifyPurchaseInput::PlayStore(i) => PlaySubmission::Token {
+            package_name: i.package_name,
+            product_id: i.product_id,
+            purchase_token: i.purchase_token,
+        },
+        VerifyPurchaseInput::PlayStoreReceipt(i) => PlaySubmission::Receipt {
+            signed_data: i.signed_data,
+            signature: i.signature,
+        },
+    };
+    let applied = core
+        .verify_play_purchase(customer_id.as_str(), submission)
+        .await?;
+    let model = core
+        .find_customer(&applied.customer_id)
+        .await?
+        .ok_or(AppError::NotFound("customer"))?;
+    let purchase = purchases::Entity::find_by_id(applied.purchase_id)
+        .one(&core.db.conn)
+        .await
+        .map_err(AppError::from)?
+        .map(Purchase::from_model)
+        .transpose()?;
+    Ok(VerifyPurchasePayload {
+        customer: Customer::with_snapshot(model, applied.snapshot),
+        purchase,
+    })
+}
