@@ -70,6 +70,8 @@ pub fn router(state: AppState) -> Router {
             "/api/subscriptions/check/{customer_id}",
             get(rest::subscriptions::check),
         )
+        .route("/webhooks/stripe", post(rest::webhooks::stripe::receive))
+        .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/webhooks/apple", post(rest::webhooks::apple::notify))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
@@ -105,6 +107,10 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
+    crate::service::google::spawn_acknowledgement_retries(
+        state.core.clone(),
+        Duration::from_secs(15 * 60),
+    );
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;

@@ -53,6 +53,7 @@ pub struct Config {
     pub catalog: CatalogConfig,
     pub stripe: Option<StripeConfig>,
     pub apple: Option<AppleConfig>,
+    pub google: Option<GoogleConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -126,6 +127,65 @@ pub struct StripeConfig {
     pub api_base: Option<String>,
     /// The Stripe Payment Link the Garmin shim hands out.
     pub payment_link: Option<String>,
+    /// Days of continued access after a failed renewal (`past_due`); absent
+    /// or 0 means no access while Stripe retries the payment.
+    #[serde(default)]
+    pub grace_period_days: Option<u32>,
+    /// Per-request time limit for calls to the Stripe API, seconds.
+    #[serde(default)]
+    pub api_timeout_secs: Option<u64>,
+}
+
+/// Google Play: the Play Developer API (service account), Pub/Sub push
+/// (real-time developer notifications) and legacy signed receipts.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleConfig {
+    /// The app's package name; purchases and notifications for any other are refused.
+    pub package_name: String,
+    /// The service-account key: the JSON itself, or the path of the JSON file.
+    pub service_account: Option<Secret>,
+    #[serde(default = "google_api_base")]
+    pub api_base: String,
+    /// Where the service-account assertion is exchanged; defaults to the
+    /// key file's `token_uri`, else Google's.
+    #[serde(default)]
+    pub token_uri: Option<String>,
+    /// The `aud` of the Pub/Sub push OIDC token (set on the push subscription).
+    #[serde(default)]
+    pub pubsub_audience: Option<String>,
+    /// The service account Pub/Sub signs push tokens as (`email` claim).
+    #[serde(default)]
+    pub pubsub_service_account: Option<String>,
+    #[serde(default = "google_jwks_uri")]
+    pub jwks_uri: String,
+    /// The app's base64 RSA public key (Play Console, "Licensing"), for
+    /// legacy `INAPP_PURCHASE_DATA` receipts.
+    #[serde(default)]
+    pub license_public_key: Option<String>,
+}
+
+fn google_api_base() -> String {
+    "https://androidpublisher.googleapis.com/".into()
+}
+
+fn google_jwks_uri() -> String {
+    "https://www.googleapis.com/oauth2/v3/certs".into()
+}
+
+impl GoogleConfig {
+    pub fn new(package_name: impl Into<String>) -> Self {
+        GoogleConfig {
+            package_name: package_name.into(),
+            service_account: None,
+            api_base: google_api_base(),
+            token_uri: None,
+            pubsub_audience: None,
+            pubsub_service_account: None,
+            jwks_uri: google_jwks_uri(),
+            license_public_key: None,
+        }
+    }
 }
 
 /// Which App Store environment a deployment verifies as its own.
@@ -200,6 +260,7 @@ impl Default for Config {
             catalog: CatalogConfig::default(),
             stripe: None,
             apple: None,
+            google: None,
         }
     }
 }
@@ -223,7 +284,7 @@ impl Config {
             // ENTITLE_TEST_* belongs to the test harness, not to the server.
             .merge(
                 Env::prefixed("ENTITLE_")
-                    .filter(|k| !k.as_str().starts_with("test_"))
+                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
                     .split("__"),
             );
         Self::from_figment(fig)
@@ -287,6 +348,13 @@ impl Config {
                 );
             }
         }
+        if let Some(base) = self.stripe.as_ref().and_then(|s| s.api_base.as_deref())
+            && (!base.ends_with('/') || url::Url::parse(base).is_err())
+        {
+            anyhow::bail!(
+                "invalid configuration: stripe.api_base must be an absolute URL ending with `/`"
+            );
+        }
         if let Some(apple) = &self.apple {
             if apple.bundle_id.is_empty() {
                 anyhow::bail!("invalid configuration: apple.bundle_id must be set");
@@ -346,6 +414,8 @@ mod tests {
                 webhook_secret: Some(Secret::new("whsec_supersecret")),
                 api_base: None,
                 payment_link: None,
+                grace_period_days: None,
+                api_timeout_secs: None,
             }),
             ..Config::default()
         };
@@ -421,6 +491,8 @@ mod tests {
             )?;
             jail.set_env("ENTITLE_HTTP__BODY_LIMIT_BYTES", "2000");
             jail.set_env("DATABASE_URL", "postgres://localhost/x");
+            // The test harness's own variable is not a server setting.
+            jail.set_env("ENTITLE_TEST_POSTGRES_URL", "postgres://localhost/y");
             let cfg = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(cfg.bind.port(), 9000);
             assert_eq!(cfg.http.body_limit_bytes, 2000);

@@ -24,6 +24,7 @@ use crate::{
 
 mod mutation;
 mod query;
+mod stripe;
 mod types;
 mod verify;
 

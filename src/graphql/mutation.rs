@@ -3,6 +3,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     query::principal,
+    stripe::{CheckoutSession, CreateCheckoutSessionInput, PortalSession, signed_in_customer},
     types::{Customer, Device, Platform, core},
 };
 use crate::{
@@ -73,6 +74,39 @@ impl MutationRoot {
             device: Device(reg.device),
             created: reg.created,
         })
+    }
+
+    /// Starts a Stripe Checkout for a catalog product, for the signed-in
+    /// customer: a subscription for a subscription product, a one-time
+    /// payment for a lifetime one.
+    async fn create_checkout_session(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateCheckoutSessionInput,
+    ) -> async_graphql::Result<CheckoutSession> {
+        let customer = signed_in_customer(principal(ctx))?;
+        let (id, url) = core(ctx)
+            .create_checkout_session(
+                customer,
+                &input.product_id,
+                &input.success_url,
+                &input.cancel_url,
+            )
+            .await?;
+        Ok(CheckoutSession { id, url })
+    }
+
+    /// A Stripe billing portal session for the signed-in customer.
+    async fn create_portal_session(
+        &self,
+        ctx: &Context<'_>,
+        return_url: String,
+    ) -> async_graphql::Result<PortalSession> {
+        let customer = signed_in_customer(principal(ctx))?;
+        let url = core(ctx)
+            .create_portal_session(customer, &return_url)
+            .await?;
+        Ok(PortalSession { url })
     }
 
     /// Verifies a store purchase and gives it to the customer: the caller

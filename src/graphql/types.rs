@@ -272,7 +272,7 @@ pub struct Purchase {
 }
 
 impl Purchase {
-    pub fn from_model(model: entities::purchases::Model) -> Result<Purchase, AppError> {
+    pub fn from_model(model: entities::purchases::Model) -> Result<Self, AppError> {
         Ok(Purchase {
             facts: db::purchase_facts(&model)?,
             model,

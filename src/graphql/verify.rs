@@ -1,24 +1,39 @@
-//! `verifyPurchase`: one input per store (`@oneOf`), one service call each.
+//! `verifyPurchase`: one mutation for every store; the input names the store.
 
 use std::sync::Arc;
 
 use async_graphql::{Context, ID, InputObject, OneofObject, SimpleObject};
+use entities::purchases;
+use sea_orm::EntityTrait;
 
 use super::{
     query::principal,
     types::{Customer, Purchase, core},
 };
 use crate::{
-    auth::Principal, domain::ExternalId, error::AppError, providers::apple::Apple,
-    service::apple::AppStoreSubmission,
+    auth::Principal,
+    domain::ExternalId,
+    error::AppError,
+    providers::apple::Apple,
+    service::{apple::AppStoreSubmission, google::PlaySubmission, purchases::Applied},
 };
 
 /// The App Store provider, absent when `[apple]` is not configured.
 pub struct AppleProvider(pub Option<Arc<Apple>>);
 
+/// A purchase to verify, from exactly one store.
 #[derive(OneofObject)]
 pub enum VerifyPurchaseInput {
+    /// An App Store purchase (StoreKit 2 signed transaction, transaction id
+    /// or legacy app receipt).
     AppStore(AppStoreInput),
+    /// A Google Play Billing purchase token.
+    PlayStore(PlayStoreInput),
+    /// A legacy Google Play receipt (`INAPP_PURCHASE_DATA` and
+    /// `INAPP_DATA_SIGNATURE`), as older billing clients and the Cordova
+    /// purchase plugin send it. Checked against the app's licensing key,
+    /// then read from the Play API like a token.
+    PlayStoreReceipt(PlayStoreReceiptInput),
 }
 
 /// Exactly one of `signedTransaction`, `transactionId`, `appReceipt`.
@@ -32,24 +47,27 @@ pub struct AppStoreInput {
     pub app_receipt: Option<String>,
 }
 
-#[derive(SimpleObject)]
-pub struct VerifyPurchasePayload {
-    /// The customer, with entitlements as they stand after the purchase.
-    pub customer: Customer,
-    pub purchase: Option<Purchase>,
+#[derive(InputObject)]
+pub struct PlayStoreInput {
+    pub package_name: String,
+    /// The Play product id (for a subscription, the subscription's id).
+    pub product_id: String,
+    pub purchase_token: String,
 }
 
-fn customer_for(p: &Principal, named: Option<&ID>) -> Result<ExternalId, AppError> {
-    let id = match (p, named) {
-        (_, Some(id)) => id.as_str(),
-        (Principal::Customer(sub), None) => sub.as_str(),
-        (Principal::Anonymous, None) => return Err(AppError::Unauthenticated),
-        (_, None) => return Err(AppError::bad_input("customerId is required")),
-    };
-    let id = ExternalId::parse(id)
-        .map_err(|e| AppError::bad_input(format!("invalid customerId: {e}")))?;
-    p.require_register(Some(id.as_str()))?;
-    Ok(id)
+#[derive(InputObject)]
+pub struct PlayStoreReceiptInput {
+    /// `INAPP_PURCHASE_DATA`: the purchase JSON exactly as the store signed it.
+    pub signed_data: String,
+    /// `INAPP_DATA_SIGNATURE`: base64.
+    pub signature: String,
+}
+
+#[derive(SimpleObject)]
+pub struct VerifyPurchasePayload {
+    /// The customer the purchase now belongs to, with its entitlements.
+    pub customer: Customer,
+    pub purchase: Option<Purchase>,
 }
 
 fn app_store_submission(input: AppStoreInput) -> Result<AppStoreSubmission, AppError> {
@@ -72,27 +90,60 @@ pub async fn verify_purchase(
     input: VerifyPurchaseInput,
     customer_id: Option<ID>,
 ) -> async_graphql::Result<VerifyPurchasePayload> {
-    let customer = customer_for(principal(ctx), customer_id.as_ref())?;
-    match input {
-        VerifyPurchaseInput::AppStore(input) => {
-            let submission = app_store_submission(input)?;
+    let p = principal(ctx);
+    p.require_authenticated()?;
+    // A customer token submits for itself; app keys name the customer.
+    let customer_id = match (p, customer_id) {
+        (_, Some(c)) => c.0,
+        (Principal::Customer(sub), None) => sub.clone(),
+        (_, None) => return Err(AppError::bad_input("customerId is required").into()),
+    };
+    let customer_id = ExternalId::parse(&customer_id)
+        .map_err(|e| AppError::bad_input(format!("invalid customerId: {e}")))?;
+    p.require_register(Some(customer_id.as_str()))?;
+    let core = core(ctx);
+    let applied: Applied = match input {
+        VerifyPurchaseInput::AppStore(i) => {
+            let submission = app_store_submission(i)?;
             let apple = ctx
                 .data_unchecked::<AppleProvider>()
                 .0
                 .as_deref()
                 .ok_or(AppError::NotConfigured("App Store"))?;
-            let core = core(ctx);
-            let (applied, model) = core
-                .verify_app_store(apple, customer.as_str(), submission)
-                .await?;
-            let customer_model = core
-                .find_customer(&applied.customer_id)
+            core.verify_app_store(apple, customer_id.as_str(), submission)
                 .await?
-                .ok_or(AppError::NotFound("customer"))?;
-            Ok(VerifyPurchasePayload {
-                customer: Customer::with_snapshot(customer_model, applied.snapshot),
-                purchase: Some(Purchase::from_model(model)?),
-            })
+                .0
         }
-    }
+        VerifyPurchaseInput::PlayStore(i) => {
+            let submission = PlaySubmission::Token {
+                package_name: i.package_name,
+                product_id: i.product_id,
+                purchase_token: i.purchase_token,
+            };
+            core.verify_play_purchase(customer_id.as_str(), submission)
+                .await?
+        }
+        VerifyPurchaseInput::PlayStoreReceipt(i) => {
+            let submission = PlaySubmission::Receipt {
+                signed_data: i.signed_data,
+                signature: i.signature,
+            };
+            core.verify_play_purchase(customer_id.as_str(), submission)
+                .await?
+        }
+    };
+    let model = core
+        .find_customer(&applied.customer_id)
+        .await?
+        .ok_or(AppError::NotFound("customer"))?;
+    let purchase = purchases::Entity::find_by_id(applied.purchase_id)
+        .one(&core.db.conn)
+        .await
+        .map_err(AppError::from)?
+        .map(Purchase::from_model)
+        .transpose()?;
+    Ok(VerifyPurchasePayload {
+        customer: Customer::with_snapshot(model, applied.snapshot),
+        purchase,
+    })
 }

@@ -2,11 +2,14 @@
 //! normalised [`VerifiedPurchase`]. Only code in this module can construct
 //! one, so unverified data cannot reach `service/`.
 
+pub mod google;
+
 use chrono::{DateTime, Utc};
 
 use crate::domain::{Environment, PeriodType, PurchaseStatus, Store};
 
 pub mod apple;
+pub mod stripe;
 
 /// A store purchase's state as read from a verified source (a signature we
 /// checked, or the store's own API). Only providers can make one.

@@ -17,7 +17,9 @@ use crate::{
 pub mod api_keys;
 pub mod apple;
 pub mod customers;
+pub mod google;
 pub mod purchases;
+pub mod stripe;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
@@ -27,6 +29,9 @@ pub struct Core {
     pub accept_sandbox: bool,
     pub trial: Option<TrialPolicy>,
     pub transfer_policy: TransferPolicy,
+    /// Present when a `[stripe]` section is configured.
+    pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
+    pub google: Option<Arc<crate::providers::google::GooglePlay>>,
 }
 
 impl Core {
@@ -38,6 +43,18 @@ impl Core {
             accept_sandbox: config.accept_sandbox,
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
+            stripe: config
+                .stripe
+                .as_ref()
+                .map(crate::providers::stripe::StripeProvider::from_config)
+                .transpose()?
+                .map(Arc::new),
+            google: config
+                .google
+                .as_ref()
+                .map(crate::providers::google::GooglePlay::new)
+                .transpose()?
+                .map(Arc::new),
         })
     }
 

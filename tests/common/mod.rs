@@ -97,6 +97,8 @@ pub fn test_config() -> Config {
         webhook_secret: None,
         api_base: None,
         payment_link: Some("https://buy.stripe.com/test_123".into()),
+        grace_period_days: None,
+        api_timeout_secs: None,
     });
     c
 }

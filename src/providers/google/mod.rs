@@ -1,0 +1,345 @@
+//! Google Play: purchase tokens read from the Play Developer API with a
+//! service account, Pub/Sub push notifications authenticated by Google's
+//! OIDC token, and legacy receipts signed with the app's licensing key.
+//!
+//! Everything this module returns as a [`VerifiedPurchase`] was either read
+//! from the Play Developer API or checked against a Google signature.
+
+mod api;
+mod auth;
+mod legacy;
+mod map;
+mod oidc;
+pub mod rtdn;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+pub use legacy::LegacyPurchase;
+
+use crate::{
+    config::GoogleConfig, domain::PurchaseStatus, error::AppError, providers::VerifiedPurchase,
+};
+
+/// Errors of this provider; [`From<GoogleError> for AppError`] is the one
+/// place they become API errors.
+#[derive(Debug)]
+pub enum GoogleError {
+    /// Google does not know the token (404, 410) or refuses it as malformed (400).
+    UnknownPurchase,
+    /// The purchase is not what the caller said it is.
+    Mismatch(&'static str),
+    /// A receipt's signature did not verify.
+    BadSignature(&'static str),
+    /// A push's OIDC token did not verify.
+    PushRejected(&'static str),
+    /// Google could not be reached or failed; retry later.
+    Unavailable(String),
+    /// Google answered something we cannot read.
+    Malformed(String),
+    /// A required setting is missing.
+    NotConfigured(&'static str),
+}
+
+impl From<GoogleError> for AppError {
+    fn from(e: GoogleError) -> Self {
+        match e {
+            GoogleError::UnknownPurchase => {
+                AppError::InvalidReceipt("Google Play does not know this purchase token".into())
+            }
+            GoogleError::Mismatch(m) => AppError::InvalidReceipt(m.into()),
+            GoogleError::BadSignature(_) => {
+                AppError::InvalidReceipt("the purchase receipt's signature does not verify".into())
+            }
+            GoogleError::PushRejected(why) => {
+                tracing::info!(why, "Google push refused");
+                AppError::Unauthenticated
+            }
+            GoogleError::Unavailable(cause) => {
+                tracing::warn!(cause, "Google Play API unavailable");
+                AppError::StoreUnavailable("Google Play")
+            }
+            GoogleError::Malformed(cause) => {
+                AppError::Internal(anyhow::anyhow!("unexpected Google Play answer: {cause}"))
+            }
+            GoogleError::NotConfigured(what) => AppError::NotConfigured(what),
+        }
+    }
+}
+
+/// What the Play API says about a purchase, verified and normalised.
+#[derive(Debug)]
+pub struct Fetched {
+    pub purchase: VerifiedPurchase,
+    /// Google still waits for our acknowledgement; without it the purchase
+    /// is refunded after three days.
+    pub needs_ack: bool,
+    pub kind: PlayKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlayKind {
+    /// Acknowledged through `purchases.subscriptions.acknowledge`, which
+    /// wants the bare product id.
+    Subscription {
+        product_id: String,
+    },
+    Product {
+        product_id: String,
+    },
+}
+
+/// The Google Play client: API access, push verification and legacy
+/// receipt checks, as configured.
+pub struct GooglePlay {
+    pub package_name: String,
+    api: Option<api::PlayApi>,
+    push: Option<oidc::PushVerifier>,
+    license_key: Option<rsa::RsaPublicKey>,
+}
+
+impl std::fmt::Debug for GooglePlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GooglePlay")
+            .field("package_name", &self.package_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GooglePlay {
+    /// Checks the configuration (service-account key, licensing key) so a
+    /// bad setting stops the server at start rather than at the first purchase.
+    pub fn new(cfg: &GoogleConfig) -> anyhow::Result<GooglePlay> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        let api = match &cfg.service_account {
+            Some(sa) => {
+                let tokens =
+                    auth::TokenSource::from_config(sa.expose(), cfg.token_uri.as_deref(), &http)?;
+                Some(api::PlayApi::new(http.clone(), &cfg.api_base, tokens)?)
+            }
+            None => None,
+        };
+        let push = match (&cfg.pubsub_audience, &cfg.pubsub_service_account) {
+            (Some(aud), Some(email)) => Some(oidc::PushVerifier::new(
+                http.clone(),
+                cfg.jwks_uri.clone(),
+                aud.clone(),
+                email.clone(),
+            )),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "invalid configuration: google.pubsub_audience and google.pubsub_service_account go together"
+            ),
+        };
+        let license_key = cfg
+            .license_public_key
+            .as_deref()
+            .map(legacy::parse_public_key)
+            .transpose()?;
+        Ok(GooglePlay {
+            package_name: cfg.package_name.clone(),
+            api,
+            push,
+            license_key,
+        })
+    }
+
+    fn api(&self) -> Result<&api::PlayApi, GoogleError> {
+        self.api.as_ref().ok_or(GoogleError::NotConfigured(
+            "Google Play API (google.service_account)",
+        ))
+    }
+
+    pub fn check_package(&self, package_name: &str) -> Result<(), GoogleError> {
+        if package_name == self.package_name {
+            Ok(())
+        } else {
+            Err(GoogleError::Mismatch(
+                "the purchase is for another app (package name)",
+            ))
+        }
+    }
+
+    /// Reads a subscription (`purchases.subscriptionsv2.get`). `product_id`,
+    /// when given, must be the purchase's product.
+    pub async fn fetch_subscription(
+        &self,
+        token: &str,
+        product_id: Option<&str>,
+        read_at: DateTime<Utc>,
+    ) -> Result<Fetched, GoogleError> {
+        let raw = self
+            .api()?
+            .get_subscription(&self.package_name, token)
+            .await?;
+        let m = map::subscription(token, raw, read_at)?;
+        if let Some(p) = product_id {
+            let bare = m.state.product_id.split(':').next().unwrap_or_default();
+            let p_bare = p.split(':').next().unwrap_or_default();
+            if bare != p_bare {
+                return Err(GoogleError::Mismatch(
+                    "the purchase token is for another product",
+                ));
+            }
+        }
+        Ok(Fetched {
+            purchase: VerifiedPurchase::new(m.state),
+            needs_ack: m.needs_ack,
+            kind: PlayKind::Subscription {
+                product_id: m.bare_product_id,
+            },
+        })
+    }
+
+    /// Reads a one-time product purchase (`purchases.products.get`).
+    pub async fn fetch_product(
+        &self,
+        product_id: &str,
+        token: &str,
+        read_at: DateTime<Utc>,
+    ) -> Result<Fetched, GoogleError> {
+        let raw = self
+            .api()?
+            .get_product(&self.package_name, product_id, token)
+            .await?;
+        let m = map::product(product_id, token, raw, read_at)?;
+        Ok(Fetched {
+            purchase: VerifiedPurchase::new(m.state),
+            needs_ack: m.needs_ack,
+            kind: PlayKind::Product {
+                product_id: product_id.to_string(),
+            },
+        })
+    }
+
+    pub async fn acknowledge(&self, kind: &PlayKind, token: &str) -> Result<(), GoogleError> {
+        let api = self.api()?;
+        match kind {
+            PlayKind::Subscription { product_id } => {
+                api.acknowledge_subscription(&self.package_name, product_id, token)
+                    .await
+            }
+            PlayKind::Product { product_id } => {
+                api.acknowledge_product(&self.package_name, product_id, token)
+                    .await
+            }
+        }
+    }
+
+    /// Checks a Pub/Sub push's `Authorization: Bearer` OIDC token.
+    pub async fn verify_push(&self, authorization: Option<&str>) -> Result<(), GoogleError> {
+        let push = self.push.as_ref().ok_or(GoogleError::NotConfigured(
+            "Google Pub/Sub push (google.pubsub_audience)",
+        ))?;
+        let token = authorization
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or(GoogleError::PushRejected("missing bearer token"))?;
+        push.verify(token).await
+    }
+
+    /// Checks a legacy `INAPP_PURCHASE_DATA` / `INAPP_DATA_SIGNATURE` pair
+    /// offline. The token it names must still be read from the API.
+    pub fn verify_legacy(
+        &self,
+        signed_data: &str,
+        signature: &str,
+    ) -> Result<LegacyPurchase, GoogleError> {
+        let key = self.license_key.as_ref().ok_or(GoogleError::NotConfigured(
+            "Google Play legacy receipts (google.license_public_key)",
+        ))?;
+        legacy::verify(key, signed_data, signature)
+    }
+}
+
+/// A voided-purchase notification (authenticated by the push token) turns
+/// the state read from the API into a refund effective at `voided_at`.
+pub fn voided(f: Fetched, voided_at: DateTime<Utc>) -> Fetched {
+    let mut s = f.purchase.0;
+    s.status = PurchaseStatus::Refunded;
+    s.revoked_at = Some(voided_at);
+    s.auto_renew = false;
+    s.source_updated_at = s.source_updated_at.max(voided_at);
+    Fetched {
+        purchase: VerifiedPurchase::new(s),
+        needs_ack: false,
+        kind: f.kind,
+    }
+}
+
+/// A subscription the developer revoked (notification 12): access ends at
+/// the notification's time.
+pub fn revoked(f: Fetched, revoked_at: DateTime<Utc>) -> Fetched {
+    let mut s = f.purchase.0;
+    s.status = PurchaseStatus::Revoked;
+    s.revoked_at = Some(revoked_at);
+    s.auto_renew = false;
+    Fetched {
+        purchase: VerifiedPurchase::new(s),
+        needs_ack: false,
+        kind: f.kind,
+    }
+}
+
+/// Keeps a refund or revocation we already hold: `state` is a later read
+/// of the same token, whose other fields still apply.
+pub fn keep_final(
+    state: VerifiedPurchase,
+    status: PurchaseStatus,
+    revoked_at: Option<DateTime<Utc>>,
+) -> VerifiedPurchase {
+    let mut s = state.0;
+    s.revoked_at = revoked_at.or(Some(s.source_updated_at));
+    s.status = status;
+    s.auto_renew = false;
+    VerifiedPurchase::new(s)
+}
+
+/// Stamps the state with the notification's own time, so a late message
+/// never overwrites what a newer one already applied.
+pub fn stamped(f: Fetched, at: DateTime<Utc>) -> Fetched {
+    let mut s = f.purchase.0;
+    s.source_updated_at = at;
+    Fetched {
+        purchase: VerifiedPurchase::new(s),
+        needs_ack: f.needs_ack,
+        kind: f.kind,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    /// The service-account JSON passes through the environment intact, and
+    /// never shows in `Debug`.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail fixes the closure's error type
+    fn service_account_from_env_is_kept_and_redacted() {
+        let sa = serde_json::json!({
+            "type": "service_account",
+            "client_email": "sa@example-project.iam.gserviceaccount.com",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nMIIsecret\n-----END PRIVATE KEY-----\n"
+        })
+        .to_string();
+        figment::Jail::expect_with(|jail| {
+            // The test harness's own ENTITLE_TEST_* variables are not the server's.
+            jail.clear_env();
+            jail.set_env("ENTITLE_GOOGLE__PACKAGE_NAME", "com.example.app");
+            jail.set_env("ENTITLE_GOOGLE__SERVICE_ACCOUNT", &sa);
+            let cfg = Config::load(None).map_err(|e| e.to_string())?;
+            let g = cfg.google.as_ref().unwrap();
+            assert_eq!(g.service_account.as_ref().unwrap().expose(), sa);
+            assert_eq!(g.api_base, "https://androidpublisher.googleapis.com/");
+            assert!(!format!("{cfg:?}").contains("MIIsecret"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,233 @@
+//! Stripe: webhook signature verification, the API client, and the mapping
+//! of Stripe objects onto purchases.
+//!
+//! The Stripe customer id (`cus_…`) of one of our customers is kept in that
+//! customer's `attributes.stripe_customer_id`; see `service::stripe`.
+
+use std::time::Duration as StdDuration;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use stripe_shared::{CheckoutSession, Subscription};
+
+use super::{PurchaseState, VerifiedPurchase};
+use crate::{
+    config::StripeConfig,
+    error::{AppError, AppResult},
+};
+
+pub mod api;
+pub mod map;
+pub mod signature;
+
+pub use api::{CheckoutRequest, StripeApi};
+
+pub struct StripeProvider {
+    webhook_secrets: Vec<crate::config::Secret>,
+    api: Option<StripeApi>,
+    grace: Option<Duration>,
+}
+
+impl std::fmt::Debug for StripeProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeProvider")
+            .field("webhooks", &!self.webhook_secrets.is_empty())
+            .field("api", &self.api.is_some())
+            .finish()
+    }
+}
+
+/// A webhook event whose signature and timestamp we checked.
+#[derive(Debug)]
+pub struct VerifiedEvent {
+    pub id: String,
+    pub kind: String,
+    pub created: DateTime<Utc>,
+    pub object: Value,
+    /// The whole event, as recorded in `webhook_events`.
+    pub payload: Value,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    created: i64,
+    data: EnvelopeData,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeData {
+    object: Value,
+}
+
+/// Verified Stripe state whose owner is still to be resolved against our
+/// records (the Stripe customer on file). Only this module makes one.
+#[derive(Debug)]
+pub struct StripeState {
+    state: PurchaseState,
+    /// The Stripe customer (`cus_…`) the object belongs to.
+    pub stripe_customer: Option<String>,
+}
+
+impl StripeState {
+    pub fn state(&self) -> &PurchaseState {
+        &self.state
+    }
+
+    /// The purchase, bound to `customer` when the object did not name one.
+    pub fn bind(mut self, customer: Option<String>) -> VerifiedPurchase {
+        if self.state.bound_customer.is_none() {
+            self.state.bound_customer = customer;
+        }
+        VerifiedPurchase::new(self.state)
+    }
+}
+
+fn malformed(what: &str) -> AppError {
+    AppError::bad_input(format!("malformed Stripe {what}"))
+}
+
+fn parse_typed<T: miniserde::Deserialize>(object: &Value, what: &str) -> AppResult<T> {
+    miniserde::json::from_str(&object.to_string()).map_err(|_| malformed(what))
+}
+
+pub fn parse_subscription(object: &Value) -> AppResult<Subscription> {
+    parse_typed(object, "subscription")
+}
+
+pub fn parse_session(object: &Value) -> AppResult<CheckoutSession> {
+    parse_typed(object, "checkout session")
+}
+
+/// An id field that may be a plain id or an expanded object.
+pub fn id_of(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Object(o) => o.get("id").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The subscription an invoice bills (newer API versions nest it under
+/// `parent.subscription_details`).
+pub fn invoice_subscription(invoice: &Value) -> Option<String> {
+    id_of(invoice.pointer("/parent/subscription_details/subscription"))
+        .or_else(|| id_of(invoice.get("subscription")))
+}
+
+impl StripeProvider {
+    pub fn from_config(cfg: &StripeConfig) -> anyhow::Result<Self> {
+        let api = match &cfg.secret_key {
+            Some(k) if !k.expose().is_empty() => Some(StripeApi::new(
+                k.expose(),
+                cfg.api_base.as_deref(),
+                StdDuration::from_secs(cfg.api_timeout_secs.unwrap_or(10).max(1)),
+            )?),
+            _ => None,
+        };
+        Ok(StripeProvider {
+            webhook_secrets: cfg
+                .webhook_secret
+                .iter()
+                .filter(|s| !s.expose().is_empty())
+                .cloned()
+                .collect(),
+            api,
+            grace: cfg
+                .grace_period_days
+                .filter(|d| *d > 0)
+                .map(|d| Duration::days(d.into())),
+        })
+    }
+
+    pub fn api(&self) -> Option<&StripeApi> {
+        self.api.as_ref()
+    }
+
+    pub fn require_api(&self) -> AppResult<&StripeApi> {
+        self.api
+            .as_ref()
+            .ok_or(AppError::NotConfigured("Stripe API"))
+    }
+
+    /// Checks `Stripe-Signature` on the raw body, then parses the envelope.
+    pub fn verify_webhook(
+        &self,
+        header: Option<&str>,
+        body: &[u8],
+        now: DateTime<Utc>,
+    ) -> AppResult<VerifiedEvent> {
+        if self.webhook_secrets.is_empty() {
+            return Err(AppError::NotConfigured("Stripe webhooks"));
+        }
+        let secrets: Vec<&str> = self.webhook_secrets.iter().map(|s| s.expose()).collect();
+        signature::verify(header, body, &secrets, now.timestamp())
+            .map_err(|e| AppError::bad_input(e.message()))?;
+        let payload: Value = serde_json::from_slice(body).map_err(|_| malformed("event"))?;
+        let env: Envelope =
+            serde_json::from_value(payload.clone()).map_err(|_| malformed("event"))?;
+        if env.id.is_empty() || env.id.len() > 255 {
+            return Err(malformed("event"));
+        }
+        Ok(VerifiedEvent {
+            id: env.id,
+            kind: env.kind,
+            created: map::ts(env.created),
+            object: env.data.object,
+            payload,
+        })
+    }
+
+    /// The subscription's current state: re-read from the API when a key is
+    /// configured (a webhook is only a hint), else the object the verified
+    /// event carried, as of the event's time.
+    pub async fn subscription_state(
+        &self,
+        id: &str,
+        embedded: Option<(&Subscription, DateTime<Utc>)>,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<StripeState>> {
+        let fetched;
+        let (sub, observed_at) = match (&self.api, embedded) {
+            (Some(api), _) => {
+                fetched = api.subscription(id).await?;
+                (&fetched, now)
+            }
+            (None, Some(e)) => e,
+            (None, None) => return Ok(None),
+        };
+        Ok(
+            map::subscription_state(sub, self.grace, observed_at, None).map(|state| StripeState {
+                state,
+                stripe_customer: Some(sub.customer.id().to_string()),
+            }),
+        )
+    }
+
+    /// A paid one-time Checkout Session for `price_id`, as a lifetime purchase.
+    pub fn lifetime_state(
+        &self,
+        session: &CheckoutSession,
+        price_id: &str,
+        customer: String,
+        observed_at: DateTime<Utc>,
+    ) -> StripeState {
+        StripeState {
+            state: map::lifetime_state(session, price_id, customer, observed_at),
+            stripe_customer: session.customer.as_ref().map(|c| c.id().to_string()),
+        }
+    }
+
+    /// The stored purchase, refunded. `charge` is a verified event's object.
+    pub fn refunded(
+        &self,
+        purchase: &entities::purchases::Model,
+        refunded_at: DateTime<Utc>,
+        charge: &Value,
+    ) -> Option<VerifiedPurchase> {
+        map::refunded_state(purchase, refunded_at, charge).map(VerifiedPurchase::new)
+    }
+}

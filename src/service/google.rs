@@ -1,0 +1,508 @@
+//! Google Play use cases: an app submits a purchase (token or legacy
+//! receipt), and Google pushes real-time developer notifications.
+//!
+//! Acknowledgement: Google refunds a purchase nobody acknowledged within
+//! three days. We acknowledge after the purchase is committed. When that
+//! call fails the purchase stays granted, and the stored `raw` (Google's
+//! own answer) still says `acknowledgementState` pending: that is the
+//! reminder. Every later read of the purchase (a notification, a
+//! resubmission) acknowledges again, and a periodic sweep
+//! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
+//! within the three days. A successful acknowledgement marks `raw` so.
+
+use std::{sync::Arc, time::Duration};
+
+use entities::{purchases, webhook_events};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
+};
+use serde_json::json;
+
+use super::{
+    Core,
+    purchases::{Applied, Submitter},
+};
+use crate::{
+    db::WriteTxn,
+    domain::{ProductDef, ProductKind, PurchaseStatus, Store},
+    error::{AppError, AppResult},
+    providers::VerifiedPurchase,
+    providers::google::{
+        self as play, Fetched, GoogleError, GooglePlay, PlayKind,
+        rtdn::{self, DeveloperNotification},
+    },
+};
+
+/// What an app submits for Google Play.
+#[derive(Clone, Debug)]
+pub enum PlaySubmission {
+    /// A Play Billing purchase token.
+    Token {
+        package_name: String,
+        product_id: String,
+        purchase_token: String,
+    },
+    /// A legacy signed receipt: `INAPP_PURCHASE_DATA` and `INAPP_DATA_SIGNATURE`.
+    Receipt {
+        signed_data: String,
+        signature: String,
+    },
+}
+
+impl PlaySubmission {
+    fn audit_payload(&self) -> serde_json::Value {
+        match self {
+            PlaySubmission::Token {
+                package_name,
+                product_id,
+                purchase_token,
+            } => json!({
+                "packageName": package_name,
+                "productId": product_id,
+                "purchaseToken": purchase_token,
+            }),
+            PlaySubmission::Receipt {
+                signed_data,
+                signature,
+            } => json!({ "signedData": signed_data, "signature": signature }),
+        }
+    }
+}
+
+/// What became of a push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushOutcome {
+    Applied,
+    Duplicate,
+    Test,
+    /// Neither stored nor bound to a customer: the app will submit it.
+    Unattributed,
+    /// Google no longer knows the purchase.
+    UnknownPurchase,
+    /// Older than what is stored; recorded, nothing changed.
+    Stale,
+    Ignored,
+}
+
+impl PushOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PushOutcome::Applied => "applied",
+            PushOutcome::Duplicate => "duplicate",
+            PushOutcome::Test => "test",
+            PushOutcome::Unattributed => "unattributed",
+            PushOutcome::UnknownPurchase => "unknown_purchase",
+            PushOutcome::Stale => "stale",
+            PushOutcome::Ignored => "ignored",
+        }
+    }
+}
+
+/// Runs [`Core::retry_play_acknowledgements`] every `every`, for as long as
+/// the process lives.
+pub fn spawn_acknowledgement_retries(core: Arc<Core>, every: Duration) {
+    if core.google.is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now() + every;
+        let mut tick = tokio::time::interval_at(start, every);
+        loop {
+            tick.tick().await;
+            match core.retry_play_acknowledgements().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(n, "Play purchases acknowledged on retry"),
+                Err(e) => tracing::warn!(error = ?e, "Play acknowledgement retry failed"),
+            }
+        }
+    });
+}
+
+fn bare(product_id: &str) -> &str {
+    product_id.split(':').next().unwrap_or(product_id)
+}
+
+impl Core {
+    fn google(&self) -> AppResult<&GooglePlay> {
+        self.google
+            .as_deref()
+            .ok_or(AppError::NotConfigured("Google Play"))
+    }
+
+    /// The catalog product a Play product id (bare or `product:basePlan`) names.
+    fn play_product(&self, product_id: &str) -> Option<&ProductDef> {
+        let products = self.catalog.products();
+        products
+            .iter()
+            .find(|p| p.play_store_product_id.as_deref() == Some(product_id))
+            .or_else(|| {
+                products.iter().find(|p| {
+                    p.play_store_product_id
+                        .as_deref()
+                        .is_some_and(|id| bare(id) == bare(product_id))
+                })
+            })
+    }
+
+    async fn fetch_play(
+        &self,
+        google: &GooglePlay,
+        kind: ProductKind,
+        product_id: &str,
+        token: &str,
+    ) -> Result<Fetched, GoogleError> {
+        let now = self.now();
+        match kind {
+            ProductKind::Subscription => {
+                google
+                    .fetch_subscription(token, Some(product_id), now)
+                    .await
+            }
+            ProductKind::Lifetime => google.fetch_product(bare(product_id), token, now).await,
+        }
+    }
+
+    /// Google never reinstates a refunded or revoked token (a new purchase
+    /// gets a new token), so once we hold one as such, later reads keep
+    /// that status and its time, whatever else they update.
+    async fn keep_play_refund(
+        &self,
+        txn: &WriteTxn,
+        purchase: VerifiedPurchase,
+    ) -> AppResult<VerifiedPurchase> {
+        if matches!(
+            purchase.status,
+            PurchaseStatus::Refunded | PurchaseStatus::Revoked
+        ) {
+            return Ok(purchase);
+        }
+        let stored = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
+            .one(&**txn)
+            .await?;
+        Ok(match stored {
+            Some(s) => match s.status.parse::<PurchaseStatus>() {
+                Ok(st @ (PurchaseStatus::Refunded | PurchaseStatus::Revoked)) => {
+                    play::keep_final(purchase, st, s.revoked_at)
+                }
+                _ => purchase,
+            },
+            None => purchase,
+        })
+    }
+
+    /// True when acknowledged (and so marked in the stored purchase).
+    async fn acknowledge_play(&self, google: &GooglePlay, kind: &PlayKind, token: &str) -> bool {
+        if let Err(e) = google.acknowledge(kind, token).await {
+            tracing::warn!(
+                error = ?e,
+                "Play acknowledgement failed; it is retried later"
+            );
+            return false;
+        }
+        if let Err(e) = self.mark_play_acknowledged(token).await {
+            tracing::warn!(error = ?e, "could not record a Play acknowledgement");
+        }
+        true
+    }
+
+    /// Notes in the stored payload that Google has the acknowledgement, so
+    /// the sweep skips it. `raw` is audit data: no change-log row.
+    async fn mark_play_acknowledged(&self, token: &str) -> AppResult<()> {
+        let txn = self.db.write().await?;
+        let row = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(token))
+            .one(&*txn)
+            .await?;
+        if let Some(row) = row
+            && let Some(mut raw) = row.raw.clone()
+            && let Some(obj) = raw.as_object_mut()
+        {
+            let acked = if obj
+                .get("acknowledgementState")
+                .is_some_and(|v| v.is_number())
+            {
+                json!(1)
+            } else {
+                json!("ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED")
+            };
+            obj.insert("acknowledgementState".into(), acked);
+            let mut am = row.into_active_model();
+            am.raw = Set(Some(raw));
+            am.update(&*txn).await?;
+        }
+        txn.commit().await
+    }
+
+    /// Acknowledges the Play purchases of the last three days whose stored
+    /// state says Google still waits for it (Google was down when they were
+    /// verified). Returns how many it acknowledged.
+    pub async fn retry_play_acknowledgements(&self) -> AppResult<usize> {
+        let Some(google) = self.google.as_deref() else {
+            return Ok(0);
+        };
+        let since = self.now() - chrono::Duration::days(3);
+        let rows = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::PurchasedAt.gte(since))
+            .filter(purchases::Column::Status.is_in([
+                PurchaseStatus::Active.as_str(),
+                PurchaseStatus::Trialing.as_str(),
+                PurchaseStatus::Canceled.as_str(),
+                PurchaseStatus::InGracePeriod.as_str(),
+            ]))
+            .all(&self.db.conn)
+            .await?;
+        let mut done = 0;
+        for p in rows.iter().filter(|p| {
+            p.raw.as_ref().is_some_and(|r| {
+                r["acknowledgementState"] == "ACKNOWLEDGEMENT_STATE_PENDING"
+                    || r["acknowledgementState"] == 0
+            })
+        }) {
+            let Some(kind) = self.play_product(&p.product_id).map(|d| d.kind) else {
+                continue;
+            };
+            match self
+                .fetch_play(google, kind, &p.product_id, &p.store_purchase_id)
+                .await
+            {
+                Ok(f) if f.needs_ack => {
+                    if self
+                        .acknowledge_play(google, &f.kind, &p.store_purchase_id)
+                        .await
+                    {
+                        done += 1;
+                    }
+                }
+                // Acknowledged meanwhile, or no longer to be acknowledged.
+                Ok(_) => self.mark_play_acknowledged(&p.store_purchase_id).await?,
+                Err(e) => tracing::warn!(error = ?e, "Play acknowledgement retry: read failed"),
+            }
+        }
+        Ok(done)
+    }
+
+    /// `verifyPurchase` for Google Play: records the submission, reads the
+    /// purchase from the Play API, gives it to `customer_id` (subject to the
+    /// transfer policy), and acknowledges it.
+    pub async fn verify_play_purchase(
+        &self,
+        customer_id: &str,
+        submission: PlaySubmission,
+    ) -> AppResult<Applied> {
+        let google = self.google()?;
+        let receipt_id = self
+            .record_receipt(customer_id, Store::PlayStore, submission.audit_payload())
+            .await?;
+        let result = self
+            .verify_play_inner(google, customer_id, &submission, receipt_id)
+            .await;
+        if let Err(e) = &result {
+            self.finish_receipt(&self.db.conn, receipt_id, Err(&e.message()))
+                .await?;
+        }
+        result
+    }
+
+    async fn verify_play_inner(
+        &self,
+        google: &GooglePlay,
+        customer_id: &str,
+        submission: &PlaySubmission,
+        receipt_id: i64,
+    ) -> AppResult<Applied> {
+        let (package_name, product_id, token) = match submission {
+            PlaySubmission::Token {
+                package_name,
+                product_id,
+                purchase_token,
+            } => (
+                package_name.clone(),
+                product_id.clone(),
+                purchase_token.clone(),
+            ),
+            PlaySubmission::Receipt {
+                signed_data,
+                signature,
+            } => {
+                let p = google.verify_legacy(signed_data, signature)?;
+                (p.package_name, p.product_id, p.purchase_token)
+            }
+        };
+        google.check_package(&package_name)?;
+        if token.is_empty() {
+            return Err(AppError::bad_input("purchaseToken is empty"));
+        }
+        let kind = self
+            .play_product(&product_id)
+            .ok_or_else(|| AppError::bad_input("productId is not a Play product of the catalog"))?
+            .kind;
+        let fetched = self.fetch_play(google, kind, &product_id, &token).await?;
+
+        let txn = self.db.write().await?;
+        let now = self.now();
+        let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
+        let applied = self
+            .apply_purchase_in(&txn, &purchase, Submitter::Customer(customer_id), now)
+            .await?;
+        self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
+            .await?;
+        txn.commit().await?;
+
+        if fetched.needs_ack {
+            self.acknowledge_play(google, &fetched.kind, &token).await;
+        }
+        Ok(applied)
+    }
+
+    /// `POST /webhooks/google`: a Pub/Sub push of a developer notification.
+    /// Errors mean "not processed": Pub/Sub delivers again.
+    pub async fn handle_play_push(
+        &self,
+        authorization: Option<&str>,
+        body: &[u8],
+    ) -> AppResult<PushOutcome> {
+        let google = self.google()?;
+        google.verify_push(authorization).await?;
+        let (envelope, n, json) =
+            rtdn::decode(body).map_err(|e| AppError::bad_input(e.message()))?;
+        if n.package_name != google.package_name {
+            return Err(AppError::bad_input("notification for another package"));
+        }
+        let event_time = n
+            .event_time()
+            .ok_or_else(|| AppError::bad_input("eventTimeMillis is missing or malformed"))?;
+        let event_id = envelope.message.message_id.as_str();
+
+        // Spares Google a read for a redelivery; the claim below is what
+        // actually guarantees once.
+        let seen = webhook_events::Entity::find()
+            .filter(webhook_events::Column::Source.eq(Store::PlayStore.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id))
+            .one(&self.db.conn)
+            .await?;
+        if seen.is_some() {
+            return Ok(PushOutcome::Duplicate);
+        }
+
+        let fetched = match self.read_notified(google, &n, event_time).await {
+            Ok(f) => f,
+            Err(AppError::InvalidReceipt(_)) => Err(PushOutcome::UnknownPurchase),
+            Err(e) => return Err(e),
+        };
+
+        let txn = self.db.write().await?;
+        let now = self.now();
+        let (fetched, ack) = match fetched {
+            Ok(f) => {
+                let ack = (f.needs_ack, f.kind);
+                (
+                    Ok(self.keep_play_refund(&txn, f.purchase).await?),
+                    Some(ack),
+                )
+            }
+            Err(o) => (Err(o), None),
+        };
+        let outcome = match &fetched {
+            Err(o) => *o,
+            Ok(purchase) => match self
+                .apply_purchase_in(&txn, purchase, Submitter::Store, now)
+                .await
+            {
+                Ok(a) if a.stale => PushOutcome::Stale,
+                Ok(_) => PushOutcome::Applied,
+                // Nothing was written: no owner to give it to yet.
+                Err(AppError::NotFound(_)) => PushOutcome::Unattributed,
+                Err(e) => return Err(e),
+            },
+        };
+        if !self
+            .claim_webhook(
+                &txn,
+                Store::PlayStore,
+                event_id,
+                &json,
+                outcome.as_str(),
+                now,
+            )
+            .await?
+        {
+            // A concurrent delivery won; dropping the transaction undoes ours.
+            return Ok(PushOutcome::Duplicate);
+        }
+        txn.commit().await?;
+
+        if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)
+            && matches!(outcome, PushOutcome::Applied | PushOutcome::Stale)
+        {
+            self.acknowledge_play(google, kind, &purchase.store_purchase_id)
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Re-reads the purchase a notification is about. `Err(outcome)` when
+    /// there is nothing to apply.
+    async fn read_notified(
+        &self,
+        google: &GooglePlay,
+        n: &DeveloperNotification,
+        event_time: chrono::DateTime<chrono::Utc>,
+    ) -> AppResult<Result<Fetched, PushOutcome>> {
+        let now = self.now();
+        if let Some(s) = &n.subscription_notification {
+            let f = google
+                .fetch_subscription(&s.purchase_token, None, now)
+                .await?;
+            let f = play::stamped(f, event_time);
+            return Ok(Ok(if s.notification_type == rtdn::SUBSCRIPTION_REVOKED {
+                play::revoked(f, event_time)
+            } else {
+                f
+            }));
+        }
+        if let Some(o) = &n.one_time_product_notification {
+            let f = google.fetch_product(&o.sku, &o.purchase_token, now).await?;
+            return Ok(Ok(play::stamped(f, event_time)));
+        }
+        if let Some(v) = &n.voided_purchase_notification {
+            let stored = purchases::Entity::find()
+                .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+                .filter(purchases::Column::StorePurchaseId.eq(v.purchase_token.as_str()))
+                .one(&self.db.conn)
+                .await?;
+            let Some(stored) = stored else {
+                // A refund of a purchase nobody here ever had.
+                return Ok(Err(PushOutcome::Unattributed));
+            };
+            let is_sub = match v.product_type {
+                Some(1) => true,
+                Some(2) => false,
+                _ => stored.expires_at.is_some(),
+            };
+            let f = if is_sub {
+                google
+                    .fetch_subscription(&v.purchase_token, None, now)
+                    .await?
+            } else {
+                google
+                    .fetch_product(bare(&stored.product_id), &v.purchase_token, now)
+                    .await?
+            };
+            let f = play::stamped(f, event_time);
+            // A partial refund of a multi-quantity product leaves the rest.
+            return Ok(Ok(if v.refund_type == Some(2) && !is_sub {
+                f
+            } else {
+                play::voided(f, event_time)
+            }));
+        }
+        if n.test_notification.is_some() {
+            return Ok(Err(PushOutcome::Test));
+        }
+        Ok(Err(PushOutcome::Ignored))
+    }
+}

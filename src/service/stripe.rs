@@ -1,0 +1,572 @@
+//! Stripe use cases: applying a signed webhook, and starting Checkout or the
+//! billing portal for a customer.
+//!
+//! A webhook is processed as: verify the signature, skip a known event id,
+//! read the truth from the Stripe API (outside any transaction), then in one
+//! transaction claim the event id and apply its effect. A failure before
+//! commit leaves no `webhook_events` row, so Stripe's retry is processed.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use entities::{customers, purchases, webhook_events};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
+    IntoActiveModel, QueryFilter, sea_query::Expr,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
+
+use super::{Core, purchases::Submitter};
+use crate::{
+    db::{self, WriteTxn},
+    domain::{ExternalId, ProductKind, PurchaseStatus, Store},
+    error::{AppError, AppResult},
+    providers::stripe::{
+        self as provider, CheckoutRequest, StripeProvider, StripeState, VerifiedEvent,
+    },
+};
+
+/// Key in `customers.attributes` holding the customer's Stripe customer id.
+pub const STRIPE_CUSTOMER_ATTR: &str = "stripe_customer_id";
+
+/// What a verified event asks of the database.
+enum Plan {
+    /// Apply this state. `customer` is who the event names (checked id);
+    /// otherwise the purchase's owner, or the Stripe customer on file.
+    Apply {
+        state: Box<StripeState>,
+        customer: Option<String>,
+    },
+    /// Remember which Stripe customer `customer` is; nothing to apply.
+    Bind {
+        customer: String,
+        stripe_customer: String,
+    },
+    Refund {
+        charge: Value,
+        refunded_at: DateTime<Utc>,
+    },
+    /// Recorded and acknowledged with this outcome; no state change.
+    Record(&'static str),
+}
+
+/// The outcome of one delivery, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Processed(&'static str),
+    Duplicate,
+}
+
+fn checked_customer(raw: Option<String>, what: &str) -> AppResult<Option<String>> {
+    match raw.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => ExternalId::parse(&s)
+            .map(|id| Some(id.as_str().to_string()))
+            .map_err(|e| AppError::bad_input(format!("invalid {what}: {e}"))),
+    }
+}
+
+impl Core {
+    fn stripe(&self) -> AppResult<&Arc<StripeProvider>> {
+        self.stripe
+            .as_ref()
+            .ok_or(AppError::NotConfigured("Stripe"))
+    }
+
+    /// `POST /webhooks/stripe`.
+    pub async fn handle_stripe_webhook(
+        &self,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> AppResult<WebhookOutcome> {
+        let p = self.stripe()?.clone();
+        let ev = p.verify_webhook(signature, body, self.now())?;
+        // A redelivery costs one read, not a Stripe API call.
+        if self.webhook_seen(&ev.id).await? {
+            return Ok(WebhookOutcome::Duplicate);
+        }
+        let plan = self.plan_stripe_event(&p, &ev).await?;
+
+        let now = self.now();
+        let txn = self.db.write().await?;
+        // Claimed before the effect, in the same transaction: a concurrent
+        // delivery of the same event waits on this row (PostgreSQL) or on the
+        // writer lock (SQLite), then sees it and changes nothing.
+        let expected = match &plan {
+            Plan::Record(o) => o,
+            Plan::Bind { .. } => "bound",
+            Plan::Apply { .. } => "applied",
+            Plan::Refund { .. } => "refunded",
+        };
+        if !self
+            .claim_webhook(&txn, Store::Stripe, &ev.id, &ev.payload, expected, now)
+            .await?
+        {
+            return Ok(WebhookOutcome::Duplicate);
+        }
+        let outcome = match plan {
+            Plan::Record(o) => o,
+            Plan::Bind {
+                customer,
+                stripe_customer,
+            } => {
+                db::ensure_customer(&*txn, &customer, now).await?;
+                remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
+                "bound"
+            }
+            Plan::Apply { state, customer } => {
+                self.apply_stripe_state(&txn, *state, customer, now).await?
+            }
+            Plan::Refund {
+                charge,
+                refunded_at,
+            } => {
+                self.apply_refund(&txn, &p, &charge, refunded_at, now)
+                    .await?
+            }
+        };
+        if outcome != expected {
+            set_outcome(&txn, &ev.id, outcome).await?;
+        }
+        txn.commit().await?;
+        tracing::debug!(event = %ev.id, kind = %ev.kind, outcome, "stripe webhook");
+        Ok(WebhookOutcome::Processed(outcome))
+    }
+
+    async fn webhook_seen(&self, event_id: &str) -> AppResult<bool> {
+        Ok(webhook_events::Entity::find()
+            .filter(webhook_events::Column::Source.eq(Store::Stripe.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id))
+            .one(&self.db.conn)
+            .await?
+            .is_some())
+    }
+
+    async fn plan_stripe_event(&self, p: &StripeProvider, ev: &VerifiedEvent) -> AppResult<Plan> {
+        let now = self.now();
+        match ev.kind.as_str() {
+            "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+                let session = provider::parse_session(&ev.object)?;
+                let customer = checked_customer(
+                    session
+                        .client_reference_id
+                        .clone()
+                        .or_else(|| provider::map::metadata_customer(session.metadata.as_ref())),
+                    "client_reference_id",
+                )?;
+                if matches!(session.payment_status, CheckoutSessionPaymentStatus::Unpaid) {
+                    // An asynchronous payment; `async_payment_succeeded` follows.
+                    return Ok(Plan::Record("awaiting_payment"));
+                }
+                let stripe_customer = session.customer.as_ref().map(|c| c.id().to_string());
+                match session.mode {
+                    CheckoutSessionMode::Subscription => {
+                        let Some(sub_id) =
+                            session.subscription.as_ref().map(|s| s.id().to_string())
+                        else {
+                            return Ok(Plan::Record("no_subscription"));
+                        };
+                        match p.subscription_state(&sub_id, None, now).await? {
+                            Some(state) => Ok(Plan::Apply {
+                                state: Box::new(state),
+                                customer,
+                            }),
+                            // Without the API the subscription events carry the
+                            // state; this event tells whose it is.
+                            None => Ok(match (customer, stripe_customer) {
+                                (Some(customer), Some(stripe_customer)) => Plan::Bind {
+                                    customer,
+                                    stripe_customer,
+                                },
+                                _ => Plan::Record("unmatched"),
+                            }),
+                        }
+                    }
+                    CheckoutSessionMode::Payment => {
+                        let price = match p.api() {
+                            Some(api) => api.session_price(session.id.as_str()).await?,
+                            None => session
+                                .metadata
+                                .as_ref()
+                                .and_then(|m| m.get("product_id"))
+                                .and_then(|id| self.catalog.product(id))
+                                .and_then(|pr| pr.stripe_price_id.clone()),
+                        };
+                        let Some(price) = price else {
+                            return Ok(Plan::Record("unknown_product"));
+                        };
+                        let kind = self
+                            .catalog
+                            .products()
+                            .iter()
+                            .find(|pr| pr.stripe_price_id.as_deref() == Some(price.as_str()))
+                            .map(|pr| pr.kind);
+                        if kind == Some(ProductKind::Subscription) {
+                            return Ok(Plan::Record("not_lifetime"));
+                        }
+                        let customer = match customer {
+                            Some(c) => Some(c),
+                            None => match &stripe_customer {
+                                Some(sc) => self.customer_by_stripe_id(sc).await?,
+                                None => None,
+                            },
+                        };
+                        let Some(customer) = customer else {
+                            return Ok(Plan::Record("unmatched"));
+                        };
+                        Ok(Plan::Apply {
+                            state: Box::new(p.lifetime_state(
+                                &session,
+                                &price,
+                                customer.clone(),
+                                ev.created,
+                            )),
+                            customer: Some(customer),
+                        })
+                    }
+                    _ => Ok(Plan::Record("ignored")),
+                }
+            }
+            "checkout.session.async_payment_failed" => Ok(Plan::Record("payment_failed")),
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted"
+            | "customer.subscription.paused"
+            | "customer.subscription.resumed" => {
+                let sub = provider::parse_subscription(&ev.object)?;
+                let customer = checked_customer(
+                    provider::map::metadata_customer(Some(&sub.metadata)),
+                    "metadata.customer_id",
+                )?;
+                match p
+                    .subscription_state(sub.id.as_str(), Some((&sub, ev.created)), now)
+                    .await?
+                {
+                    Some(state) => Ok(Plan::Apply {
+                        state: Box::new(state),
+                        customer,
+                    }),
+                    None => Ok(Plan::Record("unknown_status")),
+                }
+            }
+            "invoice.paid" | "invoice.payment_failed" => {
+                let Some(sub_id) = provider::invoice_subscription(&ev.object) else {
+                    return Ok(Plan::Record("not_subscription"));
+                };
+                if p.api().is_none() {
+                    // The subscription events that follow carry the state.
+                    return Ok(Plan::Record("hint_without_api"));
+                }
+                match p.subscription_state(&sub_id, None, now).await? {
+                    Some(state) => Ok(Plan::Apply {
+                        customer: None,
+                        state: Box::new(state),
+                    }),
+                    None => Ok(Plan::Record("unknown_status")),
+                }
+            }
+            "charge.refunded" => {
+                if ev.object.get("refunded").and_then(Value::as_bool) != Some(true) {
+                    return Ok(Plan::Record("partial_refund"));
+                }
+                let refunded_at = ev
+                    .object
+                    .pointer("/refunds/data")
+                    .and_then(Value::as_array)
+                    .and_then(|r| r.iter().filter_map(|r| r.get("created")?.as_i64()).max())
+                    .map(provider::map::ts)
+                    .unwrap_or(ev.created);
+                let mut charge = ev.object.clone();
+                // Newer API versions dropped `charge.invoice`; find it from
+                // the PaymentIntent when we can, before the transaction.
+                if provider::id_of(charge.get("invoice")).is_none()
+                    && let (Some(api), Some(pi)) =
+                        (p.api(), provider::id_of(charge.get("payment_intent")))
+                    && !self.has_purchase_with(&pi).await?
+                    && let Some(inv) = api.invoice_of_payment_intent(&pi).await?
+                    && let Some(o) = charge.as_object_mut()
+                {
+                    o.insert("invoice".into(), Value::String(inv));
+                }
+                Ok(Plan::Refund {
+                    charge,
+                    refunded_at,
+                })
+            }
+            _ => Ok(Plan::Record("ignored")),
+        }
+    }
+
+    async fn apply_stripe_state(
+        &self,
+        txn: &WriteTxn,
+        state: StripeState,
+        customer: Option<String>,
+        now: DateTime<Utc>,
+    ) -> AppResult<&'static str> {
+        // Two events about one new subscription (checkout completed and
+        // subscription created arrive together) would both insert it; holding
+        // the named customer's lock first makes the second see the first.
+        if let Some(c) = customer
+            .as_deref()
+            .or(state.state().bound_customer.as_deref())
+        {
+            db::ensure_customer(&**txn, c, now).await?;
+            db::lock_customer(&**txn, c).await?;
+        }
+        let existing = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(state.state().store_purchase_id.as_str()))
+            .one(&**txn)
+            .await?;
+        // A refund stands until Stripe reports a period paid after it.
+        if let Some(e) = &existing
+            && e.status == PurchaseStatus::Refunded.as_str()
+            && state.state().expires_at <= e.expires_at
+        {
+            return Ok("refund_stands");
+        }
+        // A Stripe subscription never comes back once it has ended, so an
+        // ended one ignores other states even with an equal (one-second)
+        // timestamp, as events read without the API have.
+        let ended = |raw: Option<&Value>| {
+            matches!(
+                raw.and_then(|r| r.get("status")).and_then(Value::as_str),
+                Some("canceled" | "incomplete_expired")
+            )
+        };
+        if let Some(e) = &existing
+            && ended(e.raw.as_ref())
+            && !ended(Some(&state.state().raw))
+        {
+            return Ok("already_ended");
+        }
+        let customer = match customer {
+            Some(c) => Some(c),
+            None if existing.is_none() && state.state().bound_customer.is_none() => {
+                match &state.stripe_customer {
+                    Some(sc) => customer_by_stripe_id_in(&**txn, sc).await?,
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        if existing.is_none() && customer.is_none() && state.state().bound_customer.is_none() {
+            // Whose it is arrives with `checkout.session.completed`, which
+            // re-reads the subscription.
+            return Ok("unmatched");
+        }
+        let stripe_customer = state.stripe_customer.clone();
+        let vp = state.bind(customer);
+        let applied = self
+            .apply_purchase_in(txn, &vp, Submitter::Store, now)
+            .await?;
+        if let Some(sc) = stripe_customer {
+            remember_stripe_customer(txn, &applied.customer_id, &sc).await?;
+        }
+        Ok(if applied.stale { "stale" } else { "applied" })
+    }
+
+    async fn apply_refund(
+        &self,
+        txn: &WriteTxn,
+        p: &StripeProvider,
+        charge: &Value,
+        refunded_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> AppResult<&'static str> {
+        let mut found = None;
+        for (key, value) in [
+            (
+                "payment_intent",
+                provider::id_of(charge.get("payment_intent")),
+            ),
+            ("latest_invoice", provider::id_of(charge.get("invoice"))),
+        ] {
+            if let Some(v) = value {
+                found = find_by_raw(&**txn, key, &v).await?;
+                if found.is_some() {
+                    break;
+                }
+            }
+        }
+        let Some(purchase) = found else {
+            return Ok("unmatched_refund");
+        };
+        if purchase.status == PurchaseStatus::Refunded.as_str() {
+            return Ok("already_refunded");
+        }
+        let Some(vp) = p.refunded(&purchase, refunded_at, charge) else {
+            return Ok("unmatched_refund");
+        };
+        self.apply_purchase_in(txn, &vp, Submitter::Store, now)
+            .await?;
+        Ok("refunded")
+    }
+
+    /// Whether a one-time purchase was paid by this PaymentIntent.
+    async fn has_purchase_with(&self, payment_intent: &str) -> AppResult<bool> {
+        Ok(find_by_raw(&self.db.conn, "payment_intent", payment_intent)
+            .await?
+            .is_some())
+    }
+
+    /// Our customer whose Stripe customer id is `stripe_customer`.
+    pub async fn customer_by_stripe_id(&self, stripe_customer: &str) -> AppResult<Option<String>> {
+        customer_by_stripe_id_in(&self.db.conn, stripe_customer).await
+    }
+
+    async fn stripe_customer_of(&self, customer_id: &str) -> AppResult<Option<String>> {
+        Ok(self.find_customer(customer_id).await?.and_then(|c| {
+            c.attributes
+                .get(STRIPE_CUSTOMER_ATTR)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }))
+    }
+
+    /// Creates a Checkout Session for a catalog product; writes nothing.
+    pub async fn create_checkout_session(
+        &self,
+        customer_id: &str,
+        product_id: &str,
+        success_url: &str,
+        cancel_url: &str,
+    ) -> AppResult<(String, String)> {
+        let api = self.stripe()?.require_api()?;
+        let product = self
+            .catalog
+            .product(product_id)
+            .ok_or_else(|| AppError::bad_input(format!("unknown productId `{product_id}`")))?;
+        let price = product
+            .stripe_price_id
+            .as_deref()
+            .ok_or_else(|| AppError::bad_input("this product is not sold on Stripe"))?;
+        for (name, u) in [("successUrl", success_url), ("cancelUrl", cancel_url)] {
+            check_url(name, u)?;
+        }
+        let stripe_customer = self.stripe_customer_of(customer_id).await?;
+        // Stable for the same request within ten minutes, so a client retry
+        // (or a double click) gets the same session instead of a second one.
+        let bucket = self.now().timestamp() / 600;
+        let mut h = Sha256::new();
+        for part in [
+            customer_id,
+            price,
+            success_url,
+            cancel_url,
+            &bucket.to_string(),
+        ] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        let key = format!("entitle-checkout-{}", hex::encode(&h.finalize()[..16]));
+        api.create_checkout_session(CheckoutRequest {
+            customer_id,
+            price_id: price,
+            product_id,
+            subscription: product.kind == ProductKind::Subscription,
+            stripe_customer: stripe_customer.as_deref(),
+            success_url,
+            cancel_url,
+            idempotency_key: key,
+        })
+        .await
+    }
+
+    /// A billing portal URL for a customer Stripe knows.
+    pub async fn create_portal_session(
+        &self,
+        customer_id: &str,
+        return_url: &str,
+    ) -> AppResult<String> {
+        let api = self.stripe()?.require_api()?;
+        check_url("returnUrl", return_url)?;
+        let sc = self
+            .stripe_customer_of(customer_id)
+            .await?
+            .ok_or(AppError::NotFound("Stripe customer for this customer"))?;
+        api.create_portal_session(&sc, return_url).await
+    }
+}
+
+fn check_url(name: &str, u: &str) -> AppResult<()> {
+    match url::Url::parse(u) {
+        Ok(p) if matches!(p.scheme(), "https" | "http") && p.host().is_some() => Ok(()),
+        _ => Err(AppError::bad_input(format!(
+            "{name} must be an http(s) URL"
+        ))),
+    }
+}
+
+async fn customer_by_stripe_id_in(
+    c: &impl ConnectionTrait,
+    stripe_customer: &str,
+) -> AppResult<Option<String>> {
+    let expr = match c.get_database_backend() {
+        DbBackend::Postgres => "attributes->>'stripe_customer_id' = $1",
+        _ => "json_extract(attributes, '$.stripe_customer_id') = ?",
+    };
+    Ok(customers::Entity::find()
+        .filter(Expr::cust_with_values(expr, [stripe_customer]))
+        .one(c)
+        .await?
+        .map(|c| c.id))
+}
+
+async fn find_by_raw(
+    c: &impl ConnectionTrait,
+    key: &'static str,
+    value: &str,
+) -> AppResult<Option<purchases::Model>> {
+    let expr = match c.get_database_backend() {
+        DbBackend::Postgres => format!("raw->>'{key}' = $1"),
+        _ => format!("json_extract(raw, '$.{key}') = ?"),
+    };
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
+        .filter(Expr::cust_with_values(expr, [value]))
+        .one(c)
+        .await?)
+}
+
+async fn remember_stripe_customer(
+    txn: &WriteTxn,
+    customer_id: &str,
+    stripe_customer: &str,
+) -> AppResult<()> {
+    let Some(c) = customers::Entity::find_by_id(customer_id.to_string())
+        .one(&**txn)
+        .await?
+    else {
+        return Ok(());
+    };
+    if c.attributes
+        .get(STRIPE_CUSTOMER_ATTR)
+        .and_then(Value::as_str)
+        == Some(stripe_customer)
+    {
+        return Ok(());
+    }
+    let mut attrs = c.attributes.clone();
+    if !attrs.is_object() {
+        attrs = Value::Object(Default::default());
+    }
+    attrs[STRIPE_CUSTOMER_ATTR] = Value::String(stripe_customer.to_string());
+    let mut am = c.into_active_model();
+    am.attributes = Set(attrs);
+    am.update(&**txn).await?;
+    Ok(())
+}
+
+async fn set_outcome(txn: &WriteTxn, event_id: &str, outcome: &str) -> AppResult<()> {
+    webhook_events::Entity::update_many()
+        .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
+        .filter(webhook_events::Column::Source.eq(Store::Stripe.as_str()))
+        .filter(webhook_events::Column::EventId.eq(event_id))
+        .exec(&**txn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,1397 @@
+//! Google Play against a local fake of Google (token endpoint, Play
+//! Developer API, JWKS) answering in the shapes of the androidpublisher v3
+//! discovery document: verifyPurchase, acknowledgement, Pub/Sub pushes,
+//! legacy receipts, and every bad input.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, LazyLock, Mutex},
+};
+
+use base64::{
+    Engine,
+    engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
+};
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use common::{Auth, Backend, TestApp, error_code, spawn_with};
+use entitle::{
+    config::{Config, GoogleConfig, Secret},
+    domain::{ApiKeyRole, EntitlementDef, ProductDef, ProductKind, TransferPolicy},
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::StatusCode;
+use rsa::{
+    RsaPrivateKey, RsaPublicKey,
+    pkcs1v15::SigningKey,
+    pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding},
+    signature::{SignatureEncoding, Signer},
+    traits::PublicKeyParts,
+};
+use serde_json::{Value, json};
+use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate, matchers::any};
+
+const PACKAGE: &str = "com.example.app";
+const AUDIENCE: &str = "https://entitle.test/webhooks/google";
+const PUSHER: &str = "rtdn-push@example-project.iam.gserviceaccount.com";
+const SA_EMAIL: &str = "entitle@example-project.iam.gserviceaccount.com";
+const GOOGLE_KID: &str = "google-key-1";
+
+/// Google's key (service account, push tokens, licensing) and a stranger's,
+/// generated once per test binary.
+struct Keys {
+    google: RsaPrivateKey,
+    google_pem: String,
+    stranger_pem: String,
+}
+
+static KEYS: LazyLock<Keys> = LazyLock::new(|| {
+    let mut rng = rsa::rand_core::OsRng;
+    let google = RsaPrivateKey::new(&mut rng, 2048).unwrap();
+    let stranger = RsaPrivateKey::new(&mut rng, 2048).unwrap();
+    Keys {
+        google_pem: google.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
+        stranger_pem: stranger.to_pkcs8_pem(LineEnding::LF).unwrap().to_string(),
+        google,
+    }
+});
+
+fn jwk(key: &RsaPublicKey, kid: &str) -> Value {
+    json!({
+        "kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+        "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+    })
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+// ---------------------------------------------------------------- the fake
+
+#[derive(Default)]
+struct FakeState {
+    /// Purchase token -> SubscriptionPurchaseV2 / ProductPurchase, or an error status.
+    purchases: HashMap<String, Result<Value, u16>>,
+    acks: Vec<String>,
+    /// Every Play API call answers 503.
+    down: bool,
+    /// Acknowledge calls answer 503.
+    ack_down: bool,
+    tokens_issued: u32,
+    revoked_tokens: HashSet<String>,
+    jwks: Vec<Value>,
+    jwks_fetches: u32,
+    jwks_down: bool,
+}
+
+#[derive(Clone, Default)]
+struct Fake(Arc<Mutex<FakeState>>);
+
+impl Fake {
+    fn set(&self, token: &str, body: Value) {
+        self.0
+            .lock()
+            .unwrap()
+            .purchases
+            .insert(token.into(), Ok(body));
+    }
+    fn fail(&self, token: &str, status: u16) {
+        self.0
+            .lock()
+            .unwrap()
+            .purchases
+            .insert(token.into(), Err(status));
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut FakeState) -> R) -> R {
+        f(&mut self.0.lock().unwrap())
+    }
+    fn ack_state(&self, token: &str) -> Value {
+        self.with(|s| match &s.purchases[token] {
+            Ok(v) => v["acknowledgementState"].clone(),
+            Err(_) => Value::Null,
+        })
+    }
+}
+
+impl Respond for Fake {
+    fn respond(&self, req: &Request) -> ResponseTemplate {
+        let mut s = self.0.lock().unwrap();
+        let path = req.url.path().to_string();
+        if path == "/token" {
+            let form: HashMap<String, String> = url::form_urlencoded::parse(&req.body)
+                .into_owned()
+                .collect();
+            if form.get("grant_type").map(String::as_str)
+                != Some("urn:ietf:params:oauth:grant-type:jwt-bearer")
+            {
+                return ResponseTemplate::new(400)
+                    .set_body_json(json!({"error": "unsupported_grant_type"}));
+            }
+            // The assertion must be ours, for this endpoint and scope.
+            let key = jsonwebtoken::DecodingKey::from_rsa_pem(
+                KEYS.google
+                    .to_public_key()
+                    .to_public_key_pem(LineEnding::LF)
+                    .unwrap()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
+            // The audience is the token URI as configured, which the fake
+            // sees only by its path.
+            v.validate_aud = false;
+            v.set_issuer(&[SA_EMAIL]);
+            let ok = form.get("assertion").is_some_and(|a| {
+                jsonwebtoken::decode::<Value>(a, &key, &v).is_ok_and(|d| {
+                    d.claims["scope"] == "https://www.googleapis.com/auth/androidpublisher"
+                        && d.claims["aud"]
+                            .as_str()
+                            .is_some_and(|a| a.starts_with("http") && a.ends_with("/token"))
+                })
+            });
+            if !ok {
+                return ResponseTemplate::new(400).set_body_json(json!({"error": "invalid_grant"}));
+            }
+            s.tokens_issued += 1;
+            return ResponseTemplate::new(200).set_body_json(json!({
+                "access_token": format!("ya29.fake-{}", s.tokens_issued),
+                "expires_in": 3599,
+                "token_type": "Bearer"
+            }));
+        }
+        if path == "/jwks" {
+            if s.jwks_down {
+                return ResponseTemplate::new(502);
+            }
+            s.jwks_fetches += 1;
+            return ResponseTemplate::new(200).set_body_json(json!({ "keys": s.jwks }));
+        }
+        let prefix = format!("/androidpublisher/v3/applications/{PACKAGE}/purchases/");
+        let Some(rest) = path.strip_prefix(&prefix) else {
+            return ResponseTemplate::new(404);
+        };
+        let bearer = req
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .to_string();
+        if !bearer.starts_with("ya29.fake-") || s.revoked_tokens.contains(&bearer) {
+            return ResponseTemplate::new(401).set_body_json(json!({"error": {"code": 401}}));
+        }
+        if s.down {
+            return ResponseTemplate::new(503).set_body_json(json!({"error": {"code": 503}}));
+        }
+        let parts: Vec<&str> = rest.split('/').collect();
+        // subscriptionsv2/tokens/{t} | products/{p}/tokens/{t}[:acknowledge] |
+        // subscriptions/{p}/tokens/{t}:acknowledge
+        let (token, ack) = match parts.as_slice() {
+            ["subscriptionsv2", "tokens", t] => (t.to_string(), false),
+            ["products" | "subscriptions", _, "tokens", t] => {
+                match t.strip_suffix(":acknowledge") {
+                    Some(t) => (t.to_string(), true),
+                    None => (t.to_string(), false),
+                }
+            }
+            _ => return ResponseTemplate::new(404),
+        };
+        let token = percent_decode(&token);
+        if ack {
+            if req.method != "POST" {
+                return ResponseTemplate::new(405);
+            }
+            if s.ack_down {
+                return ResponseTemplate::new(503);
+            }
+            let is_sub = parts[0] == "subscriptions";
+            match s.purchases.get_mut(&token) {
+                Some(Ok(p)) => {
+                    p["acknowledgementState"] = if is_sub {
+                        json!("ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED")
+                    } else {
+                        json!(1)
+                    };
+                }
+                _ => return ResponseTemplate::new(404),
+            }
+            s.acks.push(token);
+            return ResponseTemplate::new(200).set_body_string("");
+        }
+        match s.purchases.get(&token) {
+            Some(Ok(p)) => ResponseTemplate::new(200).set_body_json(p),
+            Some(Err(code)) => ResponseTemplate::new(*code)
+                .set_body_json(json!({"error": {"code": code, "message": "fake"}})),
+            None => ResponseTemplate::new(404).set_body_json(json!({"error": {"code": 404}})),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+struct Google {
+    server: MockServer,
+    fake: Fake,
+}
+
+async fn fake_google() -> Google {
+    let server = MockServer::start().await;
+    let fake = Fake::default();
+    fake.with(|s| s.jwks = vec![jwk(&KEYS.google.to_public_key(), GOOGLE_KID)]);
+    Mock::given(any())
+        .respond_with(fake.clone())
+        .mount(&server)
+        .await;
+    Google { server, fake }
+}
+
+fn license_key_b64() -> String {
+    STANDARD.encode(
+        KEYS.google
+            .to_public_key()
+            .to_public_key_der()
+            .unwrap()
+            .as_bytes(),
+    )
+}
+
+fn google_config(uri: &str) -> GoogleConfig {
+    let mut g = GoogleConfig::new(PACKAGE);
+    g.service_account = Some(Secret::new(
+        json!({
+            "type": "service_account",
+            "project_id": "example-project",
+            "private_key_id": "sa-key-1",
+            "private_key": KEYS.google_pem,
+            "client_email": SA_EMAIL,
+            "token_uri": "https://oauth2.googleapis.com/token",
+        })
+        .to_string(),
+    ));
+    g.api_base = format!("{uri}/");
+    g.token_uri = Some(format!("{uri}/token"));
+    g.pubsub_audience = Some(AUDIENCE.into());
+    g.pubsub_service_account = Some(PUSHER.into());
+    g.jwks_uri = format!("{uri}/jwks");
+    g.license_public_key = Some(license_key_b64());
+    g
+}
+
+/// Adds a `maps`-only lifetime product, so the subscription (`pro`) and
+/// the one-time product (`maps`) can be told apart.
+fn with_google(c: &mut Config, uri: &str) {
+    c.google = Some(google_config(uri));
+    c.catalog.products.push(ProductDef {
+        id: "maps_forever".into(),
+        entitlements: vec!["maps".into()],
+        kind: ProductKind::Lifetime,
+        display_name: None,
+        stripe_price_id: None,
+        app_store_product_id: None,
+        play_store_product_id: Some("maps_forever".into()),
+    });
+    assert!(c.catalog.entitlements.contains(&EntitlementDef {
+        key: "maps".into(),
+        description: None
+    }));
+}
+
+async fn setup(b: Backend) -> (TestApp, Google) {
+    setup_with(b, |_| {}).await
+}
+
+async fn setup_with(b: Backend, f: impl FnOnce(&mut Config)) -> (TestApp, Google) {
+    let google = fake_google().await;
+    let uri = google.server.uri();
+    let app = spawn_with(b, |c| {
+        with_google(c, &uri);
+        f(c)
+    })
+    .await;
+    (app, google)
+}
+
+// ------------------------------------------------------- Google's shapes
+
+struct Sub<'a> {
+    state: &'a str,
+    expiry: DateTime<Utc>,
+    auto_renew: bool,
+    acknowledged: bool,
+    account: Option<&'a str>,
+    linked: Option<&'a str>,
+    start: DateTime<Utc>,
+}
+
+impl<'a> Sub<'a> {
+    fn active(now: DateTime<Utc>) -> Self {
+        Sub {
+            state: "SUBSCRIPTION_STATE_ACTIVE",
+            expiry: now + Duration::days(30),
+            auto_renew: true,
+            acknowledged: false,
+            account: None,
+            linked: None,
+            start: now - Duration::minutes(1),
+        }
+    }
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "kind": "androidpublisher#subscriptionPurchaseV2",
+            "regionCode": "US",
+            "startTime": rfc3339(self.start),
+            "subscriptionState": self.state,
+            "acknowledgementState": if self.acknowledged {
+                "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+            } else {
+                "ACKNOWLEDGEMENT_STATE_PENDING"
+            },
+            "lineItems": [{
+                "productId": "pro_sub",
+                "expiryTime": rfc3339(self.expiry),
+                "autoRenewingPlan": { "autoRenewEnabled": self.auto_renew },
+                "offerDetails": { "basePlanId": "monthly", "offerTags": [] },
+                "latestSuccessfulOrderId": "GPA.1234-5678-9012-34567"
+            }],
+            "testPurchase": {}
+        });
+        if let Some(a) = self.account {
+            v["externalAccountIdentifiers"] = json!({ "obfuscatedExternalAccountId": a });
+        }
+        if let Some(l) = self.linked {
+            v["linkedPurchaseToken"] = json!(l);
+        }
+        if self.state == "SUBSCRIPTION_STATE_CANCELED" || self.state == "SUBSCRIPTION_STATE_EXPIRED"
+        {
+            v["canceledStateContext"] = json!({
+                "userInitiatedCancellation": { "cancelTime": rfc3339(self.start + Duration::days(1)) }
+            });
+        }
+        v
+    }
+}
+
+fn product_purchase(
+    state: i64,
+    acknowledged: bool,
+    account: Option<&str>,
+    at: DateTime<Utc>,
+) -> Value {
+    let mut v = json!({
+        "kind": "androidpublisher#productPurchase",
+        "purchaseTimeMillis": at.timestamp_millis().to_string(),
+        "purchaseState": state,
+        "consumptionState": 0,
+        "orderId": "GPA.3333-4444-5555-66666",
+        "acknowledgementState": if acknowledged { 1 } else { 0 },
+        "purchaseType": 0,
+        "regionCode": "US"
+    });
+    if let Some(a) = account {
+        v["obfuscatedExternalAccountId"] = json!(a);
+    }
+    v
+}
+
+// ------------------------------------------------------------ requests
+
+const VERIFY: &str = "mutation($input: VerifyPurchaseInput!, $c: ID) {
+  verifyPurchase(input: $input, customerId: $c) {
+    customer { id entitlements { key isActive status store productId expiresAt willRenew } }
+    purchase { storePurchaseId productId status environment autoRenew }
+  } }";
+
+async fn verify(app: &TestApp, key: &Auth, customer: &str, product: &str, token: &str) -> Value {
+    let (s, body) = app
+        .gql(
+            key,
+            VERIFY,
+            json!({ "c": customer, "input": { "playStore": {
+                "packageName": PACKAGE, "productId": product, "purchaseToken": token } } }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    body
+}
+
+async fn entitlement(app: &TestApp, key: &Auth, customer: &str, ent: &str) -> Value {
+    let (_, body) = app
+        .gql(
+            key,
+            "query($id: ID!, $e: String!) { customer(id: $id) {
+               entitlement(key: $e) { isActive status willRenew expiresAt gracePeriodExpiresAt }
+               purchases { storePurchaseId status } } }",
+            json!({ "id": customer, "e": ent }),
+        )
+        .await;
+    body["data"]["customer"].clone()
+}
+
+fn is_active(c: &Value) -> bool {
+    c["entitlement"]["isActive"].as_bool().unwrap_or(false)
+}
+
+fn purchase_status(c: &Value, token: &str) -> String {
+    c["purchases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["storePurchaseId"] == token)
+        .map(|p| p["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[derive(Clone)]
+struct Oidc {
+    aud: String,
+    email: String,
+    email_verified: Value,
+    exp_offset: i64,
+    kid: String,
+    signer_pem: String,
+    iss: String,
+}
+
+impl Default for Oidc {
+    fn default() -> Self {
+        Oidc {
+            aud: AUDIENCE.into(),
+            email: PUSHER.into(),
+            email_verified: json!(true),
+            exp_offset: 3600,
+            kid: GOOGLE_KID.into(),
+            signer_pem: KEYS.google_pem.clone(),
+            iss: "https://accounts.google.com".into(),
+        }
+    }
+}
+
+impl Oidc {
+    fn token(&self) -> String {
+        let now = Utc::now().timestamp();
+        let mut h = Header::new(Algorithm::RS256);
+        h.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(
+            &h,
+            &json!({
+                "aud": self.aud, "azp": "1234567890", "email": self.email,
+                "email_verified": self.email_verified, "exp": now + self.exp_offset,
+                "iat": now + self.exp_offset - 3600, "iss": self.iss, "sub": "1234567890"
+            }),
+            &EncodingKey::from_rsa_pem(self.signer_pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+fn envelope(message_id: &str, notification: &Value) -> Value {
+    json!({
+        "message": {
+            "attributes": {},
+            "data": STANDARD.encode(notification.to_string()),
+            "messageId": message_id,
+            "publishTime": "2026-01-01T00:00:00.000Z"
+        },
+        "subscription": "projects/example-project/subscriptions/play-rtdn"
+    })
+}
+
+fn sub_note(kind: i32, token: &str, at: DateTime<Utc>) -> Value {
+    json!({
+        "version": "1.0", "packageName": PACKAGE, "eventTimeMillis": at.timestamp_millis().to_string(),
+        "subscriptionNotification": { "version": "1.0", "notificationType": kind,
+            "purchaseToken": token, "subscriptionId": "pro_sub" }
+    })
+}
+
+fn voided_note(token: &str, product_type: i32, at: DateTime<Utc>) -> Value {
+    json!({
+        "version": "1.0", "packageName": PACKAGE, "eventTimeMillis": at.timestamp_millis().to_string(),
+        "voidedPurchaseNotification": { "purchaseToken": token, "orderId": "GPA.3333-4444-5555-66666",
+            "productType": product_type, "refundType": 1 }
+    })
+}
+
+async fn push_raw(app: &TestApp, bearer: Option<&str>, body: String) -> (StatusCode, Value) {
+    let mut rb = app
+        .client
+        .post(app.url("/webhooks/google"))
+        .header("content-type", "application/json")
+        .body(body);
+    if let Some(b) = bearer {
+        rb = rb.bearer_auth(b);
+    }
+    let resp = rb.send().await.unwrap();
+    let s = resp.status();
+    (s, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn push(app: &TestApp, message_id: &str, notification: &Value) -> (StatusCode, Value) {
+    push_raw(
+        app,
+        Some(&Oidc::default().token()),
+        envelope(message_id, notification).to_string(),
+    )
+    .await
+}
+
+// ----------------------------------------------------------------- tests
+
+/// Moves the clock an hour on; returns the new now.
+fn step(app: &TestApp) -> DateTime<Utc> {
+    app.clock.advance(Duration::hours(1));
+    app.state.core.now()
+}
+
+/// The issue's "done when": verify, acknowledge, then a lifecycle of pushes
+/// in order, then all of them again shuffled, twice.
+async fn lifecycle_in_order_then_shuffled(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+
+    g.fake.set("sub-1", Sub::active(now).json());
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    let v = &body["data"]["verifyPurchase"];
+    assert!(body["errors"].is_null(), "{body}");
+    let pro = v["customer"]["entitlements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "pro")
+        .unwrap();
+    assert_eq!(pro["isActive"], true, "{body}");
+    assert_eq!(pro["store"], "PLAY_STORE");
+    assert_eq!(pro["willRenew"], true);
+    assert_eq!(v["purchase"]["productId"], "pro_sub:monthly");
+    assert_eq!(v["purchase"]["environment"], "SANDBOX");
+    assert_eq!(
+        g.fake.ack_state("sub-1"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+    assert_eq!(g.fake.with(|s| s.acks.clone()), vec!["sub-1".to_string()]);
+
+    // A second token: a one-time product.
+    g.fake.set("life-1", product_purchase(0, false, None, now));
+    let body = verify(&app, &key, "user-1", "maps_forever", "life-1").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(g.fake.ack_state("life-1"), 1);
+    assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
+
+    // In order: each step changes Google's state, then notifies.
+    let mut sent: Vec<Value> = Vec::new();
+    let t = step(&app);
+    let mut s = Sub::active(now);
+    s.acknowledged = true;
+    s.expiry = now + Duration::days(60);
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(2, "sub-1", t); // SUBSCRIPTION_RENEWED
+    assert_eq!(push(&app, "m-renewed", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(is_active(&c));
+    let shown =
+        DateTime::parse_from_rfc3339(c["entitlement"]["expiresAt"].as_str().unwrap()).unwrap();
+    assert_eq!(shown.timestamp_millis(), s.expiry.timestamp_millis(), "{c}");
+
+    let t = step(&app);
+    s.state = "SUBSCRIPTION_STATE_IN_GRACE_PERIOD";
+    s.expiry = t + Duration::days(3);
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(6, "sub-1", t); // IN_GRACE_PERIOD
+    assert_eq!(push(&app, "m-grace", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(is_active(&c), "{c}");
+    assert_eq!(c["entitlement"]["status"], "IN_GRACE_PERIOD");
+
+    let t = step(&app);
+    s.state = "SUBSCRIPTION_STATE_ON_HOLD";
+    s.expiry = t - Duration::minutes(5);
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(5, "sub-1", t); // ON_HOLD
+    assert_eq!(push(&app, "m-hold", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(!is_active(&c), "{c}");
+    assert_eq!(purchase_status(&c, "sub-1"), "ON_HOLD");
+
+    let t = step(&app);
+    s.state = "SUBSCRIPTION_STATE_ACTIVE";
+    s.expiry = t + Duration::days(30);
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(1, "sub-1", t); // RECOVERED
+    assert_eq!(push(&app, "m-recovered", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    assert!(is_active(&entitlement(&app, &key, "user-1", "pro").await));
+
+    let t = step(&app);
+    s.state = "SUBSCRIPTION_STATE_CANCELED";
+    s.auto_renew = false;
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(3, "sub-1", t); // CANCELED
+    assert_eq!(push(&app, "m-canceled", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(is_active(&c), "canceled keeps the paid period: {c}");
+    assert_eq!(c["entitlement"]["willRenew"], false);
+
+    let t = step(&app);
+    s.state = "SUBSCRIPTION_STATE_EXPIRED";
+    s.expiry = t - Duration::minutes(1);
+    g.fake.set("sub-1", s.json());
+    let n = sub_note(13, "sub-1", t); // EXPIRED
+    assert_eq!(push(&app, "m-expired", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(!is_active(&c));
+    assert_eq!(purchase_status(&c, "sub-1"), "EXPIRED");
+
+    let t = step(&app);
+    g.fake.set("life-1", product_purchase(1, true, None, now));
+    let n = voided_note("life-1", 2, t);
+    assert_eq!(push(&app, "m-voided", &n).await.0, StatusCode::OK);
+    sent.push(n);
+    let c = entitlement(&app, &key, "user-1", "maps").await;
+    assert!(!is_active(&c), "refund revokes: {c}");
+    assert_eq!(purchase_status(&c, "life-1"), "REFUNDED");
+
+    let final_check = |pro: Value, maps: Value| {
+        assert!(!is_active(&pro), "{pro}");
+        assert!(!is_active(&maps), "{maps}");
+        assert_eq!(purchase_status(&pro, "sub-1"), "EXPIRED");
+        assert_eq!(purchase_status(&pro, "life-1"), "REFUNDED");
+    };
+    let events = app.count("entitlement_events").await;
+
+    // Everything again, shuffled, twice: once with the original message ids
+    // (duplicates), once as new deliveries of the same notifications.
+    use rand::seq::SliceRandom;
+    let ids = [
+        "m-renewed",
+        "m-grace",
+        "m-hold",
+        "m-recovered",
+        "m-canceled",
+        "m-expired",
+        "m-voided",
+    ];
+    for round in 0..2 {
+        let mut order: Vec<usize> = (0..sent.len()).collect();
+        order.shuffle(&mut rand::rng());
+        for i in order {
+            let id = if round == 0 {
+                ids[i].to_string()
+            } else {
+                format!("{}-again", ids[i])
+            };
+            let (st, body) = push(&app, &id, &sent[i]).await;
+            assert_eq!(st, StatusCode::OK, "{body}");
+            if round == 0 {
+                assert_eq!(body["outcome"], "duplicate");
+            }
+            final_check(
+                entitlement(&app, &key, "user-1", "pro").await,
+                entitlement(&app, &key, "user-1", "maps").await,
+            );
+        }
+    }
+    assert_eq!(
+        app.count("entitlement_events").await,
+        events,
+        "redelivery changed nothing"
+    );
+}
+
+/// An upgrade: the new token names the old one in `linkedPurchaseToken`;
+/// afterwards exactly one purchase grants.
+async fn upgrade_leaves_one_live_purchase(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("old-tok", Sub::active(now).json());
+    verify(&app, &key, "user-1", "pro_sub", "old-tok").await;
+
+    app.clock.advance(Duration::minutes(10));
+    let t = app.state.core.now();
+    let mut s = Sub::active(t);
+    s.linked = Some("old-tok");
+    s.account = Some("user-1");
+    g.fake.set("new-tok", s.json());
+    // Google tells us first (SUBSCRIPTION_PURCHASED); the account id binds it.
+    let (st, body) = push(&app, "m-upgrade", &sub_note(4, "new-tok", t)).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "applied");
+    assert_eq!(
+        g.fake.ack_state("new-tok"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(is_active(&c));
+    assert_eq!(purchase_status(&c, "old-tok"), "EXPIRED");
+    assert_eq!(purchase_status(&c, "new-tok"), "ACTIVE");
+    let live = c["purchases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["status"] == "ACTIVE")
+        .count();
+    assert_eq!(live, 1, "{c}");
+
+    // The app submits the new token as well: still one live purchase.
+    verify(&app, &key, "user-1", "pro_sub", "new-tok").await;
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert_eq!(purchase_status(&c, "old-tok"), "EXPIRED");
+    assert_eq!(app.count("purchases").await, 2);
+}
+
+/// Bad push tokens: 401 and nothing written.
+async fn push_token_rejections(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("sub-1", Sub::active(now).json());
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    let before = app.counts().await;
+    let mut s = Sub::active(now);
+    s.state = "SUBSCRIPTION_STATE_EXPIRED";
+    s.expiry = now - Duration::minutes(1);
+    g.fake.set("sub-1", s.json());
+    let body = envelope("m-1", &sub_note(13, "sub-1", step(&app))).to_string();
+
+    let none_header = URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(
+        json!({"aud": AUDIENCE, "email": PUSHER, "email_verified": true,
+               "iss": "https://accounts.google.com", "exp": Utc::now().timestamp() + 600})
+        .to_string(),
+    );
+    let hs256 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"aud": AUDIENCE, "email": PUSHER, "email_verified": true,
+                "iss": "https://accounts.google.com", "exp": Utc::now().timestamp() + 600}),
+        &EncodingKey::from_secret(b"a-shared-secret-nobody-should-use"),
+    )
+    .unwrap();
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        (
+            "wrong audience",
+            Some(
+                Oidc {
+                    aud: "https://elsewhere.example/push".into(),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "wrong email",
+            Some(
+                Oidc {
+                    email: "someone@evil.example".into(),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "email not verified",
+            Some(
+                Oidc {
+                    email_verified: json!(false),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "expired",
+            Some(
+                Oidc {
+                    exp_offset: -600,
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "unknown key",
+            Some(
+                Oidc {
+                    kid: "stranger-key".into(),
+                    signer_pem: KEYS.stranger_pem.clone(),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "known kid, wrong signer",
+            Some(
+                Oidc {
+                    signer_pem: KEYS.stranger_pem.clone(),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        (
+            "wrong issuer",
+            Some(
+                Oidc {
+                    iss: "https://accounts.example.com".into(),
+                    ..Default::default()
+                }
+                .token(),
+            ),
+        ),
+        ("alg none", Some(format!("{none_header}.{claims}."))),
+        ("HS256", Some(hs256)),
+        ("garbage", Some("not-a-jwt".into())),
+    ];
+    for (name, token) in cases {
+        let (st, resp) = push_raw(&app, token.as_deref(), body.clone()).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{name}: {resp}");
+        assert_eq!(resp["error"]["code"], "UNAUTHENTICATED", "{name}");
+        assert_eq!(app.counts().await, before, "{name}");
+    }
+    assert!(is_active(&entitlement(&app, &key, "user-1", "pro").await));
+    // The unknown key made one refetch at most; the good token still works.
+    let (st, _) = push_raw(&app, Some(&Oidc::default().token()), body).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!is_active(&entitlement(&app, &key, "user-1", "pro").await));
+}
+
+/// A key Google rotates in is fetched on first sight of its `kid`.
+async fn push_key_rotation_refetches_once(b: Backend) {
+    let (app, g) = setup(b).await;
+    let n = json!({"version": "1.0", "packageName": PACKAGE,
+                   "eventTimeMillis": Utc::now().timestamp_millis().to_string(),
+                   "testNotification": {"version": "1.0"}});
+    assert_eq!(push(&app, "m-1", &n).await.0, StatusCode::OK);
+    assert_eq!(push(&app, "m-2", &n).await.0, StatusCode::OK);
+    assert_eq!(g.fake.with(|s| s.jwks_fetches), 1, "keys are cached");
+    let stranger =
+        <RsaPrivateKey as rsa::pkcs8::DecodePrivateKey>::from_pkcs8_pem(&KEYS.stranger_pem)
+            .unwrap();
+    g.fake
+        .with(|s| s.jwks.push(jwk(&stranger.to_public_key(), "google-key-2")));
+    let tok = Oidc {
+        kid: "google-key-2".into(),
+        signer_pem: KEYS.stranger_pem.clone(),
+        ..Default::default()
+    }
+    .token();
+    let (st, body) = push_raw(&app, Some(&tok), envelope("m-3", &n).to_string()).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(g.fake.with(|s| s.jwks_fetches), 2);
+    assert_eq!(app.count("webhook_events").await, 3);
+}
+
+/// Pushes that authenticate but cannot be used: 400, nothing written.
+async fn malformed_pushes(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("sub-1", Sub::active(now).json());
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    let before = app.counts().await;
+    let good = Oidc::default().token();
+
+    let mut other = sub_note(13, "sub-1", now);
+    other["packageName"] = json!("com.other.app");
+    let not_b64 = json!({"message": {"data": "%%% not base64 %%%", "messageId": "m-2"}});
+    let not_json = json!({"message": {"data": STANDARD.encode("{ not json"), "messageId": "m-3"}});
+    let placeholder = std::fs::read_to_string(
+        "../shared/vectors/google/rtdn-pubsub-push-envelope.doc-example.json",
+    )
+    .unwrap();
+    let cases = vec![
+        ("other package", envelope("m-1", &other).to_string()),
+        ("data not base64", not_b64.to_string()),
+        ("data not JSON", not_json.to_string()),
+        ("documentation placeholder", placeholder),
+        ("no envelope", "{\"hello\": 1}".to_string()),
+        ("not JSON at all", "hello".to_string()),
+    ];
+    let (st, resp) = push_raw(&app, Some(&good), "x".repeat(200 * 1024)).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE, "{resp}");
+    assert_eq!(app.counts().await, before);
+    for (name, body) in cases {
+        let (st, resp) = push_raw(&app, Some(&good), body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{name}: {resp}");
+        assert_eq!(resp["error"]["code"], "BAD_USER_INPUT", "{name}");
+        assert_eq!(app.counts().await, before, "{name}");
+    }
+    assert!(is_active(&entitlement(&app, &key, "user-1", "pro").await));
+}
+
+/// Tokens Google does not know: INVALID_RECEIPT, nothing granted (the
+/// submission stays on record as invalid).
+async fn unknown_tokens_are_invalid(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake.fail("gone-404", 404);
+    g.fake.fail("gone-410", 410);
+    for (product, token) in [
+        ("pro_sub", "gone-404"),
+        ("pro_sub", "gone-410"),
+        ("maps_forever", "gone-404"),
+        ("pro_sub", "never-seen"),
+    ] {
+        let before = app.counts().await;
+        let body = verify(&app, &key, "user-1", product, token).await;
+        assert_eq!(
+            error_code(&body),
+            Some("INVALID_RECEIPT"),
+            "{token}: {body}"
+        );
+        assert_nothing_granted(&app, &before, 1).await;
+    }
+    let (_, body) = app
+        .gql(&key, "query { customer(id: \"user-1\") { id } }", json!({}))
+        .await;
+    assert!(
+        body["data"]["customer"].is_null(),
+        "no customer made: {body}"
+    );
+    assert_eq!(g.fake.with(|s| s.acks.len()), 0);
+}
+
+/// Every count is unchanged but the receipts audit trail, which grew by `receipts`.
+async fn assert_nothing_granted(app: &TestApp, before: &[(&str, i64)], receipts: i64) {
+    let after = app.counts().await;
+    for ((t, b), (_, a)) in before.iter().zip(after.iter()) {
+        let expect = if *t == "receipts" { b + receipts } else { *b };
+        assert_eq!(*a, expect, "{t}: {before:?} -> {after:?}");
+    }
+}
+
+/// A submission for another package or product: INVALID_RECEIPT / BAD_USER_INPUT.
+async fn wrong_package_or_product(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake
+        .set("sub-1", Sub::active(app.state.core.now()).json());
+    let before = app.counts().await;
+    let (_, body) = app
+        .gql(
+            &key,
+            VERIFY,
+            json!({ "c": "user-1", "input": { "playStore": {
+                "packageName": "com.other.app", "productId": "pro_sub", "purchaseToken": "sub-1" } } }),
+        )
+        .await;
+    assert_eq!(error_code(&body), Some("INVALID_RECEIPT"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+
+    let before = app.counts().await;
+    let body = verify(&app, &key, "user-1", "not_in_catalog", "sub-1").await;
+    assert_eq!(error_code(&body), Some("BAD_USER_INPUT"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+
+    // A token of one catalog subscription submitted as another product.
+    let mut s = Sub::active(app.state.core.now()).json();
+    s["lineItems"][0]["productId"] = json!("other_sub");
+    g.fake.set("sub-2", s);
+    let before = app.counts().await;
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-2").await;
+    assert_eq!(error_code(&body), Some("INVALID_RECEIPT"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+    assert_eq!(g.fake.with(|s| s.acks.len()), 0);
+}
+
+/// A token bound to another customer's obfuscatedExternalAccountId follows
+/// the transfer policy: `keep` refuses it.
+async fn bound_to_another_customer_keep(b: Backend) {
+    let (app, g) = setup_with(b, |c| c.transfer_policy = TransferPolicy::Keep).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let mut s = Sub::active(app.state.core.now());
+    s.account = Some("user-a");
+    g.fake.set("sub-a", s.json());
+    let before = app.counts().await;
+    let body = verify(&app, &key, "user-b", "pro_sub", "sub-a").await;
+    assert_eq!(error_code(&body), Some("RECEIPT_ALREADY_IN_USE"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+    assert_eq!(
+        g.fake.with(|s| s.acks.len()),
+        0,
+        "not acknowledged for the wrong customer"
+    );
+    // Its owner may submit it.
+    let body = verify(&app, &key, "user-a", "pro_sub", "sub-a").await;
+    assert!(body["errors"].is_null(), "{body}");
+}
+
+/// Under `transfer` (the default) it moves to the submitter.
+async fn bound_to_another_customer_transfer(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let mut s = Sub::active(app.state.core.now());
+    s.account = Some("user-a");
+    g.fake.set("sub-a", s.json());
+    verify(&app, &key, "user-a", "pro_sub", "sub-a").await;
+    let body = verify(&app, &key, "user-b", "pro_sub", "sub-a").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert!(is_active(&entitlement(&app, &key, "user-b", "pro").await));
+    assert!(!is_active(&entitlement(&app, &key, "user-a", "pro").await));
+}
+
+/// Google down: STORE_UNAVAILABLE, nothing granted; later the same submission works.
+async fn google_down_then_retry(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("sub-1", Sub::active(now).json());
+    // Google's keys out of reach: the push is not refused, but retried.
+    g.fake.with(|s| s.jwks_down = true);
+    let before = app.counts().await;
+    let (st, _) = push(&app, "m-0", &sub_note(4, "sub-1", now)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.counts().await, before);
+    g.fake.with(|s| {
+        s.jwks_down = false;
+        s.down = true;
+    });
+    let (_, body) = app
+        .gql(
+            &key,
+            VERIFY,
+            json!({ "c": "user-1", "input": { "playStore": {
+                "packageName": PACKAGE, "productId": "pro_sub", "purchaseToken": "sub-1" } } }),
+        )
+        .await;
+    assert_eq!(error_code(&body), Some("STORE_UNAVAILABLE"), "{body}");
+    assert_eq!(body["errors"][0]["extensions"]["retryable"], true);
+    assert_nothing_granted(&app, &before, 1).await;
+
+    // A push while Google is down: 503, so Pub/Sub delivers it again.
+    let before = app.counts().await;
+    let (st, _) = push(&app, "m-1", &sub_note(4, "sub-1", now)).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.counts().await, before);
+
+    g.fake.with(|s| s.down = false);
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert!(is_active(&entitlement(&app, &key, "user-1", "pro").await));
+    let (st, body) = push(&app, "m-1", &sub_note(4, "sub-1", app.state.core.now())).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "applied");
+}
+
+/// The token endpoint down is Google down too.
+async fn token_endpoint_down(b: Backend) {
+    let (app, g) = setup_with(b, |c| {
+        c.google.as_mut().unwrap().token_uri = Some("http://127.0.0.1:9/token".into());
+    })
+    .await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake
+        .set("sub-1", Sub::active(app.state.core.now()).json());
+    let before = app.counts().await;
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    assert_eq!(error_code(&body), Some("STORE_UNAVAILABLE"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+}
+
+/// Acknowledgement fails: the purchase is kept; the next read acknowledges.
+async fn acknowledgement_retried_on_next_read(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake
+        .set("sub-1", Sub::active(app.state.core.now()).json());
+    g.fake.with(|s| s.ack_down = true);
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert!(is_active(&entitlement(&app, &key, "user-1", "pro").await));
+    assert_eq!(g.fake.ack_state("sub-1"), "ACKNOWLEDGEMENT_STATE_PENDING");
+
+    g.fake.with(|s| s.ack_down = false);
+    app.clock.advance(Duration::minutes(1));
+    let (st, _) = push(&app, "m-1", &sub_note(4, "sub-1", app.state.core.now())).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        g.fake.ack_state("sub-1"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+}
+
+/// Acknowledgement fails and no notification follows: the periodic retry
+/// acknowledges it, once.
+async fn acknowledgement_retried_by_sweep(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    g.fake.set("sub-1", Sub::active(now).json());
+    g.fake.set("life-1", product_purchase(0, false, None, now));
+    g.fake.with(|s| s.ack_down = true);
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    verify(&app, &key, "user-1", "maps_forever", "life-1").await;
+    assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
+    assert_eq!(
+        app.state.core.retry_play_acknowledgements().await.ok(),
+        Some(0)
+    );
+
+    g.fake.with(|s| s.ack_down = false);
+    let core = &app.state.core;
+    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(2));
+    assert_eq!(
+        g.fake.ack_state("sub-1"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+    assert_eq!(g.fake.ack_state("life-1"), 1);
+    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(0));
+    assert_eq!(g.fake.with(|s| s.acks.len()), 2);
+}
+
+/// The access token is cached, and refreshed when Google refuses it.
+async fn access_token_cached_and_refreshed_on_401(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let mut s = Sub::active(app.state.core.now());
+    s.acknowledged = true;
+    g.fake.set("sub-1", s.json());
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    assert_eq!(g.fake.with(|s| s.tokens_issued), 1);
+    g.fake.with(|s| {
+        s.revoked_tokens.insert("ya29.fake-1".into());
+    });
+    let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(g.fake.with(|s| s.tokens_issued), 2);
+}
+
+fn legacy_receipt(token: &str, product: &str, package: &str) -> (String, String) {
+    let data = json!({
+        "orderId": "GPA.1234-5678-9012-34567", "packageName": package, "productId": product,
+        "purchaseTime": 1767225600000_i64, "purchaseState": 0, "purchaseToken": token,
+        "acknowledged": false
+    })
+    .to_string();
+    let signer = SigningKey::<sha1::Sha1>::new(KEYS.google.clone());
+    let sig = STANDARD.encode(signer.sign(data.as_bytes()).to_bytes());
+    (data, sig)
+}
+
+const VERIFY_LEGACY: &str = "mutation($d: String!, $s: String!) {
+  verifyPurchase(customerId: \"user-1\", input: { playStoreReceipt: { signedData: $d, signature: $s } }) {
+    customer { entitlements { key isActive } } purchase { storePurchaseId } } }";
+
+/// A legacy signed receipt verifies offline, then goes through the API.
+async fn legacy_receipt_verifies(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake.set(
+        "life-1",
+        product_purchase(0, false, Some("user-1"), app.state.core.now()),
+    );
+    let (data, sig) = legacy_receipt("life-1", "maps_forever", PACKAGE);
+    let (_, body) = app
+        .gql(&key, VERIFY_LEGACY, json!({ "d": data, "s": sig }))
+        .await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(
+        body["data"]["verifyPurchase"]["purchase"]["storePurchaseId"],
+        "life-1"
+    );
+    assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
+    assert_eq!(g.fake.ack_state("life-1"), 1);
+}
+
+/// A legacy receipt with a bad signature: INVALID_RECEIPT, Google not asked.
+async fn legacy_receipt_bad_signature(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    g.fake.set(
+        "life-1",
+        product_purchase(0, false, None, app.state.core.now()),
+    );
+    let (data, sig) = legacy_receipt("life-1", "maps_forever", PACKAGE);
+    let tampered = data.replace("life-1", "life-2");
+    let (_, other_sig) = legacy_receipt("life-9", "maps_forever", PACKAGE);
+    for (name, d, s) in [
+        ("tampered data", tampered.as_str(), sig.as_str()),
+        (
+            "another receipt's signature",
+            data.as_str(),
+            other_sig.as_str(),
+        ),
+        ("signature not base64", data.as_str(), "***"),
+        ("empty signature", data.as_str(), ""),
+    ] {
+        let before = app.counts().await;
+        let (_, body) = app
+            .gql(&key, VERIFY_LEGACY, json!({ "d": d, "s": s }))
+            .await;
+        assert_eq!(error_code(&body), Some("INVALID_RECEIPT"), "{name}: {body}");
+        assert_nothing_granted(&app, &before, 1).await;
+    }
+    // Signed, but for another package.
+    let (d, s) = legacy_receipt("life-1", "maps_forever", "com.other.app");
+    let before = app.counts().await;
+    let (_, body) = app
+        .gql(&key, VERIFY_LEGACY, json!({ "d": d, "s": s }))
+        .await;
+    assert_eq!(error_code(&body), Some("INVALID_RECEIPT"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+    assert_eq!(g.fake.with(|s| s.acks.len()), 0);
+}
+
+/// Duplicates, test notifications and a refund of a subscription.
+async fn duplicates_test_and_subscription_refund(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    let test = json!({"version": "1.0", "packageName": PACKAGE,
+                      "eventTimeMillis": now.timestamp_millis().to_string(),
+                      "testNotification": {"version": "1.0"}});
+    let (st, body) = push(&app, "m-test", &test).await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("test"))
+    );
+    let before = app.counts().await;
+    let (st, body) = push(&app, "m-test", &test).await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("duplicate"))
+    );
+    assert_eq!(app.counts().await, before);
+
+    g.fake.set("sub-1", Sub::active(now).json());
+    verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
+    app.clock.advance(Duration::minutes(5));
+    let t = app.state.core.now();
+    let mut s = Sub::active(now);
+    s.state = "SUBSCRIPTION_STATE_EXPIRED";
+    s.acknowledged = true;
+    g.fake.set("sub-1", s.json());
+    let (st, _) = push(&app, "m-void", &voided_note("sub-1", 1, t)).await;
+    assert_eq!(st, StatusCode::OK);
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(!is_active(&c));
+    assert_eq!(purchase_status(&c, "sub-1"), "REFUNDED");
+    // A renewal notification from before the refund, delivered late, while
+    // Google still (lagging) says active: the refund stands.
+    g.fake.set("sub-1", Sub::active(now).json());
+    let (st, body) = push(
+        &app,
+        "m-late",
+        &sub_note(2, "sub-1", t - Duration::minutes(1)),
+    )
+    .await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("stale"))
+    );
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert!(!is_active(&c));
+    assert_eq!(purchase_status(&c, "sub-1"), "REFUNDED");
+
+    // A newer notification reads the token as merely expired: still refunded.
+    let mut s = Sub::active(now);
+    s.state = "SUBSCRIPTION_STATE_EXPIRED";
+    s.acknowledged = true;
+    s.expiry = t;
+    g.fake.set("sub-1", s.json());
+    let events = app.count("entitlement_events").await;
+    let (st, body) = push(
+        &app,
+        "m-after",
+        &sub_note(13, "sub-1", t + Duration::minutes(1)),
+    )
+    .await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("applied"))
+    );
+    let c = entitlement(&app, &key, "user-1", "pro").await;
+    assert_eq!(purchase_status(&c, "sub-1"), "REFUNDED");
+    assert_eq!(app.count("entitlement_events").await, events);
+
+    // A purchase nobody here has and no account binds: recorded, not applied.
+    g.fake.set("stranger", Sub::active(now).json());
+    let (st, body) = push(&app, "m-stranger", &sub_note(4, "stranger", t)).await;
+    assert_eq!(
+        (st, body["outcome"].as_str()),
+        (StatusCode::OK, Some("unattributed"))
+    );
+    assert_eq!(
+        g.fake.ack_state("stranger"),
+        "ACKNOWLEDGEMENT_STATE_PENDING"
+    );
+}
+
+/// Without a [google] section the route answers 503 "not configured".
+async fn not_configured(b: Backend) {
+    let app = common::spawn(b).await;
+    let before = app.counts().await;
+    let (st, body) = push_raw(&app, Some("x"), "{}".into()).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "NOT_CONFIGURED");
+    let key = app.key(ApiKeyRole::Client).await;
+    let before_verify = app.counts().await;
+    let body = verify(&app, &key, "user-1", "pro_sub", "t").await;
+    assert_eq!(error_code(&body), Some("NOT_CONFIGURED"), "{body}");
+    assert_eq!(app.counts().await, before_verify);
+    assert_eq!(before.len(), before_verify.len());
+}
+
+/// Who may submit: a customer token for itself, app keys naming the customer.
+async fn verify_requires_a_customer(b: Backend) {
+    let (app, g) = setup(b).await;
+    g.fake
+        .set("sub-1", Sub::active(app.state.core.now()).json());
+    let input = json!({ "playStore": {
+        "packageName": PACKAGE, "productId": "pro_sub", "purchaseToken": "sub-1" } });
+    let before = app.counts().await;
+    let (_, body) = app
+        .gql(&Auth::None, VERIFY, json!({ "input": input, "c": "u" }))
+        .await;
+    assert_eq!(error_code(&body), Some("UNAUTHENTICATED"), "{body}");
+    let key = app.key(ApiKeyRole::Client).await;
+    let (_, body) = app.gql(&key, VERIFY, json!({ "input": input })).await;
+    assert_eq!(error_code(&body), Some("BAD_USER_INPUT"), "{body}");
+    let service = app.key(ApiKeyRole::Service).await;
+    let before2 = app.counts().await;
+    let (_, body) = app
+        .gql(&service, VERIFY, json!({ "input": input, "c": "u" }))
+        .await;
+    assert_eq!(error_code(&body), Some("FORBIDDEN"), "{body}");
+    assert_eq!(app.counts().await, before2);
+    assert_eq!(before[2], app.counts().await[2], "no purchase");
+}
+
+on_all_backends!(
+    lifecycle_in_order_then_shuffled,
+    upgrade_leaves_one_live_purchase,
+    push_token_rejections,
+    push_key_rotation_refetches_once,
+    malformed_pushes,
+    unknown_tokens_are_invalid,
+    wrong_package_or_product,
+    bound_to_another_customer_keep,
+    bound_to_another_customer_transfer,
+    google_down_then_retry,
+    token_endpoint_down,
+    acknowledgement_retried_on_next_read,
+    acknowledgement_retried_by_sweep,
+    access_token_cached_and_refreshed_on_401,
+    legacy_receipt_verifies,
+    legacy_receipt_bad_signature,
+    duplicates_test_and_subscription_refund,
+    not_configured,
+    verify_requires_a_customer,
+);
