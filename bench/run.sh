@@ -46,17 +46,19 @@ cd "$WORK"
 CLIENT_KEY="$("$BIN" api-key create --name bench-client --role client 2>/dev/null)"
 SERVICE_KEY="$("$BIN" api-key create --name bench-service --role service 2>/dev/null)"
 
+# Sets PID and READY_MS (start to first healthy answer). The server's output
+# goes to a file: an inherited stdout would keep callers waiting.
 start_server() {
   local t0 t1
   t0=$(date +%s%N)
-  "$BIN" serve 2>"$WORK/server.log" &
+  "$BIN" serve >>"$WORK/server.log" 2>&1 &
   PID=$!
   until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; do sleep 0.005; done
   t1=$(date +%s%N)
-  echo $(( (t1 - t0) / 1000000 ))
+  READY_MS=$(( (t1 - t0) / 1000000 ))
 }
 
-start_server >/dev/null
+start_server
 echo "seeding $CUSTOMERS customers"
 python3 - "$PORT" "$CLIENT_KEY" "$CUSTOMERS" <<'PY'
 import http.client, json, sys, threading
@@ -73,7 +75,7 @@ PY
 
 # Restart on the now-populated database: time to ready, and a clean RSS peak.
 kill "$PID"; wait "$PID" 2>/dev/null || true
-READY_MS=$(start_server)
+start_server
 
 cat > "$WORK/report.lua" <<'LUA'
 done = function(summary, latency, requests)

@@ -30,32 +30,23 @@ pub struct AppState {
     pub schema: EntitleSchema,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    /// `None` when the `[apple]` section is absent.
-    pub apple: Option<Arc<crate::providers::apple::Apple>>,
 }
 
 impl AppState {
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
         let db = Db::connect(&config).await?;
-        let apple = config
-            .apple
-            .as_ref()
-            .map(|a| crate::providers::apple::Apple::new(a, config.accept_sandbox, clock.clone()))
-            .transpose()?
-            .map(Arc::new);
         let core = Arc::new(Core::new(&config, db, clock)?);
         let auth = Arc::new(Authenticator::new(
             config.auth.jwt.as_ref(),
             Duration::from_secs(config.auth.api_key_cache_secs),
         )?);
-        let schema = graphql::build_schema(&config, core.clone(), apple.clone());
+        let schema = graphql::build_schema(&config, core.clone());
         Ok(AppState {
             core,
             auth,
             schema,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
-            apple,
         })
     }
 }

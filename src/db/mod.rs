@@ -54,9 +54,17 @@ impl WriteTxn {
 impl Db {
     /// Connects and brings the schema up to date.
     pub async fn connect(config: &Config) -> anyhow::Result<Db> {
-        let db = Self::connect_only(config).await?;
-        db.migrate().await?;
-        Ok(db)
+        // Migrate on a pool of its own: SQLite connections that saw the old
+        // schema keep it cached and reject statements against the new one
+        // ("ON CONFLICT clause does not match"), so the serving pool opens after.
+        let migrator = Self::connect_only(config).await?;
+        migrator.migrate().await?;
+        migrator
+            .conn
+            .close()
+            .await
+            .context("closing the migration pool")?;
+        Self::connect_only(config).await
     }
 
     pub async fn connect_only(config: &Config) -> anyhow::Result<Db> {
@@ -187,6 +195,26 @@ pub async fn lock_customer(
         q = q.lock_exclusive();
     }
     Ok(q.one(c).await?)
+}
+
+/// Serialises, on PostgreSQL, every transaction that applies one store
+/// purchase: its owner is only known after reading the row, so the customer
+/// lock alone would let two first sightings both try to insert it. (SQLite's
+/// single writer already serialises them.)
+pub async fn lock_store_purchase(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+) -> AppResult<()> {
+    if c.get_database_backend() == DbBackend::Postgres {
+        c.execute_raw(sea_orm::Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            [format!("{store}:{store_purchase_id}").into()],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 pub async fn find_device(

@@ -33,14 +33,9 @@ pub use query::QueryRoot;
 
 pub type EntitleSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
-pub fn build_schema(
-    config: &Config,
-    core: Arc<Core>,
-    apple: Option<Arc<crate::providers::apple::Apple>>,
-) -> EntitleSchema {
+pub fn build_schema(config: &Config, core: Arc<Core>) -> EntitleSchema {
     let mut b = Schema::build(QueryRoot, MutationRoot, EmptySubscription)
         .data(core)
-        .data(verify::AppleProvider(apple))
         .limit_depth(config.graphql.max_depth)
         .limit_complexity(config.graphql.max_complexity)
         .limit_recursive_depth(32);

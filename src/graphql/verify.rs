@@ -1,7 +1,5 @@
 //! `verifyPurchase`: one mutation for every store; the input names the store.
 
-use std::sync::Arc;
-
 use async_graphql::{Context, ID, InputObject, OneofObject, SimpleObject};
 use entities::purchases;
 use sea_orm::EntityTrait;
@@ -14,12 +12,8 @@ use crate::{
     auth::Principal,
     domain::ExternalId,
     error::AppError,
-    providers::apple::Apple,
     service::{apple::AppStoreSubmission, google::PlaySubmission, purchases::Applied},
 };
-
-/// The App Store provider, absent when `[apple]` is not configured.
-pub struct AppleProvider(pub Option<Arc<Apple>>);
 
 /// A purchase to verify, from exactly one store.
 #[derive(OneofObject)]
@@ -105,9 +99,8 @@ pub async fn verify_purchase(
     let applied: Applied = match input {
         VerifyPurchaseInput::AppStore(i) => {
             let submission = app_store_submission(i)?;
-            let apple = ctx
-                .data_unchecked::<AppleProvider>()
-                .0
+            let apple = core
+                .apple
                 .as_deref()
                 .ok_or(AppError::NotConfigured("App Store"))?;
             core.verify_app_store(apple, customer_id.as_str(), submission)

@@ -31,6 +31,8 @@ pub struct Core {
     pub transfer_policy: TransferPolicy,
     /// Present when a `[stripe]` section is configured.
     pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
+    /// Present when an `[apple]` section is configured.
+    pub apple: Option<Arc<crate::providers::apple::Apple>>,
     pub google: Option<Arc<crate::providers::google::GooglePlay>>,
 }
 
@@ -39,7 +41,7 @@ impl Core {
         Ok(Core {
             db,
             catalog: config.catalog()?,
-            clock,
+            clock: clock.clone(),
             accept_sandbox: config.accept_sandbox,
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
@@ -47,6 +49,14 @@ impl Core {
                 .stripe
                 .as_ref()
                 .map(crate::providers::stripe::StripeProvider::from_config)
+                .transpose()?
+                .map(Arc::new),
+            apple: config
+                .apple
+                .as_ref()
+                .map(|a| {
+                    crate::providers::apple::Apple::new(a, config.accept_sandbox, clock.clone())
+                })
                 .transpose()?
                 .map(Arc::new),
             google: config

@@ -54,6 +54,7 @@ impl Core {
         submitter: Submitter<'_>,
         now: DateTime<Utc>,
     ) -> AppResult<Applied> {
+        db::lock_store_purchase(&**txn, vp.store.as_str(), &vp.store_purchase_id).await?;
         let existing = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(vp.store.as_str()))
             .filter(purchases::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))

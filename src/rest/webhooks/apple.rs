@@ -13,6 +13,7 @@ pub async fn notify(
     LimitedBody(body): LimitedBody,
 ) -> Result<Json<Value>, AppError> {
     let apple = state
+        .core
         .apple
         .as_deref()
         .ok_or(AppError::NotConfigured("App Store"))?;
