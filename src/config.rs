@@ -238,7 +238,7 @@ impl Default for Config {
         Config {
             database_url: Secret::new("sqlite://entitle.db?mode=rwc"),
             bind: "127.0.0.1:8088".parse().expect("static address"),
-            database_max_connections: 16,
+            database_max_connections: 8,
             log: "info".into(),
             accept_sandbox: true,
             transfer_policy: TransferPolicy::Transfer,
