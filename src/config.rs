@@ -40,6 +40,10 @@ pub struct Config {
     pub bind: SocketAddr,
     /// Connections in the pool (SQLite readers share it with the writer).
     pub database_max_connections: u32,
+    /// How long (ms) a customer's purchases may be served from memory.
+    /// Writes through this process invalidate at once; this bounds how late
+    /// writes by other replicas are seen. 0 turns the cache off.
+    pub cache_ttl_ms: u64,
     /// Log filter in `tracing` syntax.
     pub log: String,
     /// Whether sandbox/test-store purchases grant access.
@@ -239,6 +243,7 @@ impl Default for Config {
             database_url: Secret::new("sqlite://entitle.db?mode=rwc"),
             bind: "127.0.0.1:8088".parse().expect("static address"),
             database_max_connections: 8,
+            cache_ttl_ms: 1000,
             log: "info".into(),
             accept_sandbox: true,
             transfer_policy: TransferPolicy::Transfer,

@@ -147,3 +147,57 @@ on_all_backends!(
     health_ready_metrics,
     internal_errors_do_not_leak
 );
+
+/// Reads come from memory, yet a write through the server is visible to the
+/// very next read; a write behind the server's back (another replica) shows
+/// once the cache TTL has passed.
+async fn cached_reads_follow_writes(b: Backend) {
+    let app = common::spawn_with(b, |c| c.cache_ttl_ms = 400).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let service = app.key(ApiKeyRole::Service).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    app.post_user(&client, "cache-1").await;
+    let paid = |app: &common::TestApp| {
+        let service = service.clone();
+        let url = app.url("/api/subscriptions/check/cache-1");
+        let client = app.client.clone();
+        async move {
+            let r: Value = service
+                .apply(client.get(url))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["paid_status"].as_str().unwrap().to_string()
+        }
+    };
+    assert_eq!(paid(&app).await, "trial");
+    assert_eq!(paid(&app).await, "trial", "served from the cache");
+    app.gql(
+        &admin,
+        "mutation { grantEntitlement(customerId: \"cache-1\", entitlement: \"pro\") { id } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(paid(&app).await, "paid", "the grant is visible at once");
+    assert_eq!(
+        app.post_user(&client, "cache-1").await.1["paid_status"],
+        "paid"
+    );
+
+    // Another process revokes the grant directly in the database.
+    use sea_orm::{ConnectionTrait, Statement};
+    let db = &app.state.core.db.conn;
+    db.execute_raw(Statement::from_string(
+        db.get_database_backend(),
+        "UPDATE purchases SET status = 'revoked', revoked_at = purchased_at WHERE store = 'promotional'",
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(paid(&app).await, "trial", "seen within the TTL");
+}
+
+on_all_backends!(cached_reads_follow_writes);

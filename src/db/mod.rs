@@ -22,9 +22,13 @@ use crate::{
     error::{AppError, AppResult},
 };
 
+mod cache;
+pub use cache::{CachedCustomer, ReadCache};
+
 #[derive(Clone)]
 pub struct Db {
     pub conn: DatabaseConnection,
+    pub cache: Arc<ReadCache>,
     /// SQLite has one writer at a time; queueing writers here, in-process,
     /// is cheaper and fairer than letting them spin on the busy handler.
     write_gate: Option<Arc<Mutex<()>>>,
@@ -35,6 +39,10 @@ pub struct Db {
 pub struct WriteTxn {
     txn: DatabaseTransaction,
     _gate: Option<OwnedMutexGuard<()>>,
+    cache: Arc<ReadCache>,
+    /// Customers this transaction locked or created: their cached reads are
+    /// dropped once it commits.
+    touched: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -47,7 +55,16 @@ impl std::ops::Deref for WriteTxn {
 impl WriteTxn {
     pub async fn commit(self) -> AppResult<()> {
         self.txn.commit().await?;
+        self.cache
+            .invalidate(self.touched.lock().expect("touched").iter());
         Ok(())
+    }
+
+    fn touch(&self, customer_id: &str) {
+        self.touched
+            .lock()
+            .expect("touched")
+            .push(customer_id.to_string());
     }
 }
 
@@ -90,6 +107,7 @@ impl Db {
             .context("cannot connect to the database (database_url)")?;
         Ok(Db {
             conn,
+            cache: Arc::new(ReadCache::new(Duration::from_millis(config.cache_ttl_ms))),
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
         })
     }
@@ -116,7 +134,12 @@ impl Db {
                 ..Default::default()
             })
             .await?;
-        Ok(WriteTxn { txn, _gate: gate })
+        Ok(WriteTxn {
+            txn,
+            _gate: gate,
+            cache: self.cache.clone(),
+            touched: Default::default(),
+        })
     }
 
     pub async fn ping(&self) -> bool {
@@ -166,11 +189,9 @@ pub async fn purchase_facts_of(
 }
 
 /// Creates the customer if absent; safe against concurrent creators.
-pub async fn ensure_customer(
-    c: &impl ConnectionTrait,
-    id: &str,
-    now: DateTime<Utc>,
-) -> AppResult<()> {
+pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<()> {
+    txn.touch(id);
+    let c = &txn.txn;
     customers::Entity::insert(customers::ActiveModel {
         id: Set(id.to_string()),
         created_at: Set(now),
@@ -186,10 +207,9 @@ pub async fn ensure_customer(
 /// transaction, so that concurrent changes to one customer are serialised
 /// and each computes its change-log rows against the other's committed state.
 /// (SQLite's single writer already serialises them.)
-pub async fn lock_customer(
-    c: &impl ConnectionTrait,
-    id: &str,
-) -> AppResult<Option<customers::Model>> {
+pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<customers::Model>> {
+    txn.touch(id);
+    let c = &txn.txn;
     let mut q = customers::Entity::find_by_id(id.to_string());
     if c.get_database_backend() == DbBackend::Postgres {
         q = q.lock_exclusive();

@@ -36,18 +36,21 @@ impl QueryRoot {
                 return Err(AppError::Forbidden("`me` needs a customer token").into());
             }
         };
-        let model = core(ctx)
-            .find_customer(id)
+        let (model, snapshot) = core(ctx)
+            .read_customer(id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
-        Ok(Customer::new(model))
+        Ok(Customer::with_snapshot(model, snapshot))
     }
 
     /// A customer by id: admins and service keys read anyone, client keys the
     /// customer they name, customer tokens only themselves.
     async fn customer(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Customer>> {
         principal(ctx).require_read(&id)?;
-        Ok(core(ctx).find_customer(&id).await?.map(Customer::new))
+        Ok(core(ctx)
+            .read_customer(&id)
+            .await?
+            .map(|(m, s)| Customer::with_snapshot(m, s)))
     }
 
     /// Customers ordered by id, optionally those whose id starts with `search` (admin).

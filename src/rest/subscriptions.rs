@@ -59,12 +59,11 @@ pub async fn check(
     principal.require_service()?;
     let id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
-    state
+    let (_, snap) = state
         .core
-        .find_customer(id.as_str())
+        .read_customer(id.as_str())
         .await?
         .ok_or(AppError::NotFound("customer"))?;
-    let snap = state.core.snapshot(id.as_str()).await?;
     Ok(Json(CheckResponse {
         customer_id: id.into_string(),
         is_subscribed: snap.entitlements.iter().any(|e| e.is_active),

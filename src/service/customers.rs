@@ -79,8 +79,8 @@ impl Core {
 
         let customer = customer_id.unwrap_or(device_id).as_str().to_string();
         let txn = self.db.write().await?;
-        db::ensure_customer(&*txn, &customer, now).await?;
-        db::lock_customer(&*txn, &customer).await?;
+        db::ensure_customer(&txn, &customer, now).await?;
+        db::lock_customer(&txn, &customer).await?;
         let inserted = devices::Entity::insert(devices::ActiveModel {
             platform: Set(platform.as_str().to_string()),
             device_id: Set(device_id.as_str().to_string()),
@@ -147,7 +147,7 @@ impl Core {
             if let Some(c) = rebind {
                 // The device follows the customer now signed in on it; its
                 // first sight (and so its trial) stays in the past.
-                db::ensure_customer(&*txn, c.as_str(), now).await?;
+                db::ensure_customer(&txn, c.as_str(), now).await?;
             }
             let mut am = device.into_active_model();
             am.last_seen_at = Set(now);
@@ -160,9 +160,7 @@ impl Core {
         } else {
             device
         };
-        let snapshot = self
-            .snapshot_in(&self.db.conn, &device.customer_id, now)
-            .await?;
+        let snapshot = self.snapshot(&device.customer_id).await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),
             device,
@@ -195,7 +193,7 @@ impl Core {
             return Err(AppError::bad_input("expiresAt must be in the future"));
         }
         let txn = self.db.write().await?;
-        db::lock_customer(&*txn, customer_id)
+        db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
         let before = self.snapshot_in(&*txn, customer_id, now).await?;
@@ -237,7 +235,7 @@ impl Core {
             )));
         }
         let txn = self.db.write().await?;
-        db::lock_customer(&*txn, customer_id)
+        db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
         let grant = purchases::Entity::find()

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use sea_orm::ConnectionTrait;
+use entities::customers as customer_rows;
+use sea_orm::{ConnectionTrait, EntityTrait};
 
 use crate::{
     clock::Clock,
     config::Config,
-    db::{self, Db},
+    db::{self, CachedCustomer, Db},
     domain::{Catalog, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
     error::AppResult,
 };
@@ -84,9 +85,53 @@ impl Core {
         Ok(compute(&self.catalog, &facts, now, self.accept_sandbox))
     }
 
+    /// The customer's entitlements now, for a read-only answer: served from
+    /// the read cache when fresh. Decisions inside a write use `snapshot_in`
+    /// with their transaction instead.
     pub async fn snapshot(&self, customer_id: &str) -> AppResult<Snapshot> {
-        self.snapshot_in(&self.db.conn, customer_id, self.now())
-            .await
+        let cached = self.cached_customer(customer_id).await?;
+        Ok(compute(
+            &self.catalog,
+            &cached.facts,
+            self.now(),
+            self.accept_sandbox,
+        ))
+    }
+
+    /// The customer row and its entitlements now, for a read-only answer;
+    /// `None` when there is no such customer.
+    pub async fn read_customer(
+        &self,
+        customer_id: &str,
+    ) -> AppResult<Option<(customer_rows::Model, Snapshot)>> {
+        let cached = self.cached_customer(customer_id).await?;
+        let snapshot = compute(
+            &self.catalog,
+            &cached.facts,
+            self.now(),
+            self.accept_sandbox,
+        );
+        Ok(cached.customer.map(|c| (c, snapshot)))
+    }
+
+    async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
+        if let Some(c) = self.db.cache.get(customer_id) {
+            return Ok(c);
+        }
+        let epoch = self.db.cache.epoch();
+        let customer = customer_rows::Entity::find_by_id(customer_id.to_string())
+            .one(&self.db.conn)
+            .await?;
+        let facts = match customer {
+            Some(_) => db::purchase_facts_of(&self.db.conn, customer_id).await?,
+            None => Vec::new(),
+        };
+        let cached = CachedCustomer {
+            customer,
+            facts: Arc::new(facts),
+        };
+        self.db.cache.fill(customer_id, epoch, cached.clone());
+        Ok(cached)
     }
 
     /// Writes one change-log row per entitlement that moved between `before`

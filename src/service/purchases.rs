@@ -76,7 +76,7 @@ impl Core {
         };
         crate::domain::ExternalId::parse(&owner)
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
-        db::ensure_customer(&**txn, &owner, now).await?;
+        db::ensure_customer(txn, &owner, now).await?;
 
         let replaced = match vp.replaces.as_deref() {
             Some(r) if r != vp.store_purchase_id => {
@@ -97,7 +97,7 @@ impl Core {
         affected.extend(replaced.iter().map(|r| r.customer_id.clone()));
         let mut before = Vec::with_capacity(affected.len());
         for c in &affected {
-            db::lock_customer(&**txn, c).await?;
+            db::lock_customer(txn, c).await?;
             before.push((c.clone(), self.snapshot_in(&**txn, c, now).await?));
         }
 

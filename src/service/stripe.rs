@@ -112,7 +112,7 @@ impl Core {
                 customer,
                 stripe_customer,
             } => {
-                db::ensure_customer(&*txn, &customer, now).await?;
+                db::ensure_customer(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
                 "bound"
             }
@@ -313,8 +313,8 @@ impl Core {
             .as_deref()
             .or(state.state().bound_customer.as_deref())
         {
-            db::ensure_customer(&**txn, c, now).await?;
-            db::lock_customer(&**txn, c).await?;
+            db::ensure_customer(txn, c, now).await?;
+            db::lock_customer(txn, c).await?;
         }
         let existing = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
