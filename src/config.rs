@@ -42,8 +42,9 @@ pub struct Config {
     pub database_max_connections: u32,
     /// How long (ms) a customer's purchases may be served from memory.
     /// Writes through this process invalidate at once; this bounds how late
-    /// writes by other replicas are seen. 0 turns the cache off.
-    pub cache_ttl_ms: u64,
+    /// writes by other replicas are seen. 0 turns the cache off. Unset: 60 s
+    /// on SQLite (one server process), 1 s on PostgreSQL (replicas).
+    pub cache_ttl_ms: Option<u64>,
     /// Log filter in `tracing` syntax.
     pub log: String,
     /// Whether sandbox/test-store purchases grant access.
@@ -243,7 +244,7 @@ impl Default for Config {
             database_url: Secret::new("sqlite://entitle.db?mode=rwc"),
             bind: "127.0.0.1:8088".parse().expect("static address"),
             database_max_connections: 8,
-            cache_ttl_ms: 1000,
+            cache_ttl_ms: None,
             log: "info".into(),
             accept_sandbox: true,
             transfer_policy: TransferPolicy::Transfer,
@@ -390,6 +391,11 @@ impl Config {
             self.catalog.products.clone(),
         )
         .map_err(|e| anyhow::anyhow!("invalid configuration: catalog: {e}"))
+    }
+
+    pub fn cache_ttl(&self) -> std::time::Duration {
+        let default = if self.is_postgres() { 1_000 } else { 60_000 };
+        std::time::Duration::from_millis(self.cache_ttl_ms.unwrap_or(default))
     }
 
     pub fn is_postgres(&self) -> bool {

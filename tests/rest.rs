@@ -152,7 +152,7 @@ on_all_backends!(
 /// very next read; a write behind the server's back (another replica) shows
 /// once the cache TTL has passed.
 async fn cached_reads_follow_writes(b: Backend) {
-    let app = common::spawn_with(b, |c| c.cache_ttl_ms = 400).await;
+    let app = common::spawn_with(b, |c| c.cache_ttl_ms = Some(400)).await;
     let client = app.key(ApiKeyRole::Client).await;
     let service = app.key(ApiKeyRole::Service).await;
     let admin = app.key(ApiKeyRole::Admin).await;

@@ -107,7 +107,7 @@ impl Db {
             .context("cannot connect to the database (database_url)")?;
         Ok(Db {
             conn,
-            cache: Arc::new(ReadCache::new(Duration::from_millis(config.cache_ttl_ms))),
+            cache: Arc::new(ReadCache::new(config.cache_ttl())),
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
         })
     }
