@@ -349,3 +349,42 @@ async fn slow_clients_time_out(b: Backend) {
 }
 
 on_all_backends!(slow_clients_time_out);
+
+/// The known-device path reads from memory; a rebind and a grant made
+/// through the server show on the very next `POST /user`.
+async fn cached_device_reads_follow_rebind_and_grant(b: Backend) {
+    let app = spawn(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    assert_eq!(app.post_user(&key, "w-r").await.1["paid_status"], "trial");
+    assert_eq!(app.post_user(&key, "w-r").await.1["paid_status"], "trial");
+    let (_, r) = app
+        .gql(
+            &key,
+            "mutation { registerDevice(input: {platform: GARMIN, deviceId: \"w-r\", customerId: \"acct-1\"}) { created customer { id paidStatus } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        r["data"]["registerDevice"]["customer"]["id"], "acct-1",
+        "{r}"
+    );
+    let (_, body) = app.post_user(&key, "w-r").await;
+    assert_eq!(
+        body["paid_status"], "expired",
+        "now bound to acct-1, which never had a trial: {body}"
+    );
+    assert_eq!(
+        body["checkout_url"],
+        "https://buy.stripe.com/test_123?client_reference_id=acct-1"
+    );
+    app.gql(
+        &admin,
+        "mutation { grantEntitlement(customerId: \"acct-1\", entitlement: \"pro\") { id } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(app.post_user(&key, "w-r").await.1["paid_status"], "paid");
+}
+
+on_all_backends!(cached_device_reads_follow_rebind_and_grant);

@@ -18,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use entities::customers;
+use entities::{customers, devices};
 
 use crate::domain::PurchaseFacts;
 
@@ -34,14 +34,22 @@ pub struct CachedCustomer {
     pub facts: Arc<Vec<PurchaseFacts>>,
 }
 
-pub struct ReadCache {
+/// A device row by (platform, device id); see [`device_key`].
+pub type CachedDevice = devices::Model;
+
+/// Ids cannot hold control characters, so NUL separates the two parts.
+pub fn device_key(platform: &str, device_id: &str) -> String {
+    format!("{platform}\0{device_id}")
+}
+
+pub struct ReadCache<V> {
     ttl: Duration,
     epoch: AtomicU64,
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<String, (CachedCustomer, Instant)>>>,
+    shards: Vec<Mutex<HashMap<String, (V, Instant)>>>,
 }
 
-impl ReadCache {
+impl<V: Clone> ReadCache<V> {
     /// A zero TTL turns the cache off.
     pub fn new(ttl: Duration) -> Self {
         ReadCache {
@@ -52,11 +60,11 @@ impl ReadCache {
         }
     }
 
-    fn shard(&self, id: &str) -> &Mutex<HashMap<String, (CachedCustomer, Instant)>> {
+    fn shard(&self, id: &str) -> &Mutex<HashMap<String, (V, Instant)>> {
         &self.shards[self.hasher.hash_one(id) as usize % SHARDS]
     }
 
-    pub fn get(&self, id: &str) -> Option<CachedCustomer> {
+    pub fn get(&self, id: &str) -> Option<V> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -73,7 +81,7 @@ impl ReadCache {
     }
 
     /// Stores what a read saw, unless some write committed since `epoch`.
-    pub fn fill(&self, id: &str, epoch: u64, value: CachedCustomer) {
+    pub fn fill(&self, id: &str, epoch: u64, value: V) {
         if self.ttl.is_zero() {
             return;
         }
@@ -111,7 +119,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_raced_a_write_is_dropped() {
-        let c = ReadCache::new(Duration::from_secs(60));
+        let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_secs(60));
         let e = c.epoch();
         c.invalidate([&"a".to_string()]);
         c.fill("a", e, entry());
@@ -127,12 +135,12 @@ mod tests {
 
     #[test]
     fn entries_expire_and_zero_ttl_is_off() {
-        let c = ReadCache::new(Duration::from_millis(20));
+        let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_millis(20));
         c.fill("a", c.epoch(), entry());
         assert!(c.get("a").is_some());
         std::thread::sleep(Duration::from_millis(30));
         assert!(c.get("a").is_none());
-        let off = ReadCache::new(Duration::ZERO);
+        let off: ReadCache<CachedCustomer> = ReadCache::new(Duration::ZERO);
         off.fill("a", off.epoch(), entry());
         assert!(off.get("a").is_none());
     }

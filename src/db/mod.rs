@@ -23,12 +23,13 @@ use crate::{
 };
 
 mod cache;
-pub use cache::{CachedCustomer, ReadCache};
+pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 
 #[derive(Clone)]
 pub struct Db {
     pub conn: DatabaseConnection,
-    pub cache: Arc<ReadCache>,
+    pub cache: Arc<ReadCache<CachedCustomer>>,
+    pub device_cache: Arc<ReadCache<CachedDevice>>,
     /// SQLite has one writer at a time; queueing writers here, in-process,
     /// is cheaper and fairer than letting them spin on the busy handler.
     write_gate: Option<Arc<Mutex<()>>>,
@@ -39,10 +40,13 @@ pub struct Db {
 pub struct WriteTxn {
     txn: DatabaseTransaction,
     _gate: Option<OwnedMutexGuard<()>>,
-    cache: Arc<ReadCache>,
+    cache: Arc<ReadCache<CachedCustomer>>,
+    device_cache: Arc<ReadCache<CachedDevice>>,
     /// Customers this transaction locked or created: their cached reads are
     /// dropped once it commits.
     touched: std::sync::Mutex<Vec<String>>,
+    /// Devices (by `device_key`) it wrote.
+    touched_devices: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -57,7 +61,17 @@ impl WriteTxn {
         self.txn.commit().await?;
         self.cache
             .invalidate(self.touched.lock().expect("touched").iter());
+        self.device_cache
+            .invalidate(self.touched_devices.lock().expect("touched").iter());
         Ok(())
+    }
+
+    /// Records that this transaction writes the device row.
+    pub fn touch_device(&self, platform: &str, device_id: &str) {
+        self.touched_devices
+            .lock()
+            .expect("touched")
+            .push(device_key(platform, device_id));
     }
 
     fn touch(&self, customer_id: &str) {
@@ -108,6 +122,7 @@ impl Db {
         Ok(Db {
             conn,
             cache: Arc::new(ReadCache::new(config.cache_ttl())),
+            device_cache: Arc::new(ReadCache::new(config.cache_ttl())),
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
         })
     }
@@ -138,7 +153,9 @@ impl Db {
             txn,
             _gate: gate,
             cache: self.cache.clone(),
+            device_cache: self.device_cache.clone(),
             touched: Default::default(),
+            touched_devices: Default::default(),
         })
     }
 

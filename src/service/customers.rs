@@ -71,9 +71,7 @@ impl Core {
         customer_id: Option<&ExternalId>,
     ) -> AppResult<Registration> {
         let now = self.now();
-        if let Some(device) =
-            db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await?
-        {
+        if let Some(device) = self.cached_device(platform, device_id).await? {
             return self.known_device(device, customer_id, now).await;
         }
 
@@ -81,6 +79,7 @@ impl Core {
         let txn = self.db.write().await?;
         db::ensure_customer(&txn, &customer, now).await?;
         db::lock_customer(&txn, &customer).await?;
+        txn.touch_device(platform.as_str(), device_id.as_str());
         let inserted = devices::Entity::insert(devices::ActiveModel {
             platform: Set(platform.as_str().to_string()),
             device_id: Set(device_id.as_str().to_string()),
@@ -135,6 +134,25 @@ impl Core {
         })
     }
 
+    /// A known device, from the read cache when fresh (unknown ones are not
+    /// cached: their first sight goes through the write path).
+    async fn cached_device(
+        &self,
+        platform: Platform,
+        device_id: &ExternalId,
+    ) -> AppResult<Option<devices::Model>> {
+        let key = db::device_key(platform.as_str(), device_id.as_str());
+        if let Some(d) = self.db.device_cache.get(&key) {
+            return Ok(Some(d));
+        }
+        let epoch = self.db.device_cache.epoch();
+        let found = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await?;
+        if let Some(d) = &found {
+            self.db.device_cache.fill(&key, epoch, d.clone());
+        }
+        Ok(found)
+    }
+
     async fn known_device(
         &self,
         device: devices::Model,
@@ -149,6 +167,7 @@ impl Core {
                 // first sight (and so its trial) stays in the past.
                 db::ensure_customer(&txn, c.as_str(), now).await?;
             }
+            txn.touch_device(&device.platform, &device.device_id);
             let mut am = device.into_active_model();
             am.last_seen_at = Set(now);
             if let Some(c) = rebind {
