@@ -91,6 +91,21 @@ pub struct Verified {
     pub signed_date: DateTime<Utc>,
 }
 
+impl Verified {
+    /// A transaction with no subscription status to go with it (a one-time
+    /// purchase, or one the status call does not list).
+    fn transaction_only(tx: JWSTransactionDecodedPayload, now: DateTime<Utc>) -> Self {
+        let signed_date = tx.signed_date.unwrap_or(now);
+        Verified {
+            transaction: tx,
+            renewal: None,
+            status: None,
+            notification: None,
+            signed_date,
+        }
+    }
+}
+
 /// The one mapping of verification failures to API errors.
 fn verify_error(e: SignedDataVerifierError) -> AppError {
     use SignedDataVerifierError as E;
@@ -303,14 +318,7 @@ impl Apple {
         };
         let tx = self.verify_transaction(&signed)?;
         if tx.expires_date.is_none() {
-            let signed_date = tx.signed_date.unwrap_or_else(|| api.now());
-            return Ok(Verified {
-                transaction: tx,
-                renewal: None,
-                status: None,
-                notification: None,
-                signed_date,
-            });
+            return Ok(Verified::transaction_only(tx, api.now()));
         }
         let statuses = api.subscription_statuses(api_env, transaction_id).await?;
         let original = tx.original_transaction_id.clone();
@@ -321,14 +329,7 @@ impl Apple {
             .flat_map(|g| g.last_transactions.iter().flatten())
             .find(|i| i.original_transaction_id.is_some() && i.original_transaction_id == original);
         let Some(item) = item else {
-            let signed_date = tx.signed_date.unwrap_or_else(|| api.now());
-            return Ok(Verified {
-                transaction: tx,
-                renewal: None,
-                status: None,
-                notification: None,
-                signed_date,
-            });
+            return Ok(Verified::transaction_only(tx, api.now()));
         };
         let latest = match item.signed_transaction_info.as_deref() {
             Some(s) => self.verify_transaction(s)?,
