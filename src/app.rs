@@ -30,6 +30,7 @@ pub struct AppState {
     pub schema: EntitleSchema,
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    pub parse_cache: Arc<graphql::ParseCache>,
 }
 
 impl AppState {
@@ -47,6 +48,7 @@ impl AppState {
             schema,
             config: Arc::new(config),
             metrics: Arc::new(Metrics::default()),
+            parse_cache: Arc::new(graphql::ParseCache::new()),
         })
     }
 }
@@ -56,6 +58,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
     Router::new()
         .route("/graphql", post(graphql::post).get(graphql::get))
+        .route("/graphql/ws", get(graphql::ws))
         .route("/user", post(rest::garmin::user))
         .route(
             "/api/subscriptions/check/{customer_id}",
@@ -98,10 +101,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
-    crate::service::google::spawn_acknowledgement_retries(
-        state.core.clone(),
-        Duration::from_secs(15 * 60),
-    );
+    spawn_background(&state)?;
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;
@@ -113,6 +113,25 @@ pub async fn start(
             .await
     });
     Ok(Running { addr, state, task })
+}
+
+/// The event relay and feed, and this replica's share of the jobs.
+fn spawn_background(state: &AppState) -> anyhow::Result<()> {
+    let core = &state.core;
+    let config = &state.config;
+    let wake = core.db.commits.subscribe();
+    core.feed.spawn(
+        core.db.clone(),
+        Duration::from_millis(config.events.feed_poll_ms.max(10)),
+        wake.clone(),
+    );
+    if let Some(relay) =
+        crate::events::relay::Relay::new(config, core.clone(), state.metrics.clone())?
+    {
+        relay.spawn(wake);
+    }
+    crate::jobs::spawn_all(core.clone(), config);
+    Ok(())
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {

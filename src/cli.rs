@@ -1,5 +1,6 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
+use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{app, clock::SystemClock, config::Config, db::Db, domain::ApiKeyRole, service::Core};
@@ -29,6 +30,17 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Outbound webhook endpoints.
+    #[command(subcommand)]
+    Outbound(OutboundCommand),
+    /// Recover missed store notifications once (the stores enabled under
+    /// `[reconcile]`), print what each store did, then exit.
+    Reconcile {
+        /// Start here instead of each store's saved cursor: an RFC 3339
+        /// instant, or a duration back from now such as `24h` or `7d`.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
+    },
     /// Mint a JWT with the configured key (development only).
     Token {
         #[arg(long)]
@@ -53,6 +65,15 @@ pub enum ApiKeyCommand {
     Revoke { id: String },
 }
 
+#[derive(Subcommand)]
+pub enum OutboundCommand {
+    /// Each endpoint's state and undelivered count.
+    Status,
+    /// Re-enable an endpoint (disabled after failing too long); its
+    /// undelivered events are sent again at once, in order.
+    Enable { url: String },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum RoleArg {
     Client,
@@ -68,6 +89,26 @@ impl From<RoleArg> for ApiKeyRole {
             RoleArg::Admin => ApiKeyRole::Admin,
         }
     }
+}
+
+/// `--since`: an RFC 3339 instant, or `<n>s|m|h|d` before now.
+fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    let bad = || format!("`{s}` is neither an RFC 3339 instant nor a duration like 24h or 7d");
+    let (n, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let d = match unit {
+        "s" => chrono::Duration::try_seconds(n),
+        "m" => chrono::Duration::try_minutes(n),
+        "h" => chrono::Duration::try_hours(n),
+        "d" => chrono::Duration::try_days(n),
+        _ => None,
+    }
+    .filter(|_| n >= 0)
+    .ok_or_else(bad)?;
+    Ok(Utc::now() - d)
 }
 
 async fn core(config: &Config) -> anyhow::Result<Core> {
@@ -107,6 +148,72 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let row = core(&config).await?.revoke_api_key(&id).await?;
             eprintln!("revoked API key {} ({})", row.id, row.name);
             Ok(())
+        }
+        Command::Outbound(OutboundCommand::Status) => {
+            let configured: Vec<String> = config
+                .outbound
+                .endpoints
+                .iter()
+                .map(|e| e.url.clone())
+                .collect();
+            let states = core(&config).await?.outbound_status(&configured).await?;
+            if states.is_empty() {
+                eprintln!("no outbound endpoints");
+            }
+            for s in states {
+                println!(
+                    "{}\t{}{}\tpending {}\tlast success {}",
+                    s.url,
+                    s.describe(),
+                    if s.configured {
+                        ""
+                    } else {
+                        " (not configured)"
+                    },
+                    s.pending,
+                    s.last_success_at
+                        .map_or_else(|| "never".to_string(), |t| t.to_rfc3339()),
+                );
+            }
+            Ok(())
+        }
+        Command::Outbound(OutboundCommand::Enable { url }) => {
+            if !config.outbound.endpoints.iter().any(|e| e.url == url) {
+                eprintln!("note: {url} is not in outbound.endpoints; nothing will deliver to it");
+            }
+            let due = core(&config).await?.enable_outbound_endpoint(&url).await?;
+            eprintln!("enabled {url}; {due} undelivered event(s) are due now");
+            Ok(())
+        }
+        Command::Reconcile { since } => {
+            let core = core(&config).await?;
+            if crate::jobs::reconcile::enabled(&core, &config.reconcile).is_empty() {
+                anyhow::bail!(
+                    "no reconciliation is enabled: set reconcile.stripe, reconcile.apple or reconcile.google, with the store's API configured"
+                );
+            }
+            let mut failed = Vec::new();
+            for (source, r) in crate::jobs::reconcile::run(&core, &config.reconcile, since).await {
+                match r {
+                    Ok(c) => println!(
+                        "{}: seen {}, applied {}, duplicates {}, skipped {}",
+                        source.name(),
+                        c.seen,
+                        c.applied,
+                        c.duplicates,
+                        c.skipped
+                    ),
+                    Err(e) => {
+                        println!("{}: failed: {}", source.name(), e.message());
+                        failed.push(source.name());
+                    }
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                anyhow::bail!("reconciliation failed for {}", failed.join(", "))
+            }
         }
         Command::Token {
             sub,

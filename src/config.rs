@@ -59,6 +59,122 @@ pub struct Config {
     pub stripe: Option<StripeConfig>,
     pub apple: Option<AppleConfig>,
     pub google: Option<GoogleConfig>,
+    /// Redis for the entitlement event stream. Unset: the relay is off and
+    /// events stay in the change log (and still reach GraphQL subscribers).
+    pub redis_url: Option<Secret>,
+    pub events: EventsConfig,
+    pub jobs: JobsConfig,
+    /// Stores whose missed notifications are recovered by reconciliation.
+    pub reconcile: ReconcileConfig,
+    /// Standard Webhooks POSTs of every change-log row; none by default.
+    pub outbound: OutboundConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Stream key; the field is `event`, holding the event's JSON.
+    pub stream_key: String,
+    /// Approximate cap on the stream's length (`XADD MAXLEN ~`); 0: no cap.
+    pub stream_max_len: u64,
+    /// How often (ms) the relay looks for rows it was not told about
+    /// (written by another replica, or left by a crash).
+    pub relay_poll_ms: u64,
+    /// Rows published per Redis round trip.
+    pub relay_batch: u64,
+    /// How often (ms) GraphQL subscribers' feed reads the change log.
+    pub feed_poll_ms: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            stream_key: "billing:events".into(),
+            stream_max_len: 1_000_000,
+            relay_poll_ms: 500,
+            relay_batch: 500,
+            feed_poll_ms: 250,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Interval (ms) of the sweep that writes `expired` rows for periods
+    /// that ran out with no store message.
+    pub expiry_interval_ms: u64,
+    /// Interval (ms) of the scheduler that re-reads purchases near renewal.
+    pub refresh_interval_ms: u64,
+    /// A purchase is re-read from its store once its period ends within
+    /// this many seconds (and again at most every `refresh_every_secs`
+    /// while the store has not settled it).
+    pub refresh_ahead_secs: u64,
+    pub refresh_every_secs: u64,
+    /// Interval (s) of Play acknowledgement retries.
+    pub acknowledge_interval_secs: u64,
+    /// Interval (s) of store reconciliation; 0 runs it only from the CLI.
+    pub reconcile_interval_secs: u64,
+    /// Interval (ms) of outbound webhook delivery attempts.
+    pub outbound_interval_ms: u64,
+    /// Whether this process runs the background jobs at all (the relay and
+    /// the subscription feed always run).
+    pub enabled: bool,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            expiry_interval_ms: 10_000,
+            refresh_interval_ms: 60_000,
+            refresh_ahead_secs: 300,
+            refresh_every_secs: 3_600,
+            acknowledge_interval_secs: 900,
+            reconcile_interval_secs: 3_600,
+            outbound_interval_ms: 1_000,
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Stripe events with `delivery_success=false` (needs `stripe.secret_key`).
+    pub stripe: bool,
+    /// App Store notification history (needs the App Store Server API key).
+    pub apple: bool,
+    /// Play voided purchases (needs the service account).
+    pub google: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboundConfig {
+    pub endpoints: Vec<OutboundEndpoint>,
+    /// An endpoint that has failed every attempt for this many days is
+    /// disabled; its undelivered rows stay in the database.
+    pub disable_after_days: u32,
+    /// Per-request time limit, seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> Self {
+        OutboundConfig {
+            endpoints: Vec::new(),
+            disable_after_days: 5,
+            timeout_secs: 15,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundEndpoint {
+    pub url: String,
+    /// `whsec_` followed by base64 of the signing key, as Standard Webhooks defines.
+    pub secret: Secret,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -267,6 +383,11 @@ impl Default for Config {
             stripe: None,
             apple: None,
             google: None,
+            redis_url: None,
+            events: EventsConfig::default(),
+            jobs: JobsConfig::default(),
+            reconcile: ReconcileConfig::default(),
+            outbound: OutboundConfig::default(),
         }
     }
 }
@@ -381,6 +502,26 @@ impl Config {
                 );
             }
         }
+        for (i, e) in self.outbound.endpoints.iter().enumerate() {
+            if url::Url::parse(&e.url).is_err() {
+                anyhow::bail!("invalid configuration: outbound.endpoints[{i}].url is not a URL");
+            }
+            if self.outbound.endpoints[..i].iter().any(|o| o.url == e.url) {
+                // Deliveries are kept per URL: one URL has one key.
+                anyhow::bail!("invalid configuration: outbound.endpoints[{i}].url is listed twice");
+            }
+            if crate::events::outbound::signing_key(&e.secret).is_none() {
+                anyhow::bail!(
+                    "invalid configuration: outbound.endpoints[{i}].secret must be `whsec_` followed by base64"
+                );
+            }
+        }
+        if let Some(r) = &self.redis_url
+            && url::Url::parse(r.expose()).is_err()
+        {
+            // The URL may carry a password: do not echo it.
+            anyhow::bail!("invalid configuration: redis_url is not a URL");
+        }
         self.catalog()?;
         Ok(())
     }
@@ -482,6 +623,30 @@ mod tests {
                 .is_some()
         );
         assert_eq!(cfg.catalog().unwrap().products().len(), 2);
+    }
+
+    #[test]
+    fn outbound_endpoints_need_a_whsec_secret_and_distinct_urls() {
+        let endpoint = |url: &str, secret: &str| {
+            format!("[[outbound.endpoints]]\nurl = \"{url}\"\nsecret = \"{secret}\"\n")
+        };
+        let good = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let load = |toml: String| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(&toml)),
+            )
+        };
+        let cfg = load(endpoint("https://a.example.com/in", good)).unwrap();
+        assert_eq!(cfg.outbound.endpoints.len(), 1);
+        let err = load(endpoint("https://a.example.com/in", "plain-secret"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outbound.endpoints[0].secret"), "{err}");
+        assert!(!err.contains("plain-secret"), "{err}");
+        let twice = endpoint("https://a.example.com/in", good)
+            + &endpoint("https://a.example.com/in", good);
+        let err = load(twice).unwrap_err().to_string();
+        assert!(err.contains("outbound.endpoints[1].url"), "{err}");
     }
 
     #[test]

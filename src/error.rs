@@ -79,6 +79,16 @@ impl AppError {
         }
     }
 
+    /// One line for the operator's log: the code and message, or for an
+    /// internal error its cause chain (database and store errors, which never
+    /// carry our secrets).
+    pub fn for_log(&self) -> String {
+        match self {
+            AppError::Internal(e) => format!("{e:#}"),
+            other => format!("{}: {}", other.code(), other.message()),
+        }
+    }
+
     fn log(&self) {
         if let AppError::Internal(e) = self {
             tracing::error!(error = format!("{e:#}"), "internal error");

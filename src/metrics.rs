@@ -31,6 +31,10 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RouteLabels, Counter>,
     latency: Family<RouteOnly, Histogram>,
+    /// Change-log rows the relay published (Redis and/or outbound queue).
+    pub events_published: Counter,
+    /// Relay batches that failed (Redis or database unavailable); the rows wait.
+    pub relay_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -52,10 +56,24 @@ impl Default for Metrics {
             "HTTP request latency",
             latency.clone(),
         );
+        let events_published = Counter::default();
+        let relay_failures = Counter::default();
+        registry.register(
+            "events_published",
+            "Change-log rows published by the event relay",
+            events_published.clone(),
+        );
+        registry.register(
+            "event_relay_failures",
+            "Event relay batches that failed and will be retried",
+            relay_failures.clone(),
+        );
         Metrics {
             registry,
             requests,
             latency,
+            events_published,
+            relay_failures,
         }
     }
 }

@@ -136,3 +136,36 @@ fn export_schema_writes_the_sdl() {
     assert_eq!(sdl, entitle::graphql::sdl());
     assert!(sdl.contains("registerDevice"));
 }
+
+#[test]
+fn outbound_status_lists_configured_endpoints_and_enable_refuses_unknown_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    std::fs::write(
+        dir.path().join("entitle.toml"),
+        format!(
+            "[[outbound.endpoints]]\nurl = \"https://hooks.example.com/in\"\nsecret = \"{secret}\"\n"
+        ),
+    )
+    .unwrap();
+    let out = entitle(dir.path(), &["outbound", "status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout.trim(),
+        "https://hooks.example.com/in\thealthy\tpending 0\tlast success never"
+    );
+    assert!(!stdout.contains(&secret[6..]) && !stderr.contains(&secret[6..]));
+
+    let out = entitle(
+        dir.path(),
+        &["outbound", "enable", "https://elsewhere.example.com/in"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("outbound endpoint not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

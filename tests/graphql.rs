@@ -5,38 +5,13 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use chrono::Duration;
-use common::{Auth, Backend, error_code, spawn, spawn_with};
+use common::{Auth, Backend, error_code, hs_config, sign_hs, spawn, spawn_with};
 use entitle::{
-    config::{JwtAlgorithm, JwtConfig, Secret},
+    config::{JwtAlgorithm, JwtConfig},
     domain::ApiKeyRole,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-const HS_SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
-
-fn hs_config() -> JwtConfig {
-    JwtConfig {
-        algorithm: JwtAlgorithm::HS256,
-        secret: Some(Secret::new(HS_SECRET)),
-        public_key_pem: None,
-        private_key_pem: None,
-        issuer: "https://auth.test/".into(),
-        audience: "entitle".into(),
-        admin_claim: "role".into(),
-        admin_value: "admin".into(),
-        leeway_secs: 0,
-    }
-}
-
-fn sign_hs(claims: &Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
-    )
-    .unwrap()
-}
 
 fn claims(sub: &str) -> Value {
     let now = chrono::Utc::now().timestamp();

@@ -360,8 +360,8 @@ async fn web_subscription_life_cycle(b: Backend) {
     assert_eq!(pro["productId"], "price_pro_monthly");
     let first_end = pro["expiresAt"].as_str().unwrap().to_string();
 
-    // Renewed: a new period.
-    app.clock.advance(month);
+    // Renewed: a new period, a minute before the old one ends.
+    app.clock.advance(month - Duration::minutes(1));
     let t1 = app.state.core.now();
     sub["items"]["data"][0]["current_period_start"] = json!(t1.timestamp());
     sub["items"]["data"][0]["current_period_end"] = json!((t1 + month).timestamp());
@@ -377,7 +377,7 @@ async fn web_subscription_life_cycle(b: Backend) {
     );
 
     // The next renewal fails: past_due, no grace configured -> no access.
-    app.clock.advance(month);
+    app.clock.advance(month - Duration::minutes(1));
     let t2 = app.state.core.now();
     sub["status"] = json!("past_due");
     sub["items"]["data"][0]["current_period_start"] = json!(t2.timestamp());
@@ -448,8 +448,9 @@ async fn web_subscription_life_cycle(b: Backend) {
     );
     assert_eq!(purchase_status(&app, id).await, "refunded");
 
-    // One change-log row per real change, in order. (The period ran out
-    // before `deleted` arrived, so that event changed no entitlement.)
+    // One change-log row per real change, in order. The period ran out
+    // before `deleted` arrived: that lapse is logged (when `deleted` noticed
+    // it), and `deleted` itself changed no entitlement.
     let kinds = event_kinds(&app, "user-1").await;
     assert_eq!(
         kinds,
@@ -459,6 +460,7 @@ async fn web_subscription_life_cycle(b: Backend) {
             "billing_issue",
             "renewed",
             "canceled",
+            "expired",
             "refunded"
         ],
         "{kinds:?}"

@@ -33,6 +33,9 @@ pub struct Db {
     /// SQLite has one writer at a time; queueing writers here, in-process,
     /// is cheaper and fairer than letting them spin on the busy handler.
     write_gate: Option<Arc<Mutex<()>>>,
+    /// Bumped after every commit, to wake the event relay and feed at once
+    /// instead of at their next poll.
+    pub commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A write transaction: IMMEDIATE on SQLite (so a read-then-write never dies
@@ -47,6 +50,7 @@ pub struct WriteTxn {
     touched: std::sync::Mutex<Vec<String>>,
     /// Devices (by `device_key`) it wrote.
     touched_devices: std::sync::Mutex<Vec<String>>,
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -63,6 +67,7 @@ impl WriteTxn {
             .invalidate(self.touched.lock().expect("touched").iter());
         self.device_cache
             .invalidate(self.touched_devices.lock().expect("touched").iter());
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
 
@@ -124,6 +129,7 @@ impl Db {
             cache: Arc::new(ReadCache::new(config.cache_ttl())),
             device_cache: Arc::new(ReadCache::new(config.cache_ttl())),
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
+            commits: Arc::new(tokio::sync::watch::channel(0).0),
         })
     }
 
@@ -156,6 +162,7 @@ impl Db {
             device_cache: self.device_cache.clone(),
             touched: Default::default(),
             touched_devices: Default::default(),
+            commits: self.commits.clone(),
         })
     }
 
@@ -273,24 +280,54 @@ pub async fn record_changes(
     changes: &[Change],
     now: DateTime<Utc>,
 ) -> AppResult<()> {
+    let dated: Vec<(Change, DateTime<Utc>)> = changes.iter().map(|ch| (ch.clone(), now)).collect();
+    record_dated_changes(c, customer_id, &dated).await
+}
+
+/// Appends change-log rows each dated at its own instant.
+pub async fn record_dated_changes(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+    changes: &[(Change, DateTime<Utc>)],
+) -> AppResult<()> {
     if changes.is_empty() {
         return Ok(());
     }
-    let rows = changes.iter().map(|ch| entitlement_events::ActiveModel {
-        customer_id: Set(customer_id.to_string()),
-        entitlement: Set(ch.entitlement.clone()),
-        kind: Set(ch.kind.as_str().to_string()),
-        old_status: Set(ch.old_status.map(str::to_string)),
-        new_status: Set(ch.new_status.to_string()),
-        purchase_id: Set(ch.purchase_id),
-        occurred_at: Set(now),
-        published_at: Set(None),
-        ..Default::default()
-    });
+    let rows = changes
+        .iter()
+        .map(|(ch, at)| entitlement_events::ActiveModel {
+            customer_id: Set(customer_id.to_string()),
+            entitlement: Set(ch.entitlement.clone()),
+            kind: Set(ch.kind.as_str().to_string()),
+            old_status: Set(ch.old_status.map(str::to_string)),
+            new_status: Set(ch.new_status.to_string()),
+            purchase_id: Set(ch.purchase_id),
+            occurred_at: Set(*at),
+            published_at: Set(None),
+            ..Default::default()
+        });
     entitlement_events::Entity::insert_many(rows)
         .exec_without_returning(c)
         .await?;
     Ok(())
+}
+
+/// The newest status the change log holds for one of a customer's entitlements.
+pub async fn last_logged_status(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+    entitlement: &str,
+) -> AppResult<Option<String>> {
+    Ok(entitlement_events::Entity::find()
+        .select_only()
+        .column(entitlement_events::Column::NewStatus)
+        .filter(entitlement_events::Column::CustomerId.eq(customer_id))
+        .filter(entitlement_events::Column::Entitlement.eq(entitlement))
+        .order_by_desc(entitlement_events::Column::Id)
+        .limit(1)
+        .into_tuple::<String>()
+        .one(c)
+        .await?)
 }
 
 pub async fn devices_of(

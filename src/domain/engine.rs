@@ -341,6 +341,64 @@ fn classify(old: &EntitlementState, new: &EntitlementState) -> Option<EventKind>
     }
 }
 
+/// When a purchase that no longer grants access stopped granting it, as
+/// seen at `now`: its revocation, else the end of its grace or period.
+fn lapsed_at(p: &PurchaseFacts, now: DateTime<Utc>) -> DateTime<Utc> {
+    if let Some(r) = p.revoked_at.filter(|r| *r <= now) {
+        return r;
+    }
+    let grace = p
+        .grace_expires_at
+        .filter(|_| p.status == PurchaseStatus::InGracePeriod);
+    [p.expires_at, grace]
+        .into_iter()
+        .flatten()
+        .max()
+        .map_or(now, |t| t.min(now))
+}
+
+/// Change-log rows for entitlements that lapsed by the passage of time
+/// (a trial or a canceled period ending, a grace period running out, a grant
+/// reaching its end) since the change log last said they were active. Each
+/// row is dated at the instant access ended, not when it was noticed.
+/// `last_logged` gives the newest logged status of an entitlement.
+pub fn lapses(
+    snapshot: &Snapshot,
+    facts: &[PurchaseFacts],
+    last_logged: impl Fn(&str) -> Option<String>,
+    now: DateTime<Utc>,
+) -> Vec<(Change, DateTime<Utc>)> {
+    let mut out = Vec::new();
+    for e in snapshot.entitlements.iter().filter(|e| !e.is_active) {
+        let Some(new_status) = e.event_status() else {
+            continue;
+        };
+        if last_logged(&e.key).as_deref() != Some("ACTIVE") {
+            continue;
+        }
+        let at = facts
+            .iter()
+            .find(|p| Some(p.id) == e.purchase_id)
+            .map_or(now, |p| lapsed_at(p, now));
+        let kind = match e.status {
+            Some(PurchaseStatus::Refunded) => EventKind::Refunded,
+            Some(PurchaseStatus::Revoked) => EventKind::Revoked,
+            _ => EventKind::Expired,
+        };
+        out.push((
+            Change {
+                entitlement: e.key.clone(),
+                kind,
+                old_status: Some("ACTIVE"),
+                new_status,
+                purchase_id: e.purchase_id,
+            },
+            at,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{Duration, TimeZone};
@@ -779,6 +837,85 @@ mod tests {
         assert_eq!(
             kinds(&[active], &[], now),
             vec![(EventKind::Revoked, Some("ACTIVE"), "REVOKED")]
+        );
+    }
+
+    #[test]
+    fn lapses_by_time_are_dated_at_the_end_of_access() {
+        let cat = catalog();
+        let t = trial(1, 7);
+        let end = t.expires_at.unwrap();
+        let logged = |status: Option<&'static str>| move |_: &str| status.map(str::to_string);
+        // Still running: nothing to log.
+        let snap = compute(
+            &cat,
+            std::slice::from_ref(&t),
+            end - Duration::seconds(1),
+            true,
+        );
+        assert!(lapses(&snap, std::slice::from_ref(&t), logged(Some("ACTIVE")), end).is_empty());
+        // Ended, last logged active: one `expired` row at the trial's end.
+        let later = end + Duration::hours(3);
+        let snap = compute(&cat, std::slice::from_ref(&t), later, true);
+        let rows = lapses(
+            &snap,
+            std::slice::from_ref(&t),
+            logged(Some("ACTIVE")),
+            later,
+        );
+        assert_eq!(rows.len(), 1);
+        let (ch, at) = &rows[0];
+        assert_eq!(
+            (ch.kind, ch.old_status, ch.new_status),
+            (EventKind::Expired, Some("ACTIVE"), "EXPIRED")
+        );
+        assert_eq!(ch.entitlement, "pro");
+        assert_eq!(*at, end);
+        // Already logged as expired, or never logged: nothing more.
+        assert!(
+            lapses(
+                &snap,
+                std::slice::from_ref(&t),
+                logged(Some("EXPIRED")),
+                later
+            )
+            .is_empty()
+        );
+        assert!(lapses(&snap, std::slice::from_ref(&t), logged(None), later).is_empty());
+    }
+
+    #[test]
+    fn lapses_of_grace_and_scheduled_revocation() {
+        let cat = catalog();
+        let mut g = sub(2, PurchaseStatus::InGracePeriod);
+        let grace_end = g.expires_at.unwrap() + Duration::days(3);
+        g.grace_expires_at = Some(grace_end);
+        let later = grace_end + Duration::minutes(5);
+        let snap = compute(&cat, std::slice::from_ref(&g), later, true);
+        let rows = lapses(
+            &snap,
+            std::slice::from_ref(&g),
+            |_| Some("ACTIVE".into()),
+            later,
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1, grace_end);
+
+        let mut r = sub(3, PurchaseStatus::Refunded);
+        let cut = t0() + Duration::days(2);
+        r.revoked_at = Some(cut);
+        let later = cut + Duration::hours(1);
+        let snap = compute(&cat, std::slice::from_ref(&r), later, true);
+        let rows = lapses(
+            &snap,
+            std::slice::from_ref(&r),
+            |_| Some("ACTIVE".into()),
+            later,
+        );
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].0.kind, rows[0].0.new_status, rows[0].1),
+            (EventKind::Refunded, "REFUNDED", cut)
         );
     }
 }

@@ -6,5 +6,7 @@ mod engine;
 mod types;
 
 pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};
-pub use engine::{Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff};
+pub use engine::{
+    Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff, lapses,
+};
 pub use types::*;

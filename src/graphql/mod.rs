@@ -5,12 +5,15 @@
 use std::sync::Arc;
 
 use async_graphql::{
-    EmptySubscription, Schema, http::GraphiQLSource, parser::types::OperationType,
+    Data, Schema,
+    http::GraphiQLSource,
+    parser::types::{ExecutableDocument, OperationType},
 };
+use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::{
     Json,
-    extract::{RawQuery, State},
-    http::HeaderMap,
+    extract::{RawQuery, State, WebSocketUpgrade},
+    http::{HeaderMap, HeaderName, HeaderValue},
     response::{Html, IntoResponse, Response},
 };
 
@@ -25,16 +28,18 @@ use crate::{
 mod mutation;
 mod query;
 mod stripe;
+mod subscription;
 mod types;
 mod verify;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
+pub use subscription::SubscriptionRoot;
 
-pub type EntitleSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+pub type EntitleSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 pub fn build_schema(config: &Config, core: Arc<Core>) -> EntitleSchema {
-    let mut b = Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+    let mut b = Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .data(core)
         .limit_depth(config.graphql.max_depth)
         .limit_complexity(config.graphql.max_complexity)
@@ -47,20 +52,65 @@ pub fn build_schema(config: &Config, core: Arc<Core>) -> EntitleSchema {
 
 /// The SDL that `entitle export-schema` writes and `schema.graphql` holds.
 pub fn sdl() -> String {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+    Schema::build(QueryRoot, MutationRoot, SubscriptionRoot)
         .finish()
         .sdl()
+}
+
+/// Parsed documents by query text. Clients send the same few operations
+/// over and over; cloning a parsed document is far cheaper than parsing it
+/// again. Validation (which depends on variables) still runs every time.
+pub struct ParseCache {
+    docs: std::sync::RwLock<std::collections::HashMap<String, ExecutableDocument>>,
+}
+
+impl ParseCache {
+    /// Entries kept; once full, new queries are parsed without being kept.
+    const CAPACITY: usize = 256;
+    /// Longer query texts are not kept.
+    const MAX_QUERY_LEN: usize = 4096;
+
+    pub fn new() -> ParseCache {
+        ParseCache {
+            docs: Default::default(),
+        }
+    }
+
+    /// The parsed document, or `None` when the text does not parse (the
+    /// schema then reports the syntax error in GraphQL's own shape).
+    fn get(&self, query: &str) -> Option<ExecutableDocument> {
+        if let Some(doc) = self.docs.read().expect("parse cache").get(query) {
+            return Some(doc.clone());
+        }
+        let doc = async_graphql::parser::parse_query(query).ok()?;
+        if query.len() <= Self::MAX_QUERY_LEN {
+            let mut docs = self.docs.write().expect("parse cache");
+            if docs.len() < Self::CAPACITY {
+                docs.insert(query.to_string(), doc.clone());
+            }
+        }
+        Some(doc)
+    }
+}
+
+impl Default for ParseCache {
+    fn default() -> Self {
+        ParseCache::new()
+    }
 }
 
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
-    request: async_graphql::Request,
+    mut request: async_graphql::Request,
 ) -> Response {
     let principal = match state.auth.principal(&state.core, headers).await {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    if let Some(doc) = state.parse_cache.get(&request.query) {
+        request.set_parsed_query(doc);
+    }
     let mut resp = state.schema.execute(request.data(principal)).await;
     // Parse and validation errors (depth, complexity, unknown fields) carry
     // no code of their own; every error a client sees has one.
@@ -131,4 +181,87 @@ pub async fn get(
             .into_response();
     }
     execute(&state, &headers, request).await
+}
+
+/// graphql-ws (and the older subscriptions-transport-ws) at `/graphql/ws`.
+/// The `connection_init` payload authenticates like HTTP headers do:
+/// `{"Authorization": "Bearer …"}` or `{"api-key": "…"}`; a bad credential
+/// closes the connection.
+pub async fn ws(
+    State(state): State<AppState>,
+    protocol: GraphQLProtocol,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let schema = state.schema.clone();
+    upgrade
+        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
+        .on_upgrade(move |socket| {
+            GraphQLWebSocket::new(socket, schema, protocol)
+                .on_connection_init(move |payload| async move {
+                    let headers = init_headers(&payload);
+                    let principal = state
+                        .auth
+                        .principal(&state.core, &headers)
+                        .await
+                        .map_err(|e| async_graphql::Error::new(e.message()))?;
+                    let mut data = Data::default();
+                    data.insert(principal);
+                    Ok(data)
+                })
+                .serve()
+        })
+}
+
+/// Credentials from a `connection_init` payload, as the headers they stand for.
+fn init_headers(payload: &serde_json::Value) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(obj) = payload.as_object() {
+        // Some clients nest them under `headers`.
+        let nested = obj.get("headers").and_then(|h| h.as_object());
+        for (k, v) in obj.iter().chain(nested.into_iter().flatten()) {
+            let name = match k.to_ascii_lowercase().as_str() {
+                "authorization" => "authorization",
+                "api-key" | "apikey" | "api_key" | "x-api-key" => "api-key",
+                _ => continue,
+            };
+            if let Some(v) = v.as_str().and_then(|v| HeaderValue::from_str(v).ok()) {
+                headers.insert(HeaderName::from_static(name), v);
+            }
+        }
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_cache_keeps_parsed_documents_within_bounds() {
+        let cache = ParseCache::new();
+        let q = "{ products { id } }";
+        let first = cache.get(q).expect("parses");
+        assert_eq!(cache.docs.read().unwrap().len(), 1);
+        // The kept document is the same as a fresh parse.
+        assert_eq!(format!("{:?}", cache.get(q).unwrap()), format!("{first:?}"));
+        assert_eq!(cache.docs.read().unwrap().len(), 1);
+        // Syntax errors are not kept; execution reports them.
+        assert!(cache.get("{ products { id }").is_none());
+        // Long texts are parsed but not kept.
+        let long = format!(
+            "{{ products {{ id }} }}{}",
+            " ".repeat(ParseCache::MAX_QUERY_LEN)
+        );
+        assert!(cache.get(&long).is_some());
+        assert_eq!(cache.docs.read().unwrap().len(), 1);
+        // A full cache still parses, without growing.
+        for i in 0..ParseCache::CAPACITY + 10 {
+            assert!(
+                cache
+                    .get(&format!("query Q{i} {{ products {{ id }} }}"))
+                    .is_some()
+            );
+        }
+        assert_eq!(cache.docs.read().unwrap().len(), ParseCache::CAPACITY);
+    }
 }

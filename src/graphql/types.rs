@@ -389,6 +389,14 @@ impl Receipt {
     }
 }
 
+/// A change-log row's stored kind, as the GraphQL enum.
+pub(crate) fn event_kind(stored: &str) -> async_graphql::Result<EventKind> {
+    let k: domain::EventKind = stored
+        .parse()
+        .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+    Ok(k.into())
+}
+
 /// One row of the change log.
 pub struct EntitlementEvent(entitlement_events::Model);
 
@@ -401,12 +409,7 @@ impl EntitlementEvent {
         &self.0.entitlement
     }
     async fn kind(&self) -> async_graphql::Result<EventKind> {
-        let k: domain::EventKind = self
-            .0
-            .kind
-            .parse()
-            .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
-        Ok(k.into())
+        event_kind(&self.0.kind)
     }
     /// Upper-case status before the change (`ACTIVE`, `EXPIRED`, …); null if never held.
     async fn old_status(&self) -> Option<&str> {

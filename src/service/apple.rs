@@ -52,6 +52,11 @@ pub enum NotificationOutcome {
     Duplicate,
 }
 
+/// What a scheduled re-read of an App Store purchase did.
+pub fn applied_outcome(a: &Applied) -> &'static str {
+    if a.stale { "stale" } else { "applied" }
+}
+
 impl NotificationOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -111,6 +116,29 @@ impl Core {
         apple.purchase(&verified, Some(customer_id))
     }
 
+    /// Re-reads a purchase we hold from the App Store Server API by its
+    /// original transaction id and applies it (the refresh scheduler).
+    pub async fn refresh_app_store_purchase(
+        &self,
+        original_transaction_id: &str,
+        environment: crate::domain::Environment,
+    ) -> AppResult<&'static str> {
+        let apple = self
+            .apple
+            .as_deref()
+            .ok_or(AppError::NotConfigured("App Store"))?;
+        let v = apple
+            .reread(original_transaction_id, Some(environment))
+            .await?;
+        let vp = apple.purchase(&v, None)?;
+        let txn = self.db.write().await?;
+        let applied = self
+            .apply_purchase_in(&txn, &vp, Submitter::Store, self.now())
+            .await?;
+        txn.commit().await?;
+        Ok(applied_outcome(&applied))
+    }
+
     /// `verifyPurchase` for the App Store: records the submission, verifies
     /// it (re-reading Apple's API when configured), binds it to the customer
     /// under the transfer policy and applies it.
@@ -167,7 +195,18 @@ impl Core {
         }
         let body: Body = serde_json::from_slice(body)
             .map_err(|_| AppError::bad_input("expected a JSON body with signedPayload"))?;
-        let n = apple.verify_notification(body.signed_payload.trim())?;
+        self.apple_signed_payload(apple, &body.signed_payload).await
+    }
+
+    /// Verifies and applies one notification's `signedPayload`, once per
+    /// notificationUUID, whether it came as a webhook or from Apple's
+    /// notification history.
+    pub async fn apple_signed_payload(
+        &self,
+        apple: &Apple,
+        signed_payload: &str,
+    ) -> AppResult<NotificationOutcome> {
+        let n = apple.verify_notification(signed_payload.trim())?;
 
         let verified = match n.verified().filter(|_| n.is_handled()) {
             None => None,

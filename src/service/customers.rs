@@ -102,7 +102,7 @@ impl Core {
             return self.known_device(device, customer_id, now).await;
         }
 
-        let before = self.snapshot_in(&*txn, &customer, now).await?;
+        let (before, _) = self.state_before_write(&*txn, &customer, now).await?;
         if let Some(trial) = &self.trial {
             purchases::Entity::insert(granted_by_us(
                 &customer,
@@ -215,7 +215,7 @@ impl Core {
         db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
-        let before = self.snapshot_in(&*txn, customer_id, now).await?;
+        let (before, _) = self.state_before_write(&*txn, customer_id, now).await?;
         let row = granted_by_us(
             customer_id,
             Store::Promotional,
@@ -268,7 +268,7 @@ impl Core {
             .one(&*txn)
             .await?
             .ok_or(AppError::NotFound("grant"))?;
-        let before = self.snapshot_in(&*txn, customer_id, now).await?;
+        let (before, _) = self.state_before_write(&*txn, customer_id, now).await?;
         let mut am = grant.into_active_model();
         am.status = Set(PurchaseStatus::Revoked.as_str().into());
         am.revoked_at = Set(Some(now));

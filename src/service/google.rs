@@ -10,8 +10,6 @@
 //! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
 //! within the three days. A successful acknowledgement marks `raw` so.
 
-use std::{sync::Arc, time::Duration};
-
 use entities::{purchases, webhook_events};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
@@ -98,26 +96,6 @@ impl PushOutcome {
     }
 }
 
-/// Runs [`Core::retry_play_acknowledgements`] every `every`, for as long as
-/// the process lives.
-pub fn spawn_acknowledgement_retries(core: Arc<Core>, every: Duration) {
-    if core.google.is_none() {
-        return;
-    }
-    tokio::spawn(async move {
-        let start = tokio::time::Instant::now() + every;
-        let mut tick = tokio::time::interval_at(start, every);
-        loop {
-            tick.tick().await;
-            match core.retry_play_acknowledgements().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(n, "Play purchases acknowledged on retry"),
-                Err(e) => tracing::warn!(error = ?e, "Play acknowledgement retry failed"),
-            }
-        }
-    });
-}
-
 fn bare(product_id: &str) -> &str {
     product_id.split(':').next().unwrap_or(product_id)
 }
@@ -202,7 +180,10 @@ impl Core {
             return false;
         }
         if let Err(e) = self.mark_play_acknowledged(token).await {
-            tracing::warn!(error = ?e, "could not record a Play acknowledgement");
+            tracing::warn!(
+                error = e.for_log(),
+                "could not record a Play acknowledgement"
+            );
         }
         true
     }
@@ -452,8 +433,8 @@ impl Core {
         n: &DeveloperNotification,
         event_time: chrono::DateTime<chrono::Utc>,
     ) -> AppResult<Result<Fetched, PushOutcome>> {
-        let now = self.now();
         if let Some(s) = &n.subscription_notification {
+            let now = self.now();
             let f = google
                 .fetch_subscription(&s.purchase_token, None, now)
                 .await?;
@@ -465,44 +446,166 @@ impl Core {
             }));
         }
         if let Some(o) = &n.one_time_product_notification {
-            let f = google.fetch_product(&o.sku, &o.purchase_token, now).await?;
+            let f = google
+                .fetch_product(&o.sku, &o.purchase_token, self.now())
+                .await?;
             return Ok(Ok(play::stamped(f, event_time)));
         }
         if let Some(v) = &n.voided_purchase_notification {
-            let stored = purchases::Entity::find()
-                .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
-                .filter(purchases::Column::StorePurchaseId.eq(v.purchase_token.as_str()))
-                .one(&self.db.conn)
-                .await?;
-            let Some(stored) = stored else {
-                // A refund of a purchase nobody here ever had.
-                return Ok(Err(PushOutcome::Unattributed));
-            };
-            let is_sub = match v.product_type {
-                Some(1) => true,
-                Some(2) => false,
-                _ => stored.expires_at.is_some(),
-            };
-            let f = if is_sub {
-                google
-                    .fetch_subscription(&v.purchase_token, None, now)
-                    .await?
-            } else {
-                google
-                    .fetch_product(bare(&stored.product_id), &v.purchase_token, now)
-                    .await?
-            };
-            let f = play::stamped(f, event_time);
-            // A partial refund of a multi-quantity product leaves the rest.
-            return Ok(Ok(if v.refund_type == Some(2) && !is_sub {
-                f
-            } else {
-                play::voided(f, event_time)
-            }));
+            return self
+                .read_voided(
+                    google,
+                    &v.purchase_token,
+                    v.product_type,
+                    v.refund_type,
+                    event_time,
+                )
+                .await;
         }
         if n.test_notification.is_some() {
             return Ok(Err(PushOutcome::Test));
         }
         Ok(Err(PushOutcome::Ignored))
     }
+
+    /// Re-reads a voided purchase we hold and turns it into a refund as of
+    /// `voided_at`. `product_type` is 1 (subscription) or 2 (one-time) when
+    /// the caller knows; `refund_type` 2 is a partial, quantity-based refund.
+    async fn read_voided(
+        &self,
+        google: &GooglePlay,
+        token: &str,
+        product_type: Option<i32>,
+        refund_type: Option<i32>,
+        voided_at: chrono::DateTime<chrono::Utc>,
+    ) -> AppResult<Result<Fetched, PushOutcome>> {
+        let now = self.now();
+        let stored = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(token))
+            .one(&self.db.conn)
+            .await?;
+        let Some(stored) = stored else {
+            // A refund of a purchase nobody here ever had.
+            return Ok(Err(PushOutcome::Unattributed));
+        };
+        let is_sub = match product_type {
+            Some(1) => true,
+            Some(2) => false,
+            _ => stored.expires_at.is_some(),
+        };
+        let f = if is_sub {
+            google.fetch_subscription(token, None, now).await?
+        } else {
+            google
+                .fetch_product(bare(&stored.product_id), token, now)
+                .await?
+        };
+        let f = play::stamped(f, voided_at);
+        // A partial refund of a multi-quantity product leaves the rest.
+        Ok(Ok(if refund_type == Some(2) && !is_sub {
+            f
+        } else {
+            play::voided(f, voided_at)
+        }))
+    }
+
+    /// Applies one entry of the Play voided-purchases list (reconciliation),
+    /// once per voided order.
+    pub async fn apply_play_voided(
+        &self,
+        google: &GooglePlay,
+        v: &play::VoidedPurchase,
+    ) -> AppResult<PushOutcome> {
+        let event_id = voided_event_id(v);
+        let seen = webhook_events::Entity::find()
+            .filter(webhook_events::Column::Source.eq(Store::PlayStore.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id.as_str()))
+            .one(&self.db.conn)
+            .await?;
+        if seen.is_some() {
+            return Ok(PushOutcome::Duplicate);
+        }
+        let fetched = match self
+            .read_voided(google, &v.purchase_token, None, v.refund_type, v.voided_at)
+            .await
+        {
+            Ok(Ok(f)) => f,
+            // Not ours, or Google no longer knows it: nothing to record, so
+            // a later run may still apply it once the purchase is submitted.
+            Ok(Err(o)) => return Ok(o),
+            Err(AppError::InvalidReceipt(_)) => return Ok(PushOutcome::UnknownPurchase),
+            Err(e) => return Err(e),
+        };
+        let txn = self.db.write().await?;
+        let now = self.now();
+        let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
+        let outcome = match self
+            .apply_purchase_in(&txn, &purchase, Submitter::Store, now)
+            .await
+        {
+            Ok(a) if a.stale => PushOutcome::Stale,
+            Ok(_) => PushOutcome::Applied,
+            Err(AppError::NotFound(_)) => PushOutcome::Unattributed,
+            Err(e) => return Err(e),
+        };
+        let payload = json!({
+            "voidedPurchase": {
+                "purchaseToken": v.purchase_token,
+                "orderId": v.order_id,
+                "voidedTimeMillis": v.voided_at.timestamp_millis().to_string(),
+                "voidedReason": v.voided_reason,
+                "refundType": v.refund_type,
+            }
+        });
+        if !self
+            .claim_webhook(
+                &txn,
+                Store::PlayStore,
+                &event_id,
+                &payload,
+                outcome.as_str(),
+                now,
+            )
+            .await?
+        {
+            return Ok(PushOutcome::Duplicate);
+        }
+        txn.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Re-reads a Play subscription we hold and applies it (the refresh
+    /// scheduler).
+    pub async fn refresh_play_purchase(&self, token: &str) -> AppResult<&'static str> {
+        let google = self.google()?;
+        let fetched = google.fetch_subscription(token, None, self.now()).await?;
+        let txn = self.db.write().await?;
+        let now = self.now();
+        let ack = (fetched.needs_ack, fetched.kind.clone());
+        let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
+        let applied = self
+            .apply_purchase_in(&txn, &purchase, Submitter::Store, now)
+            .await?;
+        txn.commit().await?;
+        if ack.0 {
+            self.acknowledge_play(google, &ack.1, token).await;
+        }
+        Ok(if applied.stale { "stale" } else { "applied" })
+    }
+}
+
+/// A voided order's dedupe key: tokens are long, so it is hashed to fit.
+fn voided_event_id(v: &play::VoidedPurchase) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for part in [
+        v.purchase_token.as_str(),
+        v.order_id.as_deref().unwrap_or_default(),
+        &v.voided_at.timestamp_millis().to_string(),
+    ] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    format!("voided:{}", hex::encode(&h.finalize()[..16]))
 }

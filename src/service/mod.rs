@@ -19,6 +19,7 @@ pub mod api_keys;
 pub mod apple;
 pub mod customers;
 pub mod google;
+pub mod outbound;
 pub mod purchases;
 pub mod stripe;
 
@@ -35,6 +36,8 @@ pub struct Core {
     /// Present when an `[apple]` section is configured.
     pub apple: Option<Arc<crate::providers::apple::Apple>>,
     pub google: Option<Arc<crate::providers::google::GooglePlay>>,
+    /// Change-log rows as they commit, for GraphQL subscribers.
+    pub feed: crate::events::feed::Feed,
 }
 
 impl Core {
@@ -66,6 +69,7 @@ impl Core {
                 .map(crate::providers::google::GooglePlay::new)
                 .transpose()?
                 .map(Arc::new),
+            feed: crate::events::feed::Feed::new(),
         })
     }
 
@@ -132,6 +136,37 @@ impl Core {
         };
         self.db.cache.fill(customer_id, epoch, cached.clone());
         Ok(cached)
+    }
+
+    /// The customer's entitlements at `now` as a write (holding the
+    /// customer's lock) starts from. Lapses that happened by time since the
+    /// change log last spoke are logged first, dated when access ended, so
+    /// the log never skips an `expired` whether the sweep or a write notices
+    /// first. Returns how many such rows were written.
+    pub async fn state_before_write(
+        &self,
+        c: &impl ConnectionTrait,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<(Snapshot, usize)> {
+        let facts = db::purchase_facts_of(c, customer_id).await?;
+        let snapshot = compute(&self.catalog, &facts, now, self.accept_sandbox);
+        let mut logged = std::collections::HashMap::new();
+        // Only lapsed entitlements can owe a row: active ones cost no query.
+        for e in snapshot
+            .entitlements
+            .iter()
+            .filter(|e| !e.is_active && e.status.is_some())
+        {
+            logged.insert(
+                e.key.clone(),
+                db::last_logged_status(c, customer_id, &e.key).await?,
+            );
+        }
+        let rows =
+            crate::domain::lapses(&snapshot, &facts, |k| logged.get(k).cloned().flatten(), now);
+        db::record_dated_changes(c, customer_id, &rows).await?;
+        Ok((snapshot, rows.len()))
     }
 
     /// Writes one change-log row per entitlement that moved between `before`

@@ -98,7 +98,7 @@ impl Core {
         let mut before = Vec::with_capacity(affected.len());
         for c in &affected {
             db::lock_customer(txn, c).await?;
-            before.push((c.clone(), self.snapshot_in(&**txn, c, now).await?));
+            before.push((c.clone(), self.state_before_write(&**txn, c, now).await?.0));
         }
 
         let stale = existing.as_ref().is_some_and(|e| {

@@ -83,11 +83,21 @@ impl Core {
     ) -> AppResult<WebhookOutcome> {
         let p = self.stripe()?.clone();
         let ev = p.verify_webhook(signature, body, self.now())?;
+        self.process_stripe_event(&p, &ev).await
+    }
+
+    /// Processes one trusted event (a verified webhook, or one the API
+    /// listed), once per event id whichever way it arrives.
+    pub async fn process_stripe_event(
+        &self,
+        p: &StripeProvider,
+        ev: &VerifiedEvent,
+    ) -> AppResult<WebhookOutcome> {
         // A redelivery costs one read, not a Stripe API call.
         if self.webhook_seen(&ev.id).await? {
             return Ok(WebhookOutcome::Duplicate);
         }
-        let plan = self.plan_stripe_event(&p, &ev).await?;
+        let plan = self.plan_stripe_event(p, ev).await?;
 
         let now = self.now();
         let txn = self.db.write().await?;
@@ -123,7 +133,7 @@ impl Core {
                 charge,
                 refunded_at,
             } => {
-                self.apply_refund(&txn, &p, &charge, refunded_at, now)
+                self.apply_refund(&txn, p, &charge, refunded_at, now)
                     .await?
             }
         };
@@ -131,7 +141,7 @@ impl Core {
             set_outcome(&txn, &ev.id, outcome).await?;
         }
         txn.commit().await?;
-        tracing::debug!(event = %ev.id, kind = %ev.kind, outcome, "stripe webhook");
+        tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome, "stripe event");
         Ok(WebhookOutcome::Processed(outcome))
     }
 
@@ -297,6 +307,21 @@ impl Core {
             }
             _ => Ok(Plan::Record("ignored")),
         }
+    }
+
+    /// Re-reads a Stripe subscription we hold and applies what the API
+    /// says (the refresh scheduler). Returns the outcome to record.
+    pub async fn refresh_stripe_purchase(&self, subscription_id: &str) -> AppResult<&'static str> {
+        let p = self.stripe()?.clone();
+        p.require_api()?;
+        let now = self.now();
+        let Some(state) = p.subscription_state(subscription_id, None, now).await? else {
+            return Ok("unknown_status");
+        };
+        let txn = self.db.write().await?;
+        let outcome = self.apply_stripe_state(&txn, state, None, now).await?;
+        txn.commit().await?;
+        Ok(outcome)
     }
 
     async fn apply_stripe_state(

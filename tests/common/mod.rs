@@ -112,7 +112,7 @@ pub struct TestApp {
     _dir: tempfile::TempDir,
 }
 
-async fn fresh_database(backend: &Backend, dir: &tempfile::TempDir) -> String {
+pub async fn fresh_database(backend: &Backend, dir: &tempfile::TempDir) -> String {
     match backend {
         Backend::Sqlite => format!(
             "sqlite://{}?mode=rwc",
@@ -264,4 +264,33 @@ impl TestApp {
 /// The first GraphQL error's `extensions.code`.
 pub fn error_code(body: &Value) -> Option<&str> {
     body["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// The HS256 secret of `hs_config`.
+pub const HS_SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
+
+/// JWT verification with a shared secret, issuer `https://auth.test/`,
+/// audience `entitle`, admins by `role = admin`.
+pub fn hs_config() -> entitle::config::JwtConfig {
+    use entitle::config::{JwtAlgorithm, JwtConfig, Secret};
+    JwtConfig {
+        algorithm: JwtAlgorithm::HS256,
+        secret: Some(Secret::new(HS_SECRET)),
+        public_key_pem: None,
+        private_key_pem: None,
+        issuer: "https://auth.test/".into(),
+        audience: "entitle".into(),
+        admin_claim: "role".into(),
+        admin_value: "admin".into(),
+        leeway_secs: 0,
+    }
+}
+
+pub fn sign_hs(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+    )
+    .unwrap()
 }

@@ -4,7 +4,9 @@
 use std::{sync::Arc, time::Duration};
 
 use app_store_server_library::models::{
-    status_response::StatusResponse, transaction_info_response::TransactionInfoResponse,
+    notification_history_request::NotificationHistoryRequest,
+    notification_history_response::NotificationHistoryResponse, status_response::StatusResponse,
+    transaction_info_response::TransactionInfoResponse,
 };
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -121,7 +123,45 @@ impl ApiClient {
         self.get(env, &path).await
     }
 
+    /// POST Get Notification History: one page of the notifications Apple
+    /// sent (or failed to send) between `start` and `end`.
+    pub async fn notification_history(
+        &self,
+        env: AppleEnvironment,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        only_failures: bool,
+        pagination_token: Option<&str>,
+    ) -> AppResult<NotificationHistoryResponse> {
+        let mut path = "/inApps/v1/notifications/history".to_string();
+        if let Some(t) = pagination_token {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("paginationToken", t)
+                .finish();
+            path = format!("{path}?{q}");
+        }
+        let body = NotificationHistoryRequest {
+            start_date: start,
+            end_date: end,
+            notification_type: None,
+            notification_subtype: None,
+            transaction_id: None,
+            only_failures: only_failures.then_some(true),
+        };
+        self.send(env, &path, Some(&body)).await
+    }
+
     async fn get<T: DeserializeOwned>(&self, env: AppleEnvironment, path: &str) -> AppResult<T> {
+        self.send::<T, ()>(env, path, None).await
+    }
+
+    /// GET, or POST with a JSON body.
+    async fn send<T: DeserializeOwned, B: Serialize>(
+        &self,
+        env: AppleEnvironment,
+        path: &str,
+        body: Option<&B>,
+    ) -> AppResult<T> {
         let base = match env {
             AppleEnvironment::Production => &self.production_base,
             AppleEnvironment::Sandbox => &self.sandbox_base,
@@ -129,7 +169,11 @@ impl ApiClient {
         let url = format!("{base}{path}");
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=ATTEMPTS {
-            let resp = self.http.get(&url).bearer_auth(self.token()?).send().await;
+            let rb = match body {
+                Some(b) => self.http.post(&url).json(b),
+                None => self.http.get(&url),
+            };
+            let resp = rb.bearer_auth(self.token()?).send().await;
             let retry = match resp {
                 Ok(r) if r.status().is_success() => {
                     return r.json::<T>().await.map_err(|e| {

@@ -357,6 +357,36 @@ impl Apple {
         })
     }
 
+    /// One page of the notifications Apple failed to deliver between
+    /// `start` and `end`, in the configured environment: their signed
+    /// payloads (to be verified like any webhook) and the token of the next
+    /// page, if any.
+    pub async fn undelivered_notifications(
+        &self,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        pagination_token: Option<&str>,
+    ) -> AppResult<(Vec<String>, Option<String>)> {
+        let api = self
+            .api
+            .as_ref()
+            .ok_or(AppError::NotConfigured("App Store Server API"))?;
+        let page = api
+            .notification_history(self.environment, start, end, true, pagination_token)
+            .await?;
+        let payloads = page
+            .notification_history
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.signed_payload)
+            .collect();
+        let next = match (page.has_more, page.pagination_token) {
+            (Some(true), Some(t)) if !t.is_empty() => Some(t),
+            _ => None,
+        };
+        Ok((payloads, next))
+    }
+
     /// Turns verified data into purchase state. `customer` is who submitted
     /// it, if anyone: an `appAccountToken` equal to that customer's token
     /// binds the purchase to them, any other token names another customer.

@@ -72,6 +72,26 @@ impl PlayApi {
         self.call(Method::GET, url).await
     }
 
+    /// `purchases.voidedpurchases.list` with `type=1` (subscriptions too),
+    /// from `start_ms`; `page_token` continues a previous page.
+    pub(super) async fn voided_purchases(
+        &self,
+        package: &str,
+        start_ms: i64,
+        page_token: Option<&str>,
+    ) -> Result<serde_json::Value, GoogleError> {
+        let mut url = self.url(package, &["voidedpurchases"], None);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("startTime", &start_ms.to_string());
+            q.append_pair("type", "1");
+            if let Some(t) = page_token {
+                q.append_pair("token", t);
+            }
+        }
+        self.call(Method::GET, url).await
+    }
+
     pub(super) async fn acknowledge_subscription(
         &self,
         package: &str,

@@ -259,6 +259,101 @@ impl GooglePlay {
     }
 }
 
+/// One entry of the Play voided-purchases list.
+#[derive(Clone, Debug)]
+pub struct VoidedPurchase {
+    pub purchase_token: String,
+    pub order_id: Option<String>,
+    pub voided_at: DateTime<Utc>,
+    /// 0 other, 1 remorse, 2 not received, 3 defective, 4 accidental, 5
+    /// fraud, 6 friendly fraud, 7 chargeback.
+    pub voided_reason: Option<i64>,
+    /// 1 full refund, 2 partial (quantity-based) refund.
+    pub refund_type: Option<i32>,
+}
+
+pub struct VoidedPage {
+    pub purchases: Vec<VoidedPurchase>,
+    pub next_page_token: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct VoidedList {
+    voided_purchases: Vec<VoidedEntry>,
+    token_pagination: Option<TokenPagination>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct TokenPagination {
+    next_page_token: Option<String>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct VoidedEntry {
+    purchase_token: String,
+    order_id: Option<String>,
+    voided_time_millis: Option<String>,
+    voided_reason: Option<i64>,
+    refund_type: Option<i32>,
+}
+
+impl GooglePlay {
+    /// Whether the Play Developer API (a service account) is configured.
+    pub fn has_api(&self) -> bool {
+        self.api.is_some()
+    }
+
+    /// One page of the purchases voided (refunded, charged back, revoked)
+    /// since `since`, subscriptions included.
+    pub async fn voided_purchases(
+        &self,
+        since: DateTime<Utc>,
+        page_token: Option<&str>,
+    ) -> Result<VoidedPage, GoogleError> {
+        let raw = self
+            .api()?
+            .voided_purchases(&self.package_name, since.timestamp_millis(), page_token)
+            .await?;
+        let list: VoidedList = if raw.is_null() {
+            VoidedList::default()
+        } else {
+            serde_json::from_value(raw)
+                .map_err(|e| GoogleError::Malformed(format!("voided purchases: {e}")))?
+        };
+        let purchases = list
+            .voided_purchases
+            .into_iter()
+            .map(|v| {
+                let voided_at = v
+                    .voided_time_millis
+                    .as_deref()
+                    .and_then(map::millis)
+                    .ok_or_else(|| GoogleError::Malformed("voidedTimeMillis".into()))?;
+                if v.purchase_token.is_empty() {
+                    return Err(GoogleError::Malformed("purchaseToken".into()));
+                }
+                Ok(VoidedPurchase {
+                    purchase_token: v.purchase_token,
+                    order_id: v.order_id,
+                    voided_at,
+                    voided_reason: v.voided_reason,
+                    refund_type: v.refund_type,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VoidedPage {
+            purchases,
+            next_page_token: list
+                .token_pagination
+                .and_then(|t| t.next_page_token)
+                .filter(|t| !t.is_empty()),
+        })
+    }
+}
+
 /// A voided-purchase notification (authenticated by the push token) turns
 /// the state read from the API into a refund effective at `voided_at`.
 pub fn voided(f: Fetched, voided_at: DateTime<Utc>) -> Fetched {

@@ -53,6 +53,12 @@ struct InvoicePayment {
     invoice: Option<String>,
 }
 
+#[derive(miniserde::Deserialize)]
+struct EventList {
+    data: Vec<miniserde::json::Value>,
+    has_more: bool,
+}
+
 fn unavailable(what: &'static str, e: StripeError) -> AppError {
     // Stripe's message may quote the request; keep it in the log only.
     match &e {
@@ -90,6 +96,52 @@ impl StripeApi {
         .send(&self.client)
         .await
         .map_err(|e| unavailable("retrieve subscription", e))
+    }
+
+    /// `GET /v1/events?delivery_success=false&created[gte]=…`: one page of
+    /// events whose webhook delivery failed, as JSON, and whether more follow.
+    pub async fn undelivered_events(
+        &self,
+        created_gte: i64,
+        starting_after: Option<&str>,
+    ) -> AppResult<(Vec<serde_json::Value>, bool)> {
+        #[derive(serde::Serialize)]
+        struct Created {
+            gte: i64,
+        }
+        #[derive(serde::Serialize)]
+        struct Query<'a> {
+            delivery_success: bool,
+            created: Created,
+            limit: u8,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            starting_after: Option<&'a str>,
+        }
+        let q = Query {
+            delivery_success: false,
+            created: Created { gte: created_gte },
+            limit: 100,
+            starting_after: starting_after.map(path_part).transpose()?,
+        };
+        let list = RequestBuilder::new(StripeMethod::Get, "/events")
+            .query(&q)
+            .customize::<EventList>()
+            .timeout(self.timeout)
+            .send(&self.client)
+            .await
+            .map_err(|e| unavailable("list events", e))?;
+        // The whole event is kept as received (for `webhook_events`), so it
+        // is carried over to serde's JSON rather than typed.
+        let events = list
+            .data
+            .iter()
+            .map(|e| {
+                serde_json::from_str(&miniserde::json::to_string(e)).map_err(|_| {
+                    AppError::Internal(anyhow::anyhow!("Stripe event list not understood"))
+                })
+            })
+            .collect::<AppResult<Vec<_>>>()?;
+        Ok((events, list.has_more))
     }
 
     /// The price of a Checkout Session's first line item.

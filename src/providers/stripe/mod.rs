@@ -38,7 +38,9 @@ impl std::fmt::Debug for StripeProvider {
     }
 }
 
-/// A webhook event whose signature and timestamp we checked.
+/// An event we can trust: a webhook whose signature and timestamp we
+/// checked, or one the Stripe API returned to a call made with our secret
+/// key. Only this module makes one.
 #[derive(Debug)]
 pub struct VerifiedEvent {
     pub id: String,
@@ -47,6 +49,49 @@ pub struct VerifiedEvent {
     pub object: Value,
     /// The whole event, as recorded in `webhook_events`.
     pub payload: Value,
+    source: EventSource,
+}
+
+/// How an event reached us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventSource {
+    Webhook,
+    /// Listed by the API (reconciliation of missed deliveries).
+    Api,
+}
+
+impl VerifiedEvent {
+    pub fn source(&self) -> EventSource {
+        self.source
+    }
+
+    /// An event as the API returned it. The API answered a call signed with
+    /// our secret key, so it is Stripe's word, as a signature would be.
+    fn from_api(payload: Value) -> AppResult<VerifiedEvent> {
+        Self::parse(payload, EventSource::Api)
+    }
+
+    fn parse(payload: Value, source: EventSource) -> AppResult<VerifiedEvent> {
+        let env: Envelope =
+            serde_json::from_value(payload.clone()).map_err(|_| malformed("event"))?;
+        if env.id.is_empty() || env.id.len() > 255 {
+            return Err(malformed("event"));
+        }
+        Ok(VerifiedEvent {
+            id: env.id,
+            kind: env.kind,
+            created: map::ts(env.created),
+            object: env.data.object,
+            payload,
+            source,
+        })
+    }
+}
+
+/// One page of events the API listed.
+pub struct EventPage {
+    pub events: Vec<VerifiedEvent>,
+    pub has_more: bool,
 }
 
 #[derive(Deserialize)]
@@ -167,18 +212,25 @@ impl StripeProvider {
         signature::verify(header, body, &secrets, now.timestamp())
             .map_err(|e| AppError::bad_input(e.message()))?;
         let payload: Value = serde_json::from_slice(body).map_err(|_| malformed("event"))?;
-        let env: Envelope =
-            serde_json::from_value(payload.clone()).map_err(|_| malformed("event"))?;
-        if env.id.is_empty() || env.id.len() > 255 {
-            return Err(malformed("event"));
-        }
-        Ok(VerifiedEvent {
-            id: env.id,
-            kind: env.kind,
-            created: map::ts(env.created),
-            object: env.data.object,
-            payload,
-        })
+        VerifiedEvent::parse(payload, EventSource::Webhook)
+    }
+
+    /// Events created since `since` whose webhook delivery failed, one page
+    /// (newest first) after the event `starting_after`.
+    pub async fn undelivered_events(
+        &self,
+        since: DateTime<Utc>,
+        starting_after: Option<&str>,
+    ) -> AppResult<EventPage> {
+        let (raw, has_more) = self
+            .require_api()?
+            .undelivered_events(since.timestamp(), starting_after)
+            .await?;
+        let events = raw
+            .into_iter()
+            .map(VerifiedEvent::from_api)
+            .collect::<AppResult<Vec<_>>>()?;
+        Ok(EventPage { events, has_more })
     }
 
     /// The subscription's current state: re-read from the API when a key is

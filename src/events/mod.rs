@@ -1,0 +1,84 @@
+//! Entitlement change events: the change log (`entitlement_events`) is the
+//! transactional outbox. After commit, the relay publishes its rows to the
+//! Redis stream and queues outbound webhooks; the feed hands them to GraphQL
+//! subscribers. Consumers deduplicate on `eventId`.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use entities::entitlement_events;
+use serde::Serialize;
+
+pub mod feed;
+pub mod outbound;
+pub mod relay;
+
+/// The published form of one change-log row (DESIGN §5). Statuses are upper
+/// case (`ACTIVE`, `EXPIRED`, ...); `oldStatus` is null for a first grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntitlementEvent {
+    pub event_id: String,
+    pub user_id: String,
+    pub entitlement: String,
+    pub kind: String,
+    pub old_status: Option<String>,
+    pub new_status: String,
+    #[serde(serialize_with = "rfc3339_millis")]
+    pub occurred_at: DateTime<Utc>,
+    /// The change-log row id, for ordering; not part of the published JSON.
+    #[serde(skip)]
+    pub seq: i64,
+}
+
+fn rfc3339_millis<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+impl From<&entitlement_events::Model> for EntitlementEvent {
+    fn from(m: &entitlement_events::Model) -> Self {
+        EntitlementEvent {
+            event_id: m.id.to_string(),
+            user_id: m.customer_id.clone(),
+            entitlement: m.entitlement.clone(),
+            kind: m.kind.clone(),
+            old_status: m.old_status.clone(),
+            new_status: m.new_status.clone(),
+            occurred_at: m.occurred_at,
+            seq: m.id,
+        }
+    }
+}
+
+impl EntitlementEvent {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("an event always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn published_json_has_the_design_fields_and_nothing_else() {
+        let ev = EntitlementEvent {
+            event_id: "42".into(),
+            user_id: "garmin-abc".into(),
+            entitlement: "pro".into(),
+            kind: "expired".into(),
+            old_status: Some("ACTIVE".into()),
+            new_status: "EXPIRED".into(),
+            occurred_at: Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap(),
+            seq: 42,
+        };
+        let v: serde_json::Value = serde_json::from_str(&ev.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "eventId": "42", "userId": "garmin-abc", "entitlement": "pro",
+                "kind": "expired", "oldStatus": "ACTIVE", "newStatus": "EXPIRED",
+                "occurredAt": "2026-11-22T10:00:00.000Z"
+            })
+        );
+    }
+}

@@ -1,0 +1,65 @@
+//! The expiry sweep: an entitlement that lapses with no store message (a
+//! trial ending, a canceled period or a grace period running out, a grant
+//! reaching its end) gets its `expired` change-log row within one interval.
+
+use chrono::{DateTime, Duration, Utc};
+use entities::purchases;
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, sea_query::ExprTrait,
+};
+
+use crate::{db, error::AppResult, service::Core};
+
+pub const JOB: &str = "expiry";
+
+/// Periods that ended this long before the last sweep are looked at again:
+/// a write that set such an end may have committed after that sweep read.
+/// Rows are written only when the change log lacks them, so this costs reads.
+const OVERLAP: Duration = Duration::minutes(5);
+
+/// Logs every lapse since the previous sweep; returns the rows written.
+pub async fn sweep(core: &Core) -> AppResult<usize> {
+    let now = core.now();
+    let since = super::read_cursor(&core.db.conn, JOB)
+        .await?
+        .and_then(|v| DateTime::parse_from_rfc3339(&v).ok())
+        .map_or(DateTime::<Utc>::UNIX_EPOCH, |t| {
+            t.with_timezone(&Utc) - OVERLAP
+        });
+    let ended_between = |col: purchases::Column| col.gt(since).and(col.lte(now));
+    let customers: Vec<String> = purchases::Entity::find()
+        .select_only()
+        .column(purchases::Column::CustomerId)
+        .distinct()
+        .filter(
+            Condition::any()
+                .add(ended_between(purchases::Column::ExpiresAt))
+                .add(ended_between(purchases::Column::GraceExpiresAt))
+                .add(ended_between(purchases::Column::RevokedAt)),
+        )
+        .into_tuple()
+        .all(&core.db.conn)
+        .await?;
+    let mut written = 0;
+    for customer in customers {
+        written += core.log_lapses(&customer, now).await?;
+    }
+    super::write_cursor(&core.db.conn, JOB, &now.to_rfc3339(), now).await?;
+    if written > 0 {
+        tracing::info!(rows = written, "expiry sweep logged lapsed entitlements");
+    }
+    Ok(written)
+}
+
+impl Core {
+    /// Logs the customer's lapses by time, in a transaction of their own.
+    pub async fn log_lapses(&self, customer_id: &str, now: DateTime<Utc>) -> AppResult<usize> {
+        let txn = self.db.write().await?;
+        if db::lock_customer(&txn, customer_id).await?.is_none() {
+            return Ok(0);
+        }
+        let (_, written) = self.state_before_write(&*txn, customer_id, now).await?;
+        txn.commit().await?;
+        Ok(written)
+    }
+}

@@ -1,0 +1,171 @@
+//! The refresh scheduler: purchases whose period ends soon are re-read from
+//! their store, as the stores advise (ask at renewal time, not on every
+//! read), so a renewal, a lapse into billing retry or an expiry is known
+//! even when its webhook never comes.
+
+use chrono::{DateTime, Duration, Utc};
+use entities::{purchase_checks, purchases};
+use sea_orm::{
+    ActiveValue::Set,
+    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{ExprTrait, OnConflict, Query},
+};
+
+use crate::{
+    config::JobsConfig,
+    domain::{Environment, PurchaseStatus, Store},
+    error::{AppError, AppResult},
+    service::Core,
+};
+
+pub const JOB: &str = "refresh";
+
+/// Purchases re-read per run; the rest wait for the next run.
+const BATCH: u64 = 100;
+/// A period that ended this long ago is still asked about: the store may
+/// settle it (renewed late, retry, expiry) a while after the end.
+const LOOKBACK: Duration = Duration::days(1);
+
+/// The stores whose API this deployment can ask.
+pub fn stores(core: &Core) -> Vec<Store> {
+    let mut out = Vec::new();
+    if core.stripe.as_ref().is_some_and(|s| s.api().is_some()) {
+        out.push(Store::Stripe);
+    }
+    if core.apple.as_ref().is_some_and(|a| a.api().is_some()) {
+        out.push(Store::AppStore);
+    }
+    if core.google.as_ref().is_some_and(|g| g.has_api()) {
+        out.push(Store::PlayStore);
+    }
+    out
+}
+
+/// What one run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    pub checked: usize,
+    pub failed: usize,
+}
+
+/// Re-reads one batch of purchases due for a check; returns how many.
+pub async fn run(core: &Core, cfg: &JobsConfig) -> AppResult<Refreshed> {
+    let stores = stores(core);
+    if stores.is_empty() {
+        return Ok(Refreshed::default());
+    }
+    let now = core.now();
+    let due = due(core, cfg, &stores, now).await?;
+    let mut done = Refreshed::default();
+    for p in due {
+        let outcome = match refresh_one(core, &p).await {
+            Ok(o) => o.to_string(),
+            Err(e) => {
+                done.failed += 1;
+                tracing::warn!(purchase = p.id, store = %p.store, error = e.for_log(), "refresh failed");
+                // Said without the cause: it may quote a store's answer.
+                format!("error:{}", e.code())
+            }
+        };
+        record(core, p.id, &outcome, now).await?;
+        done.checked += 1;
+    }
+    Ok(done)
+}
+
+/// Renewable purchases of `stores` whose period (or grace) ends within
+/// `refresh_ahead_secs` or ended less than a day ago, not checked within
+/// `refresh_every_secs`; soonest first.
+async fn due(
+    core: &Core,
+    cfg: &JobsConfig,
+    stores: &[Store],
+    now: DateTime<Utc>,
+) -> AppResult<Vec<purchases::Model>> {
+    let ahead = now + secs(cfg.refresh_ahead_secs);
+    let from = now - LOOKBACK;
+    let checked_since = now - secs(cfg.refresh_every_secs);
+    let ends_in_window = |c: purchases::Column| c.gte(from).and(c.lte(ahead));
+    let retrying = [
+        PurchaseStatus::InGracePeriod.as_str(),
+        PurchaseStatus::InBillingRetry.as_str(),
+    ];
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.is_in(stores.iter().map(|s| s.as_str())))
+        .filter(purchases::Column::Status.is_in([
+            PurchaseStatus::Active.as_str(),
+            PurchaseStatus::Trialing.as_str(),
+            PurchaseStatus::InGracePeriod.as_str(),
+            PurchaseStatus::InBillingRetry.as_str(),
+        ]))
+        .filter(
+            Condition::any()
+                .add(purchases::Column::AutoRenew.eq(true))
+                .add(purchases::Column::Status.is_in(retrying)),
+        )
+        .filter(
+            Condition::any()
+                .add(ends_in_window(purchases::Column::ExpiresAt))
+                .add(ends_in_window(purchases::Column::GraceExpiresAt)),
+        )
+        .filter(
+            purchases::Column::Id.not_in_subquery(
+                Query::select()
+                    .column(purchase_checks::Column::PurchaseId)
+                    .from(purchase_checks::Entity)
+                    .and_where(purchase_checks::Column::CheckedAt.gt(checked_since))
+                    .to_owned(),
+            ),
+        )
+        .order_by_asc(purchases::Column::ExpiresAt)
+        .limit(BATCH)
+        .all(&core.db.conn)
+        .await?)
+}
+
+/// A configured number of seconds, at most ten years.
+fn secs(n: u64) -> Duration {
+    let ten_years = Duration::days(3650);
+    i64::try_from(n)
+        .ok()
+        .and_then(Duration::try_seconds)
+        .map_or(ten_years, |d| std::cmp::min(d, ten_years))
+}
+
+async fn refresh_one(core: &Core, p: &purchases::Model) -> AppResult<&'static str> {
+    match p.store.parse::<Store>() {
+        Ok(Store::Stripe) => core.refresh_stripe_purchase(&p.store_purchase_id).await,
+        Ok(Store::AppStore) => {
+            let env = p
+                .environment
+                .parse::<Environment>()
+                .unwrap_or(Environment::Production);
+            core.refresh_app_store_purchase(&p.store_purchase_id, env)
+                .await
+        }
+        Ok(Store::PlayStore) => core.refresh_play_purchase(&p.store_purchase_id).await,
+        _ => Err(AppError::Internal(anyhow::anyhow!(
+            "purchase of store {} cannot be refreshed",
+            p.store
+        ))),
+    }
+}
+
+async fn record(core: &Core, purchase_id: i64, outcome: &str, now: DateTime<Utc>) -> AppResult<()> {
+    purchase_checks::Entity::insert(purchase_checks::ActiveModel {
+        purchase_id: Set(purchase_id),
+        checked_at: Set(now),
+        outcome: Set(outcome.chars().take(256).collect()),
+    })
+    .on_conflict(
+        OnConflict::column(purchase_checks::Column::PurchaseId)
+            .update_columns([
+                purchase_checks::Column::CheckedAt,
+                purchase_checks::Column::Outcome,
+            ])
+            .to_owned(),
+    )
+    .exec_without_returning(&core.db.conn)
+    .await?;
+    Ok(())
+}
