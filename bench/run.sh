@@ -16,6 +16,7 @@ WEBHOOK_EVENTS="${BENCH_WEBHOOK_EVENTS:-30000}"
 WEBHOOK_CUSTOMERS=1000
 WEBHOOK_SECRET="whsec_bench_0123456789"
 VECTORS="$PWD/../shared/vectors/stripe"
+REDIS_URL="${BENCH_REDIS_URL:-redis://127.0.0.1:6379}"
 
 missing=""
 command -v wrk >/dev/null || missing="$missing wrk"
@@ -57,6 +58,14 @@ payment_link = "https://buy.stripe.com/test_123"
 # re-reading from the Stripe API, so the figure is Entitle's own cost.
 webhook_secret = "$WEBHOOK_SECRET"
 TOML
+# With Redis on this machine, every change is also published to a stream of
+# the run's own (the relay's cost is then part of every write figure).
+STREAM="bench:events:$$"
+if redis-cli -u "$REDIS_URL" ping >/dev/null 2>&1; then
+  export ENTITLE_REDIS_URL="$REDIS_URL" ENTITLE_EVENTS__STREAM_KEY="$STREAM"
+else
+  REDIS_URL=""
+fi
 
 cd "$WORK"
 "$BIN" migrate 2>/dev/null
@@ -171,11 +180,33 @@ python3 "$ROOT/bench/stripe_events.py" "$VECTORS" "$WORK/events.txt" "$WEBHOOK_E
 W=$(run webhook webhook.lua /webhooks/stripe)
 ROWS=$(sqlite3 "$WORK/bench.db" "SELECT COUNT(*) FROM webhook_events" 2>/dev/null || echo "?")
 
+# Events: how long after the load the relay had published everything, and
+# how long one change takes from the request to the stream.
+EVENTS_LINE="Events: no Redis reachable at the configured URL; the relay was off."
+if [ -n "$REDIS_URL" ]; then
+  t0=$(date +%s%N)
+  while [ "$(sqlite3 "$WORK/bench.db" "SELECT COUNT(*) FROM entitlement_events WHERE published_at IS NULL")" != 0 ]; do sleep 0.01; done
+  DRAIN_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
+  LOGGED=$(sqlite3 "$WORK/bench.db" "SELECT COUNT(*) FROM entitlement_events")
+  XLEN=$(redis-cli -u "$REDIS_URL" XLEN "$STREAM")
+  LAT=""
+  for i in 1 2 3 4 5; do
+    DEV="bench-latency-$$-$i"
+    t0=$(date +%s%N)
+    curl -s -o /dev/null -X POST -H "api-key: $CLIENT_KEY" -H 'content-type: application/json' \
+      -d "{\"id\":\"$DEV\"}" "http://127.0.0.1:$PORT/user"
+    until redis-cli -u "$REDIS_URL" XREVRANGE "$STREAM" + - COUNT 1 | grep -q "$DEV"; do :; done
+    LAT="$LAT $(( ($(date +%s%N) - t0) / 1000 ))"
+  done
+  redis-cli -u "$REDIS_URL" DEL "$STREAM" >/dev/null
+  EVENTS_LINE="Events: $LOGGED change-log rows, $XLEN entries on the stream; everything published ${DRAIN_MS} ms after the load stopped. Request to stream entry for a new device (POST /user, then XREVRANGE polling), five tries, microseconds:$LAT."
+fi
+
 cd - >/dev/null
-python3 - "$READY_MS" "$CONNS" "$DURATION" "$CUSTOMERS" "$ROWS" "$WEBHOOK_EVENTS" "$POOL" "$H" "$G" "$U" "$W" <<'PY' | tee bench/results.md
+python3 - "$READY_MS" "$EVENTS_LINE" "$CONNS" "$DURATION" "$CUSTOMERS" "$ROWS" "$WEBHOOK_EVENTS" "$POOL" "$H" "$G" "$U" "$W" <<'PY' | tee bench/results.md
 import sys, platform, os, datetime
-ready, conns, dur, customers, whrows, whevents, pool = sys.argv[1:8]
-rows = [r.split() for r in sys.argv[8:]]
+ready, events_line, conns, dur, customers, whrows, whevents, pool = sys.argv[1:9]
+rows = [r.split() for r in sys.argv[9:]]
 base = float(rows[0][1])
 names = {"health": "GET /health", "graphql": "GraphQL `customer { entitlements }`", "user": "POST /user (known device)",
          "webhook": "signed Stripe webhooks, applied"}
@@ -197,5 +228,6 @@ verdict = ("every delivered event recorded exactly once" if extra is not None an
 print(f"\nStripe webhooks: {sent:,} completed deliveries of distinct events ({whevents} prepared: "
       f"checkout.session.completed and customer.subscription.updated over 1,000 customers); "
       f"webhook_events rows afterwards: {whrows} ({verdict}; {extra} were in flight when the load stopped).")
+print(f"\n{events_line}")
 print(f"\nReady to serve after start on the populated database: {ready} ms (budget < 200 ms).")
 PY

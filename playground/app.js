@@ -333,8 +333,13 @@
     }
   }
 
+  // Live updates: the entitlementChanged subscription over graphql-ws
+  // pushes each change of this customer; polling stays as the fallback
+  // (and catches purchase details that change without an entitlement event).
+  let socket = null;
   function startPolling() {
     stopPolling();
+    startSubscription(currentCustomerId);
     pollTimer = setInterval(() => {
       if (document.visibilityState === 'visible') refreshCustomer(false);
     }, POLL_MS);
@@ -342,6 +347,50 @@
   function stopPolling() {
     if (pollTimer) clearInterval(pollTimer);
     pollTimer = null;
+    if (socket) {
+      const s = socket;
+      socket = null;
+      try { s.close(); } catch (_) { /* already closed */ }
+    }
+  }
+  function startSubscription(customerId) {
+    let s;
+    try {
+      s = new WebSocket(location.origin.replace(/^http/, 'ws') + '/graphql/ws', 'graphql-transport-ws');
+    } catch (_) {
+      return;
+    }
+    socket = s;
+    const send = (m) => s.send(JSON.stringify(m));
+    s.onopen = () => send({
+      type: 'connection_init',
+      payload: auth.kind === 'bearer' ? { Authorization: 'Bearer ' + auth.secret } : { 'api-key': auth.secret },
+    });
+    s.onmessage = (m) => {
+      let msg;
+      try { msg = JSON.parse(m.data); } catch (_) { return; }
+      if (msg.type === 'connection_ack') {
+        send({
+          id: 'live',
+          type: 'subscribe',
+          payload: {
+            query: 'subscription($c: ID) { entitlementChanged(customerId: $c) { eventId } }',
+            variables: { c: customerId },
+          },
+        });
+        $('live').dataset.push = 'on';
+      } else if (msg.type === 'next' && socket === s && currentCustomerId === customerId) {
+        refreshCustomer(false);
+      } else if (msg.type === 'ping') {
+        send({ type: 'pong' });
+      }
+    };
+    s.onclose = () => {
+      if (socket === s) {
+        socket = null;
+        $('live').dataset.push = 'off';
+      }
+    };
   }
 
   function setLive(ok, why) {

@@ -213,6 +213,8 @@ try {
   });
 
   await check('a change made elsewhere shows up while the page is open', async () => {
+    // The page holds an acknowledged entitlementChanged subscription.
+    await page.waitForFunction(() => document.querySelector('#live').dataset.push === 'on', null, { timeout: 5000 });
     const r = await adminGql('mutation { grantEntitlement(customerId: "alice", entitlement: "maps") { id } }');
     expect(!r.errors, JSON.stringify(r));
     await waitText(entitlement('maps'), 'active: promotional grant for life', 12000);
