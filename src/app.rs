@@ -101,7 +101,7 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let bind = config.bind;
     let state = AppState::new(config, clock).await?;
-    spawn_background(&state)?;
+    spawn_background(&state).await?;
     let listener = TcpListener::bind(bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;
@@ -116,15 +116,17 @@ pub async fn start(
 }
 
 /// The event relay and feed, and this replica's share of the jobs.
-fn spawn_background(state: &AppState) -> anyhow::Result<()> {
+async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     let core = &state.core;
     let config = &state.config;
     let wake = core.db.commits.subscribe();
-    core.feed.spawn(
-        core.db.clone(),
-        Duration::from_millis(config.events.feed_poll_ms.max(10)),
-        wake.clone(),
-    );
+    core.feed
+        .spawn(
+            core.db.clone(),
+            Duration::from_millis(config.events.feed_poll_ms.max(10)),
+            wake.clone(),
+        )
+        .await?;
     if let Some(relay) =
         crate::events::relay::Relay::new(config, core.clone(), state.metrics.clone())?
     {

@@ -43,20 +43,24 @@ impl Feed {
         self.tx.receiver_count()
     }
 
-    pub fn spawn(&self, db: Db, poll: Duration, mut wake: watch::Receiver<u64>) {
+    /// Positions the feed at the end of the log, then tails it. Call before
+    /// serving, so every row committed after a subscription attaches reaches it.
+    pub async fn spawn(
+        &self,
+        db: Db,
+        poll: Duration,
+        mut wake: watch::Receiver<u64>,
+    ) -> AppResult<()> {
         let tx = self.tx.clone();
+        let mut tail = Tail::default();
+        tail.reposition(&db).await?;
         tokio::spawn(async move {
-            let mut tail = Tail::default();
             loop {
-                let res = if tx.receiver_count() == 0 {
-                    // Nobody listening: keep up with the end of the log
-                    // cheaply, so a new subscriber gets every row committed
-                    // after it subscribed.
-                    tail.reposition(&db).await
-                } else {
-                    tail.step(&db, &tx).await
-                };
-                if let Err(e) = res {
+                // Read and broadcast even with nobody listening: skipping
+                // to the end of the log instead would race with a subscriber
+                // that attaches while the skip reads, and lose the rows it
+                // was waiting for.
+                if let Err(e) = tail.step(&db, &tx).await {
                     tracing::warn!(
                         error = e.for_log(),
                         "event feed: cannot read the change log"
@@ -68,6 +72,7 @@ impl Feed {
                 }
             }
         });
+        Ok(())
     }
 }
 
@@ -104,36 +109,51 @@ impl Tail {
         db: &Db,
         tx: &broadcast::Sender<Arc<EntitlementEvent>>,
     ) -> AppResult<()> {
-        let Some(last) = self.last else {
+        let Some(mut last) = self.last else {
             return self.reposition(db).await;
         };
         self.gaps.retain(|_, at| at.elapsed() < GAP_WAIT);
-        let from = self.gaps.keys().next().map_or(last, |g| (g - 1).min(last));
-        let rows = entitlement_events::Entity::find()
-            .filter(entitlement_events::Column::Id.gt(from))
-            .order_by_asc(entitlement_events::Column::Id)
-            .limit(PAGE)
-            .all(&db.conn)
-            .await?;
-        let mut last = last;
-        for row in &rows {
-            if row.id <= last {
-                if self.gaps.remove(&row.id).is_none() {
-                    continue; // delivered already
-                }
-            } else {
-                let now = Instant::now();
-                for missing in (last + 1)..row.id {
-                    if self.gaps.len() < MAX_GAPS {
-                        self.gaps.insert(missing, now);
+        // Late commits into gaps first (they are the older rows), asked for
+        // by id so that a long delivered stretch above a gap cannot crowd
+        // them out of a page.
+        if !self.gaps.is_empty() {
+            let wanted: Vec<i64> = self.gaps.keys().take(PAGE as usize).copied().collect();
+            let rows = entitlement_events::Entity::find()
+                .filter(entitlement_events::Column::Id.is_in(wanted))
+                .order_by_asc(entitlement_events::Column::Id)
+                .all(&db.conn)
+                .await?;
+            for row in &rows {
+                self.gaps.remove(&row.id);
+                // No receivers is not an error worth reporting.
+                let _ = tx.send(Arc::new(EntitlementEvent::from(row)));
+            }
+        }
+        loop {
+            let rows = entitlement_events::Entity::find()
+                .filter(entitlement_events::Column::Id.gt(last))
+                .order_by_asc(entitlement_events::Column::Id)
+                .limit(PAGE)
+                .all(&db.conn)
+                .await?;
+            let now = Instant::now();
+            for row in &rows {
+                // A jump far ahead (a sequence skipped after a crash) is not
+                // waited for beyond MAX_GAPS ids.
+                let upto = row.id.min(last.saturating_add(1 + MAX_GAPS as i64));
+                for missing in (last + 1)..upto {
+                    if self.gaps.len() >= MAX_GAPS {
+                        break;
                     }
+                    self.gaps.insert(missing, now);
                 }
                 last = row.id;
+                let _ = tx.send(Arc::new(EntitlementEvent::from(row)));
             }
-            // No receivers is not an error worth reporting.
-            let _ = tx.send(Arc::new(EntitlementEvent::from(row)));
+            self.last = Some(last);
+            if (rows.len() as u64) < PAGE {
+                return Ok(());
+            }
         }
-        self.last = Some(last);
-        Ok(())
     }
 }
