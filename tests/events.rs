@@ -523,9 +523,10 @@ async fn a_lost_mark_republishes_the_same_event(b: Backend) {
 }
 
 /// On PostgreSQL an id is taken at insert and seen at commit, so a lower id
-/// can commit after a higher one has been delivered. The feed waits for such
-/// a gap and still delivers the late row to subscribers. (SQLite has one
-/// writer: its ids commit in order, so there is no gap to test there.)
+/// can commit after a higher one has been passed. The feed waits for such a
+/// gap, whether or not anyone was listening when it opened, and delivers the
+/// late row to subscribers. (SQLite has one writer: its ids commit in order,
+/// so there is no gap to test there.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_commit_into_an_id_gap_reaches_subscribers() {
     use entities::entitlement_events;
@@ -540,14 +541,6 @@ async fn a_late_commit_into_an_id_gap_reaches_subscribers() {
         Auth::Key(k) => k,
         _ => unreachable!(),
     };
-    let mut admin = ws_connect(&app, json!({ "api-key": admin_key })).await;
-    ws_subscribe(&mut admin, "all", None).await;
-    let deadline = Instant::now() + StdDuration::from_secs(10);
-    while app.state.core.feed.subscribers() < 1 {
-        assert!(Instant::now() < deadline, "subscription attached");
-        tokio::time::sleep(StdDuration::from_millis(10)).await;
-    }
-
     let row = |customer: &str| entitlement_events::ActiveModel {
         customer_id: Set(customer.to_string()),
         entitlement: Set("pro".into()),
@@ -560,23 +553,51 @@ async fn a_late_commit_into_an_id_gap_reaches_subscribers() {
         ..Default::default()
     };
     let db = &app.state.core.db.conn;
+    let wake = || app.state.core.db.commits.send_modify(|n| *n += 1);
+    let next = |m: Value| m["payload"]["data"]["entitlementChanged"].clone();
+
+    // A gap opens while nobody listens; the feed passes it.
+    let idle_slow = db.begin().await.unwrap();
+    let idle_early = row("idle-slow").insert(&idle_slow).await.unwrap();
+    let idle_quick = db.begin().await.unwrap();
+    row("idle-quick").insert(&idle_quick).await.unwrap();
+    idle_quick.commit().await.unwrap();
+    wake();
+    tokio::time::sleep(StdDuration::from_millis(300)).await;
+
+    let mut admin = ws_connect(&app, json!({ "api-key": admin_key })).await;
+    ws_subscribe(&mut admin, "all", None).await;
+    let deadline = Instant::now() + StdDuration::from_secs(10);
+    while app.state.core.feed.subscribers() < 1 {
+        assert!(Instant::now() < deadline, "subscription attached");
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    // Committed after the subscription attached: delivered, and nothing
+    // committed before it.
+    idle_slow.commit().await.unwrap();
+    wake();
+    let first = next(ws_next(&mut admin).await.unwrap());
+    assert_eq!(first["customerId"], "idle-slow", "{first}");
+    assert_eq!(first["eventId"], idle_early.id.to_string());
+
+    // A gap opens while someone listens.
     let slow = db.begin().await.unwrap();
     let early = row("slow").insert(&slow).await.unwrap();
-    let fast_txn = db.begin().await.unwrap();
-    let late = row("quick").insert(&fast_txn).await.unwrap();
+    let quick = db.begin().await.unwrap();
+    let late = row("quick").insert(&quick).await.unwrap();
     assert!(early.id < late.id);
-    fast_txn.commit().await.unwrap();
-    app.state.core.db.commits.send_modify(|n| *n += 1);
-
-    let next = |m: Value| m["payload"]["data"]["entitlementChanged"].clone();
-    let first = next(ws_next(&mut admin).await.unwrap());
-    assert_eq!(first["customerId"], "quick");
-    assert_eq!(first["eventId"], late.id.to_string());
+    quick.commit().await.unwrap();
+    wake();
+    let second = next(ws_next(&mut admin).await.unwrap());
+    assert_eq!(second["customerId"], "quick");
+    assert_eq!(second["eventId"], late.id.to_string());
 
     // Let the feed go past the gap a few times before the lower id commits.
     tokio::time::sleep(StdDuration::from_millis(300)).await;
     slow.commit().await.unwrap();
-    let second = next(ws_next(&mut admin).await.unwrap());
-    assert_eq!(second["customerId"], "slow", "the late row arrives");
-    assert_eq!(second["eventId"], early.id.to_string());
+    wake();
+    let third = next(ws_next(&mut admin).await.unwrap());
+    assert_eq!(third["customerId"], "slow", "the late row arrives");
+    assert_eq!(third["eventId"], early.id.to_string());
 }

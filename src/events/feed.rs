@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use entities::entitlement_events;
+use entities::entitlement_events::{self, Column};
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use tokio::sync::{broadcast, watch};
 
@@ -56,10 +56,6 @@ impl Feed {
         tail.reposition(&db).await?;
         tokio::spawn(async move {
             loop {
-                // Read and broadcast even with nobody listening: skipping
-                // to the end of the log instead would race with a subscriber
-                // that attaches while the skip reads, and lose the rows it
-                // was waiting for.
                 if let Err(e) = tail.step(&db, &tx).await {
                     tracing::warn!(
                         error = e.for_log(),
@@ -104,6 +100,10 @@ impl Tail {
         Ok(())
     }
 
+    /// Delivers the rows committed since the last step. With nobody
+    /// listening it reads ids only, to keep its place and its gaps; and if a
+    /// subscriber attached while it read, it keeps its old place, so the next
+    /// step delivers what that subscriber may have been waiting for.
     async fn step(
         &mut self,
         db: &Db,
@@ -112,48 +112,92 @@ impl Tail {
         let Some(mut last) = self.last else {
             return self.reposition(db).await;
         };
+        let listening = tx.receiver_count() > 0;
         self.gaps.retain(|_, at| at.elapsed() < GAP_WAIT);
+        let mut gaps = self.gaps.clone();
+        let mut out = Vec::new();
         // Late commits into gaps first (they are the older rows), asked for
         // by id so that a long delivered stretch above a gap cannot crowd
         // them out of a page.
-        if !self.gaps.is_empty() {
-            let wanted: Vec<i64> = self.gaps.keys().take(PAGE as usize).copied().collect();
-            let rows = entitlement_events::Entity::find()
-                .filter(entitlement_events::Column::Id.is_in(wanted))
-                .order_by_asc(entitlement_events::Column::Id)
-                .all(&db.conn)
-                .await?;
-            for row in &rows {
-                self.gaps.remove(&row.id);
-                // No receivers is not an error worth reporting.
-                let _ = tx.send(Arc::new(EntitlementEvent::from(row)));
+        if !gaps.is_empty() {
+            let wanted: Vec<i64> = gaps.keys().take(PAGE as usize).copied().collect();
+            for row in rows(db, listening, Column::Id.is_in(wanted), None).await? {
+                gaps.remove(&row.id);
+                out.push(row);
             }
         }
         loop {
-            let rows = entitlement_events::Entity::find()
-                .filter(entitlement_events::Column::Id.gt(last))
-                .order_by_asc(entitlement_events::Column::Id)
-                .limit(PAGE)
-                .all(&db.conn)
-                .await?;
+            let page = rows(db, listening, Column::Id.gt(last), Some(PAGE)).await?;
             let now = Instant::now();
-            for row in &rows {
+            for row in &page {
                 // A jump far ahead (a sequence skipped after a crash) is not
                 // waited for beyond MAX_GAPS ids.
                 let upto = row.id.min(last.saturating_add(1 + MAX_GAPS as i64));
                 for missing in (last + 1)..upto {
-                    if self.gaps.len() >= MAX_GAPS {
+                    if gaps.len() >= MAX_GAPS {
                         break;
                     }
-                    self.gaps.insert(missing, now);
+                    gaps.insert(missing, now);
                 }
                 last = row.id;
-                let _ = tx.send(Arc::new(EntitlementEvent::from(row)));
             }
-            self.last = Some(last);
-            if (rows.len() as u64) < PAGE {
-                return Ok(());
+            let full = page.len() as u64 >= PAGE;
+            out.extend(page);
+            if !full {
+                break;
             }
         }
+        if !listening && tx.receiver_count() > 0 {
+            return Ok(());
+        }
+        for row in out {
+            if let Some(row) = row.model {
+                // No receivers is not an error worth reporting.
+                let _ = tx.send(Arc::new(EntitlementEvent::from(&row)));
+            }
+        }
+        self.last = Some(last);
+        self.gaps = gaps;
+        Ok(())
     }
+}
+
+/// A change-log row seen by the feed: its id, and the whole row when
+/// someone is listening.
+struct Seen {
+    id: i64,
+    model: Option<entitlement_events::Model>,
+}
+
+async fn rows(
+    db: &Db,
+    whole: bool,
+    filter: sea_orm::sea_query::SimpleExpr,
+    limit: Option<u64>,
+) -> AppResult<Vec<Seen>> {
+    let query = entitlement_events::Entity::find()
+        .filter(filter)
+        .order_by_asc(Column::Id)
+        .limit(limit);
+    Ok(if whole {
+        query
+            .all(&db.conn)
+            .await?
+            .into_iter()
+            .map(|m| Seen {
+                id: m.id,
+                model: Some(m),
+            })
+            .collect()
+    } else {
+        query
+            .select_only()
+            .column(Column::Id)
+            .into_tuple::<i64>()
+            .all(&db.conn)
+            .await?
+            .into_iter()
+            .map(|id| Seen { id, model: None })
+            .collect()
+    })
 }
