@@ -172,22 +172,20 @@ impl Db {
 }
 
 pub fn purchase_facts(m: &purchases::Model) -> AppResult<PurchaseFacts> {
-    let parse_err = |e: crate::domain::UnknownValue| {
-        AppError::Internal(anyhow::anyhow!("purchase {}: {e}", m.id))
-    };
-    Ok(PurchaseFacts {
+    FactsRow {
         id: m.id,
-        store: m.store.parse().map_err(parse_err)?,
+        store: m.store.clone(),
         product_id: m.product_id.clone(),
-        environment: m.environment.parse().map_err(parse_err)?,
-        status: m.status.parse().map_err(parse_err)?,
-        period_type: m.period_type.parse().map_err(parse_err)?,
+        environment: m.environment.clone(),
+        status: m.status.clone(),
+        period_type: m.period_type.clone(),
         purchased_at: m.purchased_at,
         expires_at: m.expires_at,
         grace_expires_at: m.grace_expires_at,
         auto_renew: m.auto_renew,
         revoked_at: m.revoked_at,
-    })
+    }
+    .into_facts()
 }
 
 pub async fn purchases_of(
@@ -201,15 +199,71 @@ pub async fn purchases_of(
         .await?)
 }
 
+/// The columns entitlements are computed from: a purchase row without its
+/// store payload, which is large and is read on every write of the customer.
+#[derive(sea_orm::FromQueryResult)]
+struct FactsRow {
+    id: i64,
+    store: String,
+    product_id: String,
+    environment: String,
+    status: String,
+    period_type: String,
+    purchased_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+    grace_expires_at: Option<DateTime<Utc>>,
+    auto_renew: bool,
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+impl FactsRow {
+    fn into_facts(self) -> AppResult<PurchaseFacts> {
+        let id = self.id;
+        let parse_err = |e: crate::domain::UnknownValue| {
+            AppError::Internal(anyhow::anyhow!("purchase {id}: {e}"))
+        };
+        Ok(PurchaseFacts {
+            id,
+            store: self.store.parse().map_err(parse_err)?,
+            environment: self.environment.parse().map_err(parse_err)?,
+            status: self.status.parse().map_err(parse_err)?,
+            period_type: self.period_type.parse().map_err(parse_err)?,
+            product_id: self.product_id,
+            purchased_at: self.purchased_at,
+            expires_at: self.expires_at,
+            grace_expires_at: self.grace_expires_at,
+            auto_renew: self.auto_renew,
+            revoked_at: self.revoked_at,
+        })
+    }
+}
+
 pub async fn purchase_facts_of(
     c: &impl ConnectionTrait,
     customer_id: &str,
 ) -> AppResult<Vec<PurchaseFacts>> {
-    purchases_of(c, customer_id)
-        .await?
-        .iter()
-        .map(purchase_facts)
-        .collect()
+    use purchases::Column as P;
+    let rows = purchases::Entity::find()
+        .select_only()
+        .columns([
+            P::Id,
+            P::Store,
+            P::ProductId,
+            P::Environment,
+            P::Status,
+            P::PeriodType,
+            P::PurchasedAt,
+            P::ExpiresAt,
+            P::GraceExpiresAt,
+            P::AutoRenew,
+            P::RevokedAt,
+        ])
+        .filter(P::CustomerId.eq(customer_id))
+        .order_by_asc(P::Id)
+        .into_model::<FactsRow>()
+        .all(c)
+        .await?;
+    rows.into_iter().map(FactsRow::into_facts).collect()
 }
 
 /// Creates the customer if absent; safe against concurrent creators.
