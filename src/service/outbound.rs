@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entities::{outbound_deliveries as deliveries, outbound_endpoints as endpoints};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Expr};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
 
 use super::Core;
 use crate::error::{AppError, AppResult};
@@ -34,10 +34,7 @@ impl Core {
     /// Every configured endpoint, and every one the database still knows.
     pub async fn outbound_status(&self, configured: &[String]) -> AppResult<Vec<EndpointState>> {
         let db = &self.db.conn;
-        let rows = endpoints::Entity::find()
-            .order_by_asc(endpoints::Column::Url)
-            .all(db)
-            .await?;
+        let rows = endpoints::Entity::find().all(db).await?;
         let pending: Vec<(String, i64)> = deliveries::Entity::find()
             .select_only()
             .column(deliveries::Column::EndpointUrl)
@@ -47,49 +44,29 @@ impl Core {
             .into_tuple()
             .all(db)
             .await?;
-        let pending_of = |url: &str| {
-            pending
-                .iter()
-                .find(|(u, _)| u == url)
-                .map_or(0, |(_, n)| *n)
-        };
-        let mut out: Vec<EndpointState> = rows
-            .into_iter()
-            .map(|r| EndpointState {
-                configured: configured.contains(&r.url),
-                pending: pending_of(&r.url),
-                url: r.url,
-                failing_since: r.failing_since,
-                disabled_at: r.disabled_at,
-                last_success_at: r.last_success_at,
-            })
+        // Every endpoint the configuration or the database knows, once, by URL.
+        let urls: std::collections::BTreeSet<&String> = configured
+            .iter()
+            .chain(rows.iter().map(|r| &r.url))
+            .chain(pending.iter().map(|(url, _)| url))
             .collect();
-        for url in configured {
-            if !out.iter().any(|s| &s.url == url) {
-                out.push(EndpointState {
+        Ok(urls
+            .into_iter()
+            .map(|url| {
+                let row = rows.iter().find(|r| &r.url == url);
+                EndpointState {
                     url: url.clone(),
-                    configured: true,
-                    failing_since: None,
-                    disabled_at: None,
-                    last_success_at: None,
-                    pending: pending_of(url),
-                });
-            }
-        }
-        for (url, n) in &pending {
-            if !out.iter().any(|s| &s.url == url) {
-                out.push(EndpointState {
-                    url: url.clone(),
-                    configured: false,
-                    failing_since: None,
-                    disabled_at: None,
-                    last_success_at: None,
-                    pending: *n,
-                });
-            }
-        }
-        out.sort_by(|a, b| a.url.cmp(&b.url));
-        Ok(out)
+                    configured: configured.contains(url),
+                    failing_since: row.and_then(|r| r.failing_since),
+                    disabled_at: row.and_then(|r| r.disabled_at),
+                    last_success_at: row.and_then(|r| r.last_success_at),
+                    pending: pending
+                        .iter()
+                        .find(|(u, _)| u == url)
+                        .map_or(0, |(_, n)| *n),
+                }
+            })
+            .collect())
     }
 
     /// Re-enables an endpoint and makes its undelivered rows due now, with
