@@ -31,6 +31,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub parse_cache: Arc<graphql::ParseCache>,
+    /// `None` when `rate_limit.enabled` is off.
+    pub limiter: Option<Arc<crate::rate_limit::WriteLimiter>>,
 }
 
 impl AppState {
@@ -42,7 +44,9 @@ impl AppState {
             Duration::from_secs(config.auth.api_key_cache_secs),
         )?);
         let schema = graphql::build_schema(&config, core.clone());
+        let limiter = crate::rate_limit::WriteLimiter::new(&config.rate_limit)?.map(Arc::new);
         Ok(AppState {
+            limiter,
             core,
             auth,
             schema,

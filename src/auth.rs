@@ -109,6 +109,8 @@ struct JwtVerifier {
     validation: Validation,
     admin_claim: String,
     admin_value: String,
+    max_lifetime: i64,
+    leeway: i64,
 }
 
 fn algorithm(a: JwtAlgorithm) -> Algorithm {
@@ -150,12 +152,17 @@ impl JwtVerifier {
             validation,
             admin_claim: cfg.admin_claim.clone(),
             admin_value: cfg.admin_value.clone(),
+            max_lifetime: i64::try_from(cfg.max_lifetime_secs).unwrap_or(i64::MAX),
+            leeway: i64::try_from(cfg.leeway_secs).unwrap_or(i64::MAX),
         })
     }
 
     fn verify(&self, token: &str) -> Option<Principal> {
         let data =
             jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).ok()?;
+        if !self.lifetime_ok(&data.claims, chrono::Utc::now().timestamp()) {
+            return None;
+        }
         let sub = data.claims.get("sub")?.as_str()?;
         let sub = ExternalId::parse(sub).ok()?.into_string();
         let admin = match data.claims.get(&self.admin_claim) {
@@ -170,6 +177,25 @@ impl JwtVerifier {
         } else {
             Principal::Customer(sub)
         })
+    }
+}
+
+impl JwtVerifier {
+    /// A stolen long-lived token would work for its whole life: `exp` may be
+    /// at most `max_lifetime` past `iat`, or past now when there is no `iat`.
+    fn lifetime_ok(&self, claims: &Map<String, Value>, now: i64) -> bool {
+        let Some(exp) = claims.get("exp").and_then(Value::as_f64) else {
+            return false;
+        };
+        let from = match claims.get("iat") {
+            None => now as f64,
+            Some(v) => match v.as_f64() {
+                // An `iat` in the future cannot stretch the window past now.
+                Some(iat) => iat.min(now as f64 + self.leeway as f64),
+                None => return false,
+            },
+        };
+        exp - from <= self.max_lifetime.saturating_add(self.leeway) as f64
     }
 }
 

@@ -68,6 +68,93 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     /// Standard Webhooks POSTs of every change-log row; none by default.
     pub outbound: OutboundConfig,
+    /// Write limits per credential and per client address.
+    pub rate_limit: RateLimitConfig,
+    /// Bounds on stored purchase submissions.
+    pub receipts: ReceiptsConfig,
+    /// What is deleted, and after how long.
+    pub retention: RetentionConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    /// Writes (mutations, first sightings on `POST /user`) per minute for one
+    /// API key or customer token. A client key is shared by every install of
+    /// an app, so this is sized for the whole app's sign-ups.
+    pub per_key_per_minute: u32,
+    /// Writes a key may make at once before the per-minute rate applies.
+    pub per_key_burst: u32,
+    /// Writes per minute from one client address.
+    pub per_ip_per_minute: u32,
+    pub per_ip_burst: u32,
+    /// A header holding the client address set by a proxy you trust (for
+    /// example `x-forwarded-for`; its first entry is used). Unset: the peer
+    /// address of the connection. Set it only behind such a proxy, or any
+    /// client can pick its own address.
+    pub trusted_proxy_header: Option<String>,
+    /// Keys (credentials or addresses) tracked at once; past this the
+    /// oldest idle ones are forgotten first.
+    pub max_tracked_keys: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            enabled: true,
+            per_key_per_minute: 6_000,
+            per_key_burst: 1_000,
+            per_ip_per_minute: 120,
+            per_ip_burst: 60,
+            trusted_proxy_header: None,
+            max_tracked_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsConfig {
+    /// A submission's stored audit copy is kept whole up to this many bytes;
+    /// a larger one is stored as its length and SHA-256 only.
+    pub max_payload_bytes: usize,
+    /// Pending and invalid submissions kept per customer; older invalid ones
+    /// are dropped to make room, and when all are pending new ones are refused.
+    pub max_unverified_per_customer: u64,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        ReceiptsConfig {
+            max_payload_bytes: 16 * 1024,
+            max_unverified_per_customer: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Invalid (and abandoned pending) purchase submissions are deleted this
+    /// many days after they arrived; 0 keeps them.
+    pub invalid_receipt_days: u32,
+    /// Store notifications keep their payload this many days after they were
+    /// processed; the row itself (source and event id) stays, so a store's
+    /// late redelivery is still recognised. 0 keeps payloads.
+    pub webhook_payload_days: u32,
+    /// How often (s) the retention job runs.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            invalid_receipt_days: 30,
+            webhook_payload_days: 30,
+            interval_secs: 3_600,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -184,6 +271,30 @@ pub struct HttpConfig {
     pub body_limit_bytes: usize,
     /// Whole-request time limit in seconds; slower requests get 408.
     pub request_timeout_secs: u64,
+    /// A request's headers must arrive within this many seconds of its
+    /// first byte (or of the connection opening), else the connection closes.
+    #[serde(default = "HttpConfig::default_header_read_timeout")]
+    pub header_read_timeout_secs: u64,
+    /// A connection that sends and receives nothing for this long is closed.
+    /// Keep it above `request_timeout_secs` and above the WebSocket ping interval.
+    #[serde(default = "HttpConfig::default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// On shutdown, in-flight requests get this long to finish; then the
+    /// remaining connections are dropped.
+    #[serde(default = "HttpConfig::default_shutdown_grace")]
+    pub shutdown_grace_secs: u64,
+}
+
+impl HttpConfig {
+    fn default_header_read_timeout() -> u64 {
+        10
+    }
+    fn default_idle_timeout() -> u64 {
+        60
+    }
+    fn default_shutdown_grace() -> u64 {
+        10
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -192,7 +303,39 @@ pub struct GraphqlConfig {
     pub introspection: bool,
     pub graphiql: bool,
     pub max_depth: usize,
+    /// Each field counts 1, and a list field counts its `limit` / `first`
+    /// times its selection, so this bounds the rows one request may ask for.
     pub max_complexity: usize,
+    /// A response that would serialise larger than this is replaced by a
+    /// `RESPONSE_TOO_LARGE` error.
+    #[serde(default = "GraphqlConfig::default_max_response")]
+    pub max_response_bytes: usize,
+    /// `/graphql/ws`: seconds a socket may stay without an accepted
+    /// `connection_init`.
+    #[serde(default = "GraphqlConfig::default_ws_init")]
+    pub ws_init_timeout_secs: u64,
+    /// Subscriptions one socket may hold at once.
+    #[serde(default = "GraphqlConfig::default_ws_subs")]
+    pub ws_max_subscriptions: usize,
+    /// Seconds between the server's pings; a socket that has not answered the
+    /// previous ping by the next one is closed.
+    #[serde(default = "GraphqlConfig::default_ws_ping")]
+    pub ws_ping_interval_secs: u64,
+}
+
+impl GraphqlConfig {
+    fn default_max_response() -> usize {
+        4 * 1024 * 1024
+    }
+    fn default_ws_init() -> u64 {
+        10
+    }
+    fn default_ws_subs() -> usize {
+        100
+    }
+    fn default_ws_ping() -> u64 {
+        20
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +372,16 @@ pub struct JwtConfig {
     pub admin_value: String,
     /// Clock skew tolerated on `exp`/`nbf`, seconds.
     pub leeway_secs: u64,
+    /// Longest accepted token life: `exp` minus `iat`, or minus now for a
+    /// token without `iat`. A longer-lived token is refused.
+    #[serde(default = "JwtConfig::default_max_lifetime")]
+    pub max_lifetime_secs: u64,
+}
+
+impl JwtConfig {
+    pub fn default_max_lifetime() -> u64 {
+        86_400
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -367,12 +520,19 @@ impl Default for Config {
             http: HttpConfig {
                 body_limit_bytes: 64 * 1024,
                 request_timeout_secs: 30,
+                header_read_timeout_secs: HttpConfig::default_header_read_timeout(),
+                idle_timeout_secs: HttpConfig::default_idle_timeout(),
+                shutdown_grace_secs: HttpConfig::default_shutdown_grace(),
             },
             graphql: GraphqlConfig {
                 introspection: true,
                 graphiql: true,
                 max_depth: 16,
                 max_complexity: 500,
+                max_response_bytes: GraphqlConfig::default_max_response(),
+                ws_init_timeout_secs: GraphqlConfig::default_ws_init(),
+                ws_max_subscriptions: GraphqlConfig::default_ws_subs(),
+                ws_ping_interval_secs: GraphqlConfig::default_ws_ping(),
             },
             auth: AuthConfig {
                 jwt: None,
@@ -388,6 +548,9 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             reconcile: ReconcileConfig::default(),
             outbound: OutboundConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            receipts: ReceiptsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -435,6 +598,29 @@ impl Config {
         {
             anyhow::bail!(
                 "invalid configuration: database_url must start with sqlite:, postgres:// or postgresql://"
+            );
+        }
+        // A malformed URL is refused here, before a driver's error could echo
+        // it (and its password) back.
+        if self.is_postgres() && url::Url::parse(url).is_err() {
+            anyhow::bail!("invalid configuration: database_url is not a valid URL");
+        }
+        if self.rate_limit.enabled
+            && [
+                self.rate_limit.per_key_per_minute,
+                self.rate_limit.per_key_burst,
+                self.rate_limit.per_ip_per_minute,
+                self.rate_limit.per_ip_burst,
+            ]
+            .contains(&0)
+        {
+            anyhow::bail!(
+                "invalid configuration: rate_limit rates and bursts must be greater than 0 (or set rate_limit.enabled = false)"
+            );
+        }
+        if self.graphql.ws_max_subscriptions == 0 || self.graphql.ws_ping_interval_secs == 0 {
+            anyhow::bail!(
+                "invalid configuration: graphql.ws_max_subscriptions and graphql.ws_ping_interval_secs must be greater than 0"
             );
         }
         if self.http.body_limit_bytes == 0 {

@@ -23,6 +23,11 @@ pub enum AppError {
     ReceiptAlreadyInUse,
     StoreUnavailable(&'static str),
     NotConfigured(&'static str),
+    /// Too many writes from one credential or address; try again after the
+    /// given number of seconds.
+    RateLimited { retry_after_secs: u64 },
+    /// The answer would exceed `graphql.max_response_bytes`.
+    ResponseTooLarge,
     /// The cause is logged; clients see only "internal error".
     Internal(anyhow::Error),
 }
@@ -41,6 +46,12 @@ impl AppError {
             AppError::ReceiptAlreadyInUse => "this purchase belongs to another customer".into(),
             AppError::StoreUnavailable(s) => format!("{s} is unavailable, try again later"),
             AppError::NotConfigured(s) => format!("{s} is not configured"),
+            AppError::RateLimited { retry_after_secs } => {
+                format!("too many requests, retry in {retry_after_secs} s")
+            }
+            AppError::ResponseTooLarge => {
+                "the response is too large: ask for fewer rows or fields".into()
+            }
             AppError::Internal(_) => "internal error".into(),
         }
     }
@@ -58,6 +69,8 @@ impl AppError {
             AppError::ReceiptAlreadyInUse => "RECEIPT_ALREADY_IN_USE",
             AppError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             AppError::NotConfigured(_) => "NOT_CONFIGURED",
+            AppError::RateLimited { .. } => "RATE_LIMITED",
+            AppError::ResponseTooLarge => "RESPONSE_TOO_LARGE",
             AppError::Internal(_) => "INTERNAL",
         }
     }
@@ -67,7 +80,10 @@ impl AppError {
             AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::BadInput(_) | AppError::InvalidReceipt(_) => StatusCode::BAD_REQUEST,
+            AppError::BadInput(_) | AppError::InvalidReceipt(_) | AppError::ResponseTooLarge => {
+                StatusCode::BAD_REQUEST
+            }
+            AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -119,7 +135,14 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         self.log();
         let body = json!({ "error": { "code": self.code(), "message": self.message() } });
-        (self.status(), Json(body)).into_response()
+        let mut resp = (self.status(), Json(body)).into_response();
+        if let AppError::RateLimited { retry_after_secs } = self {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after_secs),
+            );
+        }
+        resp
     }
 }
 
@@ -127,12 +150,18 @@ impl From<AppError> for async_graphql::Error {
     fn from(e: AppError) -> Self {
         e.log();
         let code = e.code();
-        let retryable = matches!(e, AppError::StoreUnavailable(_));
+        let retryable = matches!(
+            e,
+            AppError::StoreUnavailable(_) | AppError::RateLimited { .. }
+        );
         let mut err = async_graphql::Error::new(e.message());
         let mut ext = async_graphql::ErrorExtensionValues::default();
         ext.set("code", code);
         if retryable {
             ext.set("retryable", true);
+        }
+        if let AppError::RateLimited { retry_after_secs } = e {
+            ext.set("retryAfter", retry_after_secs);
         }
         err.extensions = Some(ext);
         err

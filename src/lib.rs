@@ -13,5 +13,6 @@ pub mod graphql;
 pub mod jobs;
 pub mod metrics;
 pub mod providers;
+pub mod rate_limit;
 pub mod rest;
 pub mod service;

@@ -28,6 +28,7 @@ fn jwt() -> JwtConfig {
         admin_claim: "role".into(),
         admin_value: "admin".into(),
         leeway_secs: 5,
+        max_lifetime_secs: 86_400,
     }
 }
 

@@ -2,7 +2,7 @@
 //! handlers enforce what async-graphql's extractor does not: JSON only,
 //! no batches, no mutations over GET.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use async_graphql::{
     Data, Schema,
@@ -11,8 +11,8 @@ use async_graphql::{
 };
 use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::{
-    Json,
-    extract::{RawQuery, State, WebSocketUpgrade},
+    Extension, Json,
+    extract::{ConnectInfo, RawQuery, State, WebSocketUpgrade},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{Html, IntoResponse, Response},
 };
@@ -60,36 +60,50 @@ pub fn sdl() -> String {
 /// Parsed documents by query text. Clients send the same few operations
 /// over and over; cloning a parsed document is far cheaper than parsing it
 /// again. Validation (which depends on variables) still runs every time.
+/// The least recently used text is evicted when full, so texts sent once
+/// (by anyone) do not keep the regular ones out.
 pub struct ParseCache {
-    docs: std::sync::RwLock<std::collections::HashMap<String, ExecutableDocument>>,
+    docs: std::sync::Mutex<lru::LruCache<String, ExecutableDocument>>,
 }
 
 impl ParseCache {
-    /// Entries kept; once full, new queries are parsed without being kept.
+    /// Entries kept.
     const CAPACITY: usize = 256;
     /// Longer query texts are not kept.
     const MAX_QUERY_LEN: usize = 4096;
 
     pub fn new() -> ParseCache {
         ParseCache {
-            docs: Default::default(),
+            docs: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(Self::CAPACITY).expect("non-zero capacity"),
+            )),
         }
     }
 
     /// The parsed document, or `None` when the text does not parse (the
     /// schema then reports the syntax error in GraphQL's own shape).
     fn get(&self, query: &str) -> Option<ExecutableDocument> {
-        if let Some(doc) = self.docs.read().expect("parse cache").get(query) {
+        if let Some(doc) = self.docs.lock().expect("parse cache").get(query) {
             return Some(doc.clone());
         }
         let doc = async_graphql::parser::parse_query(query).ok()?;
         if query.len() <= Self::MAX_QUERY_LEN {
-            let mut docs = self.docs.write().expect("parse cache");
-            if docs.len() < Self::CAPACITY {
-                docs.insert(query.to_string(), doc.clone());
-            }
+            self.docs
+                .lock()
+                .expect("parse cache")
+                .put(query.to_string(), doc.clone());
         }
         Some(doc)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.docs.lock().unwrap().len()
+    }
+
+    #[cfg(test)]
+    fn contains(&self, query: &str) -> bool {
+        self.docs.lock().unwrap().contains(query)
     }
 }
 
@@ -102,6 +116,7 @@ impl Default for ParseCache {
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
+    peer: Option<&ConnectInfo<SocketAddr>>,
     mut request: async_graphql::Request,
 ) -> Response {
     let principal = match state.auth.principal(&state.core, headers).await {
@@ -109,6 +124,12 @@ async fn execute(
         Err(e) => return e.into_response(),
     };
     if let Some(doc) = state.parse_cache.get(&request.query) {
+        if let Some(limiter) = &state.limiter
+            && is_mutation(&doc, request.operation_name.as_deref())
+            && let Err(e) = limiter.check(&principal, limiter.client_ip(headers, peer))
+        {
+            return graphql_error(e);
+        }
         request.set_parsed_query(doc);
     }
     let mut resp = state.schema.execute(request.data(principal)).await;
@@ -120,11 +141,65 @@ async fn execute(
             ext.set("code", "BAD_USER_INPUT");
         }
     }
+    let mut out = CappedWriter {
+        buf: Vec::with_capacity(128),
+        cap: state.config.graphql.max_response_bytes,
+    };
+    match serde_json::to_writer(&mut out, &resp) {
+        Ok(()) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            out.buf,
+        )
+            .into_response(),
+        // The cap is the only way writing into memory fails.
+        Err(_) => {
+            drop(out);
+            graphql_error(AppError::ResponseTooLarge)
+        }
+    }
+}
+
+/// An error in GraphQL's response shape, for refusals made before execution.
+fn graphql_error(e: AppError) -> Response {
+    let err: async_graphql::Error = e.into();
+    let resp = async_graphql::Response::from_errors(vec![err.into_server_error(Default::default())]);
     Json(resp).into_response()
+}
+
+/// Whether the operation to run is a mutation (the one named, or any when
+/// none is named: execution refuses an ambiguous document anyway).
+fn is_mutation(doc: &ExecutableDocument, name: Option<&str>) -> bool {
+    doc.operations.iter().any(|(n, op)| {
+        op.node.ty == OperationType::Mutation && (name.is_none() || n.map(|n| n.as_str()) == name)
+    })
+}
+
+/// Serialises into memory up to `cap` bytes, then fails, so an oversized
+/// answer costs at most the cap.
+struct CappedWriter {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.cap {
+            return Err(std::io::Error::other("response size cap"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub async fn post(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Response {
@@ -145,12 +220,13 @@ pub async fn post(
             return AppError::bad_input(format!("not a GraphQL request: {e}")).into_response();
         }
     };
-    execute(&state, &headers, request).await
+    execute(&state, &headers, peer.as_ref().map(|p| &p.0), request).await
 }
 
 /// GraphiQL without a query string; read-only queries with one.
 pub async fn get(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
@@ -180,7 +256,7 @@ pub async fn get(
         return AppError::MethodNotAllowed("mutations and subscriptions must be sent with POST")
             .into_response();
     }
-    execute(&state, &headers, request).await
+    execute(&state, &headers, peer.as_ref().map(|p| &p.0), request).await
 }
 
 /// graphql-ws (and the older subscriptions-transport-ws) at `/graphql/ws`.
@@ -241,10 +317,10 @@ mod tests {
         let cache = ParseCache::new();
         let q = "{ products { id } }";
         let first = cache.get(q).expect("parses");
-        assert_eq!(cache.docs.read().unwrap().len(), 1);
+        assert_eq!(cache.len(), 1);
         // The kept document is the same as a fresh parse.
         assert_eq!(format!("{:?}", cache.get(q).unwrap()), format!("{first:?}"));
-        assert_eq!(cache.docs.read().unwrap().len(), 1);
+        assert_eq!(cache.len(), 1);
         // Syntax errors are not kept; execution reports them.
         assert!(cache.get("{ products { id }").is_none());
         // Long texts are parsed but not kept.
@@ -253,15 +329,20 @@ mod tests {
             " ".repeat(ParseCache::MAX_QUERY_LEN)
         );
         assert!(cache.get(&long).is_some());
-        assert_eq!(cache.docs.read().unwrap().len(), 1);
-        // A full cache still parses, without growing.
+        assert_eq!(cache.len(), 1);
+        // A flood of one-off texts evicts the oldest, not the one in use.
         for i in 0..ParseCache::CAPACITY + 10 {
             assert!(
                 cache
                     .get(&format!("query Q{i} {{ products {{ id }} }}"))
                     .is_some()
             );
+            cache.get(q);
         }
-        assert_eq!(cache.docs.read().unwrap().len(), ParseCache::CAPACITY);
+        assert_eq!(cache.len(), ParseCache::CAPACITY);
+        assert!(cache.contains(q), "the text in use stays");
+        assert!(!cache.contains("query Q0 { products { id } }"));
+        let last = format!("query Q{} {{ products {{ id }} }}", ParseCache::CAPACITY + 9);
+        assert!(cache.contains(&last), "new texts are still kept");
     }
 }

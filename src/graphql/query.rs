@@ -54,6 +54,7 @@ impl QueryRoot {
     }
 
     /// Customers ordered by id, optionally those whose id starts with `search` (admin).
+    #[graphql(complexity = "first.max(1) as usize * child_complexity")]
     async fn customers(
         &self,
         ctx: &Context<'_>,

@@ -201,6 +201,7 @@ impl Customer {
     }
 
     /// Purchase submissions, newest first.
+    #[graphql(complexity = "limit as usize * child_complexity")]
     async fn receipts(
         &self,
         ctx: &Context<'_>,
@@ -214,6 +215,7 @@ impl Customer {
     }
 
     /// The entitlement change log, newest first.
+    #[graphql(complexity = "limit as usize * child_complexity")]
     async fn events(
         &self,
         ctx: &Context<'_>,

@@ -1,9 +1,12 @@
 //! `POST /user`: the Garmin watch app's endpoint, wire-compatible with the
 //! original backend (`paid_status` and the legacy `status`).
 
+use std::net::SocketAddr;
+
 use axum::{
-    Json,
-    extract::{Query, State},
+    Extension, Json,
+    extract::{ConnectInfo, Query, State},
+    http::HeaderMap,
 };
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,8 @@ pub struct UserResponse {
 
 pub async fn user(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     Caller(principal): Caller,
     Query(query): Query<IdQuery>,
     LimitedBody(body): LimitedBody,
@@ -54,6 +59,12 @@ pub async fn user(
     let id = ExternalId::parse(&raw)
         .map_err(|e| AppError::bad_input(format!("invalid device id: {e}")))?;
     principal.require_register(Some(id.as_str()))?;
+    // Only a first sighting writes (a customer, a device, a trial).
+    if let Some(limiter) = &state.limiter
+        && !state.core.device_known(Platform::Garmin, &id).await?
+    {
+        limiter.check(&principal, limiter.client_ip(&headers, peer.as_ref().map(|p| &p.0)))?;
+    }
 
     let reg = state
         .core

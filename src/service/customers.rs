@@ -134,6 +134,12 @@ impl Core {
         })
     }
 
+    /// Whether the device has been seen before (so registering it writes
+    /// nothing new): the write limits count only first sightings.
+    pub async fn device_known(&self, platform: Platform, device_id: &ExternalId) -> AppResult<bool> {
+        Ok(self.cached_device(platform, device_id).await?.is_some())
+    }
+
     /// A known device, from the read cache when fresh (unknown ones are not
     /// cached: their first sight goes through the write path).
     async fn cached_device(

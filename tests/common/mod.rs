@@ -283,6 +283,7 @@ pub fn hs_config() -> entitle::config::JwtConfig {
         admin_claim: "role".into(),
         admin_value: "admin".into(),
         leeway_secs: 0,
+        max_lifetime_secs: 86_400,
     }
 }
 
