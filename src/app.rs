@@ -111,12 +111,88 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("cannot bind {bind} (bind): {e}"))?;
     let addr = listener.local_addr()?;
     let app = router(state.clone());
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let http = state.config.http.clone();
+    let task = tokio::spawn(serve_connections(listener, app, http, shutdown));
     Ok(Running { addr, state, task })
+}
+
+/// The accept loop. hyper serves each connection with a timer, so a client
+/// must send its headers within `header_read_timeout_secs`, and a connection
+/// silent for `idle_timeout_secs` is closed. On shutdown, new connections are
+/// refused, open ones finish their request and close, and whatever is left
+/// after `shutdown_grace_secs` is dropped.
+async fn serve_connections(
+    listener: TcpListener,
+    app: Router,
+    http: crate::config::HttpConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+
+    let header_timeout = Duration::from_secs(http.header_read_timeout_secs.max(1));
+    let idle = Duration::from_secs(http.idle_timeout_secs.max(1));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off
+                        // rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let mut stop = stop_rx.clone();
+                conns.spawn(async move {
+                    let io = crate::http_io::IdleTimeout::new(TokioIo::new(stream), idle);
+                    let svc = hyper::service::service_fn(
+                        move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                            app.clone().oneshot(req)
+                        },
+                    );
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .serve_connection(io, svc)
+                        .with_upgrades();
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                });
+            }
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = Duration::from_secs(http.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "shutdown grace over: closing the remaining connections"
+        );
+        conns.shutdown().await;
+    }
+    Ok(())
 }
 
 /// The event relay and feed, and this replica's share of the jobs.

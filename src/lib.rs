@@ -10,6 +10,7 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod graphql;
+pub mod http_io;
 pub mod jobs;
 pub mod metrics;
 pub mod providers;

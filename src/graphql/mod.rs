@@ -5,14 +5,13 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use async_graphql::{
-    Data, Schema,
+    Schema,
     http::GraphiQLSource,
     parser::types::{ExecutableDocument, OperationType},
 };
-use async_graphql_axum::{GraphQLProtocol, GraphQLWebSocket};
 use axum::{
     Extension, Json,
-    extract::{ConnectInfo, RawQuery, State, WebSocketUpgrade},
+    extract::{ConnectInfo, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue},
     response::{Html, IntoResponse, Response},
 };
@@ -31,6 +30,7 @@ mod stripe;
 mod subscription;
 mod types;
 mod verify;
+mod ws;
 
 pub use mutation::MutationRoot;
 pub use query::QueryRoot;
@@ -261,32 +261,9 @@ pub async fn get(
 
 /// graphql-ws (and the older subscriptions-transport-ws) at `/graphql/ws`.
 /// The `connection_init` payload authenticates like HTTP headers do:
-/// `{"Authorization": "Bearer …"}` or `{"api-key": "…"}`; a bad credential
-/// closes the connection.
-pub async fn ws(
-    State(state): State<AppState>,
-    protocol: GraphQLProtocol,
-    upgrade: WebSocketUpgrade,
-) -> Response {
-    let schema = state.schema.clone();
-    upgrade
-        .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
-        .on_upgrade(move |socket| {
-            GraphQLWebSocket::new(socket, schema, protocol)
-                .on_connection_init(move |payload| async move {
-                    let headers = init_headers(&payload);
-                    let principal = state
-                        .auth
-                        .principal(&state.core, &headers)
-                        .await
-                        .map_err(|e| async_graphql::Error::new(e.message()))?;
-                    let mut data = Data::default();
-                    data.insert(principal);
-                    Ok(data)
-                })
-                .serve()
-        })
-}
+/// `{"Authorization": "Bearer …"}` or `{"api-key": "…"}`; a missing or bad
+/// credential closes the connection.
+pub use ws::ws;
 
 /// Credentials from a `connection_init` payload, as the headers they stand for.
 fn init_headers(payload: &serde_json::Value) -> HeaderMap {

@@ -14,6 +14,7 @@ use crate::{db::Db, error::AppResult};
 pub mod expiry;
 pub mod reconcile;
 pub mod refresh;
+pub mod retention;
 
 /// Leases in the `job_leases` table. They are timed by the system clock, not
 /// the business clock: they measure whether a process is alive.
@@ -190,6 +191,20 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
             move || {
                 let core = core.clone();
                 async move { expiry::sweep(&core).await.map(|_| ()) }
+            },
+        );
+    }
+    if config.retention.invalid_receipt_days > 0 || config.retention.webhook_payload_days > 0 {
+        let core = core.clone();
+        let cfg = config.retention.clone();
+        spawn_leased(
+            leases.clone(),
+            retention::JOB,
+            Duration::from_secs(config.retention.interval_secs.max(1)),
+            move || {
+                let core = core.clone();
+                let cfg = cfg.clone();
+                async move { retention::run(&core, &cfg).await.map(|_| ()) }
             },
         );
     }

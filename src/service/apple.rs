@@ -174,8 +174,7 @@ impl Core {
                 AppError::Internal(_) => "internal error".to_string(),
                 e => e.message(),
             };
-            self.finish_receipt(&self.db.conn, receipt_id, Err(&reason))
-                .await?;
+            self.fail_receipt(receipt_id, customer_id, &reason).await?;
         }
         result
     }

@@ -282,7 +282,7 @@ impl Core {
             .verify_play_inner(google, customer_id, &submission, receipt_id)
             .await;
         if let Err(e) = &result {
-            self.finish_receipt(&self.db.conn, receipt_id, Err(&e.message()))
+            self.fail_receipt(receipt_id, customer_id, &e.message())
                 .await?;
         }
         result

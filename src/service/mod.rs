@@ -38,6 +38,7 @@ pub struct Core {
     pub google: Option<Arc<crate::providers::google::GooglePlay>>,
     /// Change-log rows as they commit, for GraphQL subscribers.
     pub feed: crate::events::feed::Feed,
+    pub receipts: crate::config::ReceiptsConfig,
 }
 
 impl Core {
@@ -70,6 +71,7 @@ impl Core {
                 .transpose()?
                 .map(Arc::new),
             feed: crate::events::feed::Feed::new(),
+            receipts: config.receipts.clone(),
         })
     }
 

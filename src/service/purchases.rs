@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use entities::{purchases, receipts, webhook_events};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, TryInsertResult,
+    QueryFilter, QueryOrder, QuerySelect, TryInsertResult,
 };
 
 use super::Core;
@@ -17,6 +17,21 @@ use crate::{
     error::{AppError, AppResult},
     providers::VerifiedPurchase,
 };
+
+/// The stored audit copy of a submission: itself up to `max` bytes of JSON,
+/// else its size and SHA-256 (enough to match it against a store's record).
+fn bounded_payload(payload: serde_json::Value, max: usize) -> serde_json::Value {
+    let text = payload.to_string();
+    if text.len() <= max {
+        return payload;
+    }
+    use sha2::Digest;
+    serde_json::json!({
+        "truncated": true,
+        "bytes": text.len(),
+        "sha256": hex::encode(sha2::Sha256::digest(text.as_bytes())),
+    })
+}
 
 /// Who is applying a purchase.
 #[derive(Clone, Copy, Debug)]
@@ -241,12 +256,48 @@ impl Core {
 
     /// Stores a purchase submission before it is verified (the audit trail),
     /// committed on its own so a failed verification is still on record.
+    /// What one customer id can leave behind is bounded: a payload over
+    /// `receipts.max_payload_bytes` is kept as its size and digest, and past
+    /// `max_unverified_per_customer` pending or invalid rows the oldest
+    /// invalid ones make room (all pending: the submission is refused).
     pub async fn record_receipt(
         &self,
         customer_id: &str,
         store: Store,
         payload: serde_json::Value,
     ) -> AppResult<i64> {
+        let payload = bounded_payload(payload, self.receipts.max_payload_bytes);
+        let cap = self.receipts.max_unverified_per_customer.max(1);
+        let txn = self.db.write().await?;
+        let unverified: Vec<(i64, String)> = receipts::Entity::find()
+            .select_only()
+            .column(receipts::Column::Id)
+            .column(receipts::Column::Outcome)
+            .filter(receipts::Column::CustomerId.eq(customer_id))
+            .filter(receipts::Column::Outcome.is_in(["pending", "invalid"]))
+            .order_by_desc(receipts::Column::Id)
+            .into_tuple()
+            .all(&*txn)
+            .await?;
+        if unverified.len() as u64 >= cap {
+            // Keep the newest cap - 1 so the new one fits.
+            let drop: Vec<i64> = unverified
+                .iter()
+                .skip(cap as usize - 1)
+                .filter(|(_, o)| o == "invalid")
+                .map(|(id, _)| *id)
+                .collect();
+            let pending_kept = unverified.len() - drop.len();
+            if pending_kept as u64 >= cap {
+                return Err(AppError::RateLimited {
+                    retry_after_secs: 10,
+                });
+            }
+            receipts::Entity::delete_many()
+                .filter(receipts::Column::Id.is_in(drop))
+                .exec(&*txn)
+                .await?;
+        }
         let row = receipts::ActiveModel {
             customer_id: Set(customer_id.to_string()),
             store: Set(store.as_str().into()),
@@ -257,9 +308,29 @@ impl Core {
             purchase_id: Set(None),
             ..Default::default()
         }
-        .insert(&self.db.conn)
+        .insert(&*txn)
         .await?;
+        txn.commit().await?;
         Ok(row.id)
+    }
+
+    /// A failed submission: marked invalid with its reason, or deleted when
+    /// its customer does not exist (a failed verification creates no
+    /// customer, and nobody could ever read the row).
+    pub async fn fail_receipt(
+        &self,
+        receipt_id: i64,
+        customer_id: &str,
+        reason: &str,
+    ) -> AppResult<()> {
+        if self.find_customer(customer_id).await?.is_none() {
+            receipts::Entity::delete_by_id(receipt_id)
+                .exec(&self.db.conn)
+                .await?;
+            return Ok(());
+        }
+        self.finish_receipt(&self.db.conn, receipt_id, Err(reason))
+            .await
     }
 
     /// Marks a submission valid (with its purchase) or invalid (with a reason
