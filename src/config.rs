@@ -105,8 +105,8 @@ impl Default for RateLimitConfig {
             enabled: true,
             per_key_per_minute: 6_000,
             per_key_burst: 1_000,
-            per_ip_per_minute: 120,
-            per_ip_burst: 60,
+            per_ip_per_minute: 600,
+            per_ip_burst: 300,
             trusted_proxy_header: None,
             max_tracked_keys: 100_000,
         }
