@@ -314,20 +314,29 @@ impl Core {
         Ok(row.id)
     }
 
-    /// A failed submission: marked invalid with its reason, or deleted when
-    /// its customer does not exist (a failed verification creates no
-    /// customer, and nobody could ever read the row).
+    /// A failed submission: marked invalid with its reason. When its
+    /// customer does not exist (a failed verification creates none, so any
+    /// id can be named) only the payload's size and digest stay on record,
+    /// so made-up ids cannot be used to store data; retention deletes the
+    /// row later like any invalid one.
     pub async fn fail_receipt(
         &self,
         receipt_id: i64,
         customer_id: &str,
         reason: &str,
     ) -> AppResult<()> {
-        if self.find_customer(customer_id).await?.is_none() {
-            receipts::Entity::delete_by_id(receipt_id)
-                .exec(&self.db.conn)
-                .await?;
-            return Ok(());
+        if self.find_customer(customer_id).await?.is_none()
+            && let Some(row) = receipts::Entity::find_by_id(receipt_id)
+                .one(&self.db.conn)
+                .await?
+        {
+            receipts::ActiveModel {
+                id: Set(receipt_id),
+                payload: Set(bounded_payload(row.payload, 0)),
+                ..Default::default()
+            }
+            .update(&self.db.conn)
+            .await?;
         }
         self.finish_receipt(&self.db.conn, receipt_id, Err(reason))
             .await
