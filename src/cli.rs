@@ -137,7 +137,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => app::serve(config).await,
         Command::Migrate => {
-            Db::connect_only(&config).await?.migrate().await?;
+            Db::migrate_only(&config).await?;
             eprintln!("database is up to date");
             Ok(())
         }
