@@ -284,8 +284,8 @@
     entitlements { key isActive expiresAt willRenew store productId periodType status gracePeriodExpiresAt purchaseId }
     purchases { id store storePurchaseId productId environment status periodType purchasedAt expiresAt graceExpiresAt autoRenew canceledAt revokedAt renewalCount sourceUpdatedAt }
     devices { platform deviceId firstSeenAt lastSeenAt }
-    receipts(limit: 50) { id store receivedAt outcome error purchaseId payload }
-    events(limit: 200) { id entitlement kind oldStatus newStatus purchaseId occurredAt }
+    receipts(limit: 20) { id store receivedAt outcome error purchaseId payload }
+    events(limit: 40) { id entitlement kind oldStatus newStatus purchaseId occurredAt }
   }
 }`;
   const PRODUCTS_QUERY = 'query Catalog { products { id displayName entitlements stripePriceId appStoreProductId playStoreProductId kind } }';

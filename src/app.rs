@@ -181,10 +181,8 @@ async fn serve_connections(
     drop(listener);
     let _ = stop_tx.send(true);
     let grace = Duration::from_secs(http.shutdown_grace_secs);
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(
             open = conns.len(),

@@ -25,7 +25,9 @@ pub enum AppError {
     NotConfigured(&'static str),
     /// Too many writes from one credential or address; try again after the
     /// given number of seconds.
-    RateLimited { retry_after_secs: u64 },
+    RateLimited {
+        retry_after_secs: u64,
+    },
     /// The answer would exceed `graphql.max_response_bytes`.
     ResponseTooLarge,
     /// The cause is logged; clients see only "internal error".

@@ -87,7 +87,11 @@ impl WriteLimiter {
                 cfg.per_key_burst,
                 cfg.max_tracked_keys,
             ),
-            by_ip: Bounded::new(cfg.per_ip_per_minute, cfg.per_ip_burst, cfg.max_tracked_keys),
+            by_ip: Bounded::new(
+                cfg.per_ip_per_minute,
+                cfg.per_ip_burst,
+                cfg.max_tracked_keys,
+            ),
             proxy_header,
         }))
     }

@@ -158,7 +158,11 @@ async fn writes_past_the_rate_limit_get_429_and_write_nothing(b: Backend) {
     assert_eq!(app.counts().await, before, "nothing written");
     // Reads are not writes.
     let (_, r) = app
-        .gql(&client, "{ customer(id: \"d1\") { paidStatus } }", json!({}))
+        .gql(
+            &client,
+            "{ customer(id: \"d1\") { paidStatus } }",
+            json!({}),
+        )
         .await;
     assert!(r["errors"].is_null(), "{r}");
 }
@@ -215,7 +219,10 @@ async fn receipts_of(app: &TestApp, customer: &str) -> Vec<Value> {
         )
         .await;
     assert!(r["errors"].is_null(), "{r}");
-    r["data"]["customer"]["receipts"].as_array().unwrap().clone()
+    r["data"]["customer"]["receipts"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 async fn unverified_receipts_are_capped_per_customer(b: Backend) {
@@ -336,7 +343,13 @@ async fn retention_deletes_old_invalid_receipts_and_clears_old_payloads(b: Backe
             .is_none()
     );
     for id in [recent_invalid, old_valid] {
-        assert!(receipts::Entity::find_by_id(id).one(db).await.unwrap().is_some());
+        assert!(
+            receipts::Entity::find_by_id(id)
+                .one(db)
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
     let old = webhook_events::Entity::find_by_id(old_event)
         .one(db)
@@ -366,7 +379,17 @@ async fn metrics_labels_stay_bounded_under_random_methods() {
     let size = |app: &TestApp| {
         let url = app.url("/metrics");
         let client = app.client.clone();
-        async move { client.get(url).send().await.unwrap().text().await.unwrap().len() }
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .len()
+        }
     };
     app.client.get(app.url("/health")).send().await.unwrap();
     let before = size(&app).await;
@@ -491,9 +514,8 @@ async fn slow_and_silent_connections_are_closed() {
 async fn shutdown_with_idle_connections_ends_within_the_grace() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = common::test_config();
-    config.database_url = entitle::config::Secret::new(
-        common::fresh_database(&Backend::Sqlite, &dir).await,
-    );
+    config.database_url =
+        entitle::config::Secret::new(common::fresh_database(&Backend::Sqlite, &dir).await);
     config.http.shutdown_grace_secs = 2;
     config.http.header_read_timeout_secs = 60;
     config.http.idle_timeout_secs = 60;
@@ -665,7 +687,11 @@ async fn websockets_need_a_credential_in_time_and_stay_within_limits() {
     };
     // Anonymous: closed without an ack.
     let mut anon = ws_open(&app).await;
-    ws_send(&mut anon, json!({ "type": "connection_init", "payload": {} })).await;
+    ws_send(
+        &mut anon,
+        json!({ "type": "connection_init", "payload": {} }),
+    )
+    .await;
     assert!(ws_next(&mut anon, Duration::from_secs(5)).await.is_none());
     // Silent before init: closed after the init deadline.
     let started = Instant::now();
@@ -695,13 +721,17 @@ async fn websockets_need_a_credential_in_time_and_stay_within_limits() {
     // Completing one frees its slot.
     ws_send(&mut ws, json!({ "id": "s1", "type": "complete" })).await;
     let m = ws_next(&mut ws, Duration::from_secs(5)).await.unwrap();
-    assert_eq!((m["type"].as_str(), m["id"].as_str()), (Some("complete"), Some("s1")));
+    assert_eq!(
+        (m["type"].as_str(), m["id"].as_str()),
+        (Some("complete"), Some("s1"))
+    );
     ws_send(&mut ws, subscribe("s4")).await;
     ws_send(&mut ws, json!({ "type": "ping" })).await;
     let m = ws_next(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(m["type"], "pong", "s4 was accepted silently: {m}");
     // A message over the body limit closes the socket.
-    let huge = json!({ "id": "big", "type": "subscribe", "payload": { "query": "x".repeat(8192) } });
+    let huge =
+        json!({ "id": "big", "type": "subscribe", "payload": { "query": "x".repeat(8192) } });
     ws_send(&mut ws, huge).await;
     assert!(ws_next(&mut ws, Duration::from_secs(5)).await.is_none());
 }
@@ -745,4 +775,23 @@ async fn websockets_that_stop_answering_pings_are_closed() {
         }
     }
     assert!(closed, "a socket that never answered a ping is closed");
+}
+
+/// The dashboard's own queries fit the default complexity limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_queries_fit_the_complexity_limit() {
+    let app = spawn_with(Backend::Sqlite, |_| {}).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    register(&app, &client, "alice").await;
+    let js = include_str!("../playground/app.js");
+    for (name, vars) in [
+        ("CUSTOMER_QUERY", json!({ "id": "alice" })),
+        ("LIST_QUERY", json!({ "first": 20 })),
+    ] {
+        let start = js.find(&format!("const {name} = `")).expect(name) + name.len() + 10;
+        let len = js[start..].find('`').unwrap();
+        let (_, r) = app.gql(&admin, &js[start..start + len], vars).await;
+        assert!(r["errors"].is_null(), "{name}: {r}");
+    }
 }

@@ -165,7 +165,8 @@ async fn execute(
 /// An error in GraphQL's response shape, for refusals made before execution.
 fn graphql_error(e: AppError) -> Response {
     let err: async_graphql::Error = e.into();
-    let resp = async_graphql::Response::from_errors(vec![err.into_server_error(Default::default())]);
+    let resp =
+        async_graphql::Response::from_errors(vec![err.into_server_error(Default::default())]);
     Json(resp).into_response()
 }
 
@@ -319,7 +320,10 @@ mod tests {
         assert_eq!(cache.len(), ParseCache::CAPACITY);
         assert!(cache.contains(q), "the text in use stays");
         assert!(!cache.contains("query Q0 { products { id } }"));
-        let last = format!("query Q{} {{ products {{ id }} }}", ParseCache::CAPACITY + 9);
+        let last = format!(
+            "query Q{} {{ products {{ id }} }}",
+            ParseCache::CAPACITY + 9
+        );
         assert!(cache.contains(&last), "new texts are still kept");
     }
 }

@@ -110,29 +110,25 @@ async fn serve(mut socket: WebSocket, state: AppState, protocol: WebSocketProtoc
     let (to_gql, from_loop) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let schema = state.schema.clone();
     let auth_state = state.clone();
-    let gql = async_graphql::http::WebSocket::new(
-        schema,
-        tokio_stream_of(from_loop),
-        protocol,
-    )
-    .on_connection_init(move |payload| async move {
-        let headers = init_headers(&payload);
-        let principal = auth_state
-            .auth
-            .principal(&auth_state.core, &headers)
-            .await
-            .map_err(|e| async_graphql::Error::new(e.message()))?;
-        // Subscriptions need a credential; an anonymous socket would only
-        // hold resources.
-        if principal == Principal::Anonymous {
-            return Err(async_graphql::Error::new(
-                AppError::Unauthenticated.message(),
-            ));
-        }
-        let mut data = Data::default();
-        data.insert(principal);
-        Ok(data)
-    });
+    let gql = async_graphql::http::WebSocket::new(schema, tokio_stream_of(from_loop), protocol)
+        .on_connection_init(move |payload| async move {
+            let headers = init_headers(&payload);
+            let principal = auth_state
+                .auth
+                .principal(&auth_state.core, &headers)
+                .await
+                .map_err(|e| async_graphql::Error::new(e.message()))?;
+            // Subscriptions need a credential; an anonymous socket would only
+            // hold resources.
+            if principal == Principal::Anonymous {
+                return Err(async_graphql::Error::new(
+                    AppError::Unauthenticated.message(),
+                ));
+            }
+            let mut data = Data::default();
+            data.insert(principal);
+            Ok(data)
+        });
     tokio::pin!(gql);
 
     let mut acked = false;

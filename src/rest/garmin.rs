@@ -63,7 +63,10 @@ pub async fn user(
     if let Some(limiter) = &state.limiter
         && !state.core.device_known(Platform::Garmin, &id).await?
     {
-        limiter.check(&principal, limiter.client_ip(&headers, peer.as_ref().map(|p| &p.0)))?;
+        limiter.check(
+            &principal,
+            limiter.client_ip(&headers, peer.as_ref().map(|p| &p.0)),
+        )?;
     }
 
     let reg = state

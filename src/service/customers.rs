@@ -136,7 +136,11 @@ impl Core {
 
     /// Whether the device has been seen before (so registering it writes
     /// nothing new): the write limits count only first sightings.
-    pub async fn device_known(&self, platform: Platform, device_id: &ExternalId) -> AppResult<bool> {
+    pub async fn device_known(
+        &self,
+        platform: Platform,
+        device_id: &ExternalId,
+    ) -> AppResult<bool> {
         Ok(self.cached_device(platform, device_id).await?.is_some())
     }
 
