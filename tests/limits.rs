@@ -795,3 +795,47 @@ async fn the_playground_queries_fit_the_complexity_limit() {
         assert!(r["errors"].is_null(), "{name}: {r}");
     }
 }
+
+/// graphql-ws carries mutations too: they count against the write limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_over_the_websocket_are_rate_limited() {
+    let app = spawn_with(Backend::Sqlite, |c| {
+        c.rate_limit.per_ip_burst = 1;
+        c.rate_limit.per_ip_per_minute = 1;
+    })
+    .await;
+    let key = match app.key(ApiKeyRole::Client).await {
+        Auth::Key(k) => k,
+        _ => unreachable!(),
+    };
+    let mut ws = ws_open(&app).await;
+    ws_send(
+        &mut ws,
+        json!({ "type": "connection_init", "payload": { "api-key": key } }),
+    )
+    .await;
+    assert_eq!(
+        ws_next(&mut ws, Duration::from_secs(5)).await.unwrap()["type"],
+        "connection_ack"
+    );
+    let register = |id: &str, device: &str| {
+        json!({ "id": id, "type": "subscribe", "payload": {
+            "query": format!("mutation {{ registerDevice(input: {{ platform: IOS, deviceId: \"{device}\" }}) {{ created }} }}")
+        } })
+    };
+    ws_send(&mut ws, register("m1", "ws-phone-1")).await;
+    let m = ws_next(&mut ws, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m["type"], "next", "{m}");
+    assert_eq!(m["payload"]["data"]["registerDevice"]["created"], true);
+    let before = app.counts().await;
+    ws_send(&mut ws, register("m2", "ws-phone-2")).await;
+    loop {
+        let m = ws_next(&mut ws, Duration::from_secs(5)).await.unwrap();
+        if m["id"] == "m2" {
+            assert_eq!(m["type"], "error", "{m}");
+            assert_eq!(m["payload"][0]["extensions"]["code"], "RATE_LIMITED");
+            break;
+        }
+    }
+    assert_eq!(app.counts().await, before, "nothing written");
+}

@@ -4,7 +4,13 @@
 //! `connection_init` within a deadline, a cap on subscriptions per socket,
 //! and ping/pong liveness. Message size is capped by the upgrade itself.
 
-use std::{collections::HashSet, str::FromStr, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_graphql::{
     Data,
@@ -12,8 +18,9 @@ use async_graphql::{
     http::{WebSocketProtocols, WsMessage},
 };
 use axum::{
+    Extension,
     extract::{
-        State, WebSocketUpgrade,
+        ConnectInfo, State, WebSocketUpgrade,
         ws::{CloseFrame, Message, WebSocket},
     },
     http::{HeaderMap, StatusCode, header},
@@ -26,9 +33,14 @@ use crate::{app::AppState, auth::Principal, error::AppError};
 
 pub async fn ws(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
+    let ip = state
+        .limiter
+        .as_ref()
+        .and_then(|l| l.client_ip(&headers, peer.as_ref().map(|p| &p.0)));
     let Some(protocol) = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok())
@@ -44,14 +56,21 @@ pub async fn ws(
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| serve(socket, state, protocol))
+        .on_upgrade(move |socket| serve(socket, state, protocol, ip))
 }
 
 /// What the loop learns from a client message before passing it on.
 enum Seen {
-    Subscribe(String),
+    Subscribe(String, Option<Operation>),
     Stop(String),
     Other,
+}
+
+#[derive(serde::Deserialize)]
+struct Operation {
+    query: String,
+    #[serde(rename = "operationName")]
+    operation_name: Option<String>,
 }
 
 fn inspect(text: &str) -> Seen {
@@ -60,10 +79,17 @@ fn inspect(text: &str) -> Seen {
         #[serde(rename = "type")]
         ty: String,
         id: Option<String>,
+        payload: Option<Operation>,
     }
     match serde_json::from_str::<Head>(text) {
-        Ok(Head { ty, id: Some(id) }) if ty == "subscribe" || ty == "start" => Seen::Subscribe(id),
-        Ok(Head { ty, id: Some(id) }) if ty == "complete" || ty == "stop" => Seen::Stop(id),
+        Ok(Head {
+            ty,
+            id: Some(id),
+            payload,
+        }) if ty == "subscribe" || ty == "start" => Seen::Subscribe(id, payload),
+        Ok(Head {
+            ty, id: Some(id), ..
+        }) if ty == "complete" || ty == "stop" => Seen::Stop(id),
         _ => Seen::Other,
     }
 }
@@ -97,7 +123,12 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
         .await;
 }
 
-async fn serve(mut socket: WebSocket, state: AppState, protocol: WebSocketProtocols) {
+async fn serve(
+    mut socket: WebSocket,
+    state: AppState,
+    protocol: WebSocketProtocols,
+    ip: Option<std::net::IpAddr>,
+) {
     let cfg = &state.config.graphql;
     let max_subscriptions = cfg.ws_max_subscriptions;
     let init_deadline = tokio::time::sleep(Duration::from_secs(cfg.ws_init_timeout_secs.max(1)));
@@ -110,6 +141,10 @@ async fn serve(mut socket: WebSocket, state: AppState, protocol: WebSocketProtoc
     let (to_gql, from_loop) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let schema = state.schema.clone();
     let auth_state = state.clone();
+    // Who the socket authenticated as, for the write limits on mutations
+    // sent over it.
+    let principal_slot: Arc<Mutex<Option<Principal>>> = Default::default();
+    let slot = principal_slot.clone();
     let gql = async_graphql::http::WebSocket::new(schema, tokio_stream_of(from_loop), protocol)
         .on_connection_init(move |payload| async move {
             let headers = init_headers(&payload);
@@ -145,11 +180,14 @@ async fn serve(mut socket: WebSocket, state: AppState, protocol: WebSocketProtoc
                 let bytes = match msg {
                     Message::Text(t) => {
                         match inspect(t.as_str()) {
-                            Seen::Subscribe(id) if acked && !active.contains(&id) => {
-                                if active.len() >= max_subscriptions {
-                                    let text = refusal(protocol, &id, AppError::RateLimited {
-                                        retry_after_secs: 1,
-                                    });
+                            Seen::Subscribe(id, op) if acked && !active.contains(&id) => {
+                                let refused = if active.len() >= max_subscriptions {
+                                    Some(AppError::RateLimited { retry_after_secs: 1 })
+                                } else {
+                                    mutation_limited(&state, &principal_slot, op.as_ref(), ip).err()
+                                };
+                                if let Some(e) = refused {
+                                    let text = refusal(protocol, &id, e);
                                     if socket.send(Message::Text(text.into())).await.is_err() {
                                         break;
                                     }
@@ -212,6 +250,31 @@ async fn serve(mut socket: WebSocket, state: AppState, protocol: WebSocketProtoc
             }
         }
     }
+}
+
+/// graphql-ws also carries queries and mutations: a mutation over a socket
+/// counts against the same write limits as one over HTTP.
+fn mutation_limited(
+    state: &AppState,
+    principal: &Mutex<Option<Principal>>,
+    op: Option<&Operation>,
+    ip: Option<std::net::IpAddr>,
+) -> Result<(), AppError> {
+    let (Some(limiter), Some(op)) = (&state.limiter, op) else {
+        return Ok(());
+    };
+    let Some(doc) = state.parse_cache.get(&op.query) else {
+        return Ok(());
+    };
+    if !super::is_mutation(&doc, op.operation_name.as_deref()) {
+        return Ok(());
+    }
+    let principal = principal
+        .lock()
+        .expect("principal slot")
+        .clone()
+        .unwrap_or(Principal::Anonymous);
+    limiter.check(&principal, ip)
 }
 
 /// A receiver as a stream, without pulling in tokio-stream.
