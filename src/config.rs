@@ -297,6 +297,11 @@ pub struct GoogleConfig {
     pub pubsub_service_account: Option<String>,
     #[serde(default = "google_jwks_uri")]
     pub jwks_uri: String,
+    /// After a failed fetch of Google's keys, pushes whose key is not cached
+    /// are answered 503 at once for this long instead of each waiting on the
+    /// endpoint (Pub/Sub delivers them again).
+    #[serde(default = "google_jwks_failure_backoff_ms")]
+    pub jwks_failure_backoff_ms: u64,
     /// The app's base64 RSA public key (Play Console, "Licensing"), for
     /// legacy `INAPP_PURCHASE_DATA` receipts.
     #[serde(default)]
@@ -305,6 +310,10 @@ pub struct GoogleConfig {
 
 fn google_api_base() -> String {
     "https://androidpublisher.googleapis.com/".into()
+}
+
+fn google_jwks_failure_backoff_ms() -> u64 {
+    2000
 }
 
 fn google_jwks_uri() -> String {
@@ -321,6 +330,7 @@ impl GoogleConfig {
             pubsub_audience: None,
             pubsub_service_account: None,
             jwks_uri: google_jwks_uri(),
+            jwks_failure_backoff_ms: google_jwks_failure_backoff_ms(),
             license_public_key: None,
         }
     }
