@@ -220,6 +220,11 @@ pub struct JwtConfig {
     pub secret: Option<Secret>,
     /// RS256/ES256 public key, PEM.
     pub public_key_pem: Option<String>,
+    /// RS256/ES256: an identity provider's JWKS (Auth0, Clerk, Cognito,
+    /// Keycloak, ...) instead of a fixed key; tokens pick the key by `kid`,
+    /// and a `kid` first seen makes one refetch (key rotation).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
     /// RS256/ES256 private key, PEM; only `entitle token` (development) uses it.
     pub private_key_pem: Option<Secret>,
     pub issuer: String,
@@ -481,13 +486,31 @@ impl Config {
                     }
                 }
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-                    if jwt.public_key_pem.is_none() {
-                        anyhow::bail!(
-                            "invalid configuration: auth.jwt.public_key_pem must be set for {:?}",
+                    match (&jwt.public_key_pem, &jwt.jwks_url) {
+                        (None, None) => anyhow::bail!(
+                            "invalid configuration: auth.jwt.public_key_pem or auth.jwt.jwks_url must be set for {:?}",
                             jwt.algorithm
-                        );
+                        ),
+                        (Some(_), Some(_)) => anyhow::bail!(
+                            "invalid configuration: auth.jwt.public_key_pem and auth.jwt.jwks_url are exclusive"
+                        ),
+                        (None, Some(url)) => {
+                            let ok = url::Url::parse(url)
+                                .is_ok_and(|u| matches!(u.scheme(), "https" | "http"));
+                            if !ok {
+                                anyhow::bail!(
+                                    "invalid configuration: auth.jwt.jwks_url must be an http(s) URL"
+                                );
+                            }
+                        }
+                        (Some(_), None) => {}
                     }
                 }
+            }
+            if jwt.algorithm == JwtAlgorithm::HS256 && jwt.jwks_url.is_some() {
+                anyhow::bail!(
+                    "invalid configuration: auth.jwt.jwks_url needs algorithm RS256 or ES256"
+                );
             }
         }
         if let Some(trial) = &self.trial {
