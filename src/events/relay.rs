@@ -38,7 +38,7 @@ pub struct Relay {
 }
 
 enum Sink {
-    Redis(RedisSink),
+    Redis(Box<RedisSink>),
     /// The URLs of the configured endpoints.
     Outbound(Vec<String>),
 }
@@ -126,13 +126,13 @@ impl Relay {
     ) -> anyhow::Result<Vec<Relay>> {
         let mut sinks = Vec::new();
         if let Some(url) = &config.redis_url {
-            sinks.push(Sink::Redis(RedisSink {
+            sinks.push(Sink::Redis(Box::new(RedisSink {
                 client: redis::Client::open(url.expose())
                     .map_err(|_| anyhow::anyhow!("invalid configuration: redis_url"))?,
                 conn: None,
                 key: config.events.stream_key.clone(),
                 max_len: config.events.stream_max_len,
-            }));
+            })));
         }
         let outbound_urls: Vec<String> = config
             .outbound
