@@ -12,6 +12,7 @@ pub mod events;
 pub mod graphql;
 pub mod jobs;
 pub mod metrics;
+pub mod policy;
 pub mod providers;
 pub mod rest;
 pub mod service;
