@@ -422,7 +422,11 @@ mod tests {
     fn nobody_but_admin_reads_secrets_or_moves_devices() {
         for a in [ReadReceiptPayload, ReadStorePurchaseId, RebindDevice] {
             for c in Credential::ALL {
-                assert_eq!(a.allowed().contains(c), c == Credential::Admin, "{a:?} {c:?}");
+                assert_eq!(
+                    a.allowed().contains(c),
+                    c == Credential::Admin,
+                    "{a:?} {c:?}"
+                );
             }
         }
     }
@@ -456,12 +460,18 @@ mod tests {
             assert!(listed.insert(c.to_string()), "{c} listed twice");
         }
         let missing: Vec<_> = in_schema.difference(&listed).collect();
-        assert!(missing.is_empty(), "fields with no policy entry: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "fields with no policy entry: {missing:?}"
+        );
         let stale: Vec<_> = listed.difference(&in_schema).collect();
         assert!(stale.is_empty(), "policy entries for no field: {stale:?}");
         for root in ["QueryRoot.", "MutationRoot.", "SubscriptionRoot."] {
             for (c, a) in FIELDS.iter().filter(|(c, _)| c.starts_with(root)) {
-                assert!(matches!(a, Guard(_)), "{c} is a root field: it needs a guard");
+                assert!(
+                    matches!(a, Guard(_)),
+                    "{c} is a root field: it needs a guard"
+                );
             }
         }
     }

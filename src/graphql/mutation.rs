@@ -144,7 +144,11 @@ impl MutationRoot {
         entitlement: String,
         expires_at: Option<DateTime<Utc>>,
     ) -> async_graphql::Result<Customer> {
-        authorize(principal(ctx), Action::GrantEntitlement, Some(customer_id.as_str()))?;
+        authorize(
+            principal(ctx),
+            Action::GrantEntitlement,
+            Some(customer_id.as_str()),
+        )?;
         let snap = core(ctx)
             .grant_entitlement(&customer_id, &entitlement, expires_at)
             .await?;
@@ -158,7 +162,11 @@ impl MutationRoot {
         customer_id: ID,
         entitlement: String,
     ) -> async_graphql::Result<Customer> {
-        authorize(principal(ctx), Action::RevokeGrant, Some(customer_id.as_str()))?;
+        authorize(
+            principal(ctx),
+            Action::RevokeGrant,
+            Some(customer_id.as_str()),
+        )?;
         let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
         customer_with(ctx, &customer_id, snap).await
     }

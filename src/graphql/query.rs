@@ -50,7 +50,11 @@ impl QueryRoot {
     /// A customer by id: admins and service keys read anyone, client keys the
     /// customer they name, customer tokens only themselves.
     async fn customer(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Customer>> {
-        authorize(principal(ctx), Action::ReadCustomerSummary, Some(id.as_str()))?;
+        authorize(
+            principal(ctx),
+            Action::ReadCustomerSummary,
+            Some(id.as_str()),
+        )?;
         Ok(core(ctx)
             .read_customer(&id)
             .await?

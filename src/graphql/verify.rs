@@ -87,7 +87,11 @@ pub async fn verify_purchase(
 ) -> async_graphql::Result<VerifyPurchasePayload> {
     let p = principal(ctx);
     // Refuse the wrong credential before asking anything of the input.
-    authorize(p, Action::VerifyPurchase, customer_id.as_ref().map(|c| c.as_str()))?;
+    authorize(
+        p,
+        Action::VerifyPurchase,
+        customer_id.as_ref().map(|c| c.as_str()),
+    )?;
     // A customer token submits for itself; app keys name the customer.
     let customer_id = match (p, customer_id) {
         (_, Some(c)) => c.0,
