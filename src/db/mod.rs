@@ -88,7 +88,7 @@ impl WriteTxn {
 }
 
 /// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
-const MIGRATION_LOCK: i64 = 0x656e_7469_746c_65;
+const MIGRATION_LOCK: i64 = 0x0065_6e74_6974_6c65;
 
 impl Db {
     /// Connects and brings the schema up to date.
@@ -394,6 +394,7 @@ pub async fn record_dated_changes(
             purchase_id: Set(ch.purchase_id),
             occurred_at: Set(*at),
             published_at: Set(None),
+            outbound_queued_at: Set(None),
             ..Default::default()
         });
     entitlement_events::Entity::insert_many(rows)

@@ -160,6 +160,7 @@ async fn serve(
                     AppError::Unauthenticated.message(),
                 ));
             }
+            *slot.lock().expect("principal slot") = Some(principal.clone());
             let mut data = Data::default();
             data.insert(principal);
             Ok(data)
