@@ -81,6 +81,7 @@ async fn jwks_customer_tokens(b: Backend) {
             admin_claim: "role".into(),
             admin_value: "admin".into(),
             leeway_secs: 0,
+            max_lifetime_secs: entitle::config::JwtConfig::default_max_lifetime(),
         });
     })
     .await;

@@ -529,7 +529,7 @@ async fn client_key_cannot_read_purchase_secrets(b: Backend) {
     let app = &w.app;
     let secrets = [w.alice_jws.as_str(), ALICE_TX];
     let queries = [
-        "query($c: ID!) { customer(id: $c) { receipts(limit: 500) { payload } } }",
+        "query($c: ID!) { customer(id: $c) { receipts(limit: 50) { payload } } }",
         "query($c: ID!) { customer(id: $c) { purchases { storePurchaseId } } }",
         "query($c: ID!) { customer(id: $c) { paidStatus a: receipts { id } b: receipts { payload } p: purchases { productId storePurchaseId } } }",
         "mutation($c: ID) { registerDevice(input: {platform: IOS, deviceId: \"alice-phone\", customerId: $c}) { customer { receipts { payload } purchases { storePurchaseId } } } }",
