@@ -83,6 +83,16 @@ impl Principal {
         }
     }
 
+    /// The subscription check: a service or admin credential, or nobody at
+    /// all where the operator turned the key off (private network). A
+    /// credential that is presented must still be one that may check.
+    pub fn require_check(&self, key_required: bool) -> AppResult<()> {
+        match self {
+            Principal::Anonymous if !key_required => Ok(()),
+            _ => self.require_service(),
+        }
+    }
+
     /// Registering devices: apps (client keys), admins, and a customer for itself.
     pub fn require_register(&self, customer_id: Option<&str>) -> AppResult<()> {
         match self {

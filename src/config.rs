@@ -184,6 +184,19 @@ pub struct HttpConfig {
     pub body_limit_bytes: usize,
     /// Whole-request time limit in seconds; slower requests get 408.
     pub request_timeout_secs: u64,
+    /// Whether `GET /api/subscriptions/check/{id}` needs a service key.
+    /// Turn off only where the route is reachable from a private network
+    /// alone; a key that is presented is still checked.
+    #[serde(default = "default_true")]
+    pub check_requires_key: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_customer_metadata_keys() -> Vec<String> {
+    vec!["customer_id".into(), "user_id".into()]
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -255,6 +268,10 @@ pub struct StripeConfig {
     /// Per-request time limit for calls to the Stripe API, seconds.
     #[serde(default)]
     pub api_timeout_secs: Option<u64>,
+    /// Metadata keys naming our customer on Stripe sessions, subscriptions,
+    /// invoices and charges, tried in order after `client_reference_id`.
+    #[serde(default = "default_customer_metadata_keys")]
+    pub customer_metadata_keys: Vec<String>,
 }
 
 /// Google Play: the Play Developer API (service account), Pub/Sub push
@@ -367,6 +384,7 @@ impl Default for Config {
             http: HttpConfig {
                 body_limit_bytes: 64 * 1024,
                 request_timeout_secs: 30,
+                check_requires_key: true,
             },
             graphql: GraphqlConfig {
                 introspection: true,
@@ -555,6 +573,18 @@ mod tests {
         assert_eq!(cfg.database_url.expose(), "sqlite://entitle.db?mode=rwc");
         assert_eq!(cfg.bind.to_string(), "127.0.0.1:8088");
         assert!(cfg.stripe.is_none());
+        assert!(cfg.http.check_requires_key);
+    }
+
+    #[test]
+    fn stripe_section_defaults_its_binding_keys() {
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[stripe]\nwebhook_secret = \"whsec_x\"\n"));
+        let cfg = Config::from_figment(fig).unwrap();
+        assert_eq!(
+            cfg.stripe.unwrap().customer_metadata_keys,
+            vec!["customer_id", "user_id"]
+        );
     }
 
     #[test]
@@ -568,6 +598,7 @@ mod tests {
                 payment_link: None,
                 grace_period_days: None,
                 api_timeout_secs: None,
+                customer_metadata_keys: vec!["customer_id".into()],
             }),
             ..Config::default()
         };

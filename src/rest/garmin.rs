@@ -4,6 +4,7 @@
 use axum::{
     Json,
     extract::{Query, State},
+    http::{HeaderMap, header},
 };
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +38,7 @@ pub async fn user(
     State(state): State<AppState>,
     Caller(principal): Caller,
     Query(query): Query<IdQuery>,
+    headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> AppResult<Json<UserResponse>> {
     principal.require_authenticated()?;
@@ -44,6 +46,12 @@ pub async fn user(
         query
             .id
             .ok_or_else(|| AppError::bad_input("device id missing: send {\"id\": \"…\"} or ?id="))?
+    } else if is_form(&headers) {
+        // Connect IQ's makeWebRequest form-encodes bodies unless told otherwise.
+        url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "id")
+            .map(|(_, v)| v.into_owned())
+            .ok_or_else(|| AppError::bad_input("device id missing: send id=<device id>"))?
     } else {
         serde_json::from_slice::<IdBody>(&body)
             .map_err(|_| {
@@ -76,6 +84,17 @@ pub async fn user(
             .trial_ends_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
     }))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
 }
 
 /// The payment link with `client_reference_id`, so Stripe's checkout event

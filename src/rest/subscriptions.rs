@@ -56,7 +56,7 @@ pub async fn check(
     Caller(principal): Caller,
     Path(customer_id): Path<String>,
 ) -> AppResult<Json<CheckResponse>> {
-    principal.require_service()?;
+    principal.require_check(state.config.http.check_requires_key)?;
     let id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
     let (_, snap) = state
