@@ -117,6 +117,8 @@ async fn trial_start_and_end_reach_a_billing_consumer(b: Backend) {
     assert_eq!(ended[0]["newStatus"], "EXPIRED", "{ended:?}");
     assert_eq!(ended[0]["oldStatus"], "ACTIVE");
     assert_eq!(ended[0]["kind"], "expired");
+    assert_eq!(started[0]["reason"], "active");
+    assert_eq!(ended[0]["reason"], "expired");
     // Dated at the instant access ended, not when the sweep noticed.
     let at = DateTime::parse_from_rfc3339(ended[0]["occurredAt"].as_str().unwrap()).unwrap();
     assert!(
@@ -128,8 +130,8 @@ async fn trial_start_and_end_reach_a_billing_consumer(b: Backend) {
         let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys.len(),
-            7,
-            "eventId userId entitlement kind oldStatus newStatus occurredAt: {e}"
+            8,
+            "eventId userId entitlement kind reason oldStatus newStatus occurredAt: {e}"
         );
     }
     consumer.leave().await;
