@@ -245,8 +245,10 @@ pub fn refunded_state(
 /// status, remembering the status the purchase had before any dispute.
 fn with_dispute(p: &entities::purchases::Model, dispute: &Value) -> Value {
     let mut raw = p.raw.clone().unwrap_or_else(|| json!({}));
+    // A purchase a dispute already revoked keeps the status it had before.
     let previous = raw
         .pointer("/dispute/previous_status")
+        .filter(|_| p.status == PurchaseStatus::Revoked.as_str())
         .cloned()
         .unwrap_or_else(|| json!(p.status));
     if let Some(o) = raw.as_object_mut() {
