@@ -384,7 +384,7 @@ async fn ws_subscribe(ws: &mut Ws, id: &str, customer: Option<&str>) {
             "id": id,
             "type": "subscribe",
             "payload": {
-                "query": "subscription($c: ID) { entitlementChanged(customerId: $c) { eventId customerId entitlement kind oldStatus newStatus occurredAt } }",
+                "query": "subscription($c: ID) { entitlementChanged(customerId: $c) { eventId customerId entitlement kind reason oldStatus newStatus occurredAt } }",
                 "variables": { "c": customer }
             }
         })
@@ -447,6 +447,7 @@ async fn subscriptions_over_graphql_ws(b: Backend) {
     assert_eq!(ev["customerId"], "alice", "alice never sees bob: {m}");
     assert_eq!(ev["newStatus"], "ACTIVE");
     assert_eq!(ev["kind"], "GRANTED");
+    assert_eq!(ev["reason"], "active");
 
     let mut seen = Vec::new();
     for _ in 0..2 {
