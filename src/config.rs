@@ -283,6 +283,11 @@ pub struct HttpConfig {
     /// remaining connections are dropped.
     #[serde(default = "HttpConfig::default_shutdown_grace")]
     pub shutdown_grace_secs: u64,
+    /// Whether `GET /api/subscriptions/check/{id}` needs a service key.
+    /// Turn off only where the route is reachable from a private network
+    /// alone; a key that is presented is still checked.
+    #[serde(default = "default_true")]
+    pub check_requires_key: bool,
 }
 
 impl HttpConfig {
@@ -295,6 +300,14 @@ impl HttpConfig {
     fn default_shutdown_grace() -> u64 {
         10
     }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_customer_metadata_keys() -> Vec<String> {
+    vec!["customer_id".into(), "user_id".into()]
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -430,6 +443,10 @@ pub struct StripeConfig {
     /// Per-request time limit for calls to the Stripe API, seconds.
     #[serde(default)]
     pub api_timeout_secs: Option<u64>,
+    /// Metadata keys naming our customer on Stripe sessions, subscriptions,
+    /// invoices and charges, tried in order after `client_reference_id`.
+    #[serde(default = "default_customer_metadata_keys")]
+    pub customer_metadata_keys: Vec<String>,
 }
 
 /// Google Play: the Play Developer API (service account), Pub/Sub push
@@ -555,6 +572,7 @@ impl Default for Config {
                 header_read_timeout_secs: HttpConfig::default_header_read_timeout(),
                 idle_timeout_secs: HttpConfig::default_idle_timeout(),
                 shutdown_grace_secs: HttpConfig::default_shutdown_grace(),
+                check_requires_key: true,
             },
             graphql: GraphqlConfig {
                 introspection: true,
@@ -795,6 +813,18 @@ mod tests {
         assert_eq!(cfg.database_url.expose(), "sqlite://entitle.db?mode=rwc");
         assert_eq!(cfg.bind.to_string(), "127.0.0.1:8088");
         assert!(cfg.stripe.is_none());
+        assert!(cfg.http.check_requires_key);
+    }
+
+    #[test]
+    fn stripe_section_defaults_its_binding_keys() {
+        let fig = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string("[stripe]\nwebhook_secret = \"whsec_x\"\n"));
+        let cfg = Config::from_figment(fig).unwrap();
+        assert_eq!(
+            cfg.stripe.unwrap().customer_metadata_keys,
+            vec!["customer_id", "user_id"]
+        );
     }
 
     #[test]
@@ -808,6 +838,7 @@ mod tests {
                 payment_link: None,
                 grace_period_days: None,
                 api_timeout_secs: None,
+                customer_metadata_keys: vec!["customer_id".into()],
             }),
             ..Config::default()
         };

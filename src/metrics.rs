@@ -22,6 +22,13 @@ struct RouteLabels {
     status: u16,
 }
 
+/// Both values come from closed sets (stores, outcome names in code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WebhookLabels {
+    store: &'static str,
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteOnly {
     route: String,
@@ -31,6 +38,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RouteLabels, Counter>,
     latency: Family<RouteOnly, Histogram>,
+    webhooks: Family<WebhookLabels, Counter>,
     /// Change-log rows the relay published (Redis and/or outbound queue).
     pub events_published: Counter,
     /// Relay batches that failed (Redis or database unavailable); the rows wait.
@@ -56,6 +64,12 @@ impl Default for Metrics {
             "HTTP request latency",
             latency.clone(),
         );
+        let webhooks = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "webhook_events",
+            "Store notifications acknowledged, by store and recorded outcome",
+            webhooks.clone(),
+        );
         let events_published = Counter::default();
         let relay_failures = Counter::default();
         registry.register(
@@ -72,6 +86,7 @@ impl Default for Metrics {
             registry,
             requests,
             latency,
+            webhooks,
             events_published,
             relay_failures,
         }
@@ -79,6 +94,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// One store notification acknowledged with `outcome`.
+    pub fn webhook(&self, store: crate::domain::Store, outcome: &'static str) {
+        self.webhooks
+            .get_or_create(&WebhookLabels {
+                store: store.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

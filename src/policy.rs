@@ -193,6 +193,17 @@ actions! {
         "the subscription check needs a service or admin credential";
 }
 
+/// The subscription check. Where the operator turned its key off
+/// (`http.check_requires_key = false`, a route reachable from a private
+/// network alone), a caller with no credential may ask too; a credential
+/// that is presented must still be one that may check.
+pub fn authorize_check(p: &Principal, customer: &str, key_required: bool) -> AppResult<()> {
+    if !key_required && *p == Principal::Anonymous {
+        return Ok(());
+    }
+    authorize(p, Action::SubscriptionCheck, Some(customer))
+}
+
 /// `Ok` when `p` may take `action` on `target` (the customer acted on, when
 /// there is one); otherwise `UNAUTHENTICATED` for no credential and
 /// `FORBIDDEN` for the wrong one.

@@ -117,6 +117,8 @@ async fn trial_start_and_end_reach_a_billing_consumer(b: Backend) {
     assert_eq!(ended[0]["newStatus"], "EXPIRED", "{ended:?}");
     assert_eq!(ended[0]["oldStatus"], "ACTIVE");
     assert_eq!(ended[0]["kind"], "expired");
+    assert_eq!(started[0]["reason"], "active");
+    assert_eq!(ended[0]["reason"], "expired");
     // Dated at the instant access ended, not when the sweep noticed.
     let at = DateTime::parse_from_rfc3339(ended[0]["occurredAt"].as_str().unwrap()).unwrap();
     assert!(
@@ -128,8 +130,8 @@ async fn trial_start_and_end_reach_a_billing_consumer(b: Backend) {
         let keys: Vec<&str> = e.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys.len(),
-            7,
-            "eventId userId entitlement kind oldStatus newStatus occurredAt: {e}"
+            8,
+            "eventId userId entitlement kind reason oldStatus newStatus occurredAt: {e}"
         );
     }
     consumer.leave().await;
@@ -382,7 +384,7 @@ async fn ws_subscribe(ws: &mut Ws, id: &str, customer: Option<&str>) {
             "id": id,
             "type": "subscribe",
             "payload": {
-                "query": "subscription($c: ID) { entitlementChanged(customerId: $c) { eventId customerId entitlement kind oldStatus newStatus occurredAt } }",
+                "query": "subscription($c: ID) { entitlementChanged(customerId: $c) { eventId customerId entitlement kind reason oldStatus newStatus occurredAt } }",
                 "variables": { "c": customer }
             }
         })
@@ -445,6 +447,7 @@ async fn subscriptions_over_graphql_ws(b: Backend) {
     assert_eq!(ev["customerId"], "alice", "alice never sees bob: {m}");
     assert_eq!(ev["newStatus"], "ACTIVE");
     assert_eq!(ev["kind"], "GRANTED");
+    assert_eq!(ev["reason"], "active");
 
     let mut seen = Vec::new();
     for _ in 0..2 {

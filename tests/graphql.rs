@@ -99,7 +99,7 @@ async fn customer_queries_and_grants(b: Backend) {
         "PROMOTIONAL"
     );
     let (_, r) = app
-        .gql(&admin, "mutation { revokeGrant(customerId: \"dev-a\", entitlement: \"maps\") { entitlement(key: \"maps\") { isActive status } events(limit: 1) { kind newStatus } } }", json!({}))
+        .gql(&admin, "mutation { revokeGrant(customerId: \"dev-a\", entitlement: \"maps\") { entitlement(key: \"maps\") { isActive status } events(limit: 1) { kind newStatus reason } } }", json!({}))
         .await;
     assert_eq!(
         r["data"]["revokeGrant"]["entitlement"]["isActive"], false,
@@ -108,7 +108,7 @@ async fn customer_queries_and_grants(b: Backend) {
     assert_eq!(r["data"]["revokeGrant"]["entitlement"]["status"], "REVOKED");
     assert_eq!(
         r["data"]["revokeGrant"]["events"][0],
-        json!({ "kind": "REVOKED", "newStatus": "REVOKED" })
+        json!({ "kind": "REVOKED", "newStatus": "EXPIRED", "reason": "revoked" })
     );
     // The trial is untouched by the revoke.
     let (_, r) = app

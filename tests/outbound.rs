@@ -182,6 +182,7 @@ async fn trial_grant_is_posted_once_and_signed(b: Backend) {
     assert_eq!(data["kind"], "granted");
     assert_eq!(data["oldStatus"], Value::Null);
     assert_eq!(data["newStatus"], "ACTIVE");
+    assert_eq!(data["reason"], "active");
     assert_eq!(body["timestamp"], data["occurredAt"]);
     assert_eq!(header(r, "webhook-id"), data["eventId"].as_str().unwrap());
 

@@ -10,6 +10,8 @@ pub struct Model {
     pub kind: String,
     pub old_status: Option<String>,
     pub new_status: String,
+    /// The store status behind the change (`refunded`, `billing_retry`, ...).
+    pub reason: Option<String>,
     pub purchase_id: Option<i64>,
     pub occurred_at: DateTimeUtc,
     /// When the Redis relay took the row.

@@ -391,6 +391,7 @@ pub async fn record_dated_changes(
             kind: Set(ch.kind.as_str().to_string()),
             old_status: Set(ch.old_status.map(str::to_string)),
             new_status: Set(ch.new_status.to_string()),
+            reason: Set(Some(ch.reason.to_string())),
             purchase_id: Set(ch.purchase_id),
             occurred_at: Set(*at),
             published_at: Set(None),

@@ -33,6 +33,10 @@ pub struct ProductDef {
     /// Stripe price id (`price_…`).
     #[serde(default)]
     pub stripe_price_id: Option<String>,
+    /// Stripe Payment Link id (`plink_…`): a completed Checkout Session
+    /// from this link is this product, with or without a Stripe API key.
+    #[serde(default)]
+    pub stripe_payment_link: Option<String>,
     /// App Store product id.
     #[serde(default)]
     pub app_store_product_id: Option<String>,
@@ -98,6 +102,9 @@ impl Catalog {
             }
             for (store, sid) in [
                 (Store::Stripe, &p.stripe_price_id),
+                // A purchase made through a link whose price the catalog does
+                // not name is stored under the link id.
+                (Store::Stripe, &p.stripe_payment_link),
                 (Store::AppStore, &p.app_store_product_id),
                 (Store::PlayStore, &p.play_store_product_id),
             ] {
@@ -131,6 +138,18 @@ impl Catalog {
 
     pub fn product(&self, id: &str) -> Option<&ProductDef> {
         self.products.iter().find(|p| p.id == id)
+    }
+
+    pub fn product_by_stripe_price(&self, price: &str) -> Option<&ProductDef> {
+        self.products
+            .iter()
+            .find(|p| p.stripe_price_id.as_deref() == Some(price))
+    }
+
+    pub fn product_by_payment_link(&self, link: &str) -> Option<&ProductDef> {
+        self.products
+            .iter()
+            .find(|p| p.stripe_payment_link.as_deref() == Some(link))
     }
 
     /// Entitlement keys a purchase unlocks. Trials and promotional grants name

@@ -1,6 +1,9 @@
 use chrono::{DateTime, Utc};
 
-use super::{Catalog, Environment, EventKind, PaidStatus, PeriodType, PurchaseStatus, Store};
+use super::{
+    Catalog, Environment, EventKind, PaidStatus, PeriodType, PurchaseStatus, STATUS_ACTIVE,
+    STATUS_EXPIRED, Store,
+};
 
 /// What the engine needs to know of one purchase, whatever its store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,14 +121,20 @@ pub struct EntitlementState {
 }
 
 impl EntitlementState {
-    /// Status name for the change log and the event stream. Every state that
-    /// grants access reads `ACTIVE`, so a consumer can gate on that alone.
+    /// Access level for the change log and the event stream: `ACTIVE`
+    /// whenever the entitlement is on, `EXPIRED` whenever it is off, so a
+    /// consumer can gate on that alone; `None` when nothing ever granted it.
     pub fn event_status(&self) -> Option<&'static str> {
         match self.status {
             None => None,
-            Some(_) if self.is_active => Some("ACTIVE"),
-            Some(s) => Some(s.event_name()),
+            Some(_) if self.is_active => Some(STATUS_ACTIVE),
+            Some(_) => Some(STATUS_EXPIRED),
         }
+    }
+
+    /// The store status behind the access level (`refunded`, `billing_retry`, ...).
+    pub fn reason(&self) -> Option<&'static str> {
+        self.status.map(PurchaseStatus::reason)
     }
 }
 
@@ -262,8 +271,12 @@ pub fn compute(
 pub struct Change {
     pub entitlement: String,
     pub kind: EventKind,
+    /// `ACTIVE` or `EXPIRED`; `None` when the entitlement was never held.
     pub old_status: Option<&'static str>,
+    /// `ACTIVE` or `EXPIRED`, whatever the cause.
     pub new_status: &'static str,
+    /// The cause: the store status behind `new_status`, or how the source went.
+    pub reason: &'static str,
     pub purchase_id: Option<i64>,
 }
 
@@ -274,22 +287,25 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
     for new in &after.entitlements {
         let old = before.entitlement(&new.key);
         let old_status = old.and_then(EntitlementState::event_status);
-        let (kind, new_status) = match (old.filter(|o| o.status.is_some()), new.event_status()) {
-            (None, None) => continue,
-            (None, Some(s)) => (Some(EventKind::Granted), s),
-            // Its only source went away (e.g. transferred to another customer).
-            (Some(_), None) => (
-                Some(EventKind::Revoked),
-                PurchaseStatus::Revoked.event_name(),
-            ),
-            (Some(old), Some(s)) => (classify(old, new), s),
-        };
+        let (kind, new_status, reason) =
+            match (old.filter(|o| o.status.is_some()), new.event_status()) {
+                (None, None) => continue,
+                (None, Some(s)) => (Some(EventKind::Granted), s, new.reason()),
+                // Its only source went away (e.g. transferred to another customer).
+                (Some(_), None) => (
+                    Some(EventKind::Revoked),
+                    STATUS_EXPIRED,
+                    Some(PurchaseStatus::Revoked.reason()),
+                ),
+                (Some(old), Some(s)) => (classify(old, new), s, new.reason()),
+            };
         if let Some(kind) = kind {
             out.push(Change {
                 entitlement: new.key.clone(),
                 kind,
                 old_status,
                 new_status,
+                reason: reason.unwrap_or(PurchaseStatus::Revoked.reason()),
                 purchase_id: new.purchase_id,
             });
         }
@@ -313,7 +329,7 @@ fn classify(old: &EntitlementState, new: &EntitlementState) -> Option<EventKind>
             EventKind::Granted
         }),
         (true, false) => Some(lost(new.status)),
-        (false, false) => (old.event_status() != new.event_status()).then(|| lost(new.status)),
+        (false, false) => (old.status != new.status).then(|| lost(new.status)),
         (true, true) => {
             if old.purchase_id != new.purchase_id {
                 if old.store != new.store {
@@ -373,7 +389,7 @@ pub fn lapses(
         let Some(new_status) = e.event_status() else {
             continue;
         };
-        if last_logged(&e.key).as_deref() != Some("ACTIVE") {
+        if last_logged(&e.key).as_deref() != Some(STATUS_ACTIVE) {
             continue;
         }
         let at = facts
@@ -389,8 +405,9 @@ pub fn lapses(
             Change {
                 entitlement: e.key.clone(),
                 kind,
-                old_status: Some("ACTIVE"),
+                old_status: Some(STATUS_ACTIVE),
                 new_status,
+                reason: e.reason().unwrap_or(PurchaseStatus::Expired.reason()),
                 purchase_id: e.purchase_id,
             },
             at,
@@ -429,6 +446,7 @@ mod tests {
                     kind: ProductKind::Subscription,
                     display_name: None,
                     stripe_price_id: Some("price_m".into()),
+                    stripe_payment_link: None,
                     app_store_product_id: Some("com.x.pro.monthly".into()),
                     play_store_product_id: Some("pro_sub".into()),
                 },
@@ -438,6 +456,7 @@ mod tests {
                     kind: ProductKind::Lifetime,
                     display_name: None,
                     stripe_price_id: Some("price_life".into()),
+                    stripe_payment_link: None,
                     app_store_product_id: None,
                     play_store_product_id: None,
                 },
@@ -725,7 +744,7 @@ mod tests {
         before: &[PurchaseFacts],
         after: &[PurchaseFacts],
         now: DateTime<Utc>,
-    ) -> Vec<(EventKind, Option<&'static str>, &'static str)> {
+    ) -> Vec<(EventKind, Option<&'static str>, &'static str, &'static str)> {
         let c = catalog();
         diff(
             &compute(&c, before, now, true),
@@ -733,7 +752,7 @@ mod tests {
         )
         .into_iter()
         .filter(|ch| ch.entitlement == "pro")
-        .map(|ch| (ch.kind, ch.old_status, ch.new_status))
+        .map(|ch| (ch.kind, ch.old_status, ch.new_status, ch.reason))
         .collect()
     }
 
@@ -743,7 +762,7 @@ mod tests {
         let active = sub(1, PurchaseStatus::Active);
         assert_eq!(
             kinds(&[], std::slice::from_ref(&active), now),
-            vec![(EventKind::Granted, None, "ACTIVE")]
+            vec![(EventKind::Granted, None, "ACTIVE", "active")]
         );
         assert_eq!(
             kinds(
@@ -760,7 +779,7 @@ mod tests {
         };
         assert_eq!(
             kinds(std::slice::from_ref(&active), &[renewed], now),
-            vec![(EventKind::Renewed, Some("ACTIVE"), "ACTIVE")]
+            vec![(EventKind::Renewed, Some("ACTIVE"), "ACTIVE", "active")]
         );
         let canceled = PurchaseFacts {
             auto_renew: false,
@@ -772,11 +791,11 @@ mod tests {
                 std::slice::from_ref(&canceled),
                 now
             ),
-            vec![(EventKind::Canceled, Some("ACTIVE"), "ACTIVE")]
+            vec![(EventKind::Canceled, Some("ACTIVE"), "ACTIVE", "canceled")]
         );
         assert_eq!(
             kinds(&[canceled], std::slice::from_ref(&active), now),
-            vec![(EventKind::Uncanceled, Some("ACTIVE"), "ACTIVE")]
+            vec![(EventKind::Uncanceled, Some("ACTIVE"), "ACTIVE", "active")]
         );
         let grace = PurchaseFacts {
             grace_expires_at: Some(t0() + Duration::days(40)),
@@ -784,7 +803,12 @@ mod tests {
         };
         assert_eq!(
             kinds(std::slice::from_ref(&active), &[grace], now),
-            vec![(EventKind::BillingIssue, Some("ACTIVE"), "ACTIVE")]
+            vec![(
+                EventKind::BillingIssue,
+                Some("ACTIVE"),
+                "ACTIVE",
+                "grace_period"
+            )]
         );
         let retry = sub(1, PurchaseStatus::InBillingRetry);
         assert_eq!(
@@ -793,11 +817,16 @@ mod tests {
                 std::slice::from_ref(&retry),
                 now
             ),
-            vec![(EventKind::BillingIssue, Some("ACTIVE"), "IN_BILLING_RETRY")]
+            vec![(
+                EventKind::BillingIssue,
+                Some("ACTIVE"),
+                "EXPIRED",
+                "billing_retry"
+            )]
         );
         assert_eq!(
             kinds(&[retry], std::slice::from_ref(&active), now),
-            vec![(EventKind::Renewed, Some("IN_BILLING_RETRY"), "ACTIVE")]
+            vec![(EventKind::Renewed, Some("EXPIRED"), "ACTIVE", "active")]
         );
         let refunded = PurchaseFacts {
             revoked_at: Some(now),
@@ -809,7 +838,7 @@ mod tests {
                 std::slice::from_ref(&refunded),
                 now
             ),
-            vec![(EventKind::Refunded, Some("ACTIVE"), "REFUNDED")]
+            vec![(EventKind::Refunded, Some("ACTIVE"), "EXPIRED", "refunded")]
         );
         let expired = sub(1, PurchaseStatus::Expired);
         assert_eq!(
@@ -818,12 +847,12 @@ mod tests {
                 std::slice::from_ref(&expired),
                 now
             ),
-            vec![(EventKind::Expired, Some("ACTIVE"), "EXPIRED")]
+            vec![(EventKind::Expired, Some("ACTIVE"), "EXPIRED", "expired")]
         );
         // Already lapsed, then refunded: still a change of state.
         assert_eq!(
             kinds(&[expired], &[refunded], now),
-            vec![(EventKind::Refunded, Some("EXPIRED"), "REFUNDED")]
+            vec![(EventKind::Refunded, Some("EXPIRED"), "EXPIRED", "refunded")]
         );
         let other = PurchaseFacts {
             store: Store::Stripe,
@@ -832,11 +861,11 @@ mod tests {
         };
         assert_eq!(
             kinds(std::slice::from_ref(&active), &[other], now),
-            vec![(EventKind::Granted, Some("ACTIVE"), "ACTIVE")]
+            vec![(EventKind::Granted, Some("ACTIVE"), "ACTIVE", "active")]
         );
         assert_eq!(
             kinds(&[active], &[], now),
-            vec![(EventKind::Revoked, Some("ACTIVE"), "REVOKED")]
+            vec![(EventKind::Revoked, Some("ACTIVE"), "EXPIRED", "revoked")]
         );
     }
 
@@ -869,6 +898,7 @@ mod tests {
             (ch.kind, ch.old_status, ch.new_status),
             (EventKind::Expired, Some("ACTIVE"), "EXPIRED")
         );
+        assert_eq!(ch.reason, "expired");
         assert_eq!(ch.entitlement, "pro");
         assert_eq!(*at, end);
         // Already logged as expired, or never logged: nothing more.
@@ -914,8 +944,13 @@ mod tests {
         );
         assert_eq!(rows.len(), 1);
         assert_eq!(
-            (rows[0].0.kind, rows[0].0.new_status, rows[0].1),
-            (EventKind::Refunded, "REFUNDED", cut)
+            (
+                rows[0].0.kind,
+                rows[0].0.new_status,
+                rows[0].0.reason,
+                rows[0].1
+            ),
+            (EventKind::Refunded, "EXPIRED", "refunded", cut)
         );
     }
 }

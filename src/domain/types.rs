@@ -102,6 +102,31 @@ impl PurchaseStatus {
     }
 }
 
+impl PurchaseStatus {
+    /// The cause a change-log row gives beside its access-level status.
+    pub fn reason(self) -> &'static str {
+        match self {
+            PurchaseStatus::Active => "active",
+            PurchaseStatus::Trialing => "trialing",
+            PurchaseStatus::Canceled => "canceled",
+            PurchaseStatus::InGracePeriod => "grace_period",
+            PurchaseStatus::InBillingRetry => "billing_retry",
+            PurchaseStatus::OnHold => "on_hold",
+            PurchaseStatus::Paused => "paused",
+            PurchaseStatus::Expired => "expired",
+            PurchaseStatus::Refunded => "refunded",
+            PurchaseStatus::Revoked => "revoked",
+            PurchaseStatus::Pending => "pending",
+        }
+    }
+}
+
+/// Access-level statuses of the change log and every event sink: a consumer
+/// that enables on `ACTIVE` and disables on `EXPIRED` is right for every
+/// change; the cause is in the row's `reason`.
+pub const STATUS_ACTIVE: &str = "ACTIVE";
+pub const STATUS_EXPIRED: &str = "EXPIRED";
+
 string_enum!(PeriodType {
     Normal => "normal",
     Trial => "trial",

@@ -11,8 +11,9 @@ pub mod feed;
 pub mod outbound;
 pub mod relay;
 
-/// The published form of one change-log row (DESIGN §5). Statuses are upper
-/// case (`ACTIVE`, `EXPIRED`, ...); `oldStatus` is null for a first grant.
+/// The published form of one change-log row (DESIGN §5). Statuses are the
+/// access level, `ACTIVE` or `EXPIRED`; `oldStatus` is null for a first
+/// grant; `reason` is the store status behind the change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EntitlementEvent {
@@ -20,6 +21,7 @@ pub struct EntitlementEvent {
     pub user_id: String,
     pub entitlement: String,
     pub kind: String,
+    pub reason: Option<String>,
     pub old_status: Option<String>,
     pub new_status: String,
     #[serde(serialize_with = "rfc3339_millis")]
@@ -40,6 +42,7 @@ impl From<&entitlement_events::Model> for EntitlementEvent {
             user_id: m.customer_id.clone(),
             entitlement: m.entitlement.clone(),
             kind: m.kind.clone(),
+            reason: m.reason.clone(),
             old_status: m.old_status.clone(),
             new_status: m.new_status.clone(),
             occurred_at: m.occurred_at,
@@ -66,6 +69,7 @@ mod tests {
             user_id: "garmin-abc".into(),
             entitlement: "pro".into(),
             kind: "expired".into(),
+            reason: Some("expired".into()),
             old_status: Some("ACTIVE".into()),
             new_status: "EXPIRED".into(),
             occurred_at: Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap(),
@@ -76,7 +80,7 @@ mod tests {
             v,
             serde_json::json!({
                 "eventId": "42", "userId": "garmin-abc", "entitlement": "pro",
-                "kind": "expired", "oldStatus": "ACTIVE", "newStatus": "EXPIRED",
+                "kind": "expired", "reason": "expired", "oldStatus": "ACTIVE", "newStatus": "EXPIRED",
                 "occurredAt": "2026-11-22T10:00:00.000Z"
             })
         );

@@ -438,6 +438,7 @@ mod tests {
             user_id: "watch-1".into(),
             entitlement: "pro".into(),
             kind: "granted".into(),
+            reason: Some("active".into()),
             old_status: None,
             new_status: "ACTIVE".into(),
             occurred_at: Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap(),

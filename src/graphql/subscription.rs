@@ -33,11 +33,17 @@ impl EntitlementChange {
     async fn kind(&self) -> async_graphql::Result<super::types::EventKind> {
         super::types::event_kind(&self.0.kind)
     }
+    /// Access level before the change, `ACTIVE` or `EXPIRED`; null if never held.
     async fn old_status(&self) -> Option<&str> {
         self.0.old_status.as_deref()
     }
+    /// Access level after the change, `ACTIVE` or `EXPIRED`, whatever the cause.
     async fn new_status(&self) -> &str {
         &self.0.new_status
+    }
+    /// The store status behind the change (`refunded`, `billing_retry`, ...).
+    async fn reason(&self) -> Option<&str> {
+        self.0.reason.as_deref()
     }
     async fn occurred_at(&self) -> DateTime<Utc> {
         self.0.occurred_at

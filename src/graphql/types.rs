@@ -444,12 +444,19 @@ impl EntitlementEvent {
     async fn kind(&self) -> async_graphql::Result<EventKind> {
         event_kind(&self.0.kind)
     }
-    /// Upper-case status before the change (`ACTIVE`, `EXPIRED`, …); null if never held.
+    /// Access level before the change, `ACTIVE` or `EXPIRED`; null if never held.
     async fn old_status(&self) -> Option<&str> {
         self.0.old_status.as_deref()
     }
+    /// Access level after the change: `ACTIVE` when the entitlement is on,
+    /// `EXPIRED` when it is off, whatever the cause.
     async fn new_status(&self) -> &str {
         &self.0.new_status
+    }
+    /// The cause: the store status behind the change (`refunded`,
+    /// `billing_retry`, `grace_period`, `canceled`, ...).
+    async fn reason(&self) -> Option<&str> {
+        self.0.reason.as_deref()
     }
     async fn purchase_id(&self) -> Option<ID> {
         self.0.purchase_id.map(|id| ID(id.to_string()))

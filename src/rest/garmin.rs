@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use axum::{
     Extension, Json,
     extract::{ConnectInfo, Query, State},
-    http::HeaderMap,
+    http::{HeaderMap, header},
 };
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +53,12 @@ pub async fn user(
         query
             .id
             .ok_or_else(|| AppError::bad_input("device id missing: send {\"id\": \"…\"} or ?id="))?
+    } else if is_form(&headers) {
+        // Connect IQ's makeWebRequest form-encodes bodies unless told otherwise.
+        url::form_urlencoded::parse(&body)
+            .find(|(k, _)| k == "id")
+            .map(|(_, v)| v.into_owned())
+            .ok_or_else(|| AppError::bad_input("device id missing: send id=<device id>"))?
     } else {
         serde_json::from_slice::<IdBody>(&body)
             .map_err(|_| {
@@ -102,6 +108,17 @@ pub async fn user(
             .trial_ends_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
     }))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| {
+            m.trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        })
 }
 
 /// The payment link with `client_reference_id`, so Stripe's checkout event

@@ -12,7 +12,6 @@ use crate::{
     app::AppState,
     domain::{EntitlementState, ExternalId},
     error::{AppError, AppResult},
-    policy::{Action, authorize},
 };
 
 #[derive(Serialize)]
@@ -57,7 +56,11 @@ pub async fn check(
     Caller(principal): Caller,
     Path(customer_id): Path<String>,
 ) -> AppResult<Json<CheckResponse>> {
-    authorize(&principal, Action::SubscriptionCheck, Some(&customer_id))?;
+    crate::policy::authorize_check(
+        &principal,
+        &customer_id,
+        state.config.http.check_requires_key,
+    )?;
     let id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
     let (_, snap) = state

@@ -166,8 +166,12 @@ impl Core {
             let mut changes = diff(&b, &after);
             if Some(&c) == previous_owner.as_ref() && c != owner {
                 // What the previous owner lost, it lost to the transfer.
-                for ch in changes.iter_mut().filter(|ch| ch.new_status != "ACTIVE") {
+                for ch in changes
+                    .iter_mut()
+                    .filter(|ch| ch.new_status != crate::domain::STATUS_ACTIVE)
+                {
                     ch.kind = EventKind::Transferred;
+                    ch.reason = EventKind::Transferred.as_str();
                 }
             }
             db::record_changes(&**txn, &c, &changes, now).await?;
@@ -401,6 +405,7 @@ mod tests {
             kind: ProductKind::Subscription,
             display_name: None,
             stripe_price_id: None,
+            stripe_payment_link: None,
             app_store_product_id: Some("pro.m".into()),
             play_store_product_id: Some("pro_sub".into()),
         }];

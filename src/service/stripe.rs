@@ -11,8 +11,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use entities::{customers, purchases, webhook_events};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait,
-    IntoActiveModel, QueryFilter, sea_query::Expr,
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryFilter,
+    sea_query::{Expr, ExprTrait},
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -38,7 +40,14 @@ enum Plan {
     Apply {
         state: Box<StripeState>,
         customer: Option<String>,
+        /// A paid renewal invoice of this subscription: one more renewal.
+        renewal_of: Option<String>,
     },
+    /// A paid renewal invoice, learnt without the API: count it on the
+    /// subscription we hold; the subscription events carry the state.
+    CountRenewal { subscription: String },
+    /// A chargeback opened or closed on a charge of ours.
+    Dispute(Box<DisputeFacts>),
     /// Remember which Stripe customer `customer` is; nothing to apply.
     Bind {
         customer: String,
@@ -51,6 +60,23 @@ enum Plan {
     /// Recorded and acknowledged with this outcome; no state change.
     Record(&'static str),
 }
+
+/// What a dispute event says and how to find the purchase it disputes.
+struct DisputeFacts {
+    dispute: Value,
+    /// `won`, `lost`, or an open status (`needs_response`, ...).
+    status: String,
+    /// The event kind was `charge.dispute.closed`.
+    closed: bool,
+    at: DateTime<Utc>,
+    payment_intent: Option<String>,
+    invoice: Option<String>,
+    subscription: Option<String>,
+}
+
+/// Outcomes that acknowledge a paid event we could not attribute: kept with
+/// the verified payload for a replay, and logged.
+const UNATTRIBUTED: &[&str] = &["unmatched", "unmatched_refund", "unmatched_dispute"];
 
 /// The outcome of one delivery, for logs and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +135,8 @@ impl Core {
             Plan::Bind { .. } => "bound",
             Plan::Apply { .. } => "applied",
             Plan::Refund { .. } => "refunded",
+            Plan::CountRenewal { .. } => "renewal_counted",
+            Plan::Dispute(_) => "disputed",
         };
         if !self
             .claim_webhook(&txn, Store::Stripe, &ev.id, &ev.payload, expected, now)
@@ -126,9 +154,26 @@ impl Core {
                 remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
                 "bound"
             }
-            Plan::Apply { state, customer } => {
-                self.apply_stripe_state(&txn, *state, customer, now).await?
+            Plan::Apply {
+                state,
+                customer,
+                renewal_of,
+            } => {
+                let o = self.apply_stripe_state(&txn, *state, customer, now).await?;
+                match renewal_of {
+                    Some(sub) if count_renewal(&txn, &sub).await? => o,
+                    Some(_) => "unmatched",
+                    None => o,
+                }
             }
+            Plan::CountRenewal { subscription } => {
+                if count_renewal(&txn, &subscription).await? {
+                    "renewal_counted"
+                } else {
+                    "unmatched"
+                }
+            }
+            Plan::Dispute(d) => self.apply_dispute(&txn, p, &d, now).await?,
             Plan::Refund {
                 charge,
                 refunded_at,
@@ -141,7 +186,16 @@ impl Core {
             set_outcome(&txn, &ev.id, outcome).await?;
         }
         txn.commit().await?;
-        tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome, "stripe event");
+        if UNATTRIBUTED.contains(&outcome) {
+            tracing::warn!(
+                event = %ev.id,
+                kind = %ev.kind,
+                outcome,
+                "Stripe event names no purchase, product or customer we know; recorded for replay"
+            );
+        } else {
+            tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome, "stripe event");
+        }
         Ok(WebhookOutcome::Processed(outcome))
     }
 
@@ -163,7 +217,7 @@ impl Core {
                     session
                         .client_reference_id
                         .clone()
-                        .or_else(|| provider::map::metadata_customer(session.metadata.as_ref())),
+                        .or_else(|| p.metadata_customer(session.metadata.as_ref())),
                     "client_reference_id",
                 )?;
                 if matches!(session.payment_status, CheckoutSessionPaymentStatus::Unpaid) {
@@ -182,6 +236,7 @@ impl Core {
                             Some(state) => Ok(Plan::Apply {
                                 state: Box::new(state),
                                 customer,
+                                renewal_of: None,
                             }),
                             // Without the API the subscription events carry the
                             // state; this event tells whose it is.
@@ -197,23 +252,14 @@ impl Core {
                     CheckoutSessionMode::Payment => {
                         let price = match p.api() {
                             Some(api) => api.session_price(session.id.as_str()).await?,
-                            None => session
-                                .metadata
-                                .as_ref()
-                                .and_then(|m| m.get("product_id"))
-                                .and_then(|id| self.catalog.product(id))
-                                .and_then(|pr| pr.stripe_price_id.clone()),
+                            None => None,
                         };
-                        let Some(price) = price else {
-                            return Ok(Plan::Record("unknown_product"));
+                        let Some((kind, product_key)) =
+                            self.stripe_session_product(&session, price.as_deref(), p)
+                        else {
+                            return Ok(Plan::Record("unmatched"));
                         };
-                        let kind = self
-                            .catalog
-                            .products()
-                            .iter()
-                            .find(|pr| pr.stripe_price_id.as_deref() == Some(price.as_str()))
-                            .map(|pr| pr.kind);
-                        if kind == Some(ProductKind::Subscription) {
+                        if kind == ProductKind::Subscription {
                             return Ok(Plan::Record("not_lifetime"));
                         }
                         let customer = match customer {
@@ -229,11 +275,12 @@ impl Core {
                         Ok(Plan::Apply {
                             state: Box::new(p.lifetime_state(
                                 &session,
-                                &price,
+                                &product_key,
                                 customer.clone(),
                                 ev.created,
                             )),
                             customer: Some(customer),
+                            renewal_of: None,
                         })
                     }
                     _ => Ok(Plan::Record("ignored")),
@@ -246,10 +293,7 @@ impl Core {
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => {
                 let sub = provider::parse_subscription(&ev.object)?;
-                let customer = checked_customer(
-                    provider::map::metadata_customer(Some(&sub.metadata)),
-                    "metadata.customer_id",
-                )?;
+                let customer = p.metadata_customer(Some(&sub.metadata));
                 match p
                     .subscription_state(sub.id.as_str(), Some((&sub, ev.created)), now)
                     .await?
@@ -257,6 +301,7 @@ impl Core {
                     Some(state) => Ok(Plan::Apply {
                         state: Box::new(state),
                         customer,
+                        renewal_of: None,
                     }),
                     None => Ok(Plan::Record("unknown_status")),
                 }
@@ -265,17 +310,78 @@ impl Core {
                 let Some(sub_id) = provider::invoice_subscription(&ev.object) else {
                     return Ok(Plan::Record("not_subscription"));
                 };
+                // A renewal is a paid invoice of a new billing cycle; the
+                // first invoice is the purchase itself.
+                let renewal = ev.kind == "invoice.paid"
+                    && ev.object.get("billing_reason").and_then(Value::as_str)
+                        == Some("subscription_cycle");
                 if p.api().is_none() {
                     // The subscription events that follow carry the state.
-                    return Ok(Plan::Record("hint_without_api"));
+                    return Ok(if renewal {
+                        Plan::CountRenewal {
+                            subscription: sub_id,
+                        }
+                    } else {
+                        Plan::Record("hint_without_api")
+                    });
                 }
                 match p.subscription_state(&sub_id, None, now).await? {
                     Some(state) => Ok(Plan::Apply {
-                        customer: None,
+                        customer: p.json_metadata_customer(&ev.object),
                         state: Box::new(state),
+                        renewal_of: renewal.then_some(sub_id),
                     }),
                     None => Ok(Plan::Record("unknown_status")),
                 }
+            }
+            "charge.dispute.created" | "charge.dispute.closed" => {
+                let closed = ev.kind == "charge.dispute.closed";
+                let mut dispute = ev.object.clone();
+                let id = dispute
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| AppError::bad_input("malformed Stripe dispute"))?;
+                let at = if closed {
+                    ev.created
+                } else {
+                    dispute
+                        .get("created")
+                        .and_then(Value::as_i64)
+                        .map(provider::map::ts)
+                        .unwrap_or(ev.created)
+                };
+                let mut invoice = None;
+                let mut subscription = None;
+                if let Some(api) = p.api() {
+                    // The event is a hint: Stripe's current word on the
+                    // dispute decides, and names what it disputes.
+                    let current = api.dispute(&id).await?;
+                    if current.get("status").and_then(Value::as_str).is_some() {
+                        dispute = current;
+                    }
+                    if let Some(pi) = provider::id_of(dispute.get("payment_intent"))
+                        && !self.has_purchase_with(&pi).await?
+                        && let Some(inv) = api.invoice_of_payment_intent(&pi).await?
+                    {
+                        subscription = provider::invoice_subscription(&api.invoice(&inv).await?);
+                        invoice = Some(inv);
+                    }
+                }
+                let status = dispute
+                    .get("status")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                Ok(Plan::Dispute(Box::new(DisputeFacts {
+                    payment_intent: provider::id_of(dispute.get("payment_intent")),
+                    status,
+                    closed,
+                    at,
+                    invoice,
+                    subscription,
+                    dispute,
+                })))
             }
             "charge.refunded" => {
                 if ev.object.get("refunded").and_then(Value::as_bool) != Some(true) {
@@ -346,9 +452,11 @@ impl Core {
             .filter(purchases::Column::StorePurchaseId.eq(state.state().store_purchase_id.as_str()))
             .one(&**txn)
             .await?;
-        // A refund stands until Stripe reports a period paid after it.
+        // A refund or a chargeback stands until Stripe reports a period
+        // paid after it.
         if let Some(e) = &existing
-            && e.status == PurchaseStatus::Refunded.as_str()
+            && (e.status == PurchaseStatus::Refunded.as_str()
+                || e.status == PurchaseStatus::Revoked.as_str())
             && state.state().expires_at <= e.expires_at
         {
             return Ok("refund_stands");
@@ -429,6 +537,100 @@ impl Core {
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         Ok("refunded")
+    }
+
+    /// A chargeback: opened, access goes; won, it comes back as it was;
+    /// lost, it stays gone. Each change writes its change-log row.
+    async fn apply_dispute(
+        &self,
+        txn: &WriteTxn,
+        p: &StripeProvider,
+        d: &DisputeFacts,
+        now: DateTime<Utc>,
+    ) -> AppResult<&'static str> {
+        let mut found = None;
+        for (key, value) in [
+            ("payment_intent", &d.payment_intent),
+            ("latest_invoice", &d.invoice),
+        ] {
+            if let Some(v) = value {
+                found = find_by_raw(&**txn, key, v).await?;
+                if found.is_some() {
+                    break;
+                }
+            }
+        }
+        if found.is_none()
+            && let Some(sub) = &d.subscription
+        {
+            found = purchases::Entity::find()
+                .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
+                .filter(purchases::Column::StorePurchaseId.eq(sub.as_str()))
+                .one(&**txn)
+                .await?;
+        }
+        let Some(purchase) = found else {
+            return Ok("unmatched_dispute");
+        };
+        if purchase.status == PurchaseStatus::Refunded.as_str() {
+            return Ok("already_refunded");
+        }
+        let revoked_by_dispute = purchase.status == PurchaseStatus::Revoked.as_str()
+            && purchase
+                .raw
+                .as_ref()
+                .and_then(|r| r.pointer("/dispute/status"))
+                .is_some();
+        // `warning_closed`: an inquiry that closed without a chargeback.
+        let won = d.closed && matches!(d.status.as_str(), "won" | "warning_closed");
+        let (vp, outcome) = if won {
+            if !revoked_by_dispute {
+                return Ok("dispute_won");
+            }
+            (p.dispute_won(&purchase, d.at, &d.dispute), "dispute_won")
+        } else {
+            let outcome = if d.closed { "dispute_lost" } else { "disputed" };
+            (p.disputed(&purchase, d.at, &d.dispute), outcome)
+        };
+        let Some(vp) = vp else {
+            return Ok("unmatched_dispute");
+        };
+        self.apply_purchase_in(txn, &vp, Submitter::Store, now)
+            .await?;
+        Ok(outcome)
+    }
+
+    /// Which catalog product a paid one-time session is, and the id its
+    /// purchase is stored under (one the catalog maps): the price Stripe
+    /// charged, else (without the API) the product our own checkout named,
+    /// else the Payment Link the session came from.
+    fn stripe_session_product(
+        &self,
+        session: &stripe_shared::CheckoutSession,
+        price: Option<&str>,
+        p: &StripeProvider,
+    ) -> Option<(ProductKind, String)> {
+        if let Some(pr) = price
+            && let Some(def) = self.catalog.product_by_stripe_price(pr)
+        {
+            return Some((def.kind, pr.to_string()));
+        }
+        if p.api().is_none()
+            && let Some(def) = session
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("product_id"))
+                .and_then(|id| self.catalog.product(id))
+            && let Some(key) = def
+                .stripe_price_id
+                .as_ref()
+                .or(def.stripe_payment_link.as_ref())
+        {
+            return Some((def.kind, key.clone()));
+        }
+        let link = session.payment_link.as_ref().map(|l| l.id().to_string())?;
+        let def = self.catalog.product_by_payment_link(&link)?;
+        Some((def.kind, link))
     }
 
     /// Whether a one-time purchase was paid by this PaymentIntent.
@@ -584,6 +786,30 @@ async fn remember_stripe_customer(
     am.attributes = Set(attrs);
     am.update(&**txn).await?;
     Ok(())
+}
+
+/// Counts one more paid renewal on the subscription we hold; `false` when
+/// we hold none by that id.
+async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<bool> {
+    let Some(p) = purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
+        .filter(purchases::Column::StorePurchaseId.eq(subscription))
+        .one(&**txn)
+        .await?
+    else {
+        return Ok(false);
+    };
+    // Locking the owner drops its cached reads once this commits.
+    db::lock_customer(txn, &p.customer_id).await?;
+    purchases::Entity::update_many()
+        .col_expr(
+            purchases::Column::RenewalCount,
+            Expr::col(purchases::Column::RenewalCount).add(1),
+        )
+        .filter(purchases::Column::Id.eq(p.id))
+        .exec(&**txn)
+        .await?;
+    Ok(true)
 }
 
 async fn set_outcome(txn: &WriteTxn, event_id: &str, outcome: &str) -> AppResult<()> {

@@ -75,6 +75,7 @@ pub fn test_config() -> Config {
             kind: ProductKind::Subscription,
             display_name: Some("Pro monthly".into()),
             stripe_price_id: Some("price_pro_monthly".into()),
+            stripe_payment_link: None,
             app_store_product_id: Some("com.example.pro.monthly".into()),
             play_store_product_id: Some("pro_sub".into()),
         },
@@ -84,6 +85,7 @@ pub fn test_config() -> Config {
             kind: ProductKind::Lifetime,
             display_name: None,
             stripe_price_id: Some("price_pro_lifetime".into()),
+            stripe_payment_link: None,
             app_store_product_id: Some("com.example.pro.lifetime".into()),
             play_store_product_id: Some("pro_lifetime".into()),
         },
@@ -99,6 +101,7 @@ pub fn test_config() -> Config {
         payment_link: Some("https://buy.stripe.com/test_123".into()),
         grace_period_days: None,
         api_timeout_secs: None,
+        customer_metadata_keys: vec!["customer_id".into(), "user_id".into()],
     });
     c
 }

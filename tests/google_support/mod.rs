@@ -302,6 +302,7 @@ pub fn with_google(c: &mut Config, uri: &str) {
         kind: ProductKind::Lifetime,
         display_name: None,
         stripe_price_id: None,
+        stripe_payment_link: None,
         app_store_product_id: None,
         play_store_product_id: Some("maps_forever".into()),
     });

@@ -144,6 +144,33 @@ impl StripeApi {
         Ok((events, list.has_more))
     }
 
+    /// `GET /v1/{kind}/{id}` as JSON, for objects only a few fields of which
+    /// are read (disputes, invoices).
+    async fn object(
+        &self,
+        kind: &'static str,
+        id: &str,
+        what: &'static str,
+    ) -> AppResult<serde_json::Value> {
+        let v = RequestBuilder::new(StripeMethod::Get, format!("/{kind}/{}", path_part(id)?))
+            .customize::<miniserde::json::Value>()
+            .timeout(self.timeout)
+            .send(&self.client)
+            .await
+            .map_err(|e| unavailable(what, e))?;
+        serde_json::from_str(&miniserde::json::to_string(&v))
+            .map_err(|_| AppError::Internal(anyhow::anyhow!("Stripe {kind} not understood")))
+    }
+
+    /// The dispute as Stripe holds it now (its status may have moved on).
+    pub async fn dispute(&self, id: &str) -> AppResult<serde_json::Value> {
+        self.object("disputes", id, "retrieve dispute").await
+    }
+
+    pub async fn invoice(&self, id: &str) -> AppResult<serde_json::Value> {
+        self.object("invoices", id, "retrieve invoice").await
+    }
+
     /// The price of a Checkout Session's first line item.
     pub async fn session_price(&self, session_id: &str) -> AppResult<Option<String>> {
         path_part(session_id)?;

@@ -21,12 +21,36 @@ fn environment(livemode: bool) -> Environment {
     }
 }
 
-/// The customer a Stripe object names in its metadata (set by our
-/// `createCheckoutSession`); a value that is not a valid id is ignored.
-pub fn metadata_customer(m: Option<&std::collections::HashMap<String, String>>) -> Option<String> {
-    m.and_then(|m| m.get("customer_id"))
-        .filter(|s| crate::domain::ExternalId::parse(s).is_ok())
+/// The customer a Stripe object names in its metadata under the first of
+/// `keys` it carries (our `createCheckoutSession` sets `customer_id`; other
+/// set-ups use their own key); a value that is not a valid id is ignored.
+pub fn metadata_customer(
+    m: Option<&std::collections::HashMap<String, String>>,
+    keys: &[String],
+) -> Option<String> {
+    let m = m?;
+    keys.iter()
+        .filter_map(|k| m.get(k))
+        .find(|s| crate::domain::ExternalId::parse(s).is_ok())
         .cloned()
+}
+
+/// The same for an object held as JSON (invoices, charges, disputes): its
+/// own metadata, then the subscription metadata an invoice copies.
+pub fn json_metadata_customer(object: &Value, keys: &[String]) -> Option<String> {
+    [
+        "/metadata",
+        "/parent/subscription_details/metadata",
+        "/subscription_details/metadata",
+    ]
+    .iter()
+    .filter_map(|p| object.pointer(p)?.as_object())
+    .find_map(|m| {
+        keys.iter()
+            .filter_map(|k| m.get(k)?.as_str())
+            .find(|s| crate::domain::ExternalId::parse(s).is_ok())
+            .map(str::to_string)
+    })
 }
 
 /// The subscription's state. `observed_at` is when we read it (the API
@@ -119,7 +143,7 @@ pub fn subscription_state(
         revoked_at: None,
         renewal_count: None,
         source_updated_at: observed_at,
-        bound_customer: bound_customer.or_else(|| metadata_customer(Some(&sub.metadata))),
+        bound_customer,
         replaces: None,
         raw: json!({
             "object": "subscription",
@@ -215,6 +239,94 @@ pub fn refunded_state(
             raw
         },
     })
+}
+
+/// The stored purchase with its `raw.dispute` set to `dispute`'s id and
+/// status, remembering the status the purchase had before any dispute.
+fn with_dispute(p: &entities::purchases::Model, dispute: &Value) -> Value {
+    let mut raw = p.raw.clone().unwrap_or_else(|| json!({}));
+    // A purchase a dispute already revoked keeps the status it had before.
+    let previous = raw
+        .pointer("/dispute/previous_status")
+        .filter(|_| p.status == PurchaseStatus::Revoked.as_str())
+        .cloned()
+        .unwrap_or_else(|| json!(p.status));
+    if let Some(o) = raw.as_object_mut() {
+        o.insert(
+            "dispute".into(),
+            json!({
+                "id": dispute.get("id"),
+                "status": dispute.get("status"),
+                "previous_status": previous,
+            }),
+        );
+    }
+    raw
+}
+
+fn stored_state(p: &entities::purchases::Model) -> Option<PurchaseState> {
+    Some(PurchaseState {
+        store: Store::Stripe,
+        store_purchase_id: p.store_purchase_id.clone(),
+        product_id: p.product_id.clone(),
+        environment: p.environment.parse().ok()?,
+        status: p.status.parse().ok()?,
+        period_type: p.period_type.parse().ok()?,
+        purchased_at: p.purchased_at,
+        expires_at: p.expires_at,
+        grace_expires_at: p.grace_expires_at,
+        auto_renew: p.auto_renew,
+        canceled_at: p.canceled_at,
+        revoked_at: p.revoked_at,
+        renewal_count: None,
+        source_updated_at: p.source_updated_at,
+        bound_customer: None,
+        replaces: None,
+        raw: p.raw.clone().unwrap_or_else(|| json!({})),
+    })
+}
+
+/// The stored purchase, revoked at `at` by a chargeback (`dispute`).
+pub fn disputed_state(
+    p: &entities::purchases::Model,
+    at: DateTime<Utc>,
+    dispute: &Value,
+) -> Option<PurchaseState> {
+    let mut s = stored_state(p)?;
+    s.raw = with_dispute(p, dispute);
+    s.status = PurchaseStatus::Revoked;
+    s.revoked_at = Some(p.revoked_at.unwrap_or(at));
+    s.auto_renew = false;
+    s.grace_expires_at = None;
+    s.source_updated_at = p.source_updated_at.max(at);
+    Some(s)
+}
+
+/// The stored purchase as it stood before the dispute that revoked it,
+/// which the merchant won at `at`.
+pub fn dispute_won_state(
+    p: &entities::purchases::Model,
+    at: DateTime<Utc>,
+    dispute: &Value,
+) -> Option<PurchaseState> {
+    let mut s = stored_state(p)?;
+    s.raw = with_dispute(p, dispute);
+    s.status = s
+        .raw
+        .pointer("/dispute/previous_status")
+        .and_then(Value::as_str)
+        .and_then(|st| st.parse().ok())
+        .unwrap_or(PurchaseStatus::Active);
+    s.auto_renew = s.status == PurchaseStatus::Active && s.expires_at.is_some();
+    s.revoked_at = None;
+    // Strictly after the revocation, so it is not taken for older state.
+    let after_revoke = p.revoked_at.map(|r| r + Duration::seconds(1));
+    s.source_updated_at = [Some(p.source_updated_at), Some(at), after_revoke]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(at);
+    Some(s)
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub struct StripeProvider {
     webhook_secrets: Vec<crate::config::Secret>,
     api: Option<StripeApi>,
     grace: Option<Duration>,
+    customer_metadata_keys: Vec<String>,
 }
 
 impl std::fmt::Debug for StripeProvider {
@@ -185,7 +186,21 @@ impl StripeProvider {
                 .grace_period_days
                 .filter(|d| *d > 0)
                 .map(|d| Duration::days(d.into())),
+            customer_metadata_keys: cfg.customer_metadata_keys.clone(),
         })
+    }
+
+    /// Our customer a Stripe object's metadata names, by the configured keys.
+    pub fn metadata_customer(
+        &self,
+        m: Option<&std::collections::HashMap<String, String>>,
+    ) -> Option<String> {
+        map::metadata_customer(m, &self.customer_metadata_keys)
+    }
+
+    /// The same for an invoice, charge or dispute held as JSON.
+    pub fn json_metadata_customer(&self, object: &Value) -> Option<String> {
+        map::json_metadata_customer(object, &self.customer_metadata_keys)
     }
 
     pub fn api(&self) -> Option<&StripeApi> {
@@ -251,12 +266,16 @@ impl StripeProvider {
             (None, Some(e)) => e,
             (None, None) => return Ok(None),
         };
-        Ok(
-            map::subscription_state(sub, self.grace, observed_at, None).map(|state| StripeState {
-                state,
-                stripe_customer: Some(sub.customer.id().to_string()),
-            }),
+        Ok(map::subscription_state(
+            sub,
+            self.grace,
+            observed_at,
+            self.metadata_customer(Some(&sub.metadata)),
         )
+        .map(|state| StripeState {
+            state,
+            stripe_customer: Some(sub.customer.id().to_string()),
+        }))
     }
 
     /// A paid one-time Checkout Session for `price_id`, as a lifetime purchase.
@@ -271,6 +290,26 @@ impl StripeProvider {
             state: map::lifetime_state(session, price_id, customer, observed_at),
             stripe_customer: session.customer.as_ref().map(|c| c.id().to_string()),
         }
+    }
+
+    /// The stored purchase, revoked by a dispute (a verified event's object).
+    pub fn disputed(
+        &self,
+        purchase: &entities::purchases::Model,
+        at: DateTime<Utc>,
+        dispute: &Value,
+    ) -> Option<VerifiedPurchase> {
+        map::disputed_state(purchase, at, dispute).map(VerifiedPurchase::new)
+    }
+
+    /// The stored purchase restored: the merchant won the dispute.
+    pub fn dispute_won(
+        &self,
+        purchase: &entities::purchases::Model,
+        at: DateTime<Utc>,
+        dispute: &Value,
+    ) -> Option<VerifiedPurchase> {
+        map::dispute_won_state(purchase, at, dispute).map(VerifiedPurchase::new)
     }
 
     /// The stored purchase, refunded. `charge` is a verified event's object.

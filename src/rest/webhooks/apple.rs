@@ -18,6 +18,9 @@ pub async fn notify(
         .as_deref()
         .ok_or(AppError::NotConfigured("App Store"))?;
     let outcome = state.core.apple_notification(apple, &body).await?;
+    state
+        .metrics
+        .webhook(crate::domain::Store::AppStore, outcome.as_str());
     Ok(Json(
         json!({ "received": true, "outcome": outcome.as_str() }),
     ))

@@ -19,5 +19,8 @@ pub async fn google(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let outcome = state.core.handle_play_push(authorization, &body).await?;
+    state
+        .metrics
+        .webhook(crate::domain::Store::PlayStore, outcome.as_str());
     Ok(Json(json!({ "outcome": outcome.as_str() })))
 }

@@ -7,7 +7,10 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use crate::{app::AppState, error::AppResult, rest::LimitedBody, service::stripe::WebhookOutcome};
+use crate::{
+    app::AppState, domain::Store, error::AppResult, rest::LimitedBody,
+    service::stripe::WebhookOutcome,
+};
 
 pub async fn receive(
     State(state): State<AppState>,
@@ -18,9 +21,11 @@ pub async fn receive(
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
     let outcome = state.core.handle_stripe_webhook(signature, &body).await?;
-    let body = match outcome {
-        WebhookOutcome::Processed(o) => json!({ "received": true, "outcome": o }),
-        WebhookOutcome::Duplicate => json!({ "received": true, "outcome": "duplicate" }),
+    let outcome = match outcome {
+        WebhookOutcome::Processed(o) => o,
+        WebhookOutcome::Duplicate => "duplicate",
     };
+    state.metrics.webhook(Store::Stripe, outcome);
+    let body = json!({ "received": true, "outcome": outcome });
     Ok((StatusCode::OK, Json(body)))
 }
