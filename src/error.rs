@@ -21,6 +21,10 @@ pub enum AppError {
     MethodNotAllowed(&'static str),
     InvalidReceipt(String),
     ReceiptAlreadyInUse,
+    /// Unknown, used or expired: one answer, so it tells a guesser nothing.
+    InvalidPairingCode,
+    /// The device already belongs to another account.
+    DeviceAlreadyPaired,
     StoreUnavailable(&'static str),
     NotConfigured(&'static str),
     /// The cause is logged; clients see only "internal error".
@@ -39,6 +43,11 @@ impl AppError {
             AppError::BadInput(m) | AppError::InvalidReceipt(m) => m.clone(),
             AppError::PayloadTooLarge => "request body too large".into(),
             AppError::ReceiptAlreadyInUse => "this purchase belongs to another customer".into(),
+            AppError::InvalidPairingCode => {
+                "pairing code is unknown, already used or expired: ask the device for a new one"
+                    .into()
+            }
+            AppError::DeviceAlreadyPaired => "this device is already paired with an account".into(),
             AppError::StoreUnavailable(s) => format!("{s} is unavailable, try again later"),
             AppError::NotConfigured(s) => format!("{s} is not configured"),
             AppError::Internal(_) => "internal error".into(),
@@ -56,6 +65,8 @@ impl AppError {
             AppError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             AppError::InvalidReceipt(_) => "INVALID_RECEIPT",
             AppError::ReceiptAlreadyInUse => "RECEIPT_ALREADY_IN_USE",
+            AppError::InvalidPairingCode => "INVALID_PAIRING_CODE",
+            AppError::DeviceAlreadyPaired => "DEVICE_ALREADY_PAIRED",
             AppError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             AppError::NotConfigured(_) => "NOT_CONFIGURED",
             AppError::Internal(_) => "INTERNAL",
@@ -67,11 +78,13 @@ impl AppError {
             AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::BadInput(_) | AppError::InvalidReceipt(_) => StatusCode::BAD_REQUEST,
+            AppError::BadInput(_) | AppError::InvalidReceipt(_) | AppError::InvalidPairingCode => {
+                StatusCode::BAD_REQUEST
+            }
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::ReceiptAlreadyInUse => StatusCode::CONFLICT,
+            AppError::ReceiptAlreadyInUse | AppError::DeviceAlreadyPaired => StatusCode::CONFLICT,
             AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -61,21 +61,28 @@ impl Core {
             .one(&**txn)
             .await?;
         let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
+        // Ids that name a customer merged into an account mean the account.
+        let bound = match vp.bound_customer.as_deref() {
+            Some(b) => Some(db::resolve_customer(&**txn, b).await?),
+            None => None,
+        };
         let owner = match submitter {
             Submitter::Customer(c) => {
-                let claimed = previous_owner.as_deref().or(vp.bound_customer.as_deref());
+                let c = db::resolve_customer(&**txn, c).await?;
+                let claimed = previous_owner.as_deref().or(bound.as_deref());
                 if claimed.is_some_and(|o| o != c) && self.transfer_policy == TransferPolicy::Keep {
                     return Err(AppError::ReceiptAlreadyInUse);
                 }
-                c.to_string()
+                c
             }
             Submitter::Store => previous_owner
                 .clone()
-                .or_else(|| vp.bound_customer.clone())
+                .or(bound)
                 .ok_or(AppError::NotFound("customer for this purchase"))?,
         };
         crate::domain::ExternalId::parse(&owner)
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
+        let owner = db::lock_resolved_customer(txn, &owner).await?;
         db::ensure_customer(txn, &owner, now).await?;
 
         let replaced = match vp.replaces.as_deref() {
@@ -247,8 +254,9 @@ impl Core {
         store: Store,
         payload: serde_json::Value,
     ) -> AppResult<i64> {
+        let customer_id = db::resolve_customer(&self.db.conn, customer_id).await?;
         let row = receipts::ActiveModel {
-            customer_id: Set(customer_id.to_string()),
+            customer_id: Set(customer_id),
             store: Set(store.as_str().into()),
             payload: Set(payload),
             received_at: Set(self.now()),
