@@ -96,9 +96,10 @@ pub async fn user(
             .trial_ends_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         device_secret: reg.device_secret,
-        pairing_code_expires_at: code
-            .as_ref()
-            .map(|c| c.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        pairing_code_expires_at: code.as_ref().map(|c| {
+            c.expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        }),
         pairing_code: code.map(|c| c.code),
     }))
 }

@@ -191,36 +191,35 @@ impl Core {
         };
         let owes_secret = issue_secret && device.secret_hash.is_none();
         let mut device_secret = None;
-        let device = if rebind.is_some()
-            || owes_secret
-            || now - device.last_seen_at >= LAST_SEEN_RESOLUTION
-        {
-            let txn = self.db.write().await?;
-            let rebind = match rebind {
-                // The device follows the customer now signed in on it; its
-                // first sight (and so its trial) stays in the past.
-                Some(c) => {
-                    let c = db::lock_resolved_customer(&txn, &c).await?;
-                    db::ensure_customer(&txn, &c, now).await?;
-                    Some(c)
+        let device =
+            if rebind.is_some() || owes_secret || now - device.last_seen_at >= LAST_SEEN_RESOLUTION
+            {
+                let txn = self.db.write().await?;
+                let rebind = match rebind {
+                    // The device follows the customer now signed in on it; its
+                    // first sight (and so its trial) stays in the past.
+                    Some(c) => {
+                        let c = db::lock_resolved_customer(&txn, &c).await?;
+                        db::ensure_customer(&txn, &c, now).await?;
+                        Some(c)
+                    }
+                    None => None,
+                };
+                txn.touch_device(&device.platform, &device.device_id);
+                if owes_secret {
+                    device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
                 }
-                None => None,
+                let mut am = device.into_active_model();
+                am.last_seen_at = Set(now);
+                if let Some(c) = rebind {
+                    am.customer_id = Set(c);
+                }
+                let device = am.update(&*txn).await?;
+                txn.commit().await?;
+                device
+            } else {
+                device
             };
-            txn.touch_device(&device.platform, &device.device_id);
-            if owes_secret {
-                device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
-            }
-            let mut am = device.into_active_model();
-            am.last_seen_at = Set(now);
-            if let Some(c) = rebind {
-                am.customer_id = Set(c);
-            }
-            let device = am.update(&*txn).await?;
-            txn.commit().await?;
-            device
-        } else {
-            device
-        };
         let snapshot = self.snapshot(&device.customer_id).await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),
