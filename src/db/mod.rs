@@ -88,7 +88,7 @@ impl WriteTxn {
 }
 
 /// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
-const MIGRATION_LOCK: i64 = 0x656e_7469_746c_65;
+const MIGRATION_LOCK: i64 = 0x0065_6e74_6974_6c65;
 
 impl Db {
     /// Connects and brings the schema up to date.
@@ -365,11 +365,22 @@ pub async fn resolve_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<S
         .unwrap_or_else(|| id.to_string()))
 }
 
-/// Resolves `id` and locks the customer it names. On PostgreSQL a merge of
-/// that customer holds its row lock, so resolving again once the lock is
-/// held sees an alias the merge just committed.
+/// Resolves `id` and locks the customer it names; see [`lock_canonical`].
 pub async fn lock_resolved_customer(txn: &WriteTxn, id: &str) -> AppResult<String> {
-    let mut current = resolve_customer(&txn.txn, id).await?;
+    let resolved = resolve_customer(&txn.txn, id).await?;
+    lock_canonical(txn, &resolved).await
+}
+
+/// Locks a customer id already resolved, returning the id that holds once
+/// locked. On PostgreSQL a merge of that customer holds its row lock, so
+/// resolving again once the lock is held sees an alias the merge just
+/// committed. SQLite's single writer means nothing moved since the resolve.
+pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String> {
+    if txn.txn.get_database_backend() != DbBackend::Postgres {
+        txn.touch(resolved);
+        return Ok(resolved.to_string());
+    }
+    let mut current = resolved.to_string();
     // Aliases are one hop and never form a cycle; the bound is a guard.
     for _ in 0..4 {
         lock_customer(txn, &current).await?;

@@ -153,11 +153,18 @@ impl Core {
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
         let now = self.now();
         let code_hash = hash_secret(&code);
+        // Guesses are answered from a read, without queueing for the writer.
+        let live = |r: &pairing_codes::Model| r.used_at.is_none() && r.expires_at > now;
+        pairing_codes::Entity::find_by_id(code_hash.clone())
+            .one(&self.db.conn)
+            .await?
+            .filter(live)
+            .ok_or(AppError::InvalidPairingCode)?;
         let txn = self.db.write().await?;
         let row = pairing_codes::Entity::find_by_id(code_hash.clone())
             .one(&*txn)
             .await?
-            .filter(|r| r.used_at.is_none() && r.expires_at > now)
+            .filter(live)
             .ok_or(AppError::InvalidPairingCode)?;
         let platform: Platform = row
             .platform

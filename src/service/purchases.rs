@@ -62,9 +62,10 @@ impl Core {
             .await?;
         let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
         // Ids that name a customer merged into an account mean the account.
-        let bound = match vp.bound_customer.as_deref() {
-            Some(b) => Some(db::resolve_customer(&**txn, b).await?),
-            None => None,
+        // The store's binding only counts for a purchase nobody holds yet.
+        let bound = match (&previous_owner, vp.bound_customer.as_deref()) {
+            (None, Some(b)) => Some(db::resolve_customer(&**txn, b).await?),
+            _ => None,
         };
         let owner = match submitter {
             Submitter::Customer(c) => {
@@ -82,7 +83,7 @@ impl Core {
         };
         crate::domain::ExternalId::parse(&owner)
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
-        let owner = db::lock_resolved_customer(txn, &owner).await?;
+        let owner = db::lock_canonical(txn, &owner).await?;
         db::ensure_customer(txn, &owner, now).await?;
 
         let replaced = match vp.replaces.as_deref() {
