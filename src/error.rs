@@ -21,6 +21,8 @@ pub enum AppError {
     MethodNotAllowed(&'static str),
     InvalidReceipt(String),
     ReceiptAlreadyInUse,
+    /// The device is bound to another customer; only an admin moves it.
+    DeviceAlreadyBound,
     /// Unknown, used or expired: one answer, so it tells a guesser nothing.
     InvalidPairingCode,
     /// The device already belongs to another account.
@@ -43,6 +45,7 @@ impl AppError {
             AppError::BadInput(m) | AppError::InvalidReceipt(m) => m.clone(),
             AppError::PayloadTooLarge => "request body too large".into(),
             AppError::ReceiptAlreadyInUse => "this purchase belongs to another customer".into(),
+            AppError::DeviceAlreadyBound => "this device belongs to another customer".into(),
             AppError::InvalidPairingCode => {
                 "pairing code is unknown, already used or expired: ask the device for a new one"
                     .into()
@@ -65,6 +68,7 @@ impl AppError {
             AppError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             AppError::InvalidReceipt(_) => "INVALID_RECEIPT",
             AppError::ReceiptAlreadyInUse => "RECEIPT_ALREADY_IN_USE",
+            AppError::DeviceAlreadyBound => "DEVICE_ALREADY_BOUND",
             AppError::InvalidPairingCode => "INVALID_PAIRING_CODE",
             AppError::DeviceAlreadyPaired => "DEVICE_ALREADY_PAIRED",
             AppError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
@@ -84,7 +88,9 @@ impl AppError {
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::ReceiptAlreadyInUse | AppError::DeviceAlreadyPaired => StatusCode::CONFLICT,
+            AppError::ReceiptAlreadyInUse
+            | AppError::DeviceAlreadyBound
+            | AppError::DeviceAlreadyPaired => StatusCode::CONFLICT,
             AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -16,6 +16,16 @@ use crate::{
 /// seconds costs a read, not a write.
 const LAST_SEEN_RESOLUTION: Duration = Duration::seconds(60);
 
+/// Whether a registration that names another customer than the one a known
+/// device is bound to may move it. A bound device stays bound unless the
+/// caller may move devices: otherwise whoever knows a paying watch's id
+/// could take its access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebind {
+    Refuse,
+    Allow,
+}
+
 pub struct Registration {
     pub customer_id: String,
     pub device: devices::Model,
@@ -66,13 +76,17 @@ impl Core {
     /// Registers a device. First sight creates its customer (the device id
     /// unless one is given) and starts the configured trial; nothing that
     /// happens later (re-registration, reinstall, another client) restarts it.
+    /// A known device bound to another customer than `customer_id` moves
+    /// only with `Rebind::Allow`; otherwise `DEVICE_ALREADY_BOUND`, nothing written.
     pub async fn register_device(
         &self,
         platform: Platform,
         device_id: &ExternalId,
         customer_id: Option<&ExternalId>,
+        rebind: Rebind,
     ) -> AppResult<Registration> {
-        self.register(platform, device_id, customer_id, false).await
+        self.register(platform, device_id, customer_id, rebind, false)
+            .await
     }
 
     /// Registers a device as `register_device` does and, with `issue_secret`,
@@ -83,12 +97,13 @@ impl Core {
         platform: Platform,
         device_id: &ExternalId,
         customer_id: Option<&ExternalId>,
+        rebind: Rebind,
         issue_secret: bool,
     ) -> AppResult<Registration> {
         let now = self.now();
         if let Some(device) = self.cached_device(platform, device_id).await? {
             return self
-                .known_device(device, customer_id, issue_secret, now)
+                .known_device(device, customer_id, rebind, issue_secret, now)
                 .await;
         }
 
@@ -121,7 +136,7 @@ impl Core {
                     AppError::Internal(anyhow::anyhow!("device vanished after conflict"))
                 })?;
             return self
-                .known_device(device, customer_id, issue_secret, now)
+                .known_device(device, customer_id, rebind, issue_secret, now)
                 .await;
         }
 
@@ -181,14 +196,19 @@ impl Core {
         &self,
         device: devices::Model,
         customer_id: Option<&ExternalId>,
+        may_rebind: Rebind,
         issue_secret: bool,
         now: DateTime<Utc>,
     ) -> AppResult<Registration> {
+        // An id merged into an account names the account.
         let rebind = match customer_id {
             Some(c) => Some(db::resolve_customer(&self.db.conn, c.as_str()).await?)
                 .filter(|c| *c != device.customer_id),
             None => None,
         };
+        if rebind.is_some() && may_rebind == Rebind::Refuse {
+            return Err(AppError::DeviceAlreadyBound);
+        }
         let owes_secret = issue_secret && device.secret_hash.is_none();
         let mut device_secret = None;
         let device =
