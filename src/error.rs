@@ -23,6 +23,10 @@ pub enum AppError {
     ReceiptAlreadyInUse,
     /// The device is bound to another customer; only an admin moves it.
     DeviceAlreadyBound,
+    /// Unknown, used or expired: one answer, so it tells a guesser nothing.
+    InvalidPairingCode,
+    /// The device already belongs to another account.
+    DeviceAlreadyPaired,
     StoreUnavailable(&'static str),
     NotConfigured(&'static str),
     /// Too many writes from one credential or address; try again after the
@@ -49,6 +53,11 @@ impl AppError {
             AppError::PayloadTooLarge => "request body too large".into(),
             AppError::ReceiptAlreadyInUse => "this purchase belongs to another customer".into(),
             AppError::DeviceAlreadyBound => "this device belongs to another customer".into(),
+            AppError::InvalidPairingCode => {
+                "pairing code is unknown, already used or expired: ask the device for a new one"
+                    .into()
+            }
+            AppError::DeviceAlreadyPaired => "this device is already paired with an account".into(),
             AppError::StoreUnavailable(s) => format!("{s} is unavailable, try again later"),
             AppError::NotConfigured(s) => format!("{s} is not configured"),
             AppError::RateLimited { retry_after_secs } => {
@@ -73,6 +82,8 @@ impl AppError {
             AppError::InvalidReceipt(_) => "INVALID_RECEIPT",
             AppError::ReceiptAlreadyInUse => "RECEIPT_ALREADY_IN_USE",
             AppError::DeviceAlreadyBound => "DEVICE_ALREADY_BOUND",
+            AppError::InvalidPairingCode => "INVALID_PAIRING_CODE",
+            AppError::DeviceAlreadyPaired => "DEVICE_ALREADY_PAIRED",
             AppError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             AppError::NotConfigured(_) => "NOT_CONFIGURED",
             AppError::RateLimited { .. } => "RATE_LIMITED",
@@ -86,14 +97,17 @@ impl AppError {
             AppError::Unauthenticated => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
-            AppError::BadInput(_) | AppError::InvalidReceipt(_) | AppError::ResponseTooLarge => {
-                StatusCode::BAD_REQUEST
-            }
+            AppError::BadInput(_)
+            | AppError::InvalidReceipt(_)
+            | AppError::ResponseTooLarge
+            | AppError::InvalidPairingCode => StatusCode::BAD_REQUEST,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::ReceiptAlreadyInUse | AppError::DeviceAlreadyBound => StatusCode::CONFLICT,
+            AppError::ReceiptAlreadyInUse
+            | AppError::DeviceAlreadyBound
+            | AppError::DeviceAlreadyPaired => StatusCode::CONFLICT,
             AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

@@ -8,9 +8,9 @@
 //! |---|---|
 //! | anonymous | health, ready, playground files, store webhooks |
 //! | client key | register a device on first sight (a bound device stays bound); read the entitlement summary of the customer it names; watch it; submit a purchase for it |
-//! | customer JWT | the same for itself, plus its purchases, devices and change log; Checkout and the billing portal |
+//! | customer JWT | the same for itself, plus its purchases, devices and change log; Checkout and the billing portal; pair a device with its pairing code |
 //! | service key | read any customer in full (purchases, devices, receipts, change log), the subscription check, watch everyone |
-//! | admin | everything, including receipt payloads and store purchase ids; grants; moving a device |
+//! | admin | everything, including receipt payloads and store purchase ids; grants; moving a device; merging customers |
 //!
 //! Receipt payloads and store purchase ids (a Play purchase token is one)
 //! are admin-only: whoever holds one can submit it as their own, so they
@@ -188,6 +188,13 @@ actions! {
         "grants need an admin credential";
     RevokeGrant => [Admin],
         "grants need an admin credential";
+    /// `pairDevice`: a device's pairing code joins it to the signed-in
+    /// customer; the code, not the credential, proves the device.
+    PairDevice => [CustomerSelf],
+        "pairing a device needs the signed-in customer's token";
+    /// `mergeCustomers`: one customer into another, the old id an alias.
+    MergeCustomers => [Admin],
+        "merging customers needs an admin credential";
     /// `GET /api/subscriptions/check/{id}`.
     SubscriptionCheck => [ServiceKey, Admin],
         "the subscription check needs a service or admin credential";
@@ -248,6 +255,8 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("MutationRoot.verifyPurchase", Guard(VerifyPurchase)),
     ("MutationRoot.grantEntitlement", Guard(GrantEntitlement)),
     ("MutationRoot.revokeGrant", Guard(RevokeGrant)),
+    ("MutationRoot.pairDevice", Guard(PairDevice)),
+    ("MutationRoot.mergeCustomers", Guard(MergeCustomers)),
     ("SubscriptionRoot.entitlementChanged", Guard(WatchCustomer)),
     ("Customer.id", Inherit),
     ("Customer.createdAt", Guard(ReadCustomerProfile)),

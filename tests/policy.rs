@@ -244,6 +244,18 @@ const MATRIX: &[(&str, Probe, &str)] = &[
         "UFFFFPP",
     ),
     (
+        "MutationRoot.pairDevice",
+        Probe::Gql("mutation { pairDevice(code: \"ABCD-EFGH\") { id } }"),
+        "UFPPFFF",
+    ),
+    (
+        "MutationRoot.mergeCustomers",
+        Probe::Gql(
+            "mutation { mergeCustomers(from: \"no-such-customer\", into: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { id } }",
+        ),
+        "UFFFFPP",
+    ),
+    (
         "SubscriptionRoot.entitlementChanged",
         Probe::Watch(Some(ALICE)),
         "UOOFOOO",

@@ -10,6 +10,9 @@ pub struct Model {
     pub customer_id: String,
     pub first_seen_at: DateTimeUtc,
     pub last_seen_at: DateTimeUtc,
+    /// Hex SHA-256 of the secret the device was answered once; `None` for a
+    /// device seen before secrets existed.
+    pub secret_hash: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

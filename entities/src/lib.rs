@@ -2,6 +2,7 @@
 //! GraphQL derives live here; `migration/` is the only place the schema changes.
 
 pub mod api_keys;
+pub mod customer_aliases;
 pub mod customers;
 pub mod devices;
 pub mod entitlement_events;
@@ -9,6 +10,7 @@ pub mod job_cursors;
 pub mod job_leases;
 pub mod outbound_deliveries;
 pub mod outbound_endpoints;
+pub mod pairing_codes;
 pub mod purchase_checks;
 pub mod purchases;
 pub mod receipts;
@@ -16,6 +18,7 @@ pub mod webhook_events;
 
 pub mod prelude {
     pub use super::api_keys::Entity as ApiKeys;
+    pub use super::customer_aliases::Entity as CustomerAliases;
     pub use super::customers::Entity as Customers;
     pub use super::devices::Entity as Devices;
     pub use super::entitlement_events::Entity as EntitlementEvents;
@@ -23,6 +26,7 @@ pub mod prelude {
     pub use super::job_leases::Entity as JobLeases;
     pub use super::outbound_deliveries::Entity as OutboundDeliveries;
     pub use super::outbound_endpoints::Entity as OutboundEndpoints;
+    pub use super::pairing_codes::Entity as PairingCodes;
     pub use super::purchase_checks::Entity as PurchaseChecks;
     pub use super::purchases::Entity as Purchases;
     pub use super::receipts::Entity as Receipts;

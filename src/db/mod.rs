@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use entities::{customers, devices, entitlement_events, purchases};
+use entities::{customer_aliases, customers, devices, entitlement_events, purchases};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ActiveValue::Set,
@@ -349,6 +349,50 @@ pub async fn lock_store_purchase(
         .await?;
     }
     Ok(())
+}
+
+/// The customer an id names now: itself, or the account it was merged
+/// into. Every path that takes a customer id from outside (reads, device
+/// registration, purchases, webhooks, payment links) goes through here, so an
+/// old id keeps landing on the account.
+pub async fn resolve_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<String> {
+    Ok(customer_aliases::Entity::find_by_id(id.to_string())
+        .select_only()
+        .column(customer_aliases::Column::CustomerId)
+        .into_tuple::<String>()
+        .one(c)
+        .await?
+        .unwrap_or_else(|| id.to_string()))
+}
+
+/// Resolves `id` and locks the customer it names; see [`lock_canonical`].
+pub async fn lock_resolved_customer(txn: &WriteTxn, id: &str) -> AppResult<String> {
+    let resolved = resolve_customer(&txn.txn, id).await?;
+    lock_canonical(txn, &resolved).await
+}
+
+/// Locks a customer id already resolved, returning the id that holds once
+/// locked. On PostgreSQL a merge of that customer holds its row lock, so
+/// resolving again once the lock is held sees an alias the merge just
+/// committed. SQLite's single writer means nothing moved since the resolve.
+pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String> {
+    if txn.txn.get_database_backend() != DbBackend::Postgres {
+        txn.touch(resolved);
+        return Ok(resolved.to_string());
+    }
+    let mut current = resolved.to_string();
+    // Aliases are one hop and never form a cycle; the bound is a guard.
+    for _ in 0..4 {
+        lock_customer(txn, &current).await?;
+        let again = resolve_customer(&txn.txn, &current).await?;
+        if again == current {
+            return Ok(current);
+        }
+        current = again;
+    }
+    Err(AppError::Internal(anyhow::anyhow!(
+        "customer alias chain does not settle"
+    )))
 }
 
 pub async fn find_device(

@@ -155,6 +155,36 @@ impl MutationRoot {
         customer_with(ctx, &customer_id, snap).await
     }
 
+    /// Joins a device to the signed-in customer's account with the pairing
+    /// code the device showed (customer tokens only): the device's own
+    /// customer is merged into the account, and its old id stays an alias.
+    async fn pair_device(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(validator(max_length = 64))] code: String,
+    ) -> async_graphql::Result<Customer> {
+        let p = principal(ctx);
+        authorize(p, Action::PairDevice, None)?;
+        let crate::auth::Principal::Customer(account) = p else {
+            return Err(AppError::Forbidden(Action::PairDevice.refusal()).into());
+        };
+        let (id, snap) = core(ctx).pair_device(account, &code).await?;
+        customer_with(ctx, &id, snap).await
+    }
+
+    /// Merges customer `from` into `into` (admin): purchases, devices and
+    /// receipts move, one trial survives, and `from` stays an alias of `into`.
+    async fn merge_customers(
+        &self,
+        ctx: &Context<'_>,
+        from: ID,
+        into: ID,
+    ) -> async_graphql::Result<Customer> {
+        authorize(principal(ctx), Action::MergeCustomers, Some(into.as_str()))?;
+        let (id, snap) = core(ctx).merge_customers(&from, &into).await?;
+        customer_with(ctx, &id, snap).await
+    }
+
     /// Ends a promotional grant now; other sources are untouched (admin).
     async fn revoke_grant(
         &self,

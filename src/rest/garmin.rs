@@ -37,7 +37,18 @@ pub struct UserResponse {
     payment_link: Option<String>,
     checkout_url: Option<String>,
     trial_ends_at: Option<String>,
+    /// Answered once per device; it proves possession when pairing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_secret: Option<String>,
+    /// Only to a call carrying the device's secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pairing_code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pairing_code_expires_at: Option<String>,
 }
+
+/// The device's secret, for a pairing code.
+const DEVICE_SECRET_HEADER: &str = "x-device-secret";
 
 pub async fn user(
     State(state): State<AppState>,
@@ -89,8 +100,21 @@ pub async fn user(
     }
     let reg = state
         .core
-        .register_device(Platform::Garmin, &id, customer.as_ref(), Rebind::Refuse)
+        .register(
+            Platform::Garmin,
+            &id,
+            customer.as_ref(),
+            Rebind::Refuse,
+            true,
+        )
         .await?;
+    let code = match headers
+        .get(DEVICE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(secret) => state.core.pairing_code(&reg.device, secret.trim()).await?,
+        None => None,
+    };
     let link = state
         .config
         .stripe
@@ -107,6 +131,12 @@ pub async fn user(
             .snapshot
             .trial_ends_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        device_secret: reg.device_secret,
+        pairing_code_expires_at: code.as_ref().map(|c| {
+            c.expires_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        }),
+        pairing_code: code.map(|c| c.code),
     }))
 }
 

@@ -63,13 +63,14 @@ pub async fn check(
     )?;
     let id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
-    let (_, snap) = state
+    // An id merged into an account answers for the account, under its id.
+    let (customer, snap) = state
         .core
         .read_customer(id.as_str())
         .await?
         .ok_or(AppError::NotFound("customer"))?;
     Ok(Json(CheckResponse {
-        customer_id: id.into_string(),
+        customer_id: customer.id,
         is_subscribed: snap.entitlements.iter().any(|e| e.is_active),
         paid_status: snap.paid_status.as_str(),
         entitlements: snap

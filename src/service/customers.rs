@@ -32,11 +32,13 @@ pub struct Registration {
     /// True when this call saw the device for the first time.
     pub created: bool,
     pub snapshot: Snapshot,
+    /// The device's secret, when this call issued it (once per device).
+    pub device_secret: Option<String>,
 }
 
 /// Trials and grants are keyed one per (customer, entitlement), so the
 /// unique (store, store_purchase_id) index makes "at most one" a database fact.
-fn own_purchase_key(store: Store, customer_id: &str, entitlement: &str) -> String {
+pub(super) fn own_purchase_key(store: Store, customer_id: &str, entitlement: &str) -> String {
     format!("{store}:{entitlement}:{customer_id}")
 }
 
@@ -83,22 +85,43 @@ impl Core {
         customer_id: Option<&ExternalId>,
         rebind: Rebind,
     ) -> AppResult<Registration> {
+        self.register(platform, device_id, customer_id, rebind, false)
+            .await
+    }
+
+    /// Registers a device as `register_device` does and, with `issue_secret`,
+    /// answers the device its secret once: at first sight, or on the first
+    /// call of a device seen before it had one.
+    pub async fn register(
+        &self,
+        platform: Platform,
+        device_id: &ExternalId,
+        customer_id: Option<&ExternalId>,
+        rebind: Rebind,
+        issue_secret: bool,
+    ) -> AppResult<Registration> {
         let now = self.now();
         if let Some(device) = self.cached_device(platform, device_id).await? {
-            return self.known_device(device, customer_id, rebind, now).await;
+            return self
+                .known_device(device, customer_id, rebind, issue_secret, now)
+                .await;
         }
 
-        let customer = customer_id.unwrap_or(device_id).as_str().to_string();
         let txn = self.db.write().await?;
+        // A merged-away id (the device's own included) lands on its account.
+        let customer =
+            db::lock_resolved_customer(&txn, customer_id.unwrap_or(device_id).as_str()).await?;
         db::ensure_customer(&txn, &customer, now).await?;
         db::lock_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
+        let device_secret = issue_secret.then(super::pairing::new_device_secret);
         let inserted = devices::Entity::insert(devices::ActiveModel {
             platform: Set(platform.as_str().to_string()),
             device_id: Set(device_id.as_str().to_string()),
             customer_id: Set(customer.clone()),
             first_seen_at: Set(now),
             last_seen_at: Set(now),
+            secret_hash: Set(device_secret.as_deref().map(super::pairing::hash_secret)),
             ..Default::default()
         })
         .on_conflict_do_nothing_on([devices::Column::Platform, devices::Column::DeviceId])
@@ -112,7 +135,9 @@ impl Core {
                 .ok_or_else(|| {
                     AppError::Internal(anyhow::anyhow!("device vanished after conflict"))
                 })?;
-            return self.known_device(device, customer_id, rebind, now).await;
+            return self
+                .known_device(device, customer_id, rebind, issue_secret, now)
+                .await;
         }
 
         let (before, _) = self.state_before_write(&*txn, &customer, now).await?;
@@ -144,6 +169,7 @@ impl Core {
             device,
             created: true,
             snapshot,
+            device_secret,
         })
     }
 
@@ -181,44 +207,63 @@ impl Core {
         device: devices::Model,
         customer_id: Option<&ExternalId>,
         may_rebind: Rebind,
+        issue_secret: bool,
         now: DateTime<Utc>,
     ) -> AppResult<Registration> {
-        let rebind = customer_id.filter(|c| c.as_str() != device.customer_id);
+        // An id merged into an account names the account.
+        let rebind = match customer_id {
+            Some(c) => Some(db::resolve_customer(&self.db.conn, c.as_str()).await?)
+                .filter(|c| *c != device.customer_id),
+            None => None,
+        };
         if rebind.is_some() && may_rebind == Rebind::Refuse {
             return Err(AppError::DeviceAlreadyBound);
         }
-        let device = if rebind.is_some() || now - device.last_seen_at >= LAST_SEEN_RESOLUTION {
-            let txn = self.db.write().await?;
-            if let Some(c) = rebind {
-                // The device follows the customer now signed in on it; its
-                // first sight (and so its trial) stays in the past.
-                db::ensure_customer(&txn, c.as_str(), now).await?;
-            }
-            txn.touch_device(&device.platform, &device.device_id);
-            let mut am = device.into_active_model();
-            am.last_seen_at = Set(now);
-            if let Some(c) = rebind {
-                am.customer_id = Set(c.as_str().to_string());
-            }
-            let device = am.update(&*txn).await?;
-            txn.commit().await?;
-            device
-        } else {
-            device
-        };
+        let owes_secret = issue_secret && device.secret_hash.is_none();
+        let mut device_secret = None;
+        let device =
+            if rebind.is_some() || owes_secret || now - device.last_seen_at >= LAST_SEEN_RESOLUTION
+            {
+                let txn = self.db.write().await?;
+                let rebind = match rebind {
+                    // The device follows the customer now signed in on it; its
+                    // first sight (and so its trial) stays in the past.
+                    Some(c) => {
+                        let c = db::lock_resolved_customer(&txn, &c).await?;
+                        db::ensure_customer(&txn, &c, now).await?;
+                        Some(c)
+                    }
+                    None => None,
+                };
+                txn.touch_device(&device.platform, &device.device_id);
+                if owes_secret {
+                    device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
+                }
+                let mut am = device.into_active_model();
+                am.last_seen_at = Set(now);
+                if let Some(c) = rebind {
+                    am.customer_id = Set(c);
+                }
+                let device = am.update(&*txn).await?;
+                txn.commit().await?;
+                device
+            } else {
+                device
+            };
         let snapshot = self.snapshot(&device.customer_id).await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),
             device,
             created: false,
             snapshot,
+            device_secret,
         })
     }
 
+    /// The customer an id names, following a merge to the account.
     pub async fn find_customer(&self, id: &str) -> AppResult<Option<customers::Model>> {
-        Ok(customers::Entity::find_by_id(id.to_string())
-            .one(&self.db.conn)
-            .await?)
+        let id = db::resolve_customer(&self.db.conn, id).await?;
+        Ok(customers::Entity::find_by_id(id).one(&self.db.conn).await?)
     }
 
     /// Grants a promotional entitlement until `expires_at` (`None`: lifetime).
@@ -239,6 +284,7 @@ impl Core {
             return Err(AppError::bad_input("expiresAt must be in the future"));
         }
         let txn = self.db.write().await?;
+        let customer_id = &db::lock_resolved_customer(&txn, customer_id).await?;
         db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
@@ -281,6 +327,7 @@ impl Core {
             )));
         }
         let txn = self.db.write().await?;
+        let customer_id = &db::lock_resolved_customer(&txn, customer_id).await?;
         db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;

@@ -20,6 +20,7 @@ pub mod apple;
 pub mod customers;
 pub mod google;
 pub mod outbound;
+pub mod pairing;
 pub mod purchases;
 pub mod stripe;
 
@@ -125,6 +126,12 @@ impl Core {
             return Ok(c);
         }
         let epoch = self.db.cache.epoch();
+        // Entries are kept under the customer's own id only: a merge then
+        // invalidates the old id, and the account's writes the account's.
+        let customer_id = &db::resolve_customer(&self.db.conn, customer_id).await?;
+        if let Some(c) = self.db.cache.get(customer_id) {
+            return Ok(c);
+        }
         let customer = customer_rows::Entity::find_by_id(customer_id.to_string())
             .one(&self.db.conn)
             .await?;

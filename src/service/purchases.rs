@@ -76,21 +76,29 @@ impl Core {
             .one(&**txn)
             .await?;
         let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
+        // Ids that name a customer merged into an account mean the account.
+        // The store's binding only counts for a purchase nobody holds yet.
+        let bound = match (&previous_owner, vp.bound_customer.as_deref()) {
+            (None, Some(b)) => Some(db::resolve_customer(&**txn, b).await?),
+            _ => None,
+        };
         let owner = match submitter {
             Submitter::Customer(c) => {
-                let claimed = previous_owner.as_deref().or(vp.bound_customer.as_deref());
+                let c = db::resolve_customer(&**txn, c).await?;
+                let claimed = previous_owner.as_deref().or(bound.as_deref());
                 if claimed.is_some_and(|o| o != c) && self.transfer_policy == TransferPolicy::Keep {
                     return Err(AppError::ReceiptAlreadyInUse);
                 }
-                c.to_string()
+                c
             }
             Submitter::Store => previous_owner
                 .clone()
-                .or_else(|| vp.bound_customer.clone())
+                .or(bound)
                 .ok_or(AppError::NotFound("customer for this purchase"))?,
         };
         crate::domain::ExternalId::parse(&owner)
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
+        let owner = db::lock_canonical(txn, &owner).await?;
         db::ensure_customer(txn, &owner, now).await?;
 
         let replaced = match vp.replaces.as_deref() {
@@ -272,12 +280,13 @@ impl Core {
     ) -> AppResult<i64> {
         let payload = bounded_payload(payload, self.receipts.max_payload_bytes);
         let cap = self.receipts.max_unverified_per_customer.max(1);
+        let customer_id = db::resolve_customer(&self.db.conn, customer_id).await?;
         let txn = self.db.write().await?;
         let unverified: Vec<(i64, String)> = receipts::Entity::find()
             .select_only()
             .column(receipts::Column::Id)
             .column(receipts::Column::Outcome)
-            .filter(receipts::Column::CustomerId.eq(customer_id))
+            .filter(receipts::Column::CustomerId.eq(customer_id.as_str()))
             .filter(receipts::Column::Outcome.is_in(["pending", "invalid"]))
             .order_by_desc(receipts::Column::Id)
             .into_tuple()
@@ -303,7 +312,7 @@ impl Core {
                 .await?;
         }
         let row = receipts::ActiveModel {
-            customer_id: Set(customer_id.to_string()),
+            customer_id: Set(customer_id),
             store: Set(store.as_str().into()),
             payload: Set(payload),
             received_at: Set(self.now()),

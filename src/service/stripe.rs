@@ -150,6 +150,7 @@ impl Core {
                 customer,
                 stripe_customer,
             } => {
+                let customer = db::lock_resolved_customer(&txn, &customer).await?;
                 db::ensure_customer(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
                 "bound"
