@@ -77,7 +77,7 @@ impl Core {
 
         let customer = customer_id.unwrap_or(device_id).as_str().to_string();
         let txn = self.db.write().await?;
-        db::ensure_customer(&txn, &customer, now).await?;
+        self.ensure_customer_in(&txn, &customer, now).await?;
         db::lock_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
         let inserted = devices::Entity::insert(devices::ActiveModel {
@@ -165,7 +165,7 @@ impl Core {
             if let Some(c) = rebind {
                 // The device follows the customer now signed in on it; its
                 // first sight (and so its trial) stays in the past.
-                db::ensure_customer(&txn, c.as_str(), now).await?;
+                self.ensure_customer_in(&txn, c.as_str(), now).await?;
             }
             txn.touch_device(&device.platform, &device.device_id);
             let mut am = device.into_active_model();

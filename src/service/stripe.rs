@@ -122,7 +122,7 @@ impl Core {
                 customer,
                 stripe_customer,
             } => {
-                db::ensure_customer(&txn, &customer, now).await?;
+                self.ensure_customer_in(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
                 "bound"
             }
@@ -338,7 +338,7 @@ impl Core {
             .as_deref()
             .or(state.state().bound_customer.as_deref())
         {
-            db::ensure_customer(txn, c, now).await?;
+            self.ensure_customer_in(txn, c, now).await?;
             db::lock_customer(txn, c).await?;
         }
         let existing = purchases::Entity::find()
