@@ -11,6 +11,8 @@ pub struct Model {
     pub store_purchase_id: String,
     /// The store's binding (Apple account token, Play obfuscated account id).
     pub bound_key: Option<String>,
+    /// The store purchase id this one supersedes (Play `linkedPurchaseToken`).
+    pub replaces: Option<String>,
     /// The verified purchase state, as the provider produced it.
     pub state: Json,
     pub source_updated_at: DateTimeUtc,

@@ -26,6 +26,7 @@ enum HeldPurchases {
     Store,
     StorePurchaseId,
     BoundKey,
+    Replaces,
     State,
     SourceUpdatedAt,
     HeldAt,
@@ -117,6 +118,7 @@ impl MigrationTrait for Migration {
                 .col(string_len(HeldPurchases::Store, 16))
                 .col(string_len(HeldPurchases::StorePurchaseId, 512))
                 .col(string_len_null(HeldPurchases::BoundKey, 256))
+                .col(string_len_null(HeldPurchases::Replaces, 512))
                 .col(json(HeldPurchases::State))
                 .col(timestamp_with_time_zone(HeldPurchases::SourceUpdatedAt))
                 .col(timestamp_with_time_zone(HeldPurchases::HeldAt))
@@ -138,6 +140,15 @@ impl MigrationTrait for Migration {
                 .name("idx_held_purchases_bound_key")
                 .table(HeldPurchases::Table)
                 .col(HeldPurchases::BoundKey)
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .name("idx_held_purchases_replaces")
+                .table(HeldPurchases::Table)
+                .col(HeldPurchases::Store)
+                .col(HeldPurchases::Replaces)
                 .to_owned(),
         )
         .await?;

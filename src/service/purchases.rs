@@ -330,6 +330,7 @@ impl Core {
                 let mut am = h.into_active_model();
                 am.state = Set(json);
                 am.bound_key = Set(key);
+                am.replaces = Set(vp.replaces.clone());
                 am.source_updated_at = Set(vp.source_updated_at);
                 am.update(&**txn).await?;
             }
@@ -338,6 +339,7 @@ impl Core {
                     store: Set(vp.store.as_str().into()),
                     store_purchase_id: Set(vp.store_purchase_id.clone()),
                     bound_key: Set(key),
+                    replaces: Set(vp.replaces.clone()),
                     state: Set(json),
                     source_updated_at: Set(vp.source_updated_at),
                     held_at: Set(now),
@@ -561,13 +563,40 @@ impl Core {
                 owner_snapshot = Some(after);
             }
         }
-        Ok(StoreApplied::Applied(Applied {
+        let applied = Applied {
             customer_id: owner,
             purchase_id,
             snapshot: owner_snapshot
                 .ok_or_else(|| AppError::Internal(anyhow::anyhow!("owner not in affected set")))?,
             stale,
-        }))
+        };
+        // A later token of this line that arrived first, held for want of
+        // an owner: it continues the line now.
+        let successor = match stale {
+            true => None,
+            false => held_purchases::Entity::find()
+                .filter(held_purchases::Column::Store.eq(store.as_str()))
+                .filter(held_purchases::Column::Replaces.eq(vp.store_purchase_id.as_str()))
+                .one(&**txn)
+                .await?,
+        };
+        if let Some(h) = successor {
+            let next = from_held(h.state.clone()).map_err(|e| {
+                AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id))
+            })?;
+            held_purchases::Entity::delete_by_id(h.id)
+                .exec(&**txn)
+                .await?;
+            if let StoreApplied::Applied(a) =
+                Box::pin(self.apply_inner(txn, &next, Submitter::Store, false, now)).await?
+            {
+                return Ok(StoreApplied::Applied(Applied {
+                    stale: applied.stale,
+                    ..a
+                }));
+            }
+        }
+        Ok(StoreApplied::Applied(applied))
     }
 
     fn fill(
