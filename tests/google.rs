@@ -21,6 +21,7 @@ use rsa::{
     pkcs1v15::SigningKey,
     signature::{SignatureEncoding, Signer},
 };
+use sea_orm::{EntityTrait, QueryOrder};
 use serde_json::{Value, json};
 
 // ----------------------------------------------------------------- tests
@@ -262,7 +263,10 @@ async fn upgrade_leaves_one_live_purchase(b: Backend) {
     );
     let c = entitlement(&app, &key, "user-1", "pro").await;
     assert!(is_active(&c));
-    assert_eq!(at(&c["entitlement"]["expiresAt"]).timestamp(), s.expiry.timestamp());
+    assert_eq!(
+        at(&c["entitlement"]["expiresAt"]).timestamp(),
+        s.expiry.timestamp()
+    );
 
     // Google still reports the old token active for a moment, and says so
     // late: the line keeps the new token.
@@ -275,7 +279,10 @@ async fn upgrade_leaves_one_live_purchase(b: Backend) {
     assert_eq!(body["outcome"], "stale", "{body}");
     assert_eq!(lines(&app, "user-1").await.len(), 1);
     let c = entitlement(&app, &key, "user-1", "pro").await;
-    assert_eq!(at(&c["entitlement"]["expiresAt"]).timestamp(), s.expiry.timestamp());
+    assert_eq!(
+        at(&c["entitlement"]["expiresAt"]).timestamp(),
+        s.expiry.timestamp()
+    );
 
     // The app submits the new token as well: still one line.
     verify(&app, &key, "user-1", "pro_sub", "new-tok").await;
@@ -394,8 +401,137 @@ async fn linked_tokens_out_of_order(b: Backend) {
     let (_, body) = push(&app, "m-b2", &sub_note(2, "ooo-b", t2)).await;
     assert_eq!(body["outcome"], "stale", "{body}");
     let c = entitlement(&app, &key, "user-o", "pro").await;
-    assert_eq!(at(&c["entitlement"]["expiresAt"]).timestamp(), csub.expiry.timestamp());
+    assert_eq!(
+        at(&c["entitlement"]["expiresAt"]).timestamp(),
+        csub.expiry.timestamp()
+    );
     assert_eq!(app.count("purchases").await, 1);
+}
+
+/// A push before the app submits, with an obfuscated account id naming no
+/// customer here: held (no customer made), a refund still applies to it,
+/// and the customer it names receives it as it stands (refunded: never
+/// PAID). Each receipt holds the submission, its outcome and its purchase.
+async fn play_held_until_its_owner_appears(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let t0 = app.state.core.now();
+    let mut s = Sub::active(t0);
+    s.account = Some("player-1");
+    g.fake.set("held-tok", s.json());
+    let (_, body) = push(&app, "m-held-1", &sub_note(4, "held-tok", t0)).await;
+    assert_eq!(body["outcome"], "held", "{body}");
+    assert_eq!(app.count("customers").await, 0, "no phantom customer");
+    assert_eq!(app.count("purchases").await, 0);
+    assert_eq!(app.count("entitlement_events").await, 0);
+
+    // Refunded before anyone submitted it.
+    app.clock.advance(Duration::minutes(5));
+    let t1 = app.state.core.now();
+    let (_, body) = push(&app, "m-held-2", &voided_note("held-tok", 1, t1)).await;
+    assert_eq!(body["outcome"], "held", "{body}");
+    // Someone else submitting it: Google binds it to player-1.
+    let before = app.counts().await;
+    let body = verify(&app, &key, "player-2", "pro_sub", "held-tok").await;
+    assert_eq!(error_code(&body), Some("RECEIPT_ALREADY_IN_USE"), "{body}");
+    assert_nothing_granted(&app, &before, 1).await;
+
+    // Google still reports the token active; the refund sticks.
+    let body = verify(&app, &key, "player-1", "pro_sub", "held-tok").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert_eq!(
+        body["data"]["verifyPurchase"]["purchase"]["status"], "REFUNDED",
+        "{body}"
+    );
+    let c = entitlement(&app, &key, "player-1", "pro").await;
+    assert!(!is_active(&c), "{c}");
+    assert_eq!(app.count("held_purchases").await, 0);
+
+    let rows = entities::receipts::Entity::find()
+        .order_by_asc(entities::receipts::Column::Id)
+        .all(&app.state.core.db.conn)
+        .await
+        .unwrap();
+    let payload =
+        json!({ "packageName": PACKAGE, "productId": "pro_sub", "purchaseToken": "held-tok" });
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (
+            rows[0].customer_id.as_str(),
+            &rows[0].payload,
+            rows[0].outcome.as_str(),
+            rows[0].error.as_deref(),
+            rows[0].purchase_id
+        ),
+        (
+            "player-2",
+            &payload,
+            "invalid",
+            Some("this purchase belongs to another customer"),
+            None
+        )
+    );
+    let pid = entities::purchases::Entity::find()
+        .one(&app.state.core.db.conn)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    assert_eq!(
+        (
+            rows[1].customer_id.as_str(),
+            &rows[1].payload,
+            rows[1].outcome.as_str(),
+            rows[1].error.as_deref(),
+            rows[1].purchase_id
+        ),
+        ("player-1", &payload, "valid", None, Some(pid))
+    );
+}
+
+/// A held Play purchase goes to the customer its account id names as soon
+/// as that customer is created.
+async fn play_held_claimed_by_new_customer(b: Backend) {
+    let (app, g) = setup_with(b, |c| c.trial = None).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let t0 = app.state.core.now();
+    let mut s = Sub::active(t0);
+    s.account = Some("watcher");
+    g.fake.set("claim-tok", s.json());
+    let (_, body) = push(&app, "m-claim", &sub_note(4, "claim-tok", t0)).await;
+    assert_eq!(body["outcome"], "held", "{body}");
+    let (st, body) = app.post_user(&key, "watcher").await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body["paid_status"], "paid", "{body}");
+    assert_eq!(app.count("held_purchases").await, 0);
+}
+
+/// Play numbers renewal orders `..0`, `..1`: the renewal count follows.
+async fn play_renewal_count_from_order_id(b: Backend) {
+    let (app, g) = setup(b).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let t0 = app.state.core.now();
+    let renewal_count =
+        |body: &Value| body["data"]["verifyPurchase"]["purchase"]["renewalCount"].clone();
+    let q = "mutation($input: VerifyPurchaseInput!, $c: ID) { verifyPurchase(input: $input, customerId: $c) { purchase { renewalCount } } }";
+    for (order, expect) in [
+        ("GPA.1234-5678-9012-34567", 0),
+        ("GPA.1234-5678-9012-34567..0", 1),
+        ("GPA.1234-5678-9012-34567..4", 5),
+    ] {
+        let mut v = Sub::active(t0).json();
+        v["lineItems"][0]["latestSuccessfulOrderId"] = json!(order);
+        g.fake.set("renew-tok", v);
+        let (_, body) = app
+            .gql(
+                &key,
+                q,
+                json!({ "c": "renewer", "input": { "playStore": {
+                    "packageName": PACKAGE, "productId": "pro_sub", "purchaseToken": "renew-tok" } } }),
+            )
+            .await;
+        assert_eq!(renewal_count(&body), json!(expect), "{order}: {body}");
+    }
 }
 
 /// Bad push tokens: 401 and nothing written.
@@ -1037,6 +1173,9 @@ async fn verify_requires_a_customer(b: Backend) {
 }
 
 on_all_backends!(
+    play_held_until_its_owner_appears,
+    play_held_claimed_by_new_customer,
+    play_renewal_count_from_order_id,
     linked_chain_of_three_hops,
     linked_tokens_out_of_order,
     lifecycle_in_order_then_shuffled,

@@ -836,7 +836,9 @@ async fn refresh_rereads_on_hold_and_paused_play(b: Backend) {
         let c = entitlement(&app, &key, &format!("stalled-{i}"), "pro").await;
         assert!(is_active(&c), "{c}");
         assert_eq!(
-            outcome_of(&app, &format!("sub-stalled-{i}")).await.as_deref(),
+            outcome_of(&app, &format!("sub-stalled-{i}"))
+                .await
+                .as_deref(),
             Some("applied")
         );
     }

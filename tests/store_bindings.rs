@@ -185,7 +185,11 @@ async fn binding_wins_over_transfer(b: Backend) {
     assert_eq!(a[0].store, "app_store");
     assert_eq!(a[0].payload, json!({ "signedTransaction": jws }));
     assert_eq!(
-        (a[0].outcome.as_str(), a[0].error.as_deref(), a[0].purchase_id),
+        (
+            a[0].outcome.as_str(),
+            a[0].error.as_deref(),
+            a[0].purchase_id
+        ),
         ("valid", None, Some(pid))
     );
     let m = receipts(&app, "mallory").await;
@@ -411,10 +415,21 @@ async fn malformed_account_token(b: Backend) {
 async fn apple_renewal_count(b: Backend) {
     let app = app(b, TransferPolicy::Transfer).await;
     let t0 = app.state.core.now();
-    let sub = Sub::new("5600000001", MONTHLY, &account_token("erin").to_string(), t0);
+    let sub = Sub::new(
+        "5600000001",
+        MONTHLY,
+        &account_token("erin").to_string(),
+        t0,
+    );
     let body = verify(&app, "erin", &sign(&first_tx(&sub, t0))).await;
-    assert_eq!(body["data"]["verifyPurchase"]["purchase"]["renewalCount"], 0);
-    for (i, tid) in ["5600000002", "5600000003", "5600000003"].iter().enumerate() {
+    assert_eq!(
+        body["data"]["verifyPurchase"]["purchase"]["renewalCount"],
+        0
+    );
+    for (i, tid) in ["5600000002", "5600000003", "5600000003"]
+        .iter()
+        .enumerate()
+    {
         let t = t0 + Duration::days(30 * (i as i64 + 1)) + Duration::seconds(i as i64);
         let tx = sub.tx(tid, t, Some(t + Duration::days(30)), t);
         let n = notification(

@@ -7,7 +7,8 @@ use uuid::Uuid;
 
 /// Namespace of the UUID v5 token of a non-UUID customer id; fixed forever,
 /// since apps derive their tokens from it.
-pub const ACCOUNT_TOKEN_NAMESPACE: Uuid = Uuid::from_u128(0x5d1e_46b0_65a3_5e07_9d0a_58e1_c8a4_2f31);
+pub const ACCOUNT_TOKEN_NAMESPACE: Uuid =
+    Uuid::from_u128(0x5d1e_46b0_65a3_5e07_9d0a_58e1_c8a4_2f31);
 
 /// The token an app is told to set for `customer_id`: the id itself when it
 /// is a UUID, otherwise its UUID v5 in [`ACCOUNT_TOKEN_NAMESPACE`].

@@ -152,9 +152,7 @@ impl Core {
             .record_receipt(customer_id, Store::AppStore, submission.audit())
             .await?;
         let result: AppResult<(Applied, purchases::Model)> = async {
-            let vp = self
-                .resolve_app_store(apple, &submission)
-                .await?;
+            let vp = self.resolve_app_store(apple, &submission).await?;
             let txn = self.db.write().await?;
             let applied = self
                 .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())

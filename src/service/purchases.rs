@@ -74,7 +74,9 @@ pub enum StoreApplied {
     /// No customer here owns it or is named by its binding: kept aside for
     /// the first one its binding names (or who submits it). `stale` when the
     /// held state was newer.
-    Held { stale: bool },
+    Held {
+        stale: bool,
+    },
 }
 
 /// Whether `incoming` is older than a stored state: older by the store's
@@ -243,10 +245,14 @@ impl Core {
         .await?;
         let seen = purchase_transactions::Entity::find()
             .filter(purchase_transactions::Column::Store.eq(vp.store.as_str()))
-            .filter(purchase_transactions::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))
+            .filter(
+                purchase_transactions::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()),
+            )
             .count(c)
             .await?;
-        Ok(Some(i32::try_from(seen.saturating_sub(1)).unwrap_or(i32::MAX)))
+        Ok(Some(
+            i32::try_from(seen.saturating_sub(1)).unwrap_or(i32::MAX),
+        ))
     }
 
     /// Creates the customer if new; a new customer receives, with their
@@ -377,9 +383,7 @@ impl Core {
         if let Some(r) = replaces {
             db::lock_store_purchase(&**txn, store.as_str(), r).await?;
         }
-        let mut line = self
-            .find_line(&**txn, store, &vp.store_purchase_id)
-            .await?;
+        let mut line = self.find_line(&**txn, store, &vp.store_purchase_id).await?;
         // An older token of this purchase line, now replaced.
         let superseded = line.as_ref().is_some_and(|(_, s)| *s);
         // A new token of a line we hold (upgrade, downgrade, resubscribe):
@@ -506,7 +510,12 @@ impl Core {
             }
             None => {
                 let mut am = <purchases::ActiveModel as Default>::default();
-                self.fill(&mut am, vp, &owner, vp.renewal_count.or(counted).unwrap_or(0));
+                self.fill(
+                    &mut am,
+                    vp,
+                    &owner,
+                    vp.renewal_count.or(counted).unwrap_or(0),
+                );
                 am.insert(&**txn).await?.id
             }
         };
@@ -574,16 +583,17 @@ impl Core {
         // an owner: it continues the line now.
         let successor = match stale {
             true => None,
-            false => held_purchases::Entity::find()
-                .filter(held_purchases::Column::Store.eq(store.as_str()))
-                .filter(held_purchases::Column::Replaces.eq(vp.store_purchase_id.as_str()))
-                .one(&**txn)
-                .await?,
+            false => {
+                held_purchases::Entity::find()
+                    .filter(held_purchases::Column::Store.eq(store.as_str()))
+                    .filter(held_purchases::Column::Replaces.eq(vp.store_purchase_id.as_str()))
+                    .one(&**txn)
+                    .await?
+            }
         };
         if let Some(h) = successor {
-            let next = from_held(h.state.clone()).map_err(|e| {
-                AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id))
-            })?;
+            let next = from_held(h.state.clone())
+                .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
             held_purchases::Entity::delete_by_id(h.id)
                 .exec(&**txn)
                 .await?;
