@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 const VERIFY: &str = r#"mutation($input: VerifyPurchaseInput!, $customerId: ID) {
   verifyPurchase(input: $input, customerId: $customerId) {
     customer { id entitlements { key isActive } }
-    purchase { storePurchaseId status renewalCount }
+    purchase { status renewalCount }
   }
 }"#;
 
@@ -269,8 +269,8 @@ async fn integer_id_tokens(b: Backend) {
             let (_, body) = app
                 .gql(
                     client,
-                    "mutation($c: ID!) { registerDevice(input: {platform: IOS, deviceId: \"phone\", customerId: $c}) { customer { paidStatus } } }",
-                    json!({ "c": id }),
+                    "mutation($c: ID!, $d: String!) { registerDevice(input: {platform: IOS, deviceId: $d, customerId: $c}) { customer { paidStatus } } }",
+                    json!({ "c": id, "d": format!("phone-{id}") }),
                 )
                 .await;
             assert!(body["errors"].is_null(), "{body}");
