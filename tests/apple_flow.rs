@@ -34,8 +34,12 @@ const CUSTOMER_Q: &str = r#"query($id: ID!) {
   }
 }"#;
 
+/// The app has signed up `CUSTOMER` (so their token is indexed) before any
+/// purchase or notification.
 async fn app(b: Backend, env: AppleEnvironment, api: Option<&str>) -> TestApp {
-    spawn_with(b, |c| configure(c, env, api)).await
+    let app = spawn_with(b, |c| configure(c, env, api)).await;
+    app.sign_up(CUSTOMER).await;
+    app
 }
 
 /// `app_store` may carry `customerId`; it is sent as the mutation's argument.
@@ -483,8 +487,10 @@ async fn unowned_notification_is_recorded(b: Backend) {
     );
     let (s, body) = post_webhook(&app, &jws).await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(body["outcome"], "no_customer", "{body}");
+    // Nobody to give it to yet: held, no customer made up for it.
+    assert_eq!(body["outcome"], "held", "{body}");
     assert_eq!(app.count("purchases").await, 0);
+    assert_eq!(app.count("held_purchases").await, 1);
     assert_eq!(app.count("webhook_events").await, 1);
     let row = entities::webhook_events::Entity::find()
         .one(&app.state.core.db.conn)
@@ -493,7 +499,7 @@ async fn unowned_notification_is_recorded(b: Backend) {
         .unwrap();
     assert_eq!(row.source, "app_store");
     assert_eq!(row.event_id, "c1000000-0000-4000-8000-000000000001");
-    assert_eq!(row.outcome, "no_customer");
+    assert_eq!(row.outcome, "held");
     // The app submits it afterwards: it is theirs.
     let key = app.key(ApiKeyRole::Client).await;
     let (_, body) = verify(
@@ -507,6 +513,8 @@ async fn unowned_notification_is_recorded(b: Backend) {
         ent(&body["data"]["verifyPurchase"]["customer"], "pro")["isActive"],
         true
     );
+    assert_eq!(app.count("held_purchases").await, 0);
+    assert_eq!(app.count("purchases").await, 1);
     // A service key may read but not submit.
     let service = app.key(ApiKeyRole::Service).await;
     let (_, body) = verify(
@@ -1081,12 +1089,16 @@ async fn bad_submissions_grant_nothing(b: Backend) {
     assert!(body["errors"].is_null(), "{body}");
 }
 
+/// A purchase the store binds to no one (no appAccountToken: a restore on
+/// a new install) moves under `transfer`.
 async fn transfer_policy_moves_a_purchase(b: Backend) {
     let app = app(b, AppleEnvironment::Production, None).await;
     let key = app.key(ApiKeyRole::Client).await;
     let t0 = app.state.core.now();
     let sub = Sub::new("8100000001", MONTHLY, CUSTOMER, t0);
-    let signed = sign(&sub.tx("8100000001", t0, Some(t0 + Duration::days(30)), t0));
+    let mut tx = sub.tx("8100000001", t0, Some(t0 + Duration::days(30)), t0);
+    tx.as_object_mut().unwrap().remove("appAccountToken");
+    let signed = sign(&tx);
     let (_, body) = verify(
         &app,
         &key,
@@ -1145,6 +1157,7 @@ async fn bad_webhooks_change_nothing(b: Backend) {
         c.accept_sandbox = false;
     })
     .await;
+    app.sign_up(CUSTOMER).await;
     let t0 = app.state.core.now();
     let sub = Sub::new("9000000001", MONTHLY, CUSTOMER, t0);
     let tx = sub.tx("9000000001", t0, Some(t0 + Duration::days(30)), t0);

@@ -268,6 +268,7 @@ async fn apple_history_is_applied(b: Backend) {
         c.jobs.enabled = false;
     })
     .await;
+    app.sign_up(APPLE_CUSTOMER).await;
     let t0 = app.state.core.now();
     let sub = Sub::new(
         "7000000001",
@@ -705,6 +706,7 @@ async fn refresh_rereads_an_app_store_subscription(b: Backend) {
         c.jobs.enabled = false;
     })
     .await;
+    app.sign_up(APPLE_CUSTOMER).await;
     let t0 = app.state.core.now();
     let sub = Sub::new(
         "8000000001",
@@ -781,7 +783,150 @@ async fn refresh_rereads_an_app_store_subscription(b: Backend) {
     );
 }
 
+/// A lost message must not cut off a paying user: purchases on hold or
+/// paused are re-read while the store may still settle them, and a
+/// recovery Google reports (its notification lost) is applied.
+async fn refresh_rereads_on_hold_and_paused_play(b: Backend) {
+    use google_support::*;
+    let (app, g) = setup_with(b, |c| c.jobs.enabled = false).await;
+    let key = app.key(ApiKeyRole::Client).await;
+    let now = app.state.core.now();
+    for (i, state) in ["SUBSCRIPTION_STATE_ON_HOLD", "SUBSCRIPTION_STATE_PAUSED"]
+        .iter()
+        .enumerate()
+    {
+        let token = format!("sub-stalled-{i}");
+        let customer = format!("stalled-{i}");
+        let mut sub = Sub::active(now);
+        sub.acknowledged = true;
+        g.fake.set(&token, sub.json());
+        verify(&app, &key, &customer, "pro_sub", &token).await;
+        // Its period ended weeks ago and Google holds it.
+        let mut stalled = Sub::active(now - Duration::days(40));
+        stalled.state = state;
+        stalled.acknowledged = true;
+        stalled.expiry = now - Duration::days(10);
+        g.fake.set(&token, stalled.json());
+        let (_, body) = push(
+            &app,
+            &format!("m-stall-{i}"),
+            &sub_note(
+                if i == 0 { 5 } else { 10 },
+                &token,
+                now + Duration::minutes(1),
+            ),
+        )
+        .await;
+        assert_eq!(body["outcome"], "applied", "{body}");
+        assert!(!is_active(&entitlement(&app, &key, &customer, "pro").await));
+    }
+    // The payment went through / the pause ended; neither was notified.
+    for i in 0..2 {
+        let mut back = Sub::active(now);
+        back.acknowledged = true;
+        back.expiry = now + Duration::days(30);
+        g.fake.set(&format!("sub-stalled-{i}"), back.json());
+    }
+    app.clock.advance(Duration::minutes(2));
+    let r = refresh::run(&app.state.core, &JobsConfig::default())
+        .await
+        .unwrap();
+    assert_eq!((r.checked, r.failed), (2, 0));
+    for i in 0..2 {
+        let c = entitlement(&app, &key, &format!("stalled-{i}"), "pro").await;
+        assert!(is_active(&c), "{c}");
+        assert_eq!(
+            outcome_of(&app, &format!("sub-stalled-{i}"))
+                .await
+                .as_deref(),
+            Some("applied")
+        );
+    }
+}
+
+/// A canceled App Store subscription is re-read at its period end like an
+/// active one: the un-cancel whose notification was lost shows as a renewal.
+async fn refresh_rereads_a_canceled_app_store_subscription(b: Backend) {
+    use apple_support::*;
+    let server = MockServer::start().await;
+    let uri = server.uri();
+    let app = spawn_with(b, |c| {
+        configure(c, AppleEnvironment::Production, Some(&uri));
+        c.jobs.enabled = false;
+    })
+    .await;
+    app.sign_up(APPLE_CUSTOMER).await;
+    let t0 = app.state.core.now();
+    let sub = Sub::new(
+        "8100000001",
+        MONTHLY,
+        APPLE_CUSTOMER,
+        t0 - Duration::days(30),
+    );
+    let first = sub.tx(
+        "8100000001",
+        t0 - Duration::days(30),
+        Some(t0 + Duration::minutes(2)),
+        t0 - Duration::days(30),
+    );
+    let off = sub.renewal(false, false, None, t0 - Duration::minutes(1));
+    mount_apple_api(&server, "8100000001", &sub, &first, &off).await;
+    let jws = notification(
+        "DID_CHANGE_RENEWAL_STATUS",
+        Some("AUTO_RENEW_DISABLED"),
+        "b1000000-0000-4000-8000-000000000001",
+        "Production",
+        t0 - Duration::minutes(1),
+        Some(&first),
+        Some(&off),
+        Some(1),
+    );
+    let resp = app
+        .client
+        .post(app.url("/webhooks/apple"))
+        .json(&json!({ "signedPayload": jws }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let admin = app.key(ApiKeyRole::Admin).await;
+    let q = "query($id: ID!) { customer(id: $id) { entitlement(key: \"pro\") { isActive expiresAt willRenew } } }";
+    let (_, body) = app.gql(&admin, q, json!({ "id": APPLE_CUSTOMER })).await;
+    assert_eq!(
+        body["data"]["customer"]["entitlement"]["willRenew"], false,
+        "{body}"
+    );
+
+    // The user turned renewal back on and Apple renewed; we heard nothing.
+    let renewed_end = t0 + Duration::days(30);
+    let next = sub.tx(
+        "8100000002",
+        t0 + Duration::minutes(2),
+        Some(renewed_end),
+        t0,
+    );
+    mount_apple_api(
+        &server,
+        "8100000001",
+        &sub,
+        &next,
+        &sub.renewal(true, false, None, t0),
+    )
+    .await;
+    let r = refresh::run(&app.state.core, &JobsConfig::default())
+        .await
+        .unwrap();
+    assert_eq!((r.checked, r.failed), (1, 0));
+    let (_, body) = app.gql(&admin, q, json!({ "id": APPLE_CUSTOMER })).await;
+    let e = &body["data"]["customer"]["entitlement"];
+    let expires = DateTime::parse_from_rfc3339(e["expiresAt"].as_str().unwrap()).unwrap();
+    assert_eq!(expires.timestamp(), renewed_end.timestamp(), "{body}");
+    assert_eq!(e["willRenew"], true, "{body}");
+}
+
 on_all_backends!(
+    refresh_rereads_on_hold_and_paused_play,
+    refresh_rereads_a_canceled_app_store_subscription,
     refresh_rereads_a_play_subscription,
     refresh_rereads_an_app_store_subscription,
     stripe_missed_event_is_recovered_once,

@@ -4,6 +4,7 @@ mod m20261121_000001_init;
 mod m20261122_000001_events;
 mod m20261202_000002_retention;
 mod m20261202_000003_event_reason;
+pub mod m20261202_000004_store_bindings;
 mod m20261202_000005_pairing;
 mod m20261202_000007_outbound_queue;
 
@@ -17,6 +18,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_events::Migration),
             Box::new(m20261202_000002_retention::Migration),
             Box::new(m20261202_000003_event_reason::Migration),
+            Box::new(m20261202_000004_store_bindings::Migration),
             Box::new(m20261202_000005_pairing::Migration),
             Box::new(m20261202_000007_outbound_queue::Migration),
         ]

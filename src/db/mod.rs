@@ -5,13 +5,15 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use entities::{customer_aliases, customers, devices, entitlement_events, purchases};
+use entities::{
+    account_tokens, customer_aliases, customers, devices, entitlement_events, purchases,
+};
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
     DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
     sea_query::{Expr, ExprTrait, LikeExpr},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -303,10 +305,10 @@ pub async fn purchase_facts_of(
 }
 
 /// Creates the customer if absent; safe against concurrent creators.
-pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<()> {
+pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<bool> {
     txn.touch(id);
     let c = &txn.txn;
-    customers::Entity::insert(customers::ActiveModel {
+    let res = customers::Entity::insert(customers::ActiveModel {
         id: Set(id.to_string()),
         created_at: Set(now),
         attributes: Set(serde_json::json!({})),
@@ -314,7 +316,21 @@ pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> Ap
     .on_conflict_do_nothing_on([customers::Column::Id])
     .exec_without_returning(c)
     .await?;
-    Ok(())
+    let created = matches!(res, TryInsertResult::Inserted(n) if n > 0);
+    if created {
+        // Indexed with the customer, so a store message carrying only the
+        // token finds them.
+        for t in crate::domain::tokens::account_tokens(id) {
+            account_tokens::Entity::insert(account_tokens::ActiveModel {
+                token: Set(t.hyphenated().to_string()),
+                customer_id: Set(id.to_string()),
+            })
+            .on_conflict_do_nothing_on([account_tokens::Column::Token])
+            .exec_without_returning(c)
+            .await?;
+        }
+    }
+    Ok(created)
 }
 
 /// Reads the customer and, on PostgreSQL, row-locks it for the rest of the

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod engine;
+pub mod tokens;
 mod types;
 
 pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};

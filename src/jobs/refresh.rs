@@ -25,6 +25,10 @@ const BATCH: u64 = 100;
 /// A period that ended this long ago is still asked about: the store may
 /// settle it (renewed late, retry, expiry) a while after the end.
 const LOOKBACK: Duration = Duration::days(1);
+/// How long after its period a purchase in billing retry, on hold or paused
+/// may still come back (Apple retries for 60 days; Play pauses for up to
+/// three months).
+const SETTLE_WINDOW: Duration = Duration::days(100);
 
 /// The stores whose API this deployment can ask.
 pub fn stores(core: &Core) -> Vec<Store> {
@@ -73,9 +77,10 @@ pub async fn run(core: &Core, cfg: &JobsConfig) -> AppResult<Refreshed> {
     Ok(done)
 }
 
-/// Renewable purchases of `stores` whose period (or grace) ends within
-/// `refresh_ahead_secs` or ended less than a day ago, not checked within
-/// `refresh_every_secs`; soonest first.
+/// Purchases of `stores` not checked within `refresh_every_secs` whose
+/// period (or grace) ends within `refresh_ahead_secs` or ended less than a
+/// day ago, and those still in billing retry, on hold or paused; soonest
+/// first.
 async fn due(
     core: &Core,
     cfg: &JobsConfig,
@@ -86,27 +91,40 @@ async fn due(
     let from = now - LOOKBACK;
     let checked_since = now - secs(cfg.refresh_every_secs);
     let ends_in_window = |c: purchases::Column| c.gte(from).and(c.lte(ahead));
-    let retrying = [
+    // Canceled purchases too: a lost un-cancel would otherwise end them.
+    let by_period_end = [
+        PurchaseStatus::Active.as_str(),
+        PurchaseStatus::Trialing.as_str(),
+        PurchaseStatus::Canceled.as_str(),
         PurchaseStatus::InGracePeriod.as_str(),
         PurchaseStatus::InBillingRetry.as_str(),
     ];
+    // Their end is the store's (a retry succeeding, a hold or pause
+    // lifting) and no date of ours says when: asked every
+    // `refresh_every_secs` for as long as the store may still settle them.
+    let until_settled = [
+        PurchaseStatus::InBillingRetry.as_str(),
+        PurchaseStatus::OnHold.as_str(),
+        PurchaseStatus::Paused.as_str(),
+    ];
     Ok(purchases::Entity::find()
         .filter(purchases::Column::Store.is_in(stores.iter().map(|s| s.as_str())))
-        .filter(purchases::Column::Status.is_in([
-            PurchaseStatus::Active.as_str(),
-            PurchaseStatus::Trialing.as_str(),
-            PurchaseStatus::InGracePeriod.as_str(),
-            PurchaseStatus::InBillingRetry.as_str(),
-        ]))
         .filter(
             Condition::any()
-                .add(purchases::Column::AutoRenew.eq(true))
-                .add(purchases::Column::Status.is_in(retrying)),
-        )
-        .filter(
-            Condition::any()
-                .add(ends_in_window(purchases::Column::ExpiresAt))
-                .add(ends_in_window(purchases::Column::GraceExpiresAt)),
+                .add(
+                    Condition::all()
+                        .add(purchases::Column::Status.is_in(by_period_end))
+                        .add(
+                            Condition::any()
+                                .add(ends_in_window(purchases::Column::ExpiresAt))
+                                .add(ends_in_window(purchases::Column::GraceExpiresAt)),
+                        ),
+                )
+                .add(
+                    Condition::all()
+                        .add(purchases::Column::Status.is_in(until_settled))
+                        .add(purchases::Column::ExpiresAt.gte(now - SETTLE_WINDOW)),
+                ),
         )
         .filter(
             purchases::Column::Id.not_in_subquery(

@@ -17,7 +17,8 @@ pub mod stripe;
 pub struct VerifiedPurchase(PurchaseState);
 
 /// Everything a provider knows after verification; see [`VerifiedPurchase`].
-#[derive(Clone, Debug)]
+/// Serialisable so a purchase held for an owner not yet known keeps it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PurchaseState {
     pub store: Store,
     /// Apple original transaction id, Play purchase token, Stripe
@@ -35,13 +36,18 @@ pub struct PurchaseState {
     pub auto_renew: bool,
     pub canceled_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
-    /// `None` keeps the stored count.
+    /// `None` keeps the stored count (or, with a `transaction_id`, counts
+    /// the distinct transactions seen).
     pub renewal_count: Option<i32>,
+    /// The store transaction this state comes from (Apple `transactionId`).
+    #[serde(default)]
+    pub transaction_id: Option<String>,
     /// The store's own timestamp of this state; older never overwrites newer.
     pub source_updated_at: DateTime<Utc>,
-    /// The customer the store says made the purchase (Apple
-    /// `appAccountToken`, Play `obfuscatedExternalAccountId`, Stripe
-    /// `client_reference_id` / `metadata.customer_id`).
+    /// Whom the store says made the purchase: Apple `appAccountToken` (a
+    /// token the account-token index resolves), Play
+    /// `obfuscatedExternalAccountId` (a customer id or token), Stripe
+    /// `client_reference_id` / metadata (a customer id).
     pub bound_customer: Option<String>,
     /// A purchase of the same store this one supersedes (Play
     /// `linkedPurchaseToken`); it stops granting when this one is applied.
@@ -63,6 +69,12 @@ impl std::ops::Deref for VerifiedPurchase {
     fn deref(&self) -> &PurchaseState {
         &self.0
     }
+}
+
+/// A purchase state this server verified earlier and held (see
+/// `held_purchases`); the store's verification stands for it.
+pub(crate) fn from_held(state: serde_json::Value) -> Result<VerifiedPurchase, serde_json::Error> {
+    serde_json::from_value(state).map(VerifiedPurchase)
 }
 
 /// Lets unit tests of `service/` stand in for a provider.

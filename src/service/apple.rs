@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{
     Core,
-    purchases::{Applied, Submitter},
+    purchases::{Applied, StoreApplied, Submitter},
 };
 use crate::{
     domain::Store,
@@ -46,8 +46,9 @@ pub enum NotificationOutcome {
     Stale,
     /// A type that changes no purchase (TEST, summaries, …); recorded.
     Ignored,
-    /// About a purchase nobody submitted and no appAccountToken names; recorded.
-    NoCustomer,
+    /// About a purchase no customer here owns or is named by: held for the
+    /// first one its appAccountToken names, or who submits it.
+    Held,
     /// Seen before; nothing recorded or changed.
     Duplicate,
 }
@@ -63,7 +64,7 @@ impl NotificationOutcome {
             NotificationOutcome::Applied => "applied",
             NotificationOutcome::Stale => "stale",
             NotificationOutcome::Ignored => "ignored",
-            NotificationOutcome::NoCustomer => "no_customer",
+            NotificationOutcome::Held => "held",
             NotificationOutcome::Duplicate => "duplicate",
         }
     }
@@ -73,7 +74,6 @@ impl Core {
     async fn resolve_app_store(
         &self,
         apple: &Apple,
-        customer_id: &str,
         submission: &AppStoreSubmission,
     ) -> AppResult<VerifiedPurchase> {
         let verified = match submission {
@@ -113,7 +113,7 @@ impl Core {
                 apple.reread(&id, None).await?
             }
         };
-        apple.purchase(&verified, Some(customer_id))
+        apple.purchase(&verified)
     }
 
     /// Re-reads a purchase we hold from the App Store Server API by its
@@ -130,7 +130,7 @@ impl Core {
         let v = apple
             .reread(original_transaction_id, Some(environment))
             .await?;
-        let vp = apple.purchase(&v, None)?;
+        let vp = apple.purchase(&v)?;
         let txn = self.db.write().await?;
         let applied = self
             .apply_purchase_in(&txn, &vp, Submitter::Store, self.now())
@@ -152,9 +152,7 @@ impl Core {
             .record_receipt(customer_id, Store::AppStore, submission.audit())
             .await?;
         let result: AppResult<(Applied, purchases::Model)> = async {
-            let vp = self
-                .resolve_app_store(apple, customer_id, &submission)
-                .await?;
+            let vp = self.resolve_app_store(apple, &submission).await?;
             let txn = self.db.write().await?;
             let applied = self
                 .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())
@@ -227,7 +225,7 @@ impl Core {
                 _ => Some(v),
             },
         };
-        let vp = verified.map(|v| apple.purchase(&v, None)).transpose()?;
+        let vp = verified.map(|v| apple.purchase(&v)).transpose()?;
 
         let now = self.now();
         let txn = self.db.write().await?;
@@ -264,14 +262,11 @@ impl Core {
         }
         let outcome = match &vp {
             None => NotificationOutcome::Ignored,
-            Some(vp) => match self
-                .apply_purchase_in(&txn, vp, Submitter::Store, now)
-                .await
-            {
-                Ok(a) if a.stale => NotificationOutcome::Stale,
-                Ok(_) => NotificationOutcome::Applied,
-                Err(AppError::NotFound(_)) => NotificationOutcome::NoCustomer,
-                Err(e) => return Err(e),
+            Some(vp) => match self.apply_store_in(&txn, vp, now).await? {
+                StoreApplied::Applied(a) if a.stale => NotificationOutcome::Stale,
+                StoreApplied::Applied(_) => NotificationOutcome::Applied,
+                StoreApplied::Held { stale: true } => NotificationOutcome::Stale,
+                StoreApplied::Held { stale: false } => NotificationOutcome::Held,
             },
         };
         if outcome != provisional {

@@ -111,7 +111,7 @@ impl Core {
         // A merged-away id (the device's own included) lands on its account.
         let customer =
             db::lock_resolved_customer(&txn, customer_id.unwrap_or(device_id).as_str()).await?;
-        db::ensure_customer(&txn, &customer, now).await?;
+        self.ensure_customer_in(&txn, &customer, now).await?;
         db::lock_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
         let device_secret = issue_secret.then(super::pairing::new_device_secret);
@@ -230,7 +230,7 @@ impl Core {
                     // first sight (and so its trial) stays in the past.
                     Some(c) => {
                         let c = db::lock_resolved_customer(&txn, &c).await?;
-                        db::ensure_customer(&txn, &c, now).await?;
+                        self.ensure_customer_in(&txn, &c, now).await?;
                         Some(c)
                     }
                     None => None,

@@ -10,7 +10,7 @@
 //! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
 //! within the three days. A successful acknowledgement marks `raw` so.
 
-use entities::{purchases, webhook_events};
+use entities::{held_purchases, purchases, webhook_events};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
 };
@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::{
     Core,
-    purchases::{Applied, Submitter},
+    purchases::{Applied, StoreApplied, Submitter},
 };
 use crate::{
     db::WriteTxn,
@@ -73,8 +73,11 @@ pub enum PushOutcome {
     Applied,
     Duplicate,
     Test,
-    /// Neither stored nor bound to a customer: the app will submit it.
+    /// A refund of a purchase neither stored nor held here.
     Unattributed,
+    /// No customer here owns it or is named by its obfuscated account id:
+    /// held for the first one who is, or who submits it.
+    Held,
     /// Google no longer knows the purchase.
     UnknownPurchase,
     /// Older than what is stored; recorded, nothing changed.
@@ -89,6 +92,7 @@ impl PushOutcome {
             PushOutcome::Duplicate => "duplicate",
             PushOutcome::Test => "test",
             PushOutcome::Unattributed => "unattributed",
+            PushOutcome::Held => "held",
             PushOutcome::UnknownPurchase => "unknown_purchase",
             PushOutcome::Stale => "stale",
             PushOutcome::Ignored => "ignored",
@@ -159,10 +163,21 @@ impl Core {
             .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
             .one(&**txn)
             .await?;
+        let stored = match stored {
+            Some(s) => Some((s.status, s.revoked_at)),
+            None => held_purchases::Entity::find()
+                .filter(held_purchases::Column::Store.eq(Store::PlayStore.as_str()))
+                .filter(
+                    held_purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()),
+                )
+                .one(&**txn)
+                .await?
+                .and_then(|h| play::held_final(&h.state)),
+        };
         Ok(match stored {
-            Some(s) => match s.status.parse::<PurchaseStatus>() {
+            Some((status, revoked_at)) => match status.parse::<PurchaseStatus>() {
                 Ok(st @ (PurchaseStatus::Refunded | PurchaseStatus::Revoked)) => {
-                    play::keep_final(purchase, st, s.revoked_at)
+                    play::keep_final(purchase, st, revoked_at)
                 }
                 _ => purchase,
             },
@@ -389,16 +404,7 @@ impl Core {
         };
         let outcome = match &fetched {
             Err(o) => *o,
-            Ok(purchase) => match self
-                .apply_purchase_in(&txn, purchase, Submitter::Store, now)
-                .await
-            {
-                Ok(a) if a.stale => PushOutcome::Stale,
-                Ok(_) => PushOutcome::Applied,
-                // Nothing was written: no owner to give it to yet.
-                Err(AppError::NotFound(_)) => PushOutcome::Unattributed,
-                Err(e) => return Err(e),
-            },
+            Ok(purchase) => store_outcome(self.apply_store_in(&txn, purchase, now).await?),
         };
         if !self
             .claim_webhook(
@@ -480,26 +486,41 @@ impl Core {
         voided_at: chrono::DateTime<chrono::Utc>,
     ) -> AppResult<Result<Fetched, PushOutcome>> {
         let now = self.now();
-        let stored = purchases::Entity::find()
+        // What we know of it: a stored purchase, or one held for its owner.
+        let stored = match purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
             .filter(purchases::Column::StorePurchaseId.eq(token))
             .one(&self.db.conn)
-            .await?;
-        let Some(stored) = stored else {
-            // A refund of a purchase nobody here ever had.
-            return Ok(Err(PushOutcome::Unattributed));
-        };
-        let is_sub = match product_type {
-            Some(1) => true,
-            Some(2) => false,
-            _ => stored.expires_at.is_some(),
-        };
-        let f = if is_sub {
-            google.fetch_subscription(token, None, now).await?
-        } else {
-            google
-                .fetch_product(bare(&stored.product_id), token, now)
+            .await?
+        {
+            Some(p) => Some((p.product_id, p.expires_at.is_some())),
+            None => held_purchases::Entity::find()
+                .filter(held_purchases::Column::Store.eq(Store::PlayStore.as_str()))
+                .filter(held_purchases::Column::StorePurchaseId.eq(token))
+                .one(&self.db.conn)
                 .await?
+                .and_then(|h| {
+                    let product = h.state.get("product_id")?.as_str()?.to_string();
+                    let is_sub = h.state.get("expires_at").is_some_and(|e| !e.is_null());
+                    Some((product, is_sub))
+                }),
+        };
+        let is_sub = match (product_type, &stored) {
+            (Some(1), _) => true,
+            (Some(2), _) => false,
+            (_, Some((_, is_sub))) => *is_sub,
+            // A refund of a purchase nobody here ever had, of a kind we
+            // cannot tell.
+            (_, None) => return Ok(Err(PushOutcome::Unattributed)),
+        };
+        let f = match (is_sub, &stored) {
+            // Google still tells whose it is: held for them if need be.
+            (true, _) => google.fetch_subscription(token, None, now).await?,
+            (false, Some((product_id, _))) => {
+                google.fetch_product(bare(product_id), token, now).await?
+            }
+            // A one-time product is read by its id, which the refund omits.
+            (false, None) => return Ok(Err(PushOutcome::Unattributed)),
         };
         let f = play::stamped(f, voided_at);
         // A partial refund of a multi-quantity product leaves the rest.
@@ -540,15 +561,7 @@ impl Core {
         let txn = self.db.write().await?;
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
-        let outcome = match self
-            .apply_purchase_in(&txn, &purchase, Submitter::Store, now)
-            .await
-        {
-            Ok(a) if a.stale => PushOutcome::Stale,
-            Ok(_) => PushOutcome::Applied,
-            Err(AppError::NotFound(_)) => PushOutcome::Unattributed,
-            Err(e) => return Err(e),
-        };
+        let outcome = store_outcome(self.apply_store_in(&txn, &purchase, now).await?);
         let payload = json!({
             "voidedPurchase": {
                 "purchaseToken": v.purchase_token,
@@ -592,6 +605,15 @@ impl Core {
             self.acknowledge_play(google, &ack.1, token).await;
         }
         Ok(if applied.stale { "stale" } else { "applied" })
+    }
+}
+
+fn store_outcome(a: StoreApplied) -> PushOutcome {
+    match a {
+        StoreApplied::Applied(a) if a.stale => PushOutcome::Stale,
+        StoreApplied::Applied(_) => PushOutcome::Applied,
+        StoreApplied::Held { stale: true } => PushOutcome::Stale,
+        StoreApplied::Held { stale: false } => PushOutcome::Held,
     }
 }
 

@@ -4,18 +4,21 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use entities::{purchases, receipts, webhook_events};
+use entities::{
+    account_tokens, customers, held_purchases, purchase_aliases, purchase_transactions, purchases,
+    receipts, webhook_events,
+};
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    QueryFilter, QueryOrder, QuerySelect, TryInsertResult,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TryInsertResult,
 };
 
 use super::Core;
 use crate::{
     db::{self, WriteTxn},
-    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff},
+    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff, tokens},
     error::{AppError, AppResult},
-    providers::VerifiedPurchase,
+    providers::{PurchaseState, VerifiedPurchase, from_held},
 };
 
 /// The stored audit copy of a submission: itself up to `max` bytes of JSON,
@@ -58,10 +61,71 @@ fn is_final(status: &str) -> bool {
     status == PurchaseStatus::Refunded.as_str() || status == PurchaseStatus::Revoked.as_str()
 }
 
+/// Whether `incoming` is older than the held state `h`.
+fn is_stale_against_held(h: &held_purchases::Model, incoming: &PurchaseState) -> AppResult<bool> {
+    let held = from_held(h.state.clone())
+        .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
+    Ok(is_stale(
+        held.status.as_str(),
+        held.source_updated_at,
+        held.revoked_at,
+        incoming,
+    ))
+}
+
+/// Whom the store binds a purchase to, as far as this server knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Binding {
+    /// A customer here (or the submitter, whose token it is).
+    Customer(String),
+    /// Someone who is not a customer here, at least not yet.
+    Unknown,
+}
+
+/// What a store message did to a purchase.
+#[derive(Debug)]
+pub enum StoreApplied {
+    Applied(Applied),
+    /// No customer here owns it or is named by its binding: kept aside for
+    /// the first one its binding names (or who submits it). `stale` when the
+    /// held state was newer.
+    Held {
+        stale: bool,
+    },
+}
+
+/// Whether `incoming` is older than a stored state: older by the store's
+/// clock, or a non-final state signed before a stored refund or revoke.
+fn is_stale(
+    stored_status: &str,
+    stored_updated_at: DateTime<Utc>,
+    stored_revoked_at: Option<DateTime<Utc>>,
+    incoming: &PurchaseState,
+) -> bool {
+    stored_updated_at > incoming.source_updated_at
+        || (is_final(stored_status)
+            && !matches!(
+                incoming.status,
+                PurchaseStatus::Refunded | PurchaseStatus::Revoked
+            )
+            && stored_revoked_at.is_some_and(|r| incoming.source_updated_at <= r))
+}
+
+impl Submitter<'_> {
+    fn customer(&self) -> Option<&str> {
+        match self {
+            Submitter::Customer(c) => Some(c),
+            Submitter::Store => None,
+        }
+    }
+}
+
 impl Core {
     /// Applies a verified purchase state in the caller's write transaction,
     /// with its change-log rows. Older state (by the store's own timestamp)
     /// never overwrites newer; a refund is never undone by an older message.
+    /// A store message about a purchase nobody here owns is
+    /// `NotFound` and writes nothing (see [`Core::apply_store_in`] to hold it).
     pub async fn apply_purchase_in(
         &self,
         txn: &WriteTxn,
@@ -69,46 +133,365 @@ impl Core {
         submitter: Submitter<'_>,
         now: DateTime<Utc>,
     ) -> AppResult<Applied> {
-        db::lock_store_purchase(&**txn, vp.store.as_str(), &vp.store_purchase_id).await?;
-        let existing = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(vp.store.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))
-            .one(&**txn)
-            .await?;
-        let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
-        // Ids that name a customer merged into an account mean the account.
-        // The store's binding only counts for a purchase nobody holds yet.
-        let bound = match (&previous_owner, vp.bound_customer.as_deref()) {
-            (None, Some(b)) => Some(db::resolve_customer(&**txn, b).await?),
-            _ => None,
+        match self.apply_inner(txn, vp, submitter, false, now).await? {
+            StoreApplied::Applied(a) => Ok(a),
+            StoreApplied::Held { .. } => Err(AppError::Internal(anyhow::anyhow!(
+                "purchase held though holding was not asked for"
+            ))),
+        }
+    }
+
+    /// Applies what a store told us. A purchase no customer here owns or is
+    /// named by is held, not given to a made-up customer: later messages
+    /// (refunds included) still update it, and the first customer its
+    /// binding names, or who submits it, receives it as it then stands.
+    pub async fn apply_store_in(
+        &self,
+        txn: &WriteTxn,
+        vp: &VerifiedPurchase,
+        now: DateTime<Utc>,
+    ) -> AppResult<StoreApplied> {
+        self.apply_inner(txn, vp, Submitter::Store, true, now).await
+    }
+
+    /// The customer the store binding `key` names. The submitter comes
+    /// first (their own token needs no index); Apple tokens resolve through
+    /// the account-token index; Play and Stripe ids may be the customer id.
+    async fn resolve_binding(
+        &self,
+        c: &impl ConnectionTrait,
+        store: Store,
+        key: &str,
+        submitter: Option<&str>,
+    ) -> AppResult<Binding> {
+        if let Some(s) = submitter.filter(|s| tokens::names(key, s)) {
+            return Ok(Binding::Customer(s.to_string()));
+        }
+        if store == Store::Stripe {
+            return Ok(Binding::Customer(key.to_string()));
+        }
+        if let Ok(t) = uuid::Uuid::parse_str(key)
+            && let Some(row) = account_tokens::Entity::find_by_id(t.hyphenated().to_string())
+                .one(c)
+                .await?
+        {
+            return Ok(Binding::Customer(row.customer_id));
+        }
+        if store != Store::AppStore
+            && customers::Entity::find_by_id(key.to_string())
+                .one(c)
+                .await?
+                .is_some()
+        {
+            return Ok(Binding::Customer(key.to_string()));
+        }
+        Ok(Binding::Unknown)
+    }
+
+    /// The purchase line `id` names: its own row, or (`true`) the line a
+    /// later token of it superseded it with.
+    async fn find_line(
+        &self,
+        c: &impl ConnectionTrait,
+        store: Store,
+        id: &str,
+    ) -> AppResult<Option<(purchases::Model, bool)>> {
+        if let Some(p) = purchases::Entity::find()
+            .filter(purchases::Column::Store.eq(store.as_str()))
+            .filter(purchases::Column::StorePurchaseId.eq(id))
+            .one(c)
+            .await?
+        {
+            return Ok(Some((p, false)));
+        }
+        let Some(alias) = purchase_aliases::Entity::find()
+            .filter(purchase_aliases::Column::Store.eq(store.as_str()))
+            .filter(purchase_aliases::Column::StorePurchaseId.eq(id))
+            .one(c)
+            .await?
+        else {
+            return Ok(None);
         };
+        Ok(purchases::Entity::find_by_id(alias.purchase_id)
+            .one(c)
+            .await?
+            .map(|p| (p, true)))
+    }
+
+    async fn find_held(
+        &self,
+        c: &impl ConnectionTrait,
+        store: Store,
+        id: &str,
+    ) -> AppResult<Option<held_purchases::Model>> {
+        Ok(held_purchases::Entity::find()
+            .filter(held_purchases::Column::Store.eq(store.as_str()))
+            .filter(held_purchases::Column::StorePurchaseId.eq(id))
+            .one(c)
+            .await?)
+    }
+
+    /// Renewals of an App Store purchase: the distinct transactions seen
+    /// for its original transaction, less the first. `None` for other
+    /// stores or a state without a transaction id.
+    async fn count_renewals(
+        &self,
+        c: &impl ConnectionTrait,
+        vp: &PurchaseState,
+    ) -> AppResult<Option<i32>> {
+        if vp.renewal_count.is_some() {
+            return Ok(vp.renewal_count);
+        }
+        let (Store::AppStore, Some(tx)) = (vp.store, vp.transaction_id.as_deref()) else {
+            return Ok(None);
+        };
+        purchase_transactions::Entity::insert(purchase_transactions::ActiveModel {
+            store: Set(vp.store.as_str().into()),
+            store_purchase_id: Set(vp.store_purchase_id.clone()),
+            transaction_id: Set(tx.to_string()),
+            ..Default::default()
+        })
+        .on_conflict_do_nothing_on([
+            purchase_transactions::Column::Store,
+            purchase_transactions::Column::StorePurchaseId,
+            purchase_transactions::Column::TransactionId,
+        ])
+        .exec_without_returning(c)
+        .await?;
+        let seen = purchase_transactions::Entity::find()
+            .filter(purchase_transactions::Column::Store.eq(vp.store.as_str()))
+            .filter(
+                purchase_transactions::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()),
+            )
+            .count(c)
+            .await?;
+        Ok(Some(
+            i32::try_from(seen.saturating_sub(1)).unwrap_or(i32::MAX),
+        ))
+    }
+
+    /// Creates the customer if new; a new customer receives, with their
+    /// change-log rows, the held purchases whose binding names them.
+    pub async fn ensure_customer_in(
+        &self,
+        txn: &WriteTxn,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<()> {
+        if db::ensure_customer(txn, customer_id, now).await? {
+            self.claim_held_in(txn, customer_id, now).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_held_in(
+        &self,
+        txn: &WriteTxn,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<()> {
+        let mut keys: Vec<String> = tokens::account_tokens(customer_id)
+            .into_iter()
+            .map(|t| t.hyphenated().to_string())
+            .collect();
+        keys.push(customer_id.to_string());
+        let held = held_purchases::Entity::find()
+            .filter(held_purchases::Column::BoundKey.is_in(keys))
+            .all(&**txn)
+            .await?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        db::lock_customer(txn, customer_id).await?;
+        let (before, _) = self.state_before_write(&**txn, customer_id, now).await?;
+        for h in held {
+            let vp = from_held(h.state.clone())
+                .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
+            db::lock_store_purchase(&**txn, vp.store.as_str(), &vp.store_purchase_id).await?;
+            held_purchases::Entity::delete_by_id(h.id)
+                .exec(&**txn)
+                .await?;
+            if self
+                .find_line(&**txn, vp.store, &vp.store_purchase_id)
+                .await?
+                .is_some()
+            {
+                continue;
+            }
+            let mut am = <purchases::ActiveModel as Default>::default();
+            self.fill(&mut am, &vp, customer_id, vp.renewal_count.unwrap_or(0));
+            am.insert(&**txn).await?;
+        }
+        self.record_transition(&**txn, customer_id, &before, now)
+            .await?;
+        Ok(())
+    }
+
+    /// Keeps (or updates) a purchase no customer here owns yet.
+    async fn hold_in(
+        &self,
+        txn: &WriteTxn,
+        vp: &VerifiedPurchase,
+        held: Option<held_purchases::Model>,
+        key: Option<String>,
+        now: DateTime<Utc>,
+    ) -> AppResult<StoreApplied> {
+        let renewal_count = self.count_renewals(&**txn, vp).await?;
+        if let Some(h) = &held
+            && is_stale_against_held(h, vp)?
+        {
+            return Ok(StoreApplied::Held { stale: true });
+        }
+        let mut state: PurchaseState = (**vp).clone();
+        state.renewal_count = renewal_count.or(state.renewal_count);
+        let json = serde_json::to_value(&state)
+            .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase: {e}")))?;
+        match held {
+            Some(h) => {
+                let mut am = h.into_active_model();
+                am.state = Set(json);
+                am.bound_key = Set(key);
+                am.replaces = Set(vp.replaces.clone());
+                am.source_updated_at = Set(vp.source_updated_at);
+                am.update(&**txn).await?;
+            }
+            None => {
+                held_purchases::ActiveModel {
+                    store: Set(vp.store.as_str().into()),
+                    store_purchase_id: Set(vp.store_purchase_id.clone()),
+                    bound_key: Set(key),
+                    replaces: Set(vp.replaces.clone()),
+                    state: Set(json),
+                    source_updated_at: Set(vp.source_updated_at),
+                    held_at: Set(now),
+                    ..Default::default()
+                }
+                .insert(&**txn)
+                .await?;
+            }
+        }
+        // An unowned token this one replaced is this purchase now.
+        if let Some(r) = vp.replaces.as_deref() {
+            held_purchases::Entity::delete_many()
+                .filter(held_purchases::Column::Store.eq(vp.store.as_str()))
+                .filter(held_purchases::Column::StorePurchaseId.eq(r))
+                .exec(&**txn)
+                .await?;
+        }
+        Ok(StoreApplied::Held { stale: false })
+    }
+
+    async fn apply_inner(
+        &self,
+        txn: &WriteTxn,
+        vp: &VerifiedPurchase,
+        submitter: Submitter<'_>,
+        may_hold: bool,
+        now: DateTime<Utc>,
+    ) -> AppResult<StoreApplied> {
+        let store = vp.store;
+        db::lock_store_purchase(&**txn, store.as_str(), &vp.store_purchase_id).await?;
+        let replaces = vp
+            .replaces
+            .as_deref()
+            .filter(|r| *r != vp.store_purchase_id);
+        if let Some(r) = replaces {
+            db::lock_store_purchase(&**txn, store.as_str(), r).await?;
+        }
+        let mut line = self.find_line(&**txn, store, &vp.store_purchase_id).await?;
+        // An older token of this purchase line, now replaced.
+        let superseded = line.as_ref().is_some_and(|(_, s)| *s);
+        // A new token of a line we hold (upgrade, downgrade, resubscribe):
+        // the line moves to it, with its owner, however long the chain.
+        let mut switching = false;
+        if line.is_none()
+            && let Some(r) = replaces
+            && let Some((p, _)) = self.find_line(&**txn, store, r).await?
+        {
+            line = Some((p, false));
+            switching = true;
+        }
+        let existing = line.map(|(p, _)| p);
+        let held = match &existing {
+            None => self.find_held(&**txn, store, &vp.store_purchase_id).await?,
+            Some(_) => None,
+        };
+        let key = vp
+            .bound_customer
+            .clone()
+            .or_else(|| held.as_ref().and_then(|h| h.bound_key.clone()));
+        let binding = match &key {
+            Some(k) => Some(
+                self.resolve_binding(&**txn, store, k, submitter.customer())
+                    .await?,
+            ),
+            None => None,
+        };
+        let previous_owner = existing.as_ref().map(|e| e.customer_id.clone());
         let owner = match submitter {
+            // The store's own binding wins over the transfer policy, which
+            // only governs purchases the store binds to no one. Ids that
+            // name a customer merged into an account mean the account.
             Submitter::Customer(c) => {
                 let c = db::resolve_customer(&**txn, c).await?;
-                let claimed = previous_owner.as_deref().or(bound.as_deref());
-                if claimed.is_some_and(|o| o != c) && self.transfer_policy == TransferPolicy::Keep {
-                    return Err(AppError::ReceiptAlreadyInUse);
+                match &binding {
+                    Some(Binding::Customer(x)) => {
+                        if db::resolve_customer(&**txn, x).await? != c {
+                            return Err(AppError::ReceiptAlreadyInUse);
+                        }
+                        c
+                    }
+                    Some(Binding::Unknown) => return Err(AppError::ReceiptAlreadyInUse),
+                    None => {
+                        if previous_owner.as_deref().is_some_and(|o| o != c)
+                            && self.transfer_policy == TransferPolicy::Keep
+                        {
+                            return Err(AppError::ReceiptAlreadyInUse);
+                        }
+                        c
+                    }
                 }
-                c
             }
-            Submitter::Store => previous_owner
-                .clone()
-                .or(bound)
-                .ok_or(AppError::NotFound("customer for this purchase"))?,
+            Submitter::Store => match (&previous_owner, &binding) {
+                (Some(o), _) => o.clone(),
+                (None, Some(Binding::Customer(x))) => db::resolve_customer(&**txn, x).await?,
+                (None, _) if may_hold && store != Store::Stripe => {
+                    return self.hold_in(txn, vp, held, key, now).await;
+                }
+                (None, _) => return Err(AppError::NotFound("customer for this purchase")),
+            },
         };
         crate::domain::ExternalId::parse(&owner)
             .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
         let owner = db::lock_canonical(txn, &owner).await?;
-        db::ensure_customer(txn, &owner, now).await?;
 
-        let replaced = match vp.replaces.as_deref() {
-            Some(r) if r != vp.store_purchase_id => {
-                purchases::Entity::find()
-                    .filter(purchases::Column::Store.eq(vp.store.as_str()))
-                    .filter(purchases::Column::StorePurchaseId.eq(r))
-                    .one(&**txn)
-                    .await?
+        // A held purchase becomes the owner's as it stands now: a held
+        // refund is not undone by submitting the transaction from before it.
+        let claimed = match held {
+            Some(h) => {
+                held_purchases::Entity::delete_by_id(h.id)
+                    .exec(&**txn)
+                    .await?;
+                let hv = from_held(h.state.clone()).map_err(|e| {
+                    AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id))
+                })?;
+                is_stale_against_held(&h, vp)?.then_some(hv)
             }
+            None => None,
+        };
+        let vp = claimed.as_ref().unwrap_or(vp);
+        self.ensure_customer_in(txn, &owner, now).await?;
+        let counted = self.count_renewals(&**txn, vp).await?;
+
+        // A separate row of the replaced token (stored before lines were
+        // collapsed): it stops granting now.
+        let replaced = match replaces {
+            Some(r) if !switching => purchases::Entity::find()
+                .filter(purchases::Column::Store.eq(store.as_str()))
+                .filter(purchases::Column::StorePurchaseId.eq(r))
+                .one(&**txn)
+                .await?
+                .filter(|p| existing.as_ref().is_none_or(|e| e.id != p.id)),
             _ => None,
         };
 
@@ -124,15 +507,15 @@ impl Core {
             before.push((c.clone(), self.state_before_write(&**txn, c, now).await?.0));
         }
 
-        let stale = existing.as_ref().is_some_and(|e| {
-            e.source_updated_at > vp.source_updated_at
-                || (is_final(&e.status)
-                    && !matches!(
-                        vp.status,
-                        PurchaseStatus::Refunded | PurchaseStatus::Revoked
-                    )
-                    && e.revoked_at.is_some_and(|r| vp.source_updated_at <= r))
-        });
+        let stale = superseded
+            || (!switching
+                && existing
+                    .as_ref()
+                    .is_some_and(|e| is_stale(&e.status, e.source_updated_at, e.revoked_at, vp)));
+        let old_token = existing
+            .as_ref()
+            .filter(|_| switching)
+            .map(|e| e.store_purchase_id.clone());
         let purchase_id = match existing {
             Some(e) if stale => {
                 let id = e.id;
@@ -144,14 +527,19 @@ impl Core {
                 id
             }
             Some(e) => {
-                let renewal_count = vp.renewal_count.unwrap_or(e.renewal_count);
+                let renewal_count = vp.renewal_count.or(counted).unwrap_or(e.renewal_count);
                 let mut am = e.into_active_model();
                 self.fill(&mut am, vp, &owner, renewal_count);
                 am.update(&**txn).await?.id
             }
             None => {
                 let mut am = <purchases::ActiveModel as Default>::default();
-                self.fill(&mut am, vp, &owner, vp.renewal_count.unwrap_or(0));
+                self.fill(
+                    &mut am,
+                    vp,
+                    &owner,
+                    vp.renewal_count.or(counted).unwrap_or(0),
+                );
                 am.insert(&**txn).await?.id
             }
         };
@@ -166,6 +554,31 @@ impl Core {
             am.auto_renew = Set(false);
             am.source_updated_at = Set(vp.source_updated_at);
             am.update(&**txn).await?;
+        } else {
+            // Tokens this line replaced name it from now on, so a late
+            // message about one of them changes nothing.
+            for t in replaces.map(str::to_string).into_iter().chain(old_token) {
+                if t == vp.store_purchase_id {
+                    continue;
+                }
+                purchase_aliases::Entity::insert(purchase_aliases::ActiveModel {
+                    store: Set(store.as_str().into()),
+                    store_purchase_id: Set(t.clone()),
+                    purchase_id: Set(purchase_id),
+                    ..Default::default()
+                })
+                .on_conflict_do_nothing_on([
+                    purchase_aliases::Column::Store,
+                    purchase_aliases::Column::StorePurchaseId,
+                ])
+                .exec_without_returning(&**txn)
+                .await?;
+                held_purchases::Entity::delete_many()
+                    .filter(held_purchases::Column::Store.eq(store.as_str()))
+                    .filter(held_purchases::Column::StorePurchaseId.eq(t.as_str()))
+                    .exec(&**txn)
+                    .await?;
+            }
         }
 
         let mut owner_snapshot = None;
@@ -187,13 +600,41 @@ impl Core {
                 owner_snapshot = Some(after);
             }
         }
-        Ok(Applied {
+        let applied = Applied {
             customer_id: owner,
             purchase_id,
             snapshot: owner_snapshot
                 .ok_or_else(|| AppError::Internal(anyhow::anyhow!("owner not in affected set")))?,
             stale,
-        })
+        };
+        // A later token of this line that arrived first, held for want of
+        // an owner: it continues the line now.
+        let successor = match stale {
+            true => None,
+            false => {
+                held_purchases::Entity::find()
+                    .filter(held_purchases::Column::Store.eq(store.as_str()))
+                    .filter(held_purchases::Column::Replaces.eq(vp.store_purchase_id.as_str()))
+                    .one(&**txn)
+                    .await?
+            }
+        };
+        if let Some(h) = successor {
+            let next = from_held(h.state.clone())
+                .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
+            held_purchases::Entity::delete_by_id(h.id)
+                .exec(&**txn)
+                .await?;
+            if let StoreApplied::Applied(a) =
+                Box::pin(self.apply_inner(txn, &next, Submitter::Store, false, now)).await?
+            {
+                return Ok(StoreApplied::Applied(Applied {
+                    stale: applied.stale,
+                    ..a
+                }));
+            }
+        }
+        Ok(StoreApplied::Applied(applied))
     }
 
     fn fill(
@@ -446,6 +887,7 @@ mod tests {
             canceled_at: None,
             revoked_at: (status == PurchaseStatus::Refunded).then_some(now),
             renewal_count: None,
+            transaction_id: None,
             source_updated_at: now + Duration::seconds(updated_offset_secs),
             bound_customer: None,
             replaces: None,

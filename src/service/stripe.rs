@@ -151,7 +151,7 @@ impl Core {
                 stripe_customer,
             } => {
                 let customer = db::lock_resolved_customer(&txn, &customer).await?;
-                db::ensure_customer(&txn, &customer, now).await?;
+                self.ensure_customer_in(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
                 "bound"
             }
@@ -445,7 +445,7 @@ impl Core {
             .as_deref()
             .or(state.state().bound_customer.as_deref())
         {
-            db::ensure_customer(txn, c, now).await?;
+            self.ensure_customer_in(txn, c, now).await?;
             db::lock_customer(txn, c).await?;
         }
         let existing = purchases::Entity::find()

@@ -232,6 +232,18 @@ impl TestApp {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// `customer` exists (an account from before any purchase, with no
+    /// trial), so its account tokens are indexed before any store message.
+    pub async fn sign_up(&self, customer: &str) {
+        let core = &self.state.core;
+        let txn = core.db.write().await.unwrap();
+        core.ensure_customer_in(&txn, customer, core.now())
+            .await
+            .map_err(anyhow::Error::from)
+            .unwrap();
+        txn.commit().await.map_err(anyhow::Error::from).unwrap();
+    }
+
     /// Rows in `table`, for "nothing was written" assertions.
     pub async fn count(&self, table: &str) -> i64 {
         let db = &self.state.core.db.conn;
@@ -257,6 +269,7 @@ impl TestApp {
             "webhook_events",
             "entitlement_events",
             "api_keys",
+            "held_purchases",
         ] {
             out.push((t, self.count(t).await));
         }

@@ -387,11 +387,10 @@ impl Apple {
         Ok((payloads, next))
     }
 
-    /// Turns verified data into purchase state. `customer` is who submitted
-    /// it, if anyone: an `appAccountToken` equal to that customer's token
-    /// binds the purchase to them, any other token names another customer.
-    pub fn purchase(&self, v: &Verified, customer: Option<&str>) -> AppResult<VerifiedPurchase> {
-        to_state(v, customer).map(VerifiedPurchase::new)
+    /// Turns verified data into purchase state; its `appAccountToken`, if
+    /// any, is the binding.
+    pub fn purchase(&self, v: &Verified) -> AppResult<VerifiedPurchase> {
+        to_state(v).map(VerifiedPurchase::new)
     }
 }
 
@@ -409,17 +408,7 @@ pub fn transaction_id_from_receipt(app_receipt: &str) -> AppResult<String> {
     }
 }
 
-/// The `appAccountToken` an app sets for `customer_id`: the id itself when
-/// it is a UUID, otherwise the UUID v5 of the id in [`ACCOUNT_TOKEN_NAMESPACE`].
-pub fn account_token(customer_id: &str) -> uuid::Uuid {
-    uuid::Uuid::parse_str(customer_id)
-        .unwrap_or_else(|_| uuid::Uuid::new_v5(&ACCOUNT_TOKEN_NAMESPACE, customer_id.as_bytes()))
-}
-
-/// Namespace for [`account_token`] of non-UUID customer ids; fixed forever,
-/// since apps derive their tokens from it.
-pub const ACCOUNT_TOKEN_NAMESPACE: uuid::Uuid =
-    uuid::Uuid::from_u128(0x5d1e_46b0_65a3_5e07_9d0a_58e1_c8a4_2f31);
+pub use crate::domain::tokens::{ACCOUNT_TOKEN_NAMESPACE, account_token};
 
 /// The environment a verified transaction belongs to.
 pub fn environment(tx: &JWSTransactionDecodedPayload) -> Environment {
@@ -483,7 +472,7 @@ pub fn status_at(
     }
 }
 
-fn to_state(v: &Verified, customer: Option<&str>) -> AppResult<PurchaseState> {
+fn to_state(v: &Verified) -> AppResult<PurchaseState> {
     let tx = &v.transaction;
     let invalid = |what: &str| AppError::InvalidReceipt(format!("transaction has no {what}"));
     let original = tx
@@ -513,10 +502,8 @@ fn to_state(v: &Verified, customer: Option<&str>) -> AppResult<PurchaseState> {
     let grace_expires_at = renewal
         .filter(|r| r.is_in_billing_retry_period == Some(true))
         .and_then(|r| r.grace_period_expires_date);
-    let bound_customer = tx.app_account_token.map(|t| match customer {
-        Some(c) if account_token(c) == t => c.to_string(),
-        _ => t.hyphenated().to_string(),
-    });
+    // The service resolves the token to a customer through its index.
+    let bound_customer = tx.app_account_token.map(|t| t.hyphenated().to_string());
     let (kind, subtype) = v.notification.clone().unzip();
     Ok(PurchaseState {
         store: Store::AppStore,
@@ -532,6 +519,7 @@ fn to_state(v: &Verified, customer: Option<&str>) -> AppResult<PurchaseState> {
         canceled_at,
         revoked_at: tx.revocation_date,
         renewal_count: None,
+        transaction_id: tx.transaction_id.clone(),
         source_updated_at: v.signed_date,
         bound_customer,
         replaces: None,
@@ -672,7 +660,7 @@ mod tests {
             )),
             signed_date: at(SIGNED + 5),
         };
-        let s = to_state(&v, Some(token)).unwrap();
+        let s = to_state(&v).unwrap();
         assert_eq!(s.store_purchase_id, "1");
         assert_eq!(s.product_id, "p");
         assert_eq!(s.environment, Environment::Production);
@@ -682,18 +670,8 @@ mod tests {
         assert_eq!(s.expires_at, Some(at(EXPIRES)));
         assert_eq!(s.source_updated_at, at(SIGNED + 5));
         assert_eq!(s.bound_customer.as_deref(), Some(token));
+        assert_eq!(s.transaction_id.as_deref(), Some("2"));
         assert_eq!(s.raw["notificationType"], "DID_CHANGE_RENEWAL_STATUS");
-        // Another customer's token names that token, not the submitter.
-        let s = to_state(&v, Some("someone-else")).unwrap();
-        assert_eq!(s.bound_customer.as_deref(), Some(token));
         assert!(s.purchased_at < at(SIGNED) + Duration::seconds(1));
-    }
-
-    #[test]
-    fn account_tokens() {
-        let u = "7e3fb20b-4cdb-47cc-936d-99d65f608138";
-        assert_eq!(account_token(u).to_string(), u);
-        assert_eq!(account_token("alice"), account_token("alice"));
-        assert_ne!(account_token("alice"), account_token("bob"));
     }
 }

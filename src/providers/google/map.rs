@@ -26,6 +26,7 @@ struct SubscriptionV2 {
     test_purchase: Option<serde_json::Value>,
     canceled_state_context: Option<CanceledStateContext>,
     external_account_identifiers: Option<ExternalAccountIdentifiers>,
+    latest_order_id: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -36,6 +37,7 @@ struct LineItem {
     auto_renewing_plan: Option<AutoRenewingPlan>,
     offer_details: Option<OfferDetails>,
     offer_phase: Option<OfferPhase>,
+    latest_successful_order_id: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -75,6 +77,17 @@ struct UserInitiatedCancellation {
 #[serde(rename_all = "camelCase", default)]
 struct ExternalAccountIdentifiers {
     obfuscated_external_account_id: Option<String>,
+}
+
+/// Renewals an order id says happened: Play numbers a subscription's
+/// renewal orders `<first order>..0`, `..1`, ..., so `..N` is renewal N + 1
+/// and an id without the suffix is the first purchase.
+pub(super) fn renewals_of_order(order_id: &str) -> Option<i32> {
+    match order_id.rsplit_once("..") {
+        None => Some(0),
+        Some((base, n)) if !base.is_empty() => n.parse::<i32>().ok()?.checked_add(1),
+        Some(_) => None,
+    }
 }
 
 fn non_empty(s: Option<String>) -> Option<String> {
@@ -184,6 +197,8 @@ pub(super) fn subscription(
     let expires_at = expires_at.ok_or_else(|| {
         GoogleError::Malformed("subscription line item without expiryTime".into())
     })?;
+    let order_id = non_empty(item.latest_successful_order_id.clone())
+        .or_else(|| non_empty(sub.latest_order_id.clone()));
     let needs_ack = sub.acknowledgement_state.as_deref() == Some("ACKNOWLEDGEMENT_STATE_PENDING")
         && matches!(
             status,
@@ -218,7 +233,8 @@ pub(super) fn subscription(
                 ),
             canceled_at,
             revoked_at: None,
-            renewal_count: None,
+            renewal_count: order_id.as_deref().and_then(renewals_of_order),
+            transaction_id: order_id,
             source_updated_at: read_at,
             bound_customer: non_empty(
                 sub.external_account_identifiers
@@ -240,6 +256,7 @@ struct ProductPurchase {
     purchase_time_millis: Option<String>,
     purchase_type: Option<i64>,
     obfuscated_external_account_id: Option<String>,
+    order_id: Option<String>,
 }
 
 pub(super) fn millis(s: &str) -> Option<DateTime<Utc>> {
@@ -292,6 +309,7 @@ pub(super) fn product(
             canceled_at: None,
             revoked_at: (status == PurchaseStatus::Refunded).then_some(read_at),
             renewal_count: None,
+            transaction_id: non_empty(p.order_id),
             source_updated_at: read_at,
             bound_customer: non_empty(p.obfuscated_external_account_id),
             replaces: None,
@@ -309,6 +327,15 @@ mod tests {
 
     fn at(s: &str) -> DateTime<Utc> {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn order_id_suffix_counts_renewals() {
+        assert_eq!(renewals_of_order("GPA.3345-1234-5678-91234"), Some(0));
+        assert_eq!(renewals_of_order("GPA.3345-1234-5678-91234..0"), Some(1));
+        assert_eq!(renewals_of_order("GPA.3345-1234-5678-91234..11"), Some(12));
+        assert_eq!(renewals_of_order("GPA.3345..x"), None);
+        assert_eq!(renewals_of_order("..3"), None);
     }
 
     #[test]

@@ -398,6 +398,12 @@ pub fn keep_final(
     VerifiedPurchase::new(s)
 }
 
+/// The status and revocation time of a held purchase state.
+pub fn held_final(state: &serde_json::Value) -> Option<(String, Option<DateTime<Utc>>)> {
+    let held = crate::providers::from_held(state.clone()).ok()?;
+    Some((held.status.as_str().to_string(), held.revoked_at))
+}
+
 /// Stamps the state with the notification's own time, so a late message
 /// never overwrites what a newer one already applied.
 pub fn stamped(f: Fetched, at: DateTime<Utc>) -> Fetched {
