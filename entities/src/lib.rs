@@ -12,6 +12,7 @@ pub mod outbound_endpoints;
 pub mod purchase_checks;
 pub mod purchases;
 pub mod receipts;
+pub mod signing_keys;
 pub mod webhook_events;
 
 pub mod prelude {
@@ -26,5 +27,6 @@ pub mod prelude {
     pub use super::purchase_checks::Entity as PurchaseChecks;
     pub use super::purchases::Entity as Purchases;
     pub use super::receipts::Entity as Receipts;
+    pub use super::signing_keys::Entity as SigningKeys;
     pub use super::webhook_events::Entity as WebhookEvents;
 }

@@ -2,6 +2,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261121_000001_init;
 mod m20261122_000001_events;
+mod m20261202_000006_signing_keys;
 
 pub struct Migrator;
 
@@ -11,6 +12,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_init::Migration),
             Box::new(m20261122_000001_events::Migration),
+            Box::new(m20261202_000006_signing_keys::Migration),
         ]
     }
 }

@@ -31,6 +31,8 @@ pub struct UserResponse {
     payment_link: Option<String>,
     checkout_url: Option<String>,
     trial_ends_at: Option<String>,
+    /// Signed offline entitlements for this device.
+    entitlement_token: String,
 }
 
 pub async fn user(
@@ -66,6 +68,11 @@ pub async fn user(
         .and_then(|s| s.payment_link.clone());
     let checkout_url = link.as_deref().map(|l| checkout_url(l, &reg.customer_id));
     let paid = reg.snapshot.paid_status;
+    let entitlement_token = state
+        .core
+        .tokens
+        .entitlement_token(&reg.customer_id, Some(id.as_str()), &reg.snapshot)
+        .await?;
     Ok(Json(UserResponse {
         paid_status: paid.as_str(),
         status: paid.legacy_status(),
@@ -75,6 +82,7 @@ pub async fn user(
             .snapshot
             .trial_ends_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        entitlement_token,
     }))
 }
 

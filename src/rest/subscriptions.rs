@@ -22,6 +22,8 @@ pub struct CheckResponse {
     is_subscribed: bool,
     paid_status: &'static str,
     entitlements: Vec<EntitlementJson>,
+    /// The same state, signed for offline verification.
+    entitlement_token: String,
 }
 
 #[derive(Serialize)]
@@ -64,6 +66,11 @@ pub async fn check(
         .read_customer(id.as_str())
         .await?
         .ok_or(AppError::NotFound("customer"))?;
+    let entitlement_token = state
+        .core
+        .tokens
+        .entitlement_token(id.as_str(), None, &snap)
+        .await?;
     Ok(Json(CheckResponse {
         customer_id: id.into_string(),
         is_subscribed: snap.entitlements.iter().any(|e| e.is_active),
@@ -73,5 +80,6 @@ pub async fn check(
             .iter()
             .map(EntitlementJson::from)
             .collect(),
+        entitlement_token,
     }))
 }
