@@ -679,7 +679,7 @@ async fn readme_snippets_verify_offline_and_reject_forgeries() {
     let tampered_payload = format!("{h}.{}.{s}", b64(claims.to_string().as_bytes()));
     let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).unwrap()).unwrap();
     let mut hdr = header.clone();
-    hdr["typ"] = json!("at+jwt");
+    hdr["jku"] = json!("https://attacker.invalid/jwks.json");
     let tampered_header = forge(&hdr, &claims, s);
     let mut hdr = header.clone();
     hdr["kid"] = json!("not-a-published-kid");
