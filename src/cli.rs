@@ -18,6 +18,9 @@ pub struct Cli {
     /// Configuration file (default: ./entitle.toml when it exists).
     #[arg(long, global = true, env = "ENTITLE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Log progress (migrations, connections) for commands other than `serve`.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -146,11 +149,25 @@ async fn core(config: &Config) -> anyhow::Result<Core> {
     Core::new(config, db, Arc::new(SystemClock))
 }
 
+impl Cli {
+    /// `serve` logs at the configured level; every other command prints
+    /// only its result, so `KEY=$(entitle api-key create ...)` captures the
+    /// key and nothing else, unless the operator asks for `--verbose`.
+    pub fn log_filter<'a>(&self, configured: &'a str) -> &'a str {
+        let serving = matches!(self.command, None | Some(Command::Serve));
+        if serving || self.verbose {
+            configured
+        } else {
+            "error"
+        }
+    }
+}
+
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => app::serve(config).await,
         Command::Migrate => {
-            Db::connect_only(&config).await?.migrate().await?;
+            Db::migrate_only(&config).await?;
             eprintln!("database is up to date");
             Ok(())
         }

@@ -288,10 +288,27 @@ pub struct JwtConfig {
     pub issuer: String,
     pub audience: String,
     /// Claim whose value `admin_value` makes the bearer an admin.
+    #[serde(default = "JwtConfig::default_admin_claim")]
     pub admin_claim: String,
+    #[serde(default = "JwtConfig::default_admin_value")]
     pub admin_value: String,
     /// Clock skew tolerated on `exp`/`nbf`, seconds.
+    #[serde(default = "JwtConfig::default_leeway_secs")]
     pub leeway_secs: u64,
+}
+
+impl JwtConfig {
+    // The README's documented defaults: a minimal `[auth.jwt]` names only the
+    // algorithm, its key, the issuer and the audience.
+    fn default_admin_claim() -> String {
+        "role".into()
+    }
+    fn default_admin_value() -> String {
+        "admin".into()
+    }
+    fn default_leeway_secs() -> u64 {
+        30
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -472,10 +489,14 @@ impl Config {
         }
         fig = fig
             .merge(Env::raw().only(&["DATABASE_URL"]))
-            // ENTITLE_TEST_* belongs to the test harness, not to the server.
+            // ENTITLE_TEST_* belongs to the test harness, not to the server;
+            // ENTITLE_CONFIG names the file (the command line reads it).
             .merge(
                 Env::prefixed("ENTITLE_")
-                    .filter(|k| !k.as_str().to_ascii_lowercase().starts_with("test_"))
+                    .filter(|k| {
+                        let k = k.as_str().to_ascii_lowercase();
+                        !k.starts_with("test_") && k != "config"
+                    })
                     .split("__"),
             );
         Self::from_figment(fig)

@@ -169,3 +169,145 @@ fn outbound_status_lists_configured_endpoints_and_enable_refuses_unknown_ones() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn commands_other_than_serve_print_only_their_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let create = |verbose: bool| {
+        let mut args = vec!["api-key", "create", "--name", "ops", "--role", "admin"];
+        if verbose {
+            args.push("--verbose");
+        }
+        Command::new(env!("CARGO_BIN_EXE_entitle"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .env(
+                "ENTITLE_DATABASE_URL",
+                format!("sqlite://{}?mode=rwc", dir.path().join("q.db").display()),
+            )
+            // The configured level is for `serve`; it must not leak into other commands.
+            .env("ENTITLE_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    // First run on a fresh database: it migrates, which logs at INFO when asked to.
+    let out = create(false);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("ent_"), "{stdout}");
+    assert!(!stderr.contains("INFO"), "{stderr}");
+
+    let out = create(true);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+}
+
+/// `ENTITLE_CONFIG` names the file, as the command line's `--config` does,
+/// and a minimal `[auth.jwt]` (algorithm, key, issuer, audience) starts with
+/// the documented defaults for the rest.
+#[test]
+fn entitle_config_names_the_file_and_minimal_jwt_starts() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let etc = tempfile::tempdir().unwrap();
+    let file = etc.path().join("entitle.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "bind = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}?mode=rwc\"\n\
+             [auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"{}\"\nissuer = \"iss\"\naudience = \"aud\"\n",
+            dir.path().join("e.db").display(),
+            "k".repeat(40)
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_entitle"));
+        c.args(args)
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("ENTITLE_DATABASE_URL")
+            .env_remove("RUST_LOG")
+            .env("ENTITLE_CONFIG", &file)
+            .env("ENTITLE_LOG", "info");
+        c
+    };
+    // The documented defaults: `role: admin` makes an admin.
+    let out = cmd(&["token", "--sub", "alice", "--admin"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap();
+    let payload = token.trim().split('.').nth(1).unwrap();
+    use base64::Engine;
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["role"], "admin");
+
+    let mut child = cmd(&["serve"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut seen = String::new();
+    for _ in 0..200 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let line = strip_ansi(&line);
+        seen.push_str(&line);
+        if line.contains("entitle listening") {
+            addr = line
+                .split("addr=")
+                .nth(1)
+                .map(|s| s.split_whitespace().next().unwrap().to_string());
+            break;
+        }
+    }
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        panic!("serve did not start with ENTITLE_CONFIG: {seen}");
+    };
+    let addr = addr.trim_matches(|c: char| !c.is_ascii_digit() && c != '.' && c != ':');
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

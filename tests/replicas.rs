@@ -560,3 +560,44 @@ async fn a_run_longer_than_its_lease_keeps_it(b: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Replicas started at the same moment against a fresh database all come
+/// up: migrations take turns instead of racing to create the same tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_started_together_on_a_fresh_database_all_start() {
+    let Some(backend) = Backend::postgres() else {
+        eprintln!("ENTITLE_TEST_POSTGRES_URL not set: concurrent migration test not run");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::fresh_database(&backend, &dir).await;
+    let stream = unique("test:migrate:");
+    let mut servers: Vec<Server> = (0..3)
+        .map(|_| Server::start(dir.path(), &url, &stream))
+        .collect();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for s in &mut servers {
+        loop {
+            if let Some(status) = s.child.try_wait().unwrap() {
+                panic!("a replica exited during start-up: {status}");
+            }
+            if let Ok(r) = client.get(format!("{}/ready", s.base)).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica at {} never ready",
+                s.base
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let db = Database::connect(url.as_str()).await.unwrap();
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) AS n FROM seaql_migrations").await,
+        <migration::Migrator as migration::MigratorTrait>::migrations().len() as i64
+    );
+}

@@ -87,26 +87,40 @@ impl WriteTxn {
     }
 }
 
+/// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
+const MIGRATION_LOCK: i64 = 0x656e_7469_746c_65;
+
 impl Db {
     /// Connects and brings the schema up to date.
     pub async fn connect(config: &Config) -> anyhow::Result<Db> {
         // Migrate on a pool of its own: SQLite connections that saw the old
         // schema keep it cached and reject statements against the new one
         // ("ON CONFLICT clause does not match"), so the serving pool opens after.
-        let migrator = Self::connect_only(config).await?;
+        Self::migrate_only(config).await?;
+        Self::connect_only(config).await
+    }
+
+    /// Brings the schema up to date on a pool of its own, then closes it.
+    pub async fn migrate_only(config: &Config) -> anyhow::Result<()> {
+        // One connection: on PostgreSQL the migration lock is held by a
+        // session, so taking it and migrating must share that session.
+        let migrator = Self::connect_pool(config, 1).await?;
         migrator.migrate().await?;
         migrator
             .conn
             .close()
             .await
-            .context("closing the migration pool")?;
-        Self::connect_only(config).await
+            .context("closing the migration pool")
     }
 
     pub async fn connect_only(config: &Config) -> anyhow::Result<Db> {
+        Self::connect_pool(config, config.database_max_connections).await
+    }
+
+    async fn connect_pool(config: &Config, max_connections: u32) -> anyhow::Result<Db> {
         let url = config.database_url.expose();
         let mut opts = ConnectOptions::new(url.to_string());
-        opts.max_connections(config.database_max_connections)
+        opts.max_connections(max_connections)
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(10))
@@ -133,10 +147,32 @@ impl Db {
         })
     }
 
-    pub async fn migrate(&self) -> anyhow::Result<()> {
-        Migrator::up(&self.conn, None)
+    /// Brings the schema up to date. On PostgreSQL, replicas started
+    /// together against a fresh database would race to create the same
+    /// tables and the loser would fail to start: a session advisory lock
+    /// makes them take turns, and the later ones find nothing left to do.
+    /// Runs on a pool of one connection (`migrate_only`), or the lock and
+    /// the migration could land on different sessions.
+    async fn migrate(&self) -> anyhow::Result<()> {
+        let postgres = self.backend() == DbBackend::Postgres;
+        if postgres {
+            self.conn
+                .execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
+                .await
+                .context("taking the migration lock")?;
+        }
+        let result = Migrator::up(&self.conn, None)
             .await
-            .context("database migration failed")
+            .context("database migration failed");
+        if postgres {
+            // Closing the session releases it too; unlock so a long-lived
+            // pool does not hold it.
+            let _ = self
+                .conn
+                .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))
+                .await;
+        }
+        result
     }
 
     pub fn backend(&self) -> DbBackend {
