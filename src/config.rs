@@ -673,9 +673,14 @@ mod tests {
                 grace_period_days: None,
                 api_timeout_secs: None,
             }),
+            tokens: TokensConfig {
+                encryption_key: Some(Secret::new("c3VwZXJzZWNyZXQtdG9rZW4ta2V5LTMyLWJ5dGVzISE=")),
+                ..TokensConfig::default()
+            },
             ..Config::default()
         };
         let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("c3VwZXJzZWNyZXQt"), "{dbg}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
     }
@@ -751,6 +756,29 @@ mod tests {
             + &endpoint("https://a.example.com/in", good);
         let err = load(twice).unwrap_err().to_string();
         assert!(err.contains("outbound.endpoints[1].url"), "{err}");
+    }
+
+    #[test]
+    fn token_settings_are_bounded_and_the_key_never_echoed() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.tokens.offline_secs, 3 * 86_400);
+        assert_eq!(cfg.tokens.audience, "entitle-clients");
+        assert_eq!(cfg.tokens.algorithm, TokenAlgorithm::ES256);
+        assert!(load("[tokens]\noffline_secs = 2592000\nalgorithm = \"EdDSA\"\n").is_ok());
+        let err = load("[tokens]\noffline_secs = 2592001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.offline_secs"), "{err}");
+        let err = load("[tokens]\nencryption_key = \"dG9vLXNob3J0LWtleQ==\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.encryption_key"), "{err}");
+        assert!(!err.contains("dG9vLXNob3J0LWtleQ"), "{err}");
     }
 
     #[test]

@@ -513,7 +513,45 @@ async fn keys_are_encrypted_at_rest_and_need_the_same_key(b: Backend) {
     }
 }
 
+async fn ed25519_keys_sign_tokens_and_answers(b: Backend) {
+    let app = spawn_with(b, |c| {
+        c.tokens.algorithm = entitle::config::TokenAlgorithm::EdDSA;
+    })
+    .await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let keys = jwks(&app).await;
+    assert_eq!(keys["keys"][0]["kty"], "OKP");
+    assert_eq!(keys["keys"][0]["crv"], "Ed25519");
+    assert_eq!(keys["keys"][0]["alg"], "EdDSA");
+    let resp = client
+        .apply(
+            app.client
+                .post(app.url("/user"))
+                .json(&json!({ "id": "ed-1" })),
+        )
+        .header("x-entitle-nonce", NONCE)
+        .send()
+        .await
+        .unwrap();
+    let sig = resp.headers()["x-entitle-signature"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body = resp.bytes().await.unwrap();
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    let token = answer["entitlement_token"].as_str().unwrap();
+    assert_eq!(
+        jsonwebtoken::decode_header(token).unwrap().alg,
+        jsonwebtoken::Algorithm::EdDSA
+    );
+    let claims = verify(token, &keys).unwrap();
+    assert_eq!(claims["dev"], "ed-1");
+    assert!(verify_answer(&sig, NONCE, "/user", &body, &keys));
+    assert!(!verify_answer(&sig, NONCE, "/user?id=x", &body, &keys));
+}
+
 on_all_backends!(
+    ed25519_keys_sign_tokens_and_answers,
     tokens_follow_the_state_and_are_signed_once_per_state,
     the_token_is_read_only_with_the_right_credential,
     answers_are_signed_over_nonce_path_and_body,
