@@ -15,6 +15,7 @@ use crate::{
     config::{JwtAlgorithm, JwtConfig},
     domain::{ApiKeyRole, ExternalId},
     error::{AppError, AppResult},
+    jwks::{JwksCache, JwksError, JwksPolicy},
     service::{Core, api_keys::KeyIdentity},
 };
 
@@ -104,8 +105,15 @@ impl Principal {
     }
 }
 
+/// Where a customer token's verifying key comes from.
+enum JwtKey {
+    Fixed(DecodingKey),
+    /// An identity provider's published keys, chosen by the token's `kid`.
+    Jwks(Arc<JwksCache>, Algorithm),
+}
+
 struct JwtVerifier {
-    key: DecodingKey,
+    key: JwtKey,
     validation: Validation,
     admin_claim: String,
     admin_value: String,
@@ -121,21 +129,36 @@ fn algorithm(a: JwtAlgorithm) -> Algorithm {
 
 impl JwtVerifier {
     fn new(cfg: &JwtConfig) -> anyhow::Result<Self> {
-        let key = match cfg.algorithm {
-            JwtAlgorithm::HS256 => DecodingKey::from_secret(
+        let pem = || cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes();
+        let key = match (cfg.algorithm, &cfg.jwks_url) {
+            (JwtAlgorithm::RS256 | JwtAlgorithm::ES256, Some(url)) => {
+                let http = reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("HTTP client for auth.jwt.jwks_url: {e}"))?;
+                // Identity providers rotate over days; an hour keeps us
+                // close, and a new `kid` is fetched on first sight anyway.
+                JwtKey::Jwks(
+                    JwksCache::new(http, url.clone(), JwksPolicy::default()),
+                    algorithm(cfg.algorithm),
+                )
+            }
+            (JwtAlgorithm::HS256, _) => JwtKey::Fixed(DecodingKey::from_secret(
                 cfg.secret
                     .as_ref()
                     .map(|s| s.expose().as_bytes())
                     .unwrap_or_default(),
-            ),
-            JwtAlgorithm::RS256 => DecodingKey::from_rsa_pem(
-                cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes(),
-            )
-            .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
-            JwtAlgorithm::ES256 => DecodingKey::from_ec_pem(
-                cfg.public_key_pem.as_deref().unwrap_or_default().as_bytes(),
-            )
-            .map_err(|e| anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}"))?,
+            )),
+            (JwtAlgorithm::RS256, None) => {
+                JwtKey::Fixed(DecodingKey::from_rsa_pem(pem()).map_err(|e| {
+                    anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}")
+                })?)
+            }
+            (JwtAlgorithm::ES256, None) => {
+                JwtKey::Fixed(DecodingKey::from_ec_pem(pem()).map_err(|e| {
+                    anyhow::anyhow!("invalid configuration: auth.jwt.public_key_pem: {e}")
+                })?)
+            }
         };
         // One algorithm only: this is what stops `alg: none` and HS/RS confusion.
         let mut validation = Validation::new(algorithm(cfg.algorithm));
@@ -153,9 +176,27 @@ impl JwtVerifier {
         })
     }
 
-    fn verify(&self, token: &str) -> Option<Principal> {
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).ok()?;
+    async fn verify(&self, token: &str) -> Option<Principal> {
+        let jwks_key;
+        let key = match &self.key {
+            JwtKey::Fixed(k) => k,
+            JwtKey::Jwks(cache, alg) => {
+                // The header is read before anything verifies it: only its
+                // `kid` is used, to pick among the provider's keys, and the
+                // pinned algorithm is what the signature is checked with.
+                let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+                jwks_key = match cache.key(&kid, *alg).await {
+                    Ok(k) => k,
+                    Err(JwksError::Unavailable(why)) => {
+                        tracing::warn!(%why, "customer token keys (auth.jwt.jwks_url) unavailable");
+                        return None;
+                    }
+                    Err(JwksError::UnknownKey) => return None,
+                };
+                &jwks_key
+            }
+        };
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &self.validation).ok()?;
         let sub = data.claims.get("sub")?.as_str()?;
         let sub = ExternalId::parse(sub).ok()?.into_string();
         let admin = match data.claims.get(&self.admin_claim) {
@@ -249,7 +290,10 @@ impl Authenticator {
                 })
                 .ok_or(AppError::Unauthenticated)?;
             let jwt = self.jwt.as_ref().ok_or(AppError::Unauthenticated)?;
-            return jwt.verify(token.trim()).ok_or(AppError::Unauthenticated);
+            return jwt
+                .verify(token.trim())
+                .await
+                .ok_or(AppError::Unauthenticated);
         }
         let key = headers.get("api-key").or_else(|| headers.get("x-api-key"));
         match key {

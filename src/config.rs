@@ -283,6 +283,11 @@ pub struct JwtConfig {
     pub secret: Option<Secret>,
     /// RS256/ES256 public key, PEM.
     pub public_key_pem: Option<String>,
+    /// RS256/ES256: an identity provider's JWKS (Auth0, Clerk, Cognito,
+    /// Keycloak, ...) instead of a fixed key; tokens pick the key by `kid`,
+    /// and a `kid` first seen makes one refetch (key rotation).
+    #[serde(default)]
+    pub jwks_url: Option<String>,
     /// RS256/ES256 private key, PEM; only `entitle token` (development) uses it.
     pub private_key_pem: Option<Secret>,
     pub issuer: String,
@@ -360,6 +365,11 @@ pub struct GoogleConfig {
     pub pubsub_service_account: Option<String>,
     #[serde(default = "google_jwks_uri")]
     pub jwks_uri: String,
+    /// After a failed fetch of Google's keys, pushes whose key is not cached
+    /// are answered 503 at once for this long instead of each waiting on the
+    /// endpoint (Pub/Sub delivers them again).
+    #[serde(default = "google_jwks_failure_backoff_ms")]
+    pub jwks_failure_backoff_ms: u64,
     /// The app's base64 RSA public key (Play Console, "Licensing"), for
     /// legacy `INAPP_PURCHASE_DATA` receipts.
     #[serde(default)]
@@ -368,6 +378,10 @@ pub struct GoogleConfig {
 
 fn google_api_base() -> String {
     "https://androidpublisher.googleapis.com/".into()
+}
+
+fn google_jwks_failure_backoff_ms() -> u64 {
+    2000
 }
 
 fn google_jwks_uri() -> String {
@@ -384,6 +398,7 @@ impl GoogleConfig {
             pubsub_audience: None,
             pubsub_service_account: None,
             jwks_uri: google_jwks_uri(),
+            jwks_failure_backoff_ms: google_jwks_failure_backoff_ms(),
             license_public_key: None,
         }
     }
@@ -535,13 +550,31 @@ impl Config {
                     }
                 }
                 JwtAlgorithm::RS256 | JwtAlgorithm::ES256 => {
-                    if jwt.public_key_pem.is_none() {
-                        anyhow::bail!(
-                            "invalid configuration: auth.jwt.public_key_pem must be set for {:?}",
+                    match (&jwt.public_key_pem, &jwt.jwks_url) {
+                        (None, None) => anyhow::bail!(
+                            "invalid configuration: auth.jwt.public_key_pem or auth.jwt.jwks_url must be set for {:?}",
                             jwt.algorithm
-                        );
+                        ),
+                        (Some(_), Some(_)) => anyhow::bail!(
+                            "invalid configuration: auth.jwt.public_key_pem and auth.jwt.jwks_url are exclusive"
+                        ),
+                        (None, Some(url)) => {
+                            let ok = url::Url::parse(url)
+                                .is_ok_and(|u| matches!(u.scheme(), "https" | "http"));
+                            if !ok {
+                                anyhow::bail!(
+                                    "invalid configuration: auth.jwt.jwks_url must be an http(s) URL"
+                                );
+                            }
+                        }
+                        (Some(_), None) => {}
                     }
                 }
+            }
+            if jwt.algorithm == JwtAlgorithm::HS256 && jwt.jwks_url.is_some() {
+                anyhow::bail!(
+                    "invalid configuration: auth.jwt.jwks_url needs algorithm RS256 or ES256"
+                );
             }
         }
         if let Some(trial) = &self.trial {

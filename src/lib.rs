@@ -11,6 +11,7 @@ pub mod error;
 pub mod events;
 pub mod graphql;
 pub mod jobs;
+pub mod jwks;
 pub mod metrics;
 pub mod providers;
 pub mod rest;

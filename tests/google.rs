@@ -854,7 +854,62 @@ async fn verify_requires_a_customer(b: Backend) {
     assert_eq!(before[2], app.counts().await[2], "no purchase");
 }
 
+/// Google's keys endpoint hanging holds up only what needs it: a push whose
+/// key is cached is answered at once while a push naming an unknown key
+/// waits for the fetch, and a flood of made-up keys costs one fetch.
+async fn hanging_jwks_does_not_delay_cached_keys(b: Backend) {
+    let (app, g) = setup(b).await;
+    let n = json!({"version": "1.0", "packageName": PACKAGE,
+                   "eventTimeMillis": Utc::now().timestamp_millis().to_string(),
+                   "testNotification": {"version": "1.0"}});
+    assert_eq!(push(&app, "m-1", &n).await.0, StatusCode::OK);
+    assert_eq!(g.fake.with(|s| s.jwks_fetches), 1);
+    g.fake.with(|s| s.jwks_hang = true);
+
+    // Made-up keys: they wait on one shared fetch of the hanging endpoint.
+    let strangers: Vec<_> = (0..20)
+        .map(|i| {
+            let tok = Oidc {
+                kid: format!("made-up-{i}"),
+                ..Default::default()
+            }
+            .token();
+            let app_base = app.base.clone();
+            let client = app.client.clone();
+            let body = envelope(&format!("x-{i}"), &n).to_string();
+            tokio::spawn(async move {
+                client
+                    .post(format!("{app_base}/webhooks/google"))
+                    .bearer_auth(tok)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // The cached key answers while that fetch hangs.
+    let started = std::time::Instant::now();
+    let (st, body) = tokio::time::timeout(std::time::Duration::from_secs(3), push(&app, "m-2", &n))
+        .await
+        .expect("a push with a cached key waited for the keys endpoint");
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(
+        g.fake.with(|s| s.jwks_fetches) <= 2,
+        "made-up keys fetched more than once"
+    );
+    for s in strangers {
+        s.abort();
+    }
+    assert_eq!(app.count("webhook_events").await, 2);
+}
+
 on_all_backends!(
+    hanging_jwks_does_not_delay_cached_keys,
     lifecycle_in_order_then_shuffled,
     upgrade_leaves_one_live_purchase,
     push_token_rejections,

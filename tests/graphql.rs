@@ -353,6 +353,7 @@ async fn bad_tokens_get_401(b: Backend) {
     let pem = rs_public.clone();
     let app = spawn_with(b, move |c| {
         c.auth.jwt = Some(JwtConfig {
+            jwks_url: None,
             algorithm: JwtAlgorithm::RS256,
             secret: None,
             public_key_pem: Some(pem),

@@ -19,6 +19,7 @@ const PORTAL: &str = "mutation($r: String!) { createPortalSession(returnUrl: $r)
 
 fn jwt() -> JwtConfig {
     JwtConfig {
+        jwks_url: None,
         algorithm: JwtAlgorithm::HS256,
         secret: Some(Secret::new("0123456789abcdef0123456789abcdef-test")),
         public_key_pem: None,

@@ -88,7 +88,7 @@ impl WriteTxn {
 }
 
 /// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
-const MIGRATION_LOCK: i64 = 0x656e_7469_746c_65;
+const MIGRATION_LOCK: i64 = 0x0065_6e74_6974_6c65;
 
 impl Db {
     /// Connects and brings the schema up to date.

@@ -282,6 +282,7 @@ pub const HS_SECRET: &str = "test-secret-that-is-at-least-32-bytes-long";
 pub fn hs_config() -> entitle::config::JwtConfig {
     use entitle::config::{JwtAlgorithm, JwtConfig, Secret};
     JwtConfig {
+        jwks_url: None,
         algorithm: JwtAlgorithm::HS256,
         secret: Some(Secret::new(HS_SECRET)),
         public_key_pem: None,

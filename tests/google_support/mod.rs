@@ -82,6 +82,8 @@ pub struct FakeState {
     pub jwks: Vec<Value>,
     pub jwks_fetches: u32,
     pub jwks_down: bool,
+    /// The keys endpoint takes a minute to answer.
+    pub jwks_hang: bool,
 }
 
 #[derive(Clone, Default)]
@@ -160,6 +162,12 @@ impl Respond for Fake {
             }));
         }
         if path == "/jwks" {
+            if s.jwks_hang {
+                s.jwks_fetches += 1;
+                return ResponseTemplate::new(200)
+                    .set_body_json(json!({ "keys": s.jwks }))
+                    .set_delay(std::time::Duration::from_secs(60));
+            }
             if s.jwks_down {
                 return ResponseTemplate::new(502);
             }
@@ -278,6 +286,8 @@ pub fn google_config(uri: &str) -> GoogleConfig {
     g.pubsub_audience = Some(AUDIENCE.into());
     g.pubsub_service_account = Some(PUSHER.into());
     g.jwks_uri = format!("{uri}/jwks");
+    // Tests flip the fake's keys endpoint down and up within milliseconds.
+    g.jwks_failure_backoff_ms = 0;
     g.license_public_key = Some(license_key_b64());
     g
 }

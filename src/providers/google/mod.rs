@@ -127,6 +127,7 @@ impl GooglePlay {
             (Some(aud), Some(email)) => Some(oidc::PushVerifier::new(
                 http.clone(),
                 cfg.jwks_uri.clone(),
+                std::time::Duration::from_millis(cfg.jwks_failure_backoff_ms),
                 aud.clone(),
                 email.clone(),
             )),

@@ -1,24 +1,16 @@
 //! Pub/Sub push authentication: the `Authorization: Bearer` token is an
 //! OIDC ID token Google signs (RS256) for the push subscription's service
-//! account and audience. Google's keys come from a JWKS, cached, refetched
-//! once when a token names a key we do not hold.
+//! account and audience. Google's keys come from a JWKS, cached (`crate::jwks`).
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::sync::Arc;
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 use super::GoogleError;
+use crate::jwks::{JwksCache, JwksError, JwksPolicy};
 
 const ISSUERS: [&str; 2] = ["accounts.google.com", "https://accounts.google.com"];
-/// Google rotates its keys over days; an hour keeps us close.
-const KEYS_TTL: Duration = Duration::from_secs(3600);
-/// Unknown `kid`s cannot make us fetch more often than this.
-const MIN_REFETCH: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 struct PushClaims {
@@ -28,34 +20,32 @@ struct PushClaims {
     email_verified: Option<bool>,
 }
 
-struct Keys {
-    by_kid: HashMap<String, DecodingKey>,
-    fetched_at: Instant,
-    /// When an unknown `kid` last made us refetch.
-    unknown_refetch_at: Option<Instant>,
-}
-
 pub(super) struct PushVerifier {
-    http: reqwest::Client,
-    jwks_uri: String,
     audience: String,
     email: String,
-    keys: Mutex<Option<Keys>>,
+    keys: Arc<JwksCache>,
 }
 
 impl PushVerifier {
     pub(super) fn new(
         http: reqwest::Client,
         jwks_uri: String,
+        failure_backoff: std::time::Duration,
         audience: String,
         email: String,
     ) -> Self {
         PushVerifier {
-            http,
-            jwks_uri,
+            // Google rotates its keys over days; the default hour keeps us close.
+            keys: JwksCache::new(
+                http,
+                jwks_uri,
+                JwksPolicy {
+                    failure_backoff,
+                    ..JwksPolicy::default()
+                },
+            ),
             audience,
             email,
-            keys: Mutex::new(None),
         }
     }
 
@@ -92,65 +82,15 @@ impl PushVerifier {
         Ok(())
     }
 
-    async fn key(&self, kid: &str) -> Result<DecodingKey, GoogleError> {
-        let mut keys = self.keys.lock().await;
-        let fresh = keys
-            .as_ref()
-            .is_some_and(|k| k.fetched_at.elapsed() < KEYS_TTL);
-        if fresh {
-            if let Some(k) = keys.as_ref().and_then(|k| k.by_kid.get(kid)) {
-                return Ok(k.clone());
-            }
-            if keys
-                .as_ref()
-                .and_then(|k| k.unknown_refetch_at)
-                .is_some_and(|t| t.elapsed() < MIN_REFETCH)
-            {
-                return Err(GoogleError::PushRejected(
-                    "push token signed by an unknown key",
-                ));
-            }
-        }
-        let mut fetched = self.fetch().await?;
-        if fresh {
-            fetched.unknown_refetch_at = Some(Instant::now());
-        }
-        let found = fetched.by_kid.get(kid).cloned();
-        *keys = Some(fetched);
-        found.ok_or(GoogleError::PushRejected(
-            "push token signed by an unknown key",
-        ))
-    }
-
-    async fn fetch(&self) -> Result<Keys, GoogleError> {
-        let resp = self
-            .http
-            .get(&self.jwks_uri)
-            .send()
+    async fn key(&self, kid: &str) -> Result<jsonwebtoken::DecodingKey, GoogleError> {
+        self.keys
+            .key(kid, Algorithm::RS256)
             .await
-            .map_err(|e| GoogleError::Unavailable(format!("JWKS: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(GoogleError::Unavailable(format!(
-                "JWKS answered {}",
-                resp.status()
-            )));
-        }
-        let set: JwkSet = resp
-            .json()
-            .await
-            .map_err(|e| GoogleError::Unavailable(format!("JWKS answer: {e}")))?;
-        let by_kid = set
-            .keys
-            .iter()
-            .filter_map(|jwk| {
-                let kid = jwk.common.key_id.clone()?;
-                DecodingKey::from_jwk(jwk).ok().map(|k| (kid, k))
+            .map_err(|e| match e {
+                JwksError::UnknownKey => {
+                    GoogleError::PushRejected("push token signed by an unknown key")
+                }
+                JwksError::Unavailable(why) => GoogleError::Unavailable(format!("JWKS: {why}")),
             })
-            .collect();
-        Ok(Keys {
-            by_kid,
-            fetched_at: Instant::now(),
-            unknown_refetch_at: None,
-        })
     }
 }
