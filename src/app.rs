@@ -142,10 +142,8 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
             wake.clone(),
         )
         .await?;
-    if let Some(relay) =
-        crate::events::relay::Relay::new(config, core.clone(), state.metrics.clone())?
-    {
-        relay.spawn(wake);
+    for relay in crate::events::relay::Relay::new(config, core.clone(), state.metrics.clone())? {
+        relay.spawn(wake.clone());
     }
     crate::jobs::spawn_all(core.clone(), config);
     Ok(())

@@ -33,74 +33,13 @@ pub enum Principal {
 }
 
 impl Principal {
-    pub fn is_admin(&self) -> bool {
-        matches!(
-            self,
-            Principal::AdminToken(_)
-                | Principal::ApiKey {
-                    role: ApiKeyRole::Admin,
-                    ..
-                }
-        )
-    }
-
-    pub fn require_authenticated(&self) -> AppResult<()> {
+    /// The customer a token signs in as (an admin token's `sub` included);
+    /// API keys act for no customer of their own. What any principal may
+    /// do is `policy`'s to say.
+    pub fn customer_id(&self) -> Option<&str> {
         match self {
-            Principal::Anonymous => Err(AppError::Unauthenticated),
-            _ => Ok(()),
-        }
-    }
-
-    pub fn require_admin(&self) -> AppResult<()> {
-        self.require_authenticated()?;
-        if self.is_admin() {
-            Ok(())
-        } else {
-            Err(AppError::Forbidden("admin access required"))
-        }
-    }
-
-    /// Customer tokens read themselves; client keys read the customer they
-    /// name (they are embedded in apps that know their own user); service and
-    /// admin read anyone.
-    pub fn require_read(&self, customer_id: &str) -> AppResult<()> {
-        match self {
-            Principal::Anonymous => Err(AppError::Unauthenticated),
-            Principal::Customer(sub) if sub == customer_id => Ok(()),
-            Principal::Customer(_) => Err(AppError::Forbidden("a customer may read only itself")),
-            Principal::AdminToken(_) | Principal::ApiKey { .. } => Ok(()),
-        }
-    }
-
-    pub fn require_service(&self) -> AppResult<()> {
-        match self {
-            Principal::Anonymous => Err(AppError::Unauthenticated),
-            Principal::ApiKey {
-                role: ApiKeyRole::Service | ApiKeyRole::Admin,
-                ..
-            }
-            | Principal::AdminToken(_) => Ok(()),
-            _ => Err(AppError::Forbidden("a service or admin key is required")),
-        }
-    }
-
-    /// Registering devices: apps (client keys), admins, and a customer for itself.
-    pub fn require_register(&self, customer_id: Option<&str>) -> AppResult<()> {
-        match self {
-            Principal::Anonymous => Err(AppError::Unauthenticated),
-            Principal::ApiKey {
-                role: ApiKeyRole::Client | ApiKeyRole::Admin,
-                ..
-            }
-            | Principal::AdminToken(_) => Ok(()),
-            Principal::Customer(sub) if customer_id.is_none_or(|c| c == sub) => Ok(()),
-            Principal::Customer(_) => Err(AppError::Forbidden(
-                "a customer may register devices only for itself",
-            )),
-            Principal::ApiKey {
-                role: ApiKeyRole::Service,
-                ..
-            } => Err(AppError::Forbidden("service keys are read-only")),
+            Principal::Customer(sub) | Principal::AdminToken(sub) => Some(sub),
+            Principal::Anonymous | Principal::ApiKey { .. } => None,
         }
     }
 }

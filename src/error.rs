@@ -21,6 +21,8 @@ pub enum AppError {
     MethodNotAllowed(&'static str),
     InvalidReceipt(String),
     ReceiptAlreadyInUse,
+    /// The device is bound to another customer; only an admin moves it.
+    DeviceAlreadyBound,
     StoreUnavailable(&'static str),
     NotConfigured(&'static str),
     /// The cause is logged; clients see only "internal error".
@@ -39,6 +41,7 @@ impl AppError {
             AppError::BadInput(m) | AppError::InvalidReceipt(m) => m.clone(),
             AppError::PayloadTooLarge => "request body too large".into(),
             AppError::ReceiptAlreadyInUse => "this purchase belongs to another customer".into(),
+            AppError::DeviceAlreadyBound => "this device belongs to another customer".into(),
             AppError::StoreUnavailable(s) => format!("{s} is unavailable, try again later"),
             AppError::NotConfigured(s) => format!("{s} is not configured"),
             AppError::Internal(_) => "internal error".into(),
@@ -56,6 +59,7 @@ impl AppError {
             AppError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             AppError::InvalidReceipt(_) => "INVALID_RECEIPT",
             AppError::ReceiptAlreadyInUse => "RECEIPT_ALREADY_IN_USE",
+            AppError::DeviceAlreadyBound => "DEVICE_ALREADY_BOUND",
             AppError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             AppError::NotConfigured(_) => "NOT_CONFIGURED",
             AppError::Internal(_) => "INTERNAL",
@@ -71,7 +75,7 @@ impl AppError {
             AppError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             AppError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::ReceiptAlreadyInUse => StatusCode::CONFLICT,
+            AppError::ReceiptAlreadyInUse | AppError::DeviceAlreadyBound => StatusCode::CONFLICT,
             AppError::StoreUnavailable(_) | AppError::NotConfigured(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

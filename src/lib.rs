@@ -13,6 +13,7 @@ pub mod graphql;
 pub mod jobs;
 pub mod jwks;
 pub mod metrics;
+pub mod policy;
 pub mod providers;
 pub mod rest;
 pub mod service;

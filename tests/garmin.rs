@@ -350,7 +350,7 @@ async fn slow_clients_time_out(b: Backend) {
 
 on_all_backends!(slow_clients_time_out);
 
-/// The known-device path reads from memory; a rebind and a grant made
+/// The known-device path reads from memory; an admin's rebind and a grant made
 /// through the server show on the very next `POST /user`.
 async fn cached_device_reads_follow_rebind_and_grant(b: Backend) {
     let app = spawn(b).await;
@@ -358,9 +358,10 @@ async fn cached_device_reads_follow_rebind_and_grant(b: Backend) {
     let admin = app.key(ApiKeyRole::Admin).await;
     assert_eq!(app.post_user(&key, "w-r").await.1["paid_status"], "trial");
     assert_eq!(app.post_user(&key, "w-r").await.1["paid_status"], "trial");
+    // Only an admin moves a bound device.
     let (_, r) = app
         .gql(
-            &key,
+            &admin,
             "mutation { registerDevice(input: {platform: GARMIN, deviceId: \"w-r\", customerId: \"acct-1\"}) { created customer { id paidStatus } } }",
             json!({}),
         )

@@ -667,7 +667,7 @@ fn legacy_receipt(token: &str, product: &str, package: &str) -> (String, String)
 
 const VERIFY_LEGACY: &str = "mutation($d: String!, $s: String!) {
   verifyPurchase(customerId: \"user-1\", input: { playStoreReceipt: { signedData: $d, signature: $s } }) {
-    customer { entitlements { key isActive } } purchase { storePurchaseId } } }";
+    customer { entitlements { key isActive } } purchase { productId status } } }";
 
 /// A legacy signed receipt verifies offline, then goes through the API.
 async fn legacy_receipt_verifies(b: Backend) {
@@ -683,8 +683,21 @@ async fn legacy_receipt_verifies(b: Backend) {
         .await;
     assert!(body["errors"].is_null(), "{body}");
     assert_eq!(
-        body["data"]["verifyPurchase"]["purchase"]["storePurchaseId"],
-        "life-1"
+        body["data"]["verifyPurchase"]["purchase"]["status"], "ACTIVE",
+        "{body}"
+    );
+    // The purchase token is the store id: only an admin reads it back.
+    let admin = app.key(ApiKeyRole::Admin).await;
+    let (_, body) = app
+        .gql(
+            &admin,
+            "{ customer(id: \"user-1\") { purchases { storePurchaseId } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        body["data"]["customer"]["purchases"][0]["storePurchaseId"], "life-1",
+        "{body}"
     );
     assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
     assert_eq!(g.fake.ack_state("life-1"), 1);

@@ -46,7 +46,9 @@ async fn customer_queries_and_grants(b: Backend) {
     assert_eq!(r["data"]["registerDevice"]["device"]["platform"], "GARMIN");
 
     let q = "query($id: ID!) { customer(id: $id) { id paidStatus entitlement(key: \"pro\") { key isActive store periodType status expiresAt willRenew } entitlements { key isActive status } purchases { store status periodType productId } devices { platform deviceId } events { kind oldStatus newStatus entitlement } } }";
-    let (_, r) = app.gql(&client, q, json!({ "id": "dev-a" })).await;
+    // Purchases, devices and the change log are beyond a client key's summary.
+    let service = app.key(ApiKeyRole::Service).await;
+    let (_, r) = app.gql(&service, q, json!({ "id": "dev-a" })).await;
     let c = &r["data"]["customer"];
     assert_eq!(c["entitlement"]["isActive"], true, "{r}");
     assert_eq!(c["entitlement"]["store"], "TRIAL");
@@ -67,6 +69,13 @@ async fn customer_queries_and_grants(b: Backend) {
         c["events"],
         json!([{ "kind": "GRANTED", "oldStatus": null, "newStatus": "ACTIVE", "entitlement": "pro" }])
     );
+
+    let (_, r) = app.gql(&client, q, json!({ "id": "dev-a" })).await;
+    assert_eq!(error_code(&r), Some("FORBIDDEN"), "{r}");
+    assert_eq!(r["errors"].as_array().unwrap().len(), 3, "{r}");
+    for refused in ["purchases", "devices", "events"] {
+        assert!(r["data"]["customer"][refused].is_null(), "{r}");
+    }
 
     // Unknown customer: null, not an error.
     let (_, r) = app.gql(&client, q, json!({ "id": "nobody" })).await;

@@ -4,6 +4,7 @@
 //! dead or slow endpoint not holding back a healthy one.
 
 mod common;
+mod events_support;
 
 use std::time::{Duration as StdDuration, Instant};
 
@@ -456,7 +457,54 @@ async fn a_dead_or_slow_endpoint_does_not_hold_back_others(b: Backend) {
     );
 }
 
+/// Each sink is fed from the change log on its own: with Redis down, a
+/// change still reaches the outbound endpoint, and it reaches the stream
+/// once Redis is back.
+async fn redis_down_holds_back_only_the_stream(b: Backend) {
+    use events_support::{PrivateRedis, connect, unique, wait_stream};
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/hooks"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&server)
+        .await;
+    let target = endpoint(&server, "/hooks", SECRET);
+    let mut redis = PrivateRedis::start();
+    let stream = unique("test:outbound:");
+    let redis_url = redis.url();
+    let stream_key = stream.clone();
+    let app = spawn_with(b, move |c| {
+        c.outbound.endpoints = vec![target];
+        c.outbound.timeout_secs = 1;
+        c.events.relay_poll_ms = 50;
+        c.jobs.outbound_interval_ms = 50;
+        c.redis_url = Some(Secret::new(redis_url));
+        c.events.stream_key = stream_key;
+    })
+    .await;
+    redis.kill();
+
+    register(&app, "watch-1").await;
+    eventually("the endpoint is called while Redis is down", || async {
+        !received(&server, "/hooks").await.is_empty()
+    })
+    .await;
+    let reqs = received(&server, "/hooks").await;
+    let body: Value = serde_json::from_slice(&reqs[0].body).unwrap();
+    assert_eq!(body["data"]["userId"], "watch-1", "{body}");
+    let event_id = body["data"]["eventId"].as_str().unwrap().to_string();
+
+    redis.restart();
+    let mut conn = connect(&redis.url()).await;
+    let evs = wait_stream(&mut conn, &stream, 20, |e| !e.is_empty()).await;
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(evs[0]["eventId"].as_str(), Some(event_id.as_str()));
+    several_runs().await;
+    assert_eq!(received(&server, "/hooks").await.len(), 1, "delivered once");
+}
+
 on_all_backends!(
+    redis_down_holds_back_only_the_stream,
     trial_grant_is_posted_once_and_signed,
     a_failed_attempt_is_retried_after_the_backoff,
     an_endpoint_failing_for_days_is_disabled_until_enabled,

@@ -12,7 +12,10 @@ pub struct Model {
     pub new_status: String,
     pub purchase_id: Option<i64>,
     pub occurred_at: DateTimeUtc,
+    /// When the Redis relay took the row.
     pub published_at: Option<DateTimeUtc>,
+    /// When the row's outbound deliveries were queued.
+    pub outbound_queued_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -3,6 +3,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261121_000001_init;
 mod m20261122_000001_events;
 mod m20261202_000006_signing_keys;
+mod m20261202_000007_outbound_queue;
 
 pub struct Migrator;
 
@@ -13,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_init::Migration),
             Box::new(m20261122_000001_events::Migration),
             Box::new(m20261202_000006_signing_keys::Migration),
+            Box::new(m20261202_000007_outbound_queue::Migration),
         ]
     }
 }

@@ -394,6 +394,7 @@ pub async fn record_dated_changes(
             purchase_id: Set(ch.purchase_id),
             occurred_at: Set(*at),
             published_at: Set(None),
+            outbound_queued_at: Set(None),
             ..Default::default()
         });
     entitlement_events::Entity::insert_many(rows)

@@ -1,6 +1,8 @@
-//! Publishes unpublished change-log rows, in id order, to the Redis stream
-//! and queues them for outbound webhooks, then marks them published. At
-//! least once: a crash between the publish and the mark publishes the rows
+//! Feeds the change log to its sinks, each on its own: the Redis stream
+//! (rows published in id order, then marked `published_at`) and the
+//! outbound webhook queue (a delivery per endpoint queued, then marked
+//! `outbound_queued_at`). Redis being down holds back only the stream. At
+//! least once: a crash between a publish and its mark publishes the rows
 //! again, with the same `eventId`.
 
 use std::{sync::Arc, time::Duration};
@@ -21,18 +23,48 @@ use crate::{
     service::Core,
 };
 
-/// Any constant shared by every replica: the PostgreSQL advisory lock that
-/// lets one relay at a time publish, so rows leave in order and never twice
-/// concurrently.
+/// Constants shared by every replica: the PostgreSQL advisory locks that
+/// let one relay per sink at a time take rows, so rows leave in order and
+/// never twice concurrently.
 const RELAY_LOCK: i64 = 0x656e_7469_746c_6501;
+const OUTBOUND_LOCK: i64 = 0x656e_7469_746c_6502;
 
 pub struct Relay {
     core: Arc<Core>,
-    redis: Option<RedisSink>,
-    outbound_urls: Vec<String>,
+    sink: Sink,
     batch: u64,
     poll: Duration,
     metrics: Arc<Metrics>,
+}
+
+enum Sink {
+    Redis(Box<RedisSink>),
+    /// The URLs of the configured endpoints.
+    Outbound(Vec<String>),
+}
+
+impl Sink {
+    /// The column that records this sink has taken a row.
+    fn column(&self) -> entitlement_events::Column {
+        match self {
+            Sink::Redis(_) => entitlement_events::Column::PublishedAt,
+            Sink::Outbound(_) => entitlement_events::Column::OutboundQueuedAt,
+        }
+    }
+
+    fn lock(&self) -> i64 {
+        match self {
+            Sink::Redis(_) => RELAY_LOCK,
+            Sink::Outbound(_) => OUTBOUND_LOCK,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Sink::Redis(_) => "redis stream",
+            Sink::Outbound(_) => "outbound queue",
+        }
+    }
 }
 
 struct RedisSink {
@@ -84,40 +116,43 @@ fn redis_err(e: redis::RedisError) -> AppError {
 }
 
 impl Relay {
-    /// `None` when there is nowhere to publish: no `redis_url` and no
-    /// outbound endpoints. Rows then stay unpublished in the change log.
+    /// One relay per configured sink: the Redis stream with `redis_url`,
+    /// the outbound queue with outbound endpoints. With neither, rows stay
+    /// unpublished in the change log.
     pub fn new(
         config: &Config,
         core: Arc<Core>,
         metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Option<Relay>> {
-        let redis = match &config.redis_url {
-            Some(url) => Some(RedisSink {
+    ) -> anyhow::Result<Vec<Relay>> {
+        let mut sinks = Vec::new();
+        if let Some(url) = &config.redis_url {
+            sinks.push(Sink::Redis(Box::new(RedisSink {
                 client: redis::Client::open(url.expose())
                     .map_err(|_| anyhow::anyhow!("invalid configuration: redis_url"))?,
                 conn: None,
                 key: config.events.stream_key.clone(),
                 max_len: config.events.stream_max_len,
-            }),
-            None => None,
-        };
+            })));
+        }
         let outbound_urls: Vec<String> = config
             .outbound
             .endpoints
             .iter()
             .map(|e| e.url.clone())
             .collect();
-        if redis.is_none() && outbound_urls.is_empty() {
-            return Ok(None);
+        if !outbound_urls.is_empty() {
+            sinks.push(Sink::Outbound(outbound_urls));
         }
-        Ok(Some(Relay {
-            core,
-            redis,
-            outbound_urls,
-            batch: config.events.relay_batch.max(1),
-            poll: Duration::from_millis(config.events.relay_poll_ms.max(10)),
-            metrics,
-        }))
+        Ok(sinks
+            .into_iter()
+            .map(|sink| Relay {
+                core: core.clone(),
+                sink,
+                batch: config.events.relay_batch.max(1),
+                poll: Duration::from_millis(config.events.relay_poll_ms.max(10)),
+                metrics: metrics.clone(),
+            })
+            .collect())
     }
 
     /// Runs until the process ends: publishes whenever a local commit may
@@ -128,7 +163,9 @@ impl Relay {
             loop {
                 match self.publish_once().await {
                     Ok(n) => {
-                        self.metrics.events_published.inc_by(n as u64);
+                        if matches!(self.sink, Sink::Redis(_)) {
+                            self.metrics.events_published.inc_by(n as u64);
+                        }
                         backoff = Duration::from_millis(100);
                         if n as u64 >= self.batch {
                             continue;
@@ -137,6 +174,7 @@ impl Relay {
                     Err(e) => {
                         self.metrics.relay_failures.inc();
                         tracing::warn!(
+                            sink = self.sink.name(),
                             error = e.for_log(),
                             "event relay: publish failed; rows wait and are retried"
                         );
@@ -153,7 +191,7 @@ impl Relay {
         });
     }
 
-    /// Publishes one batch; returns how many rows it published.
+    /// Hands one batch to the sink; returns how many rows it took.
     pub async fn publish_once(&mut self) -> AppResult<usize> {
         let core = self.core.clone();
         let db = &core.db;
@@ -164,44 +202,57 @@ impl Relay {
                     .query_one_raw(Statement::from_sql_and_values(
                         DbBackend::Postgres,
                         "SELECT pg_try_advisory_xact_lock($1) AS locked",
-                        [RELAY_LOCK.into()],
+                        [self.sink.lock().into()],
                     ))
                     .await?
                     .map(|r| r.try_get::<bool>("", "locked"))
                     .transpose()?
                     .unwrap_or(false);
                 if !locked {
-                    // Another replica is publishing.
+                    // Another replica is feeding this sink.
                     return Ok(0);
                 }
                 let rows = self.unpublished(&txn).await?;
                 if rows.is_empty() {
                     return Ok(0);
                 }
-                self.send(&rows).await?;
+                self.send(&txn, &rows).await?;
                 self.mark(&txn, &rows).await?;
                 txn.commit().await?;
                 Ok(rows.len())
             }
-            _ => {
-                // One process owns a SQLite file: no lock to take, and the
-                // writer gate is not held across the Redis round trip.
-                let rows = self.unpublished(&db.conn).await?;
-                if rows.is_empty() {
-                    return Ok(0);
+            _ => match &self.sink {
+                Sink::Redis(_) => {
+                    // One process owns a SQLite file: no lock to take, and
+                    // the writer gate is not held across the Redis round trip.
+                    let rows = self.unpublished(&db.conn).await?;
+                    if rows.is_empty() {
+                        return Ok(0);
+                    }
+                    self.send(&db.conn, &rows).await?;
+                    let txn = db.write().await?;
+                    self.mark(&*txn, &rows).await?;
+                    txn.commit().await?;
+                    Ok(rows.len())
                 }
-                self.send(&rows).await?;
-                let txn = db.write().await?;
-                self.mark(&*txn, &rows).await?;
-                txn.commit().await?;
-                Ok(rows.len())
-            }
+                Sink::Outbound(_) => {
+                    let rows = self.unpublished(&db.conn).await?;
+                    if rows.is_empty() {
+                        return Ok(0);
+                    }
+                    let txn = db.write().await?;
+                    self.send(&*txn, &rows).await?;
+                    self.mark(&*txn, &rows).await?;
+                    txn.commit().await?;
+                    Ok(rows.len())
+                }
+            },
         }
     }
 
     async fn unpublished(&self, c: &impl ConnectionTrait) -> AppResult<Vec<EntitlementEvent>> {
         Ok(entitlement_events::Entity::find()
-            .filter(entitlement_events::Column::PublishedAt.is_null())
+            .filter(self.sink.column().is_null())
             .order_by_asc(entitlement_events::Column::Id)
             .limit(self.batch)
             .all(c)
@@ -211,42 +262,42 @@ impl Relay {
             .collect())
     }
 
-    async fn send(&mut self, rows: &[EntitlementEvent]) -> AppResult<()> {
-        if let Some(redis) = &mut self.redis {
-            redis.publish(rows).await?;
+    /// Redis: publishes the rows. Outbound: queues their deliveries on `c`,
+    /// in the transaction that marks them.
+    async fn send(&mut self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
+        match &mut self.sink {
+            Sink::Redis(redis) => redis.publish(rows).await,
+            Sink::Outbound(urls) => {
+                let business_now = self.core.now();
+                let queued = rows.iter().flat_map(|r| {
+                    urls.iter()
+                        .map(move |url| outbound_deliveries::ActiveModel {
+                            event_id: Set(r.seq),
+                            endpoint_url: Set(url.clone()),
+                            attempts: Set(0),
+                            next_attempt_at: Set(business_now),
+                            delivered_at: Set(None),
+                            last_error: Set(None),
+                            created_at: Set(business_now),
+                            ..Default::default()
+                        })
+                });
+                outbound_deliveries::Entity::insert_many(queued)
+                    .on_conflict_do_nothing_on([
+                        outbound_deliveries::Column::EventId,
+                        outbound_deliveries::Column::EndpointUrl,
+                    ])
+                    .exec_without_returning(c)
+                    .await?;
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     async fn mark(&self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
-        let now = Utc::now();
         let ids: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        if !self.outbound_urls.is_empty() {
-            let business_now = self.core.now();
-            let queued = rows.iter().flat_map(|r| {
-                self.outbound_urls
-                    .iter()
-                    .map(move |url| outbound_deliveries::ActiveModel {
-                        event_id: Set(r.seq),
-                        endpoint_url: Set(url.clone()),
-                        attempts: Set(0),
-                        next_attempt_at: Set(business_now),
-                        delivered_at: Set(None),
-                        last_error: Set(None),
-                        created_at: Set(business_now),
-                        ..Default::default()
-                    })
-            });
-            outbound_deliveries::Entity::insert_many(queued)
-                .on_conflict_do_nothing_on([
-                    outbound_deliveries::Column::EventId,
-                    outbound_deliveries::Column::EndpointUrl,
-                ])
-                .exec_without_returning(c)
-                .await?;
-        }
         entitlement_events::Entity::update_many()
-            .col_expr(entitlement_events::Column::PublishedAt, Expr::value(now))
+            .col_expr(self.sink.column(), Expr::value(Utc::now()))
             .filter(entitlement_events::Column::Id.is_in(ids))
             .exec(c)
             .await?;

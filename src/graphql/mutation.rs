@@ -7,8 +7,11 @@ use super::{
     types::{Customer, Device, Platform, core},
 };
 use crate::{
+    auth::Principal,
     domain::{self, ExternalId},
     error::AppError,
+    policy::{Action, authorize, permits},
+    service::customers::Rebind,
 };
 
 pub struct MutationRoot;
@@ -48,6 +51,8 @@ async fn customer_with(
 #[Object]
 impl MutationRoot {
     /// Registers a device; its first sight starts the configured free trial.
+    /// A device bound to one customer stays bound: naming another customer
+    /// is refused with `DEVICE_ALREADY_BOUND` unless an admin asks.
     async fn register_device(
         &self,
         ctx: &Context<'_>,
@@ -62,12 +67,23 @@ impl MutationRoot {
         let p = principal(ctx);
         // A customer token registers devices for itself.
         let customer_id = match (p, customer_id) {
-            (crate::auth::Principal::Customer(sub), None) => Some(parse_id("customerId", sub)?),
+            (Principal::Customer(sub), None) => Some(parse_id("customerId", sub)?),
             (_, c) => c,
         };
-        p.require_register(customer_id.as_ref().map(ExternalId::as_str))?;
+        let target = customer_id.as_ref().map(ExternalId::as_str);
+        authorize(p, Action::RegisterDevice, target)?;
+        let rebind = if permits(p, Action::RebindDevice, target) {
+            Rebind::Allow
+        } else {
+            Rebind::Refuse
+        };
         let reg = core(ctx)
-            .register_device(input.platform.into(), &device_id, customer_id.as_ref())
+            .register_device(
+                input.platform.into(),
+                &device_id,
+                customer_id.as_ref(),
+                rebind,
+            )
             .await?;
         Ok(RegisterDevicePayload {
             customer: customer_with(ctx, &reg.customer_id, reg.snapshot).await?,
@@ -84,7 +100,7 @@ impl MutationRoot {
         ctx: &Context<'_>,
         input: CreateCheckoutSessionInput,
     ) -> async_graphql::Result<CheckoutSession> {
-        let customer = signed_in_customer(principal(ctx))?;
+        let customer = signed_in_customer(principal(ctx), Action::Checkout)?;
         let (id, url) = core(ctx)
             .create_checkout_session(
                 customer,
@@ -102,7 +118,7 @@ impl MutationRoot {
         ctx: &Context<'_>,
         return_url: String,
     ) -> async_graphql::Result<PortalSession> {
-        let customer = signed_in_customer(principal(ctx))?;
+        let customer = signed_in_customer(principal(ctx), Action::Portal)?;
         let url = core(ctx)
             .create_portal_session(customer, &return_url)
             .await?;
@@ -128,7 +144,11 @@ impl MutationRoot {
         entitlement: String,
         expires_at: Option<DateTime<Utc>>,
     ) -> async_graphql::Result<Customer> {
-        principal(ctx).require_admin()?;
+        authorize(
+            principal(ctx),
+            Action::GrantEntitlement,
+            Some(customer_id.as_str()),
+        )?;
         let snap = core(ctx)
             .grant_entitlement(&customer_id, &entitlement, expires_at)
             .await?;
@@ -142,7 +162,11 @@ impl MutationRoot {
         customer_id: ID,
         entitlement: String,
     ) -> async_graphql::Result<Customer> {
-        principal(ctx).require_admin()?;
+        authorize(
+            principal(ctx),
+            Action::RevokeGrant,
+            Some(customer_id.as_str()),
+        )?;
         let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
         customer_with(ctx, &customer_id, snap).await
     }

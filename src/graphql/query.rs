@@ -5,7 +5,12 @@ use async_graphql::{
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use super::types::{Customer, Product, core};
-use crate::{auth::Principal, db, error::AppError};
+use crate::{
+    auth::Principal,
+    db,
+    error::AppError,
+    policy::{Action, authorize},
+};
 
 pub struct QueryRoot;
 
@@ -29,13 +34,12 @@ fn decode_cursor(c: &str) -> Result<String, AppError> {
 impl QueryRoot {
     /// The signed-in customer (customer tokens only).
     async fn me(&self, ctx: &Context<'_>) -> async_graphql::Result<Customer> {
-        let id = match principal(ctx) {
-            Principal::Customer(sub) | Principal::AdminToken(sub) => sub,
-            Principal::Anonymous => return Err(AppError::Unauthenticated.into()),
-            Principal::ApiKey { .. } => {
-                return Err(AppError::Forbidden("`me` needs a customer token").into());
-            }
-        };
+        let p = principal(ctx);
+        authorize(p, Action::ReadMe, None)?;
+        // An admin API key passes the policy but signs in as no one.
+        let id = p
+            .customer_id()
+            .ok_or(AppError::Forbidden(Action::ReadMe.refusal()))?;
         let (model, snapshot) = core(ctx)
             .read_customer(id)
             .await?
@@ -46,7 +50,11 @@ impl QueryRoot {
     /// A customer by id: admins and service keys read anyone, client keys the
     /// customer they name, customer tokens only themselves.
     async fn customer(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Option<Customer>> {
-        principal(ctx).require_read(&id)?;
+        authorize(
+            principal(ctx),
+            Action::ReadCustomerSummary,
+            Some(id.as_str()),
+        )?;
         Ok(core(ctx)
             .read_customer(&id)
             .await?
@@ -61,7 +69,7 @@ impl QueryRoot {
         after: Option<String>,
         #[graphql(validator(max_length = 256))] search: Option<String>,
     ) -> async_graphql::Result<Connection<String, Customer, EmptyFields, EmptyFields>> {
-        principal(ctx).require_admin()?;
+        authorize(principal(ctx), Action::ListCustomers, None)?;
         let after = after.as_deref().map(decode_cursor).transpose()?;
         let (rows, more) = db::customers_page(
             &core(ctx).db.conn,
@@ -80,7 +88,7 @@ impl QueryRoot {
 
     /// The product catalog, for paywalls.
     async fn products(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Product>> {
-        principal(ctx).require_authenticated()?;
+        authorize(principal(ctx), Action::ReadCatalog, None)?;
         Ok(core(ctx)
             .catalog
             .products()

@@ -2,7 +2,11 @@
 
 use async_graphql::{InputObject, SimpleObject};
 
-use crate::{auth::Principal, error::AppError};
+use crate::{
+    auth::Principal,
+    error::AppError,
+    policy::{Action, authorize},
+};
 
 #[derive(InputObject)]
 pub struct CreateCheckoutSessionInput {
@@ -26,13 +30,11 @@ pub struct PortalSession {
     pub url: String,
 }
 
-/// Checkout is for a signed-in customer, who pays for itself.
-pub fn signed_in_customer(p: &Principal) -> Result<&str, AppError> {
+/// Checkout and the portal are for a signed-in customer, who pays for itself.
+pub fn signed_in_customer(p: &Principal, action: Action) -> Result<&str, AppError> {
+    authorize(p, action, None)?;
     match p {
-        Principal::Anonymous => Err(AppError::Unauthenticated),
         Principal::Customer(sub) => Ok(sub),
-        _ => Err(AppError::Forbidden(
-            "checkout and the billing portal need a signed-in customer",
-        )),
+        _ => Err(AppError::Forbidden(action.refusal())),
     }
 }

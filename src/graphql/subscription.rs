@@ -6,7 +6,12 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{query::principal, types::core};
-use crate::{auth::Principal, domain::ApiKeyRole, error::AppError, events::EntitlementEvent};
+use crate::{
+    auth::Principal,
+    error::AppError,
+    events::EntitlementEvent,
+    policy::{Action, authorize},
+};
 
 pub struct SubscriptionRoot;
 
@@ -40,24 +45,21 @@ impl EntitlementChange {
 }
 
 /// Which customers' changes a principal may watch: `None` is every customer.
+/// A customer token without `customerId` watches itself.
 fn watch_scope(p: &Principal, customer_id: Option<&str>) -> Result<Option<String>, AppError> {
-    match (p, customer_id) {
-        (Principal::Anonymous, _) => Err(AppError::Unauthenticated),
-        (Principal::Customer(sub), None) => Ok(Some(sub.clone())),
-        (Principal::Customer(sub), Some(c)) if c == sub => Ok(Some(sub.clone())),
-        (Principal::Customer(_), Some(_)) => {
-            Err(AppError::Forbidden("a customer may watch only itself"))
+    let one = customer_id.or(match p {
+        Principal::Customer(sub) => Some(sub.as_str()),
+        _ => None,
+    });
+    match one {
+        Some(c) => {
+            authorize(p, Action::WatchCustomer, Some(c))?;
+            Ok(Some(c.to_string()))
         }
-        (
-            Principal::ApiKey {
-                role: ApiKeyRole::Client,
-                ..
-            },
-            None,
-        ) => Err(AppError::Forbidden(
-            "a client key must name the customer to watch",
-        )),
-        (_, c) => Ok(c.map(str::to_string)),
+        None => {
+            authorize(p, Action::WatchAllCustomers, None)?;
+            Ok(None)
+        }
     }
 }
 
@@ -115,7 +117,7 @@ mod tests {
         assert_eq!(watch_scope(&admin, Some("b")).unwrap(), Some("b".into()));
         let client = Principal::ApiKey {
             id: "k".into(),
-            role: ApiKeyRole::Client,
+            role: crate::domain::ApiKeyRole::Client,
         };
         assert_eq!(watch_scope(&client, None).unwrap_err().code(), "FORBIDDEN");
         assert_eq!(watch_scope(&client, Some("b")).unwrap(), Some("b".into()));

@@ -12,11 +12,17 @@ use crate::{
     db,
     domain::{self, EntitlementState, PurchaseFacts, Snapshot},
     error::AppError,
+    policy::{Action, authorize},
     service::Core,
 };
 
 pub(crate) fn core<'a>(ctx: &Context<'a>) -> &'a Arc<Core> {
     ctx.data_unchecked::<Arc<Core>>()
+}
+
+/// A field whose data belongs to `owner`, guarded by `action`.
+fn guard(ctx: &Context<'_>, action: Action, owner: &str) -> Result<(), AppError> {
+    authorize(super::query::principal(ctx), action, Some(owner))
 }
 
 #[derive(Enum, Copy, Clone, Eq, PartialEq)]
@@ -136,8 +142,9 @@ impl Customer {
         ID(self.model.id.clone())
     }
 
-    async fn created_at(&self) -> DateTime<Utc> {
-        self.model.created_at
+    async fn created_at(&self, ctx: &Context<'_>) -> async_graphql::Result<DateTime<Utc>> {
+        guard(ctx, Action::ReadCustomerProfile, &self.model.id)?;
+        Ok(self.model.created_at)
     }
 
     /// `PAID` when a paid or promotional source grants access, `TRIAL` when
@@ -161,8 +168,7 @@ impl Customer {
             .await?
             .entitlements
             .iter()
-            .cloned()
-            .map(Entitlement)
+            .map(|e| Entitlement::of(e, &self.model.id))
             .collect())
     }
 
@@ -175,8 +181,7 @@ impl Customer {
             .snap(ctx)
             .await?
             .entitlement(&key)
-            .cloned()
-            .map(Entitlement))
+            .map(|e| Entitlement::of(e, &self.model.id)))
     }
 
     /// A signed JWT (ES256 by default) of this customer's active
@@ -188,7 +193,7 @@ impl Customer {
         ctx: &Context<'_>,
         device_id: Option<ID>,
     ) -> async_graphql::Result<String> {
-        super::query::principal(ctx).require_read(&self.model.id)?;
+        guard(ctx, Action::ReadCustomerSummary, &self.model.id)?;
         let core = core(ctx);
         if let Some(d) = &device_id {
             let devices = db::devices_of(&core.db.conn, &self.model.id).await?;
@@ -204,6 +209,7 @@ impl Customer {
     }
 
     async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
+        guard(ctx, Action::ReadPurchases, &self.model.id)?;
         let rows = db::purchases_of(&core(ctx).db.conn, &self.model.id).await?;
         rows.into_iter()
             .map(|m| {
@@ -217,6 +223,7 @@ impl Customer {
     }
 
     async fn devices(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Device>> {
+        guard(ctx, Action::ReadDevices, &self.model.id)?;
         Ok(db::devices_of(&core(ctx).db.conn, &self.model.id)
             .await?
             .into_iter()
@@ -230,6 +237,7 @@ impl Customer {
         ctx: &Context<'_>,
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<Receipt>> {
+        guard(ctx, Action::ReadReceipts, &self.model.id)?;
         Ok(db::receipts_of(&core(ctx).db.conn, &self.model.id, limit)
             .await?
             .into_iter()
@@ -243,6 +251,7 @@ impl Customer {
         ctx: &Context<'_>,
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<EntitlementEvent>> {
+        guard(ctx, Action::ReadEvents, &self.model.id)?;
         Ok(db::events_of(&core(ctx).db.conn, &self.model.id, limit)
             .await?
             .into_iter()
@@ -252,41 +261,55 @@ impl Customer {
 }
 
 /// One entitlement's state now, and the purchase it comes from.
-pub struct Entitlement(EntitlementState);
+pub struct Entitlement {
+    state: EntitlementState,
+    /// The customer it belongs to: the purchase behind it is theirs to read.
+    owner: String,
+}
+
+impl Entitlement {
+    fn of(state: &EntitlementState, owner: &str) -> Self {
+        Entitlement {
+            state: state.clone(),
+            owner: owner.to_string(),
+        }
+    }
+}
 
 #[Object]
 impl Entitlement {
     async fn key(&self) -> &str {
-        &self.0.key
+        &self.state.key
     }
     async fn is_active(&self) -> bool {
-        self.0.is_active
+        self.state.is_active
     }
     /// When access ends; null for lifetime access or no source.
     async fn expires_at(&self) -> Option<DateTime<Utc>> {
-        self.0.expires_at
+        self.state.expires_at
     }
     async fn will_renew(&self) -> bool {
-        self.0.will_renew
+        self.state.will_renew
     }
     async fn store(&self) -> Option<Store> {
-        self.0.store.map(Into::into)
+        self.state.store.map(Into::into)
     }
     async fn product_id(&self) -> Option<&str> {
-        self.0.product_id.as_deref()
+        self.state.product_id.as_deref()
     }
     async fn period_type(&self) -> Option<PeriodType> {
-        self.0.period_type.map(Into::into)
+        self.state.period_type.map(Into::into)
     }
     /// The source purchase's status; null when nothing ever granted it.
     async fn status(&self) -> Option<PurchaseStatus> {
-        self.0.status.map(Into::into)
+        self.state.status.map(Into::into)
     }
     async fn grace_period_expires_at(&self) -> Option<DateTime<Utc>> {
-        self.0.grace_period_expires_at
+        self.state.grace_period_expires_at
     }
-    async fn purchase_id(&self) -> Option<ID> {
-        self.0.purchase_id.map(|id| ID(id.to_string()))
+    async fn purchase_id(&self, ctx: &Context<'_>) -> async_graphql::Result<Option<ID>> {
+        guard(ctx, Action::ReadPurchases, &self.owner)?;
+        Ok(self.state.purchase_id.map(|id| ID(id.to_string())))
     }
 }
 
@@ -312,8 +335,11 @@ impl Purchase {
     async fn store(&self) -> Store {
         self.facts.store.into()
     }
-    async fn store_purchase_id(&self) -> &str {
-        &self.model.store_purchase_id
+    /// Admin only: a Play purchase token is one, and whoever holds it can
+    /// submit the purchase as their own.
+    async fn store_purchase_id(&self, ctx: &Context<'_>) -> async_graphql::Result<&str> {
+        guard(ctx, Action::ReadStorePurchaseId, &self.model.customer_id)?;
+        Ok(&self.model.store_purchase_id)
     }
     async fn product_id(&self) -> &str {
         &self.model.product_id
@@ -408,8 +434,13 @@ impl Receipt {
     async fn purchase_id(&self) -> Option<ID> {
         self.0.purchase_id.map(|id| ID(id.to_string()))
     }
-    async fn payload(&self) -> async_graphql::Json<serde_json::Value> {
-        async_graphql::Json(self.0.payload.clone())
+    /// The submission as received (admin only: it is the purchase itself).
+    async fn payload(
+        &self,
+        ctx: &Context<'_>,
+    ) -> async_graphql::Result<async_graphql::Json<serde_json::Value>> {
+        guard(ctx, Action::ReadReceiptPayload, &self.0.customer_id)?;
+        Ok(async_graphql::Json(self.0.payload.clone()))
     }
 }
 

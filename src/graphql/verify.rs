@@ -12,6 +12,7 @@ use crate::{
     auth::Principal,
     domain::ExternalId,
     error::AppError,
+    policy::{Action, authorize},
     service::{apple::AppStoreSubmission, google::PlaySubmission, purchases::Applied},
 };
 
@@ -85,7 +86,12 @@ pub async fn verify_purchase(
     customer_id: Option<ID>,
 ) -> async_graphql::Result<VerifyPurchasePayload> {
     let p = principal(ctx);
-    p.require_authenticated()?;
+    // Refuse the wrong credential before asking anything of the input.
+    authorize(
+        p,
+        Action::VerifyPurchase,
+        customer_id.as_ref().map(|c| c.as_str()),
+    )?;
     // A customer token submits for itself; app keys name the customer.
     let customer_id = match (p, customer_id) {
         (_, Some(c)) => c.0,
@@ -94,7 +100,7 @@ pub async fn verify_purchase(
     };
     let customer_id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customerId: {e}")))?;
-    p.require_register(Some(customer_id.as_str()))?;
+    authorize(p, Action::VerifyPurchase, Some(customer_id.as_str()))?;
     let core = core(ctx);
     let applied: Applied = match input {
         VerifyPurchaseInput::AppStore(i) => {

@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 use super::{Caller, LimitedBody};
 use crate::{
     app::AppState,
+    auth::Principal,
     domain::{ExternalId, Platform},
     error::{AppError, AppResult},
+    policy::{Action, authorize},
+    service::customers::Rebind,
 };
 
 #[derive(Deserialize)]
@@ -41,7 +44,8 @@ pub async fn user(
     Query(query): Query<IdQuery>,
     LimitedBody(body): LimitedBody,
 ) -> AppResult<Json<UserResponse>> {
-    principal.require_authenticated()?;
+    // The wrong credential is refused before the body is looked at.
+    authorize(&principal, Action::RegisterDevice, principal.customer_id())?;
     let raw = if body.iter().all(u8::is_ascii_whitespace) {
         query
             .id
@@ -55,11 +59,19 @@ pub async fn user(
     };
     let id = ExternalId::parse(&raw)
         .map_err(|e| AppError::bad_input(format!("invalid device id: {e}")))?;
-    principal.require_register(Some(id.as_str()))?;
-
+    // A customer token registers the watch for itself, so its answer is
+    // never another customer's; a client key gets the customer the watch is
+    // bound to. This route never moves a device, whoever asks.
+    let customer = match &principal {
+        Principal::Customer(sub) => Some(
+            ExternalId::parse(sub)
+                .map_err(|e| AppError::bad_input(format!("invalid customer: {e}")))?,
+        ),
+        _ => None,
+    };
     let reg = state
         .core
-        .register_device(Platform::Garmin, &id, None)
+        .register_device(Platform::Garmin, &id, customer.as_ref(), Rebind::Refuse)
         .await?;
     let link = state
         .config

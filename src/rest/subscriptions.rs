@@ -12,6 +12,7 @@ use crate::{
     app::AppState,
     domain::{EntitlementState, ExternalId},
     error::{AppError, AppResult},
+    policy::{Action, authorize},
 };
 
 #[derive(Serialize)]
@@ -58,7 +59,7 @@ pub async fn check(
     Caller(principal): Caller,
     Path(customer_id): Path<String>,
 ) -> AppResult<Json<CheckResponse>> {
-    principal.require_service()?;
+    authorize(&principal, Action::SubscriptionCheck, Some(&customer_id))?;
     let id = ExternalId::parse(&customer_id)
         .map_err(|e| AppError::bad_input(format!("invalid customer id: {e}")))?;
     let (_, snap) = state

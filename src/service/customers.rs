@@ -16,6 +16,16 @@ use crate::{
 /// seconds costs a read, not a write.
 const LAST_SEEN_RESOLUTION: Duration = Duration::seconds(60);
 
+/// Whether a registration that names another customer than the one a known
+/// device is bound to may move it. A bound device stays bound unless the
+/// caller may move devices: otherwise whoever knows a paying watch's id
+/// could take its access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rebind {
+    Refuse,
+    Allow,
+}
+
 pub struct Registration {
     pub customer_id: String,
     pub device: devices::Model,
@@ -64,15 +74,18 @@ impl Core {
     /// Registers a device. First sight creates its customer (the device id
     /// unless one is given) and starts the configured trial; nothing that
     /// happens later (re-registration, reinstall, another client) restarts it.
+    /// A known device bound to another customer than `customer_id` moves
+    /// only with `Rebind::Allow`; otherwise `DEVICE_ALREADY_BOUND`, nothing written.
     pub async fn register_device(
         &self,
         platform: Platform,
         device_id: &ExternalId,
         customer_id: Option<&ExternalId>,
+        rebind: Rebind,
     ) -> AppResult<Registration> {
         let now = self.now();
         if let Some(device) = self.cached_device(platform, device_id).await? {
-            return self.known_device(device, customer_id, now).await;
+            return self.known_device(device, customer_id, rebind, now).await;
         }
 
         let customer = customer_id.unwrap_or(device_id).as_str().to_string();
@@ -99,7 +112,7 @@ impl Core {
                 .ok_or_else(|| {
                     AppError::Internal(anyhow::anyhow!("device vanished after conflict"))
                 })?;
-            return self.known_device(device, customer_id, now).await;
+            return self.known_device(device, customer_id, rebind, now).await;
         }
 
         let (before, _) = self.state_before_write(&*txn, &customer, now).await?;
@@ -157,9 +170,13 @@ impl Core {
         &self,
         device: devices::Model,
         customer_id: Option<&ExternalId>,
+        may_rebind: Rebind,
         now: DateTime<Utc>,
     ) -> AppResult<Registration> {
         let rebind = customer_id.filter(|c| c.as_str() != device.customer_id);
+        if rebind.is_some() && may_rebind == Rebind::Refuse {
+            return Err(AppError::DeviceAlreadyBound);
+        }
         let device = if rebind.is_some() || now - device.last_seen_at >= LAST_SEEN_RESOLUTION {
             let txn = self.db.write().await?;
             if let Some(c) = rebind {
