@@ -390,7 +390,7 @@ async fn rotation_under_load_keeps_every_token_verifiable(b: Backend) {
     let app = Arc::new(spawn_with(b, |c| c.tokens.key_refresh_secs = 1).await);
     let client = app.key(ApiKeyRole::Client).await;
     let (kids, old_kid) = app.state.core.tokens.published_kids().await.unwrap();
-    assert_eq!(kids, [old_kid.clone()]);
+    assert_eq!(kids, std::slice::from_ref(&old_kid));
     let old_token = user(&app, &client, "rot-0").await["entitlement_token"]
         .as_str()
         .unwrap()
