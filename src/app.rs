@@ -39,6 +39,13 @@ impl AppState {
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
         let db = Db::connect(&config).await?;
         let core = Arc::new(Core::new(&config, db, clock)?);
+        core.tokens.start().await.map_err(anyhow::Error::from)?;
+        if let crate::service::tokens::KeySource::File(path) = &core.tokens.key_source {
+            tracing::warn!(
+                file = %path.display(),
+                "tokens.encryption_key is not set: signing keys are encrypted with a key kept in this file; keep it with the database, or set tokens.encryption_key"
+            );
+        }
         let auth = Arc::new(Authenticator::new(
             config.auth.jwt.as_ref(),
             Duration::from_secs(config.auth.api_key_cache_secs),
@@ -60,17 +67,25 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let limit = state.config.http.body_limit_bytes;
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
-    Router::new()
+    // The answers a client may ask to have signed (`X-Entitle-Nonce`).
+    let signed = Router::new()
         .route("/graphql", post(graphql::post).get(graphql::get))
-        .route("/graphql/ws", get(graphql::ws))
         .route("/user", post(rest::garmin::user))
         .route(
             "/api/subscriptions/check/{customer_id}",
             get(rest::subscriptions::check),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rest::tokens::sign_answers,
+        ));
+    Router::new()
+        .merge(signed)
+        .route("/graphql/ws", get(graphql::ws))
         .route("/webhooks/stripe", post(rest::webhooks::stripe::receive))
         .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/webhooks/apple", post(rest::webhooks::apple::notify))
+        .route("/.well-known/jwks.json", get(rest::tokens::jwks))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
         .route("/metrics", get(rest::health::metrics))

@@ -3,7 +3,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::{app, clock::SystemClock, config::Config, db::Db, domain::ApiKeyRole, service::Core};
+use crate::{
+    app,
+    clock::SystemClock,
+    config::{Config, TokenAlgorithm},
+    db::Db,
+    domain::ApiKeyRole,
+    service::Core,
+};
 
 #[derive(Parser)]
 #[command(name = "entitle", version, about = "Self-hosted entitlement server")]
@@ -36,6 +43,9 @@ pub enum Command {
     /// Outbound webhook endpoints.
     #[command(subcommand)]
     Outbound(OutboundCommand),
+    /// Keys that sign entitlement tokens and answers.
+    #[command(subcommand)]
+    SigningKey(SigningKeyCommand),
     /// Recover missed store notifications once (the stores enabled under
     /// `[reconcile]`), print what each store did, then exit.
     Reconcile {
@@ -75,6 +85,26 @@ pub enum OutboundCommand {
     /// Re-enable an endpoint (disabled after failing too long); its
     /// undelivered events are sent again at once, in order.
     Enable { url: String },
+}
+
+#[derive(Subcommand)]
+pub enum SigningKeyCommand {
+    /// Add a new key: published in the JWKS at once, signing from one
+    /// `tokens.key_refresh_secs` later; the current key then retires and
+    /// stays published until the last token it signed has expired.
+    Rotate {
+        /// Default: `tokens.algorithm`.
+        #[arg(long, value_enum)]
+        algorithm: Option<AlgorithmArg>,
+    },
+    /// Every stored key and its state (public data only).
+    List,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AlgorithmArg {
+    Es256,
+    Ed25519,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -200,6 +230,41 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             }
             let due = core(&config).await?.enable_outbound_endpoint(&url).await?;
             eprintln!("enabled {url}; {due} undelivered event(s) are due now");
+            Ok(())
+        }
+        Command::SigningKey(SigningKeyCommand::Rotate { algorithm }) => {
+            let core = core(&config).await?;
+            // Creates the first key if there is none yet, so rotation always
+            // has something to retire.
+            core.tokens.start().await?;
+            let alg = algorithm.map(|a| match a {
+                AlgorithmArg::Es256 => TokenAlgorithm::ES256,
+                AlgorithmArg::Ed25519 => TokenAlgorithm::EdDSA,
+            });
+            let key = core.tokens.rotate(alg).await?;
+            println!("{}", key.kid);
+            eprintln!(
+                "new {} signing key {} is published now and signs from {}",
+                key.algorithm,
+                key.kid,
+                key.created_at.to_rfc3339()
+            );
+            Ok(())
+        }
+        Command::SigningKey(SigningKeyCommand::List) => {
+            let core = core(&config).await?;
+            for k in core.tokens.list().await? {
+                let opt =
+                    |t: Option<DateTime<Utc>>| t.map_or_else(|| "-".into(), |t| t.to_rfc3339());
+                println!(
+                    "{}\t{}\tsigns from {}\tretired {}\tverifiable until {}",
+                    k.kid,
+                    k.algorithm,
+                    k.created_at.to_rfc3339(),
+                    opt(k.retired_at),
+                    opt(k.verify_until)
+                );
+            }
             Ok(())
         }
         Command::Reconcile { since } => {

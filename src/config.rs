@@ -74,7 +74,71 @@ pub struct Config {
     pub receipts: ReceiptsConfig,
     /// What is deleted, and after how long.
     pub retention: RetentionConfig,
+    /// Signed entitlement tokens and signed live answers.
+    pub tokens: TokensConfig,
 }
+
+/// Longest `tokens.offline_secs` accepted: a token outliving a refund by
+/// more than this is not worth the convenience.
+pub const MAX_OFFLINE_SECS: u64 = 30 * 86_400;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenAlgorithm {
+    /// ECDSA P-256 with SHA-256: verifiable by WebCrypto, CryptoKit,
+    /// Android Keystore and every JOSE library.
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl TokenAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenAlgorithm::ES256 => "ES256",
+            TokenAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokensConfig {
+    /// `iss` of every token.
+    pub issuer: String,
+    /// `aud` of every token.
+    pub audience: String,
+    /// How long a token lets a client work offline (`exp` = issue + this);
+    /// at most 30 days.
+    pub offline_secs: u64,
+    /// The algorithm of keys created from now on (first start, rotation).
+    pub algorithm: TokenAlgorithm,
+    /// 32 bytes, base64 or hex, that encrypt the private keys in the
+    /// database (AES-256-GCM). Required with PostgreSQL. Unset on SQLite: a
+    /// random key is kept in a file beside the database (`<db>.token-key`,
+    /// mode 0600), or in memory for an in-memory database.
+    pub encryption_key: Option<Secret>,
+    /// A customer's token is signed at most once per this many seconds
+    /// while its entitlements stay the same; 0 signs every time.
+    pub cache_secs: u64,
+    /// How often (s) a process re-reads the keys (rotation by another
+    /// process is picked up within this).
+    pub key_refresh_secs: u64,
+}
+
+impl Default for TokensConfig {
+    fn default() -> Self {
+        TokensConfig {
+            issuer: "entitle".into(),
+            audience: "entitle-clients".into(),
+            offline_secs: 3 * 86_400,
+            algorithm: TokenAlgorithm::ES256,
+            encryption_key: None,
+            cache_secs: 60,
+            key_refresh_secs: 10,
+        }
+    }
+}
+
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -601,6 +665,7 @@ impl Default for Config {
             rate_limit: RateLimitConfig::default(),
             receipts: ReceiptsConfig::default(),
             retention: RetentionConfig::default(),
+            tokens: TokensConfig::default(),
         }
     }
 }
@@ -780,6 +845,25 @@ impl Config {
             // The URL may carry a password: do not echo it.
             anyhow::bail!("invalid configuration: redis_url is not a URL");
         }
+        let t = &self.tokens;
+        if t.offline_secs == 0 || t.offline_secs > MAX_OFFLINE_SECS {
+            anyhow::bail!(
+                "invalid configuration: tokens.offline_secs must be between 1 and {MAX_OFFLINE_SECS} (30 days)"
+            );
+        }
+        if t.issuer.is_empty() || t.audience.is_empty() {
+            anyhow::bail!(
+                "invalid configuration: tokens.issuer and tokens.audience must not be empty"
+            );
+        }
+        if t.key_refresh_secs == 0 {
+            anyhow::bail!("invalid configuration: tokens.key_refresh_secs must be at least 1");
+        }
+        if let Some(k) = &t.encryption_key {
+            // Never echo the value: it is the key to every signing key.
+            crate::service::tokens::parse_encryption_key(k)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: tokens.encryption_key {e}"))?;
+        }
         self.catalog()?;
         Ok(())
     }
@@ -840,9 +924,14 @@ mod tests {
                 api_timeout_secs: None,
                 customer_metadata_keys: vec!["customer_id".into()],
             }),
+            tokens: TokensConfig {
+                encryption_key: Some(Secret::new("c3VwZXJzZWNyZXQtdG9rZW4ta2V5LTMyLWJ5dGVzISE=")),
+                ..TokensConfig::default()
+            },
             ..Config::default()
         };
         let dbg = format!("{cfg:?}");
+        assert!(!dbg.contains("c3VwZXJzZWNyZXQt"), "{dbg}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
         assert!(!dbg.contains("supersecret"), "{dbg}");
     }
@@ -918,6 +1007,29 @@ mod tests {
             + &endpoint("https://a.example.com/in", good);
         let err = load(twice).unwrap_err().to_string();
         assert!(err.contains("outbound.endpoints[1].url"), "{err}");
+    }
+
+    #[test]
+    fn token_settings_are_bounded_and_the_key_never_echoed() {
+        let load = |toml: &str| {
+            Config::from_figment(
+                Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(toml)),
+            )
+        };
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.tokens.offline_secs, 3 * 86_400);
+        assert_eq!(cfg.tokens.audience, "entitle-clients");
+        assert_eq!(cfg.tokens.algorithm, TokenAlgorithm::ES256);
+        assert!(load("[tokens]\noffline_secs = 2592000\nalgorithm = \"EdDSA\"\n").is_ok());
+        let err = load("[tokens]\noffline_secs = 2592001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.offline_secs"), "{err}");
+        let err = load("[tokens]\nencryption_key = \"dG9vLXNob3J0LWtleQ==\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.encryption_key"), "{err}");
+        assert!(!err.contains("dG9vLXNob3J0LWtleQ"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //!
 //! | credential | may |
 //! |---|---|
-//! | anonymous | health, ready, playground files, store webhooks |
+//! | anonymous | health, ready, playground files, JWKS, store webhooks |
 //! | client key | register a device on first sight (a bound device stays bound); read the entitlement summary of the customer it names; watch it; submit a purchase for it |
 //! | customer JWT | the same for itself, plus its purchases, devices and change log; Checkout and the billing portal; pair a device with its pairing code |
 //! | service key | read any customer in full (purchases, devices, receipts, change log), the subscription check, watch everyone |
@@ -264,6 +264,8 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("Customer.trialEndsAt", Inherit),
     ("Customer.entitlements", Inherit),
     ("Customer.entitlement", Inherit),
+    // The signed form of the summary: the same readers.
+    ("Customer.entitlementToken", Guard(ReadCustomerSummary)),
     ("Customer.purchases", Guard(ReadPurchases)),
     ("Customer.devices", Guard(ReadDevices)),
     ("Customer.receipts", Guard(ReadReceipts)),
@@ -360,6 +362,8 @@ pub const ROUTES: &[(&str, Access)] = &[
     ("POST /webhooks/stripe", StoreSignature),
     ("POST /webhooks/google", StoreSignature),
     ("POST /webhooks/apple", StoreSignature),
+    // Public keys only; verifiers fetch them without a credential.
+    ("GET /.well-known/jwks.json", Public),
     ("GET /health", Public),
     ("GET /ready", Public),
     // Bound privately by the operator; it carries counters, no customer data.

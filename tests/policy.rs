@@ -169,6 +169,13 @@ const MATRIX: &[(&str, Probe, &str)] = &[
         "UFOFOOO",
     ),
     (
+        "Customer.entitlementToken",
+        Probe::Gql(
+            "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { entitlementToken } }",
+        ),
+        "UOOFOOO",
+    ),
+    (
         "Customer.receipts",
         Probe::Gql(
             "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { receipts { id outcome error } } }",

@@ -18,6 +18,7 @@ pub mod purchase_checks;
 pub mod purchase_transactions;
 pub mod purchases;
 pub mod receipts;
+pub mod signing_keys;
 pub mod webhook_events;
 
 pub mod prelude {
@@ -38,5 +39,6 @@ pub mod prelude {
     pub use super::purchase_transactions::Entity as PurchaseTransactions;
     pub use super::purchases::Entity as Purchases;
     pub use super::receipts::Entity as Receipts;
+    pub use super::signing_keys::Entity as SigningKeys;
     pub use super::webhook_events::Entity as WebhookEvents;
 }

@@ -6,6 +6,7 @@ mod m20261202_000002_retention;
 mod m20261202_000003_event_reason;
 pub mod m20261202_000004_store_bindings;
 mod m20261202_000005_pairing;
+mod m20261202_000006_signing_keys;
 mod m20261202_000007_outbound_queue;
 
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000003_event_reason::Migration),
             Box::new(m20261202_000004_store_bindings::Migration),
             Box::new(m20261202_000005_pairing::Migration),
+            Box::new(m20261202_000006_signing_keys::Migration),
             Box::new(m20261202_000007_outbound_queue::Migration),
         ]
     }

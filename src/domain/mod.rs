@@ -4,10 +4,12 @@
 mod catalog;
 mod engine;
 pub mod tokens;
+mod token;
 mod types;
 
 pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};
 pub use engine::{
     Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff, lapses,
 };
+pub use token::{TokenClaims, TokenState};
 pub use types::*;

@@ -184,6 +184,30 @@ impl Customer {
             .map(|e| Entitlement::of(e, &self.model.id)))
     }
 
+    /// A signed JWT (ES256 by default) of this customer's active
+    /// entitlements, for apps to verify offline with the keys at
+    /// `/.well-known/jwks.json`. With `deviceId` (one of the customer's
+    /// devices) the token names that device in `dev`.
+    async fn entitlement_token(
+        &self,
+        ctx: &Context<'_>,
+        device_id: Option<ID>,
+    ) -> async_graphql::Result<String> {
+        guard(ctx, Action::ReadCustomerSummary, &self.model.id)?;
+        let core = core(ctx);
+        if let Some(d) = &device_id {
+            let devices = db::devices_of(&core.db.conn, &self.model.id).await?;
+            if !devices.iter().any(|x| x.device_id == d.as_str()) {
+                return Err(AppError::NotFound("device").into());
+            }
+        }
+        let snap = self.snap(ctx).await?;
+        Ok(core
+            .tokens
+            .entitlement_token(&self.model.id, device_id.as_ref().map(|d| d.as_str()), snap)
+            .await?)
+    }
+
     async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
         guard(ctx, Action::ReadPurchases, &self.model.id)?;
         let rows = db::purchases_of(&core(ctx).db.conn, &self.model.id).await?;

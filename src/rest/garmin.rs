@@ -45,6 +45,8 @@ pub struct UserResponse {
     pairing_code: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pairing_code_expires_at: Option<String>,
+    /// Signed offline entitlements for this device.
+    entitlement_token: String,
 }
 
 /// The device's secret, for a pairing code.
@@ -122,6 +124,11 @@ pub async fn user(
         .and_then(|s| s.payment_link.clone());
     let checkout_url = link.as_deref().map(|l| checkout_url(l, &reg.customer_id));
     let paid = reg.snapshot.paid_status;
+    let entitlement_token = state
+        .core
+        .tokens
+        .entitlement_token(&reg.customer_id, Some(id.as_str()), &reg.snapshot)
+        .await?;
     Ok(Json(UserResponse {
         paid_status: paid.as_str(),
         status: paid.legacy_status(),
@@ -137,6 +144,7 @@ pub async fn user(
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         }),
         pairing_code: code.map(|c| c.code),
+        entitlement_token,
     }))
 }
 

@@ -12,6 +12,7 @@ pub mod garmin;
 pub mod health;
 pub mod playground;
 pub mod subscriptions;
+pub mod tokens;
 pub mod webhooks;
 
 /// The caller, from `Authorization: Bearer` or an `api-key` header.

@@ -22,6 +22,8 @@ pub struct CheckResponse {
     is_subscribed: bool,
     paid_status: &'static str,
     entitlements: Vec<EntitlementJson>,
+    /// The same state, signed for offline verification.
+    entitlement_token: String,
 }
 
 #[derive(Serialize)]
@@ -69,6 +71,11 @@ pub async fn check(
         .read_customer(id.as_str())
         .await?
         .ok_or(AppError::NotFound("customer"))?;
+    let entitlement_token = state
+        .core
+        .tokens
+        .entitlement_token(id.as_str(), None, &snap)
+        .await?;
     Ok(Json(CheckResponse {
         customer_id: customer.id,
         is_subscribed: snap.entitlements.iter().any(|e| e.is_active),
@@ -78,5 +85,6 @@ pub async fn check(
             .iter()
             .map(EntitlementJson::from)
             .collect(),
+        entitlement_token,
     }))
 }

@@ -23,6 +23,7 @@ pub mod outbound;
 pub mod pairing;
 pub mod purchases;
 pub mod stripe;
+pub mod tokens;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
@@ -40,11 +41,15 @@ pub struct Core {
     /// Change-log rows as they commit, for GraphQL subscribers.
     pub feed: crate::events::feed::Feed,
     pub receipts: crate::config::ReceiptsConfig,
+    /// Signing keys, entitlement tokens and signed answers.
+    pub tokens: Arc<tokens::Tokens>,
 }
 
 impl Core {
     pub fn new(config: &Config, db: Db, clock: Arc<dyn Clock>) -> anyhow::Result<Core> {
+        let tokens = Arc::new(tokens::Tokens::new(config, db.clone(), clock.clone())?);
         Ok(Core {
+            tokens,
             db,
             catalog: config.catalog()?,
             clock: clock.clone(),

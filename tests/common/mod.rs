@@ -106,6 +106,9 @@ pub fn test_config() -> Config {
     c
 }
 
+/// 32 bytes, base64: the token-signing keys' encryption key on PostgreSQL.
+pub const TEST_ENCRYPTION_KEY: &str = "dGVzdC1vbmx5LWVuY3J5cHRpb24ta2V5LTMyLWJ5dGU=";
+
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,
@@ -156,6 +159,11 @@ pub async fn spawn_with(backend: Backend, customize: impl FnOnce(&mut Config)) -
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
     config.database_url = entitle::config::Secret::new(fresh_database(&backend, &dir).await);
+    if matches!(backend, Backend::Postgres(_)) {
+        // PostgreSQL requires a configured key; SQLite runs keep theirs in a
+        // file beside the database, as a development set-up does.
+        config.tokens.encryption_key = Some(entitle::config::Secret::new(TEST_ENCRYPTION_KEY));
+    }
     customize(&mut config);
     let database_url = config.database_url.expose().to_string();
     let clock = OffsetClock::default();
