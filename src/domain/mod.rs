@@ -3,8 +3,8 @@
 
 mod catalog;
 mod engine;
-pub mod tokens;
 mod token;
+pub mod tokens;
 mod types;
 
 pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};
