@@ -312,6 +312,9 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("EntitlementEvent.kind", Inherit),
     ("EntitlementEvent.oldStatus", Inherit),
     ("EntitlementEvent.newStatus", Inherit),
+    // The cause behind the access level (refunded, billing_retry, ...): the
+    // entitlement summary's own status, nothing of the store's.
+    ("EntitlementEvent.reason", Inherit),
     ("EntitlementEvent.purchaseId", Inherit),
     ("EntitlementEvent.occurredAt", Inherit),
     ("EntitlementEvent.publishedAt", Inherit),
@@ -321,6 +324,7 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("EntitlementChange.kind", Inherit),
     ("EntitlementChange.oldStatus", Inherit),
     ("EntitlementChange.newStatus", Inherit),
+    ("EntitlementChange.reason", Inherit),
     ("EntitlementChange.occurredAt", Inherit),
     // The answer to a registration: the device as registered and the
     // summary of the customer it is bound to.

@@ -14,7 +14,7 @@ use std::{
 };
 
 use chrono::Utc;
-use common::Backend;
+use common::{Backend, TEST_ENCRYPTION_KEY};
 use entitle::jobs::Leases;
 use events_support::*;
 use futures_util::{StreamExt, stream};
@@ -54,6 +54,8 @@ relay_poll_ms = 100
 expiry_interval_ms = 200
 [stripe]
 webhook_secret = "{WEBHOOK_SECRET}"
+[tokens]
+encryption_key = "{TEST_ENCRYPTION_KEY}"
 [[catalog.entitlements]]
 key = "pro"
 [[catalog.products]]

@@ -320,3 +320,15 @@ pub fn sign_hs(claims: &Value) -> String {
     )
     .unwrap()
 }
+
+/// What a receipt keeps of a payload it may not store whole: its size and
+/// SHA-256 over its JSON text.
+pub fn digest_of(payload: &Value) -> Value {
+    use sha2::Digest;
+    let text = payload.to_string();
+    json!({
+        "truncated": true,
+        "bytes": text.len(),
+        "sha256": hex::encode(sha2::Sha256::digest(text.as_bytes())),
+    })
+}
