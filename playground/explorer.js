@@ -90,6 +90,16 @@ fragment T on __Type { kind name ofType { kind name ofType { kind name ofType { 
         query: `mutation Grant($customerId: ID!, $entitlement: String!, $expiresAt: DateTime) {\n  grantEntitlement(customerId: $customerId, entitlement: $entitlement, expiresAt: $expiresAt) {\n    id\n    paidStatus\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,
         variables: { customerId, entitlement: 'pro', expiresAt: new Date(Date.now() + 30 * 86400e3).toISOString().replace(/\.\d+Z$/, 'Z') },
       },
+      'mutation.pairDevice': {
+        title: 'pairDevice: join a watch to the signed-in account (customer token)',
+        query: `# Needs a customer bearer token and the code the watch was answered.\nmutation PairDevice($code: String!) {\n  pairDevice(code: $code) {\n    id\n    paidStatus\n    devices { platform deviceId }\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,
+        variables: { code: 'ABCD2345' },
+      },
+      'mutation.mergeCustomers': {
+        title: 'mergeCustomers: one customer into another (admin)',
+        query: `mutation Merge($from: ID!, $into: ID!) {\n  mergeCustomers(from: $from, into: $into) {\n    id\n    paidStatus\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,
+        variables: { from: 'explorer-watch-1', into: customerId },
+      },
       'mutation.revokeGrant': {
         title: 'revokeGrant: end a promotional grant (admin)',
         query: `mutation Revoke($customerId: ID!, $entitlement: String!) {\n  revokeGrant(customerId: $customerId, entitlement: $entitlement) {\n    id\n    paidStatus\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,
