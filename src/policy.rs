@@ -244,6 +244,9 @@ use Action::*;
 
 /// Every field of every GraphQL object type, as `Type.field`. A field
 /// missing here fails the schema test: adding one means deciding who may read it.
+/// A new root field or a path to another customer's rows gets an `Action`
+/// (with its line in `actions!`), a `Guard` entry here, an `authorize` call
+/// in its resolver, and a row in the credential matrix of `tests/policy.rs`.
 pub const FIELDS: &[(&str, Access)] = &[
     ("QueryRoot.me", Guard(ReadMe)),
     ("QueryRoot.customer", Guard(ReadCustomerSummary)),
