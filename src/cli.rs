@@ -54,6 +54,9 @@ pub enum Command {
         #[arg(long, value_parser = parse_since)]
         since: Option<DateTime<Utc>>,
     },
+    /// The configuration as loaded.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Mint a JWT with the configured key (development only).
     Token {
         #[arg(long)]
@@ -76,6 +79,17 @@ pub enum ApiKeyCommand {
     },
     /// Revoke a key by id or prefix.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (defaults, file, environment) with
+    /// every secret redacted, and check each store section's shape without
+    /// calling the store; exits non-zero when something is wrong.
+    Check {
+        #[arg(long, value_enum, default_value = "toml")]
+        format: crate::config_check::Format,
+    },
 }
 
 #[derive(Subcommand)]
@@ -296,6 +310,17 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             } else {
                 anyhow::bail!("reconciliation failed for {}", failed.join(", "))
             }
+        }
+        Command::Config(ConfigCommand::Check { format }) => {
+            let report = crate::config_check::check(&config, format)?;
+            print!("{}", report.rendered);
+            if report.problems.is_empty() {
+                return Ok(());
+            }
+            for p in &report.problems {
+                eprintln!("problem: {p}");
+            }
+            anyhow::bail!("{} problem(s) in the configuration", report.problems.len())
         }
         Command::Token {
             sub,

@@ -12,10 +12,43 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{Catalog, EntitlementDef, ProductDef, TransferPolicy, TrialPolicy};
 
 /// A secret string: deserialises from config like a plain string but never
-/// shows itself in `Debug` output, logs or error messages.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// shows itself in `Debug` output, logs or error messages; serialised by
+/// [`redacted_value`] it reads `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+/// What a `Secret` reads as in [`redacted_value`].
+pub const REDACTED: &str = "<redacted>";
+
+thread_local! {
+    static REDACTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if REDACTING.with(std::cell::Cell::get) {
+            s.serialize_str(REDACTED)
+        } else {
+            s.serialize_str(&self.0)
+        }
+    }
+}
+
+/// `value` as JSON with every `Secret` in it (wherever it sits, whatever its
+/// name) replaced by `<redacted>`. Serialisation is synchronous, so the
+/// flag is this thread's for exactly that long.
+pub fn redacted_value<T: Serialize>(value: &T) -> serde_json::Result<serde_json::Value> {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            REDACTING.with(|r| r.set(false));
+        }
+    }
+    REDACTING.with(|r| r.set(true));
+    let _reset = Reset;
+    serde_json::to_value(value)
+}
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod config_check;
 pub mod db;
 pub mod domain;
 pub mod error;

@@ -147,6 +147,10 @@ actions! {
         "the customer record needs the customer's token or a service key";
     ReadPurchases => [CustomerSelf, ServiceKey, Admin],
         "purchases need the customer's token or a service key";
+    /// An entitlement's plain-language explanation: it tells of refunds,
+    /// revocations and billing trouble, so not the public key's to read.
+    ReadExplanation => [CustomerSelf, ServiceKey, Admin],
+        "explanations need the customer's token or a service key";
     /// A purchase's store id: an App Store transaction id, a Play purchase
     /// token, a Stripe subscription id.
     ReadStorePurchaseId => [Admin],
@@ -283,6 +287,7 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("Entitlement.status", Inherit),
     ("Entitlement.gracePeriodExpiresAt", Inherit),
     ("Entitlement.purchaseId", Guard(ReadPurchases)),
+    ("Entitlement.explanation", Guard(ReadExplanation)),
     ("Purchase.id", Inherit),
     ("Purchase.store", Inherit),
     ("Purchase.storePurchaseId", Guard(ReadStorePurchaseId)),

@@ -197,6 +197,13 @@ const MATRIX: &[(&str, Probe, &str)] = &[
         "UFOFOOO",
     ),
     (
+        "Entitlement.explanation",
+        Probe::Gql(
+            "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { entitlements { key explanation } } }",
+        ),
+        "UFOFOOO",
+    ),
+    (
         "Purchase.storePurchaseId",
         Probe::Gql(
             "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { purchases { storePurchaseId } } }",

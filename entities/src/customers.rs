@@ -7,6 +7,10 @@ pub struct Model {
     pub id: String,
     pub created_at: DateTimeUtc,
     pub attributes: Json,
+    /// The Stripe customer (`cus_…`) this customer pays as.
+    pub stripe_customer_id: Option<String>,
+    /// The buyer's e-mail as Stripe reported it, lower-cased; for search.
+    pub email: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -21,6 +21,8 @@ pub struct Model {
     pub renewal_count: i32,
     pub source_updated_at: DateTimeUtc,
     pub raw: Option<Json>,
+    /// Play: the order id without its renewal suffix, for search.
+    pub order_id: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

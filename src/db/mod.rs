@@ -312,6 +312,7 @@ pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> Ap
         id: Set(id.to_string()),
         created_at: Set(now),
         attributes: Set(serde_json::json!({})),
+        ..Default::default()
     })
     .on_conflict_do_nothing_on([customers::Column::Id])
     .exec_without_returning(c)
@@ -520,25 +521,87 @@ pub async fn events_of(
         .await?)
 }
 
-/// One page of customers ordered by id, after the cursor `after`, whose id
-/// starts with `prefix`. Fetches one extra row to tell whether more follow.
+/// One page of customers ordered by id, after the cursor `after`, that
+/// `search` finds: by customer id prefix (or a merged-away id), device id,
+/// store purchase id (Apple original transaction id, Play purchase token,
+/// Stripe subscription or session id), Play order id, Stripe customer id or
+/// e-mail. Each exact key has its own index. Fetches one extra row to tell
+/// whether more follow.
 pub async fn customers_page(
     c: &impl ConnectionTrait,
-    prefix: Option<&str>,
+    search: Option<&str>,
     after: Option<&str>,
     first: u64,
 ) -> AppResult<(Vec<customers::Model>, bool)> {
+    use entities::{customer_aliases, purchase_aliases};
+    use sea_orm::sea_query::{Condition, Query};
     let mut q = customers::Entity::find().order_by_asc(customers::Column::Id);
-    if let Some(p) = prefix.filter(|p| !p.is_empty()) {
+    if let Some(s) = search.map(str::trim).filter(|s| !s.is_empty()) {
         // Escape LIKE's wildcards so a search for `a_b` means exactly that.
-        let escaped = p
+        let escaped = s
             .replace('\\', "\\\\")
             .replace('%', "\\%")
             .replace('_', "\\_");
-        q = q.filter(
-            Expr::col((customers::Entity, customers::Column::Id))
-                .like(LikeExpr::new(format!("{escaped}%")).escape('\\')),
-        );
+        let id = || Expr::col((customers::Entity, customers::Column::Id));
+        let purchases_where = |col: purchases::Column, value: &str| {
+            Query::select()
+                .column(purchases::Column::CustomerId)
+                .from(purchases::Entity)
+                .and_where(Expr::col(col).eq(value))
+                .to_owned()
+        };
+        let any = Condition::any()
+            .add(id().like(LikeExpr::new(format!("{escaped}%")).escape('\\')))
+            .add(customers::Column::StripeCustomerId.eq(s))
+            .add(customers::Column::Email.eq(s.to_lowercase()))
+            .add(
+                id().in_subquery(
+                    Query::select()
+                        .column(devices::Column::CustomerId)
+                        .from(devices::Entity)
+                        .and_where(devices::Column::DeviceId.eq(s))
+                        .to_owned(),
+                ),
+            )
+            .add(id().in_subquery(purchases_where(purchases::Column::StorePurchaseId, s)))
+            .add(id().in_subquery(purchases_where(
+                purchases::Column::OrderId,
+                crate::providers::google::base_order_id(s),
+            )))
+            // A Play token replaced by a newer one still finds its owner.
+            .add(
+                id().in_subquery(
+                    Query::select()
+                        .column((purchases::Entity, purchases::Column::CustomerId))
+                        .from(purchases::Entity)
+                        .inner_join(
+                            purchase_aliases::Entity,
+                            Expr::col((
+                                purchase_aliases::Entity,
+                                purchase_aliases::Column::PurchaseId,
+                            ))
+                            .equals((purchases::Entity, purchases::Column::Id)),
+                        )
+                        .and_where(
+                            Expr::col((
+                                purchase_aliases::Entity,
+                                purchase_aliases::Column::StorePurchaseId,
+                            ))
+                            .eq(s),
+                        )
+                        .to_owned(),
+                ),
+            )
+            .add(
+                id().in_subquery(
+                    Query::select()
+                        .column(customer_aliases::Column::CustomerId)
+                        .from(customer_aliases::Entity)
+                        .and_where(customer_aliases::Column::AliasId.eq(s))
+                        .to_owned(),
+                ),
+            );
+        q = q.filter(any);
     }
     if let Some(a) = after {
         q = q.filter(customers::Column::Id.gt(a));

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod engine;
+mod explain;
 mod token;
 pub mod tokens;
 mod types;
@@ -11,5 +12,6 @@ pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPoli
 pub use engine::{
     Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff, lapses,
 };
+pub use explain::explain;
 pub use token::{TokenClaims, TokenState};
 pub use types::*;

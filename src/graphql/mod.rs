@@ -1,6 +1,12 @@
 //! GraphQL over HTTP. Resolvers translate and call `service/`. The HTTP
 //! handlers enforce what async-graphql's extractor does not: JSON only,
 //! no batches, no mutations over GET.
+//!
+//! Answers follow the GraphQL-over-HTTP specification: a client that
+//! accepts `application/graphql-response+json` gets that media type, and a
+//! request that fails before execution (parse, validation, variable
+//! coercion) answers 400 without a `data` entry; every other client gets
+//! `application/json` as before, with 200 for such failures.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,7 +18,7 @@ use async_graphql::{
 use axum::{
     Extension, Json,
     extract::{ConnectInfo, RawQuery, State},
-    http::{HeaderMap, HeaderName, HeaderValue},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
     response::{Html, IntoResponse, Response},
 };
 
@@ -113,22 +119,94 @@ impl Default for ParseCache {
     }
 }
 
+/// The media type of a GraphQL answer, chosen from the request's `Accept`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaType {
+    /// `application/json`: for clients that do not ask for the newer type,
+    /// `*/*` and no `Accept` at all.
+    Json,
+    /// `application/graphql-response+json`, when the client accepts it at
+    /// least as much as `application/json`.
+    GraphqlResponse,
+}
+
+impl MediaType {
+    pub const GRAPHQL_RESPONSE: &str = "application/graphql-response+json";
+
+    pub fn negotiate(headers: &HeaderMap) -> MediaType {
+        let mut graphql = 0.0_f32;
+        let mut json = 0.0_f32;
+        for accept in headers.get_all(axum::http::header::ACCEPT) {
+            let Ok(accept) = accept.to_str() else {
+                continue;
+            };
+            for range in accept.split(',') {
+                let mut parts = range.split(';');
+                let media = parts.next().unwrap_or("").trim();
+                let q = parts
+                    .filter_map(|p| p.trim().strip_prefix("q="))
+                    .find_map(|q| q.trim().parse::<f32>().ok())
+                    .unwrap_or(1.0);
+                if media.eq_ignore_ascii_case(Self::GRAPHQL_RESPONSE) {
+                    graphql = graphql.max(q);
+                } else if media.eq_ignore_ascii_case("application/json") {
+                    json = json.max(q);
+                }
+            }
+        }
+        if graphql > 0.0 && graphql >= json {
+            MediaType::GraphqlResponse
+        } else {
+            MediaType::Json
+        }
+    }
+
+    fn content_type(self) -> HeaderValue {
+        match self {
+            MediaType::Json => HeaderValue::from_static("application/json"),
+            MediaType::GraphqlResponse => {
+                HeaderValue::from_static("application/graphql-response+json; charset=utf-8")
+            }
+        }
+    }
+
+    /// A refusal made before execution. `application/json` clients keep
+    /// the answers they always had; the newer media type answers in
+    /// GraphQL's response shape, with the error's own status.
+    fn refuse(self, e: AppError) -> Response {
+        match self {
+            MediaType::Json => e.into_response(),
+            MediaType::GraphqlResponse => graphql_error(self, e),
+        }
+    }
+}
+
+/// Whether the answer is a request error: the document did not parse or
+/// validate, or the variables did not coerce. Execution never started, so
+/// there is no `data` and no error names a path.
+fn is_request_error(resp: &async_graphql::Response) -> bool {
+    resp.data == async_graphql::Value::Null
+        && !resp.errors.is_empty()
+        && resp.errors.iter().all(|e| e.path.is_empty())
+}
+
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
     peer: Option<&ConnectInfo<SocketAddr>>,
+    media: MediaType,
     mut request: async_graphql::Request,
 ) -> Response {
     let principal = match state.auth.principal(&state.core, headers).await {
         Ok(p) => p,
-        Err(e) => return e.into_response(),
+        Err(e) => return media.refuse(e),
     };
     if let Some(doc) = state.parse_cache.get(&request.query) {
         if let Some(limiter) = &state.limiter
             && is_mutation(&doc, request.operation_name.as_deref())
             && let Err(e) = limiter.check(&principal, limiter.client_ip(headers, peer))
         {
-            return graphql_error(e);
+            return graphql_error(media, e);
         }
         request.set_parsed_query(doc);
     }
@@ -145,29 +223,74 @@ async fn execute(
         buf: Vec::with_capacity(128),
         cap: state.config.graphql.max_response_bytes,
     };
-    match serde_json::to_writer(&mut out, &resp) {
+    let (status, written) = if media == MediaType::GraphqlResponse && is_request_error(&resp) {
+        (
+            StatusCode::BAD_REQUEST,
+            serde_json::to_writer(&mut out, &ErrorsOnly::of(&resp)),
+        )
+    } else {
+        (StatusCode::OK, serde_json::to_writer(&mut out, &resp))
+    };
+    match written {
         Ok(()) => (
-            [(
-                axum::http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
+            status,
+            [(axum::http::header::CONTENT_TYPE, media.content_type())],
             out.buf,
         )
             .into_response(),
         // The cap is the only way writing into memory fails.
         Err(_) => {
             drop(out);
-            graphql_error(AppError::ResponseTooLarge)
+            graphql_error(media, AppError::ResponseTooLarge)
         }
     }
 }
 
-/// An error in GraphQL's response shape, for refusals made before execution.
-fn graphql_error(e: AppError) -> Response {
+/// A response with no `data` entry at all, as the specification asks of a
+/// request error answered as `application/graphql-response+json`.
+#[derive(serde::Serialize)]
+struct ErrorsOnly<'a> {
+    errors: &'a [async_graphql::ServerError],
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    extensions: &'a std::collections::BTreeMap<String, async_graphql::Value>,
+}
+
+impl<'a> ErrorsOnly<'a> {
+    fn of(resp: &'a async_graphql::Response) -> Self {
+        ErrorsOnly {
+            errors: &resp.errors,
+            extensions: &resp.extensions,
+        }
+    }
+}
+
+/// An error in GraphQL's response shape, for refusals made before execution:
+/// `200` with `data: null` for `application/json` clients (as always), the
+/// error's own status and no `data` for the newer media type.
+fn graphql_error(media: MediaType, e: AppError) -> Response {
+    let status = e.status();
+    let retry_after = match &e {
+        AppError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+        _ => None,
+    };
     let err: async_graphql::Error = e.into();
     let resp =
         async_graphql::Response::from_errors(vec![err.into_server_error(Default::default())]);
-    Json(resp).into_response()
+    let mut answer = match media {
+        MediaType::Json => Json(resp).into_response(),
+        MediaType::GraphqlResponse => (
+            status,
+            [(axum::http::header::CONTENT_TYPE, media.content_type())],
+            serde_json::to_vec(&ErrorsOnly::of(&resp)).unwrap_or_default(),
+        )
+            .into_response(),
+    };
+    if let Some(secs) = retry_after.filter(|_| media == MediaType::GraphqlResponse) {
+        answer
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    answer
 }
 
 /// Whether the operation to run is a mutation (the one named, or any when
@@ -204,24 +327,33 @@ pub async fn post(
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> Response {
+    let media = MediaType::negotiate(&headers);
     if !is_json(&headers) {
-        return AppError::UnsupportedMediaType("GraphQL requests must be sent as application/json")
-            .into_response();
+        return media.refuse(AppError::UnsupportedMediaType(
+            "GraphQL requests must be sent as application/json",
+        ));
     }
     let value: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(_) => return AppError::bad_input("request body is not valid JSON").into_response(),
+        Err(_) => return media.refuse(AppError::bad_input("request body is not valid JSON")),
     };
     if value.is_array() {
-        return AppError::bad_input("batched requests are not supported").into_response();
+        return media.refuse(AppError::bad_input("batched requests are not supported"));
     }
     let request: async_graphql::Request = match serde_json::from_value(value) {
         Ok(r) => r,
         Err(e) => {
-            return AppError::bad_input(format!("not a GraphQL request: {e}")).into_response();
+            return media.refuse(AppError::bad_input(format!("not a GraphQL request: {e}")));
         }
     };
-    execute(&state, &headers, peer.as_ref().map(|p| &p.0), request).await
+    execute(
+        &state,
+        &headers,
+        peer.as_ref().map(|p| &p.0),
+        media,
+        request,
+    )
+    .await
 }
 
 /// GraphiQL without a query string; read-only queries with one.
@@ -243,9 +375,10 @@ pub async fn get(
         )
         .into_response();
     };
+    let media = MediaType::negotiate(&headers);
     let request = match async_graphql::http::parse_query_string(&raw) {
         Ok(r) => r,
-        Err(_) => return AppError::bad_input("malformed GraphQL query string").into_response(),
+        Err(_) => return media.refuse(AppError::bad_input("malformed GraphQL query string")),
     };
     // A syntax error is left for execution to report in GraphQL's own shape.
     if let Ok(doc) = async_graphql::parser::parse_query(&request.query)
@@ -254,10 +387,18 @@ pub async fn get(
             .iter()
             .any(|(_, op)| op.node.ty != OperationType::Query)
     {
-        return AppError::MethodNotAllowed("mutations and subscriptions must be sent with POST")
-            .into_response();
+        return media.refuse(AppError::MethodNotAllowed(
+            "mutations and subscriptions must be sent with POST",
+        ));
     }
-    execute(&state, &headers, peer.as_ref().map(|p| &p.0), request).await
+    execute(
+        &state,
+        &headers,
+        peer.as_ref().map(|p| &p.0),
+        media,
+        request,
+    )
+    .await
 }
 
 /// graphql-ws (and the older subscriptions-transport-ws) at `/graphql/ws`.

@@ -61,7 +61,10 @@ impl QueryRoot {
             .map(|(m, s)| Customer::with_snapshot(m, s)))
     }
 
-    /// Customers ordered by id, optionally those whose id starts with `search` (admin).
+    /// Customers ordered by id (admin). `search` finds them by customer id
+    /// prefix, device id, store purchase id (App Store original transaction
+    /// id, Play purchase token, Stripe subscription id), Play order id,
+    /// Stripe customer id, or the e-mail Stripe reported.
     #[graphql(complexity = "first.max(1) as usize * child_complexity")]
     async fn customers(
         &self,

@@ -313,6 +313,12 @@ impl Entitlement {
         guard(ctx, Action::ReadPurchases, &self.owner)?;
         Ok(self.state.purchase_id.map(|id| ID(id.to_string())))
     }
+    /// Why the entitlement is active and until when, or why it is not, in
+    /// one plain sentence (for support and the dashboard; not for parsing).
+    async fn explanation(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        guard(ctx, Action::ReadExplanation, &self.owner)?;
+        Ok(core(ctx).explain(&self.owner, &self.state).await?)
+    }
 }
 
 pub struct Purchase {

@@ -71,6 +71,15 @@ impl std::ops::Deref for VerifiedPurchase {
     }
 }
 
+/// The store's order id of a purchase, for search: Play's (`GPA.…`)
+/// without the renewal suffix `..N`, so one id finds every renewal.
+pub fn order_id(p: &PurchaseState) -> Option<String> {
+    match p.store {
+        Store::PlayStore => google::order_id(&p.raw),
+        _ => None,
+    }
+}
+
 /// A purchase state this server verified earlier and held (see
 /// `held_purchases`); the store's verification stands for it.
 pub(crate) fn from_held(state: serde_json::Value) -> Result<VerifiedPurchase, serde_json::Error> {

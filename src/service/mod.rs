@@ -126,6 +126,22 @@ impl Core {
         Ok(cached.customer.map(|c| (c, snapshot)))
     }
 
+    /// The plain sentence behind one entitlement of the customer's snapshot.
+    pub async fn explain(
+        &self,
+        customer_id: &str,
+        state: &crate::domain::EntitlementState,
+    ) -> AppResult<String> {
+        let cached = self.cached_customer(customer_id).await?;
+        Ok(crate::domain::explain(
+            &self.catalog,
+            &cached.facts,
+            state,
+            self.now(),
+            self.accept_sandbox,
+        ))
+    }
+
     async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
         if let Some(c) = self.db.cache.get(customer_id) {
             return Ok(c);

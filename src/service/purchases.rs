@@ -660,6 +660,10 @@ impl Core {
         am.renewal_count = Set(renewal_count);
         am.source_updated_at = Set(vp.source_updated_at);
         am.raw = Set(Some(vp.raw.clone()));
+        // Kept once known: a later payload without it does not erase it.
+        if let Some(order) = crate::providers::order_id(vp) {
+            am.order_id = Set(Some(order));
+        }
     }
 
     /// Applies one verified purchase in its own transaction.

@@ -52,6 +52,7 @@ enum Plan {
     Bind {
         customer: String,
         stripe_customer: String,
+        email: Option<String>,
     },
     Refund {
         charge: Value,
@@ -149,10 +150,12 @@ impl Core {
             Plan::Bind {
                 customer,
                 stripe_customer,
+                email,
             } => {
                 let customer = db::lock_resolved_customer(&txn, &customer).await?;
                 self.ensure_customer_in(&txn, &customer, now).await?;
-                remember_stripe_customer(&txn, &customer, &stripe_customer).await?;
+                remember_stripe_customer(&txn, &customer, &stripe_customer, email.as_deref())
+                    .await?;
                 "bound"
             }
             Plan::Apply {
@@ -234,17 +237,21 @@ impl Core {
                             return Ok(Plan::Record("no_subscription"));
                         };
                         match p.subscription_state(&sub_id, None, now).await? {
-                            Some(state) => Ok(Plan::Apply {
-                                state: Box::new(state),
-                                customer,
-                                renewal_of: None,
-                            }),
+                            Some(mut state) => {
+                                state.email = provider::session_email(&session);
+                                Ok(Plan::Apply {
+                                    state: Box::new(state),
+                                    customer,
+                                    renewal_of: None,
+                                })
+                            }
                             // Without the API the subscription events carry the
                             // state; this event tells whose it is.
                             None => Ok(match (customer, stripe_customer) {
                                 (Some(customer), Some(stripe_customer)) => Plan::Bind {
                                     customer,
                                     stripe_customer,
+                                    email: provider::session_email(&session),
                                 },
                                 _ => Plan::Record("unmatched"),
                             }),
@@ -493,12 +500,13 @@ impl Core {
             return Ok("unmatched");
         }
         let stripe_customer = state.stripe_customer.clone();
+        let email = state.email.clone();
         let vp = state.bind(customer);
         let applied = self
             .apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         if let Some(sc) = stripe_customer {
-            remember_stripe_customer(txn, &applied.customer_id, &sc).await?;
+            remember_stripe_customer(txn, &applied.customer_id, &sc, email.as_deref()).await?;
         }
         Ok(if applied.stale { "stale" } else { "applied" })
     }
@@ -733,12 +741,8 @@ async fn customer_by_stripe_id_in(
     c: &impl ConnectionTrait,
     stripe_customer: &str,
 ) -> AppResult<Option<String>> {
-    let expr = match c.get_database_backend() {
-        DbBackend::Postgres => "attributes->>'stripe_customer_id' = $1",
-        _ => "json_extract(attributes, '$.stripe_customer_id') = ?",
-    };
     Ok(customers::Entity::find()
-        .filter(Expr::cust_with_values(expr, [stripe_customer]))
+        .filter(customers::Column::StripeCustomerId.eq(stripe_customer))
         .one(c)
         .await?
         .map(|c| c.id))
@@ -760,10 +764,13 @@ async fn find_by_raw(
         .await?)
 }
 
+/// Remembers the Stripe customer `customer_id` pays as (and the e-mail
+/// Stripe reported, when it did), both indexed for lookups and search.
 async fn remember_stripe_customer(
     txn: &WriteTxn,
     customer_id: &str,
     stripe_customer: &str,
+    email: Option<&str>,
 ) -> AppResult<()> {
     let Some(c) = customers::Entity::find_by_id(customer_id.to_string())
         .one(&**txn)
@@ -771,10 +778,13 @@ async fn remember_stripe_customer(
     else {
         return Ok(());
     };
+    let email = email.map(|e| e.trim().to_lowercase());
     if c.attributes
         .get(STRIPE_CUSTOMER_ATTR)
         .and_then(Value::as_str)
         == Some(stripe_customer)
+        && c.stripe_customer_id.as_deref() == Some(stripe_customer)
+        && (email.is_none() || c.email == email)
     {
         return Ok(());
     }
@@ -785,6 +795,10 @@ async fn remember_stripe_customer(
     attrs[STRIPE_CUSTOMER_ATTR] = Value::String(stripe_customer.to_string());
     let mut am = c.into_active_model();
     am.attributes = Set(attrs);
+    am.stripe_customer_id = Set(Some(stripe_customer.to_string()));
+    if email.is_some() {
+        am.email = Set(email);
+    }
     am.update(&**txn).await?;
     Ok(())
 }

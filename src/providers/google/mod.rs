@@ -416,6 +416,21 @@ pub fn stamped(f: Fetched, at: DateTime<Utc>) -> Fetched {
     }
 }
 
+/// A Play payload's order id (`GPA.…`) without its renewal suffix: a
+/// one-time product's `orderId`, a subscription's latest order.
+pub fn order_id(raw: &serde_json::Value) -> Option<String> {
+    let s = |v: &serde_json::Value| v.as_str().filter(|x| !x.is_empty()).map(str::to_string);
+    s(&raw["orderId"])
+        .or_else(|| s(&raw["latestOrderId"]))
+        .or_else(|| s(&raw["lineItems"][0]["latestSuccessfulOrderId"]))
+        .map(|o| base_order_id(&o).to_string())
+}
+
+/// `GPA.1234-5678-9012-34567..3` (the fourth renewal) is order `GPA.1234-5678-9012-34567`.
+pub fn base_order_id(order: &str) -> &str {
+    order.split("..").next().unwrap_or(order)
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::Config;

@@ -116,6 +116,18 @@ pub struct StripeState {
     state: PurchaseState,
     /// The Stripe customer (`cus_…`) the object belongs to.
     pub stripe_customer: Option<String>,
+    /// The buyer's e-mail, when the object carried one (a Checkout Session).
+    pub email: Option<String>,
+}
+
+/// The e-mail a Checkout Session reports for its buyer.
+pub fn session_email(session: &CheckoutSession) -> Option<String> {
+    session
+        .customer_details
+        .as_ref()
+        .and_then(|d| d.email.clone())
+        .or_else(|| session.customer_email.clone())
+        .filter(|e| !e.trim().is_empty())
 }
 
 impl StripeState {
@@ -275,6 +287,7 @@ impl StripeProvider {
         .map(|state| StripeState {
             state,
             stripe_customer: Some(sub.customer.id().to_string()),
+            email: None,
         }))
     }
 
@@ -289,6 +302,7 @@ impl StripeProvider {
         StripeState {
             state: map::lifetime_state(session, price_id, customer, observed_at),
             stripe_customer: session.customer.as_ref().map(|c| c.id().to_string()),
+            email: session_email(session),
         }
     }
 
