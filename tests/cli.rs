@@ -311,3 +311,172 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+// ---- entitle config check -----------------------------------------------
+
+fn fixture(path: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// A configuration with every kind of secret set, each to a value the
+/// output can be searched for.
+fn secret_config(dir: &std::path::Path, stripe_key: &str, apple_key: &str, google_sa: &str) {
+    let toml = format!(
+        r#"
+database_url = "postgres://entitle:pg-PASSWORD-1@db.internal:5432/entitle"
+redis_url = "redis://:redis-PASSWORD-2@127.0.0.1:6379/0"
+
+[auth.jwt]
+algorithm = "HS256"
+secret = "jwt-SECRET-3-jwt-SECRET-3-jwt-SECRET-3"
+issuer = "https://auth.test/"
+audience = "entitle"
+
+[stripe]
+secret_key = {stripe_key:?}
+webhook_secret = "whsec_WEBHOOK4"
+payment_link = "https://buy.stripe.com/test_abc"
+
+[apple]
+bundle_id = "com.example.app"
+environment = "sandbox"
+issuer_id = "57246542-96fe-1a63-e053-0824d011072a"
+key_id = "ABCDE12345"
+private_key = {apple_key:?}
+
+[google]
+package_name = "com.example.app"
+service_account = {google_sa:?}
+
+[tokens]
+encryption_key = "ZW5jcnlwdGlvbi1LRVktNS1lbmNyeXB0aW9uLUtFWS0="
+
+[[outbound.endpoints]]
+url = "https://hooks.example/entitle"
+secret = "whsec_T1VUQk9VTkQtU0VDUkVULTY="
+"#
+    );
+    std::fs::write(dir.join("entitle.toml"), toml).unwrap();
+}
+
+fn config_check(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_entitle"))
+        .args(["config", "check"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DATABASE_URL")
+        .env("ENTITLE_STRIPE__SECRET_KEY", "sk_test_FROMENV7")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_without_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let apple_key = fixture("apple/testLeaf.pk8.pem");
+    let rsa_key = fixture("jwt_rs256_private.pem");
+    let sa = serde_json::json!({
+        "type": "service_account",
+        "client_email": "play@example.iam.gserviceaccount.com",
+        "private_key_id": "kid",
+        "private_key": rsa_key,
+        "token_uri": "https://oauth2.googleapis.com/token",
+    })
+    .to_string();
+    secret_config(dir.path(), "sk_test_INFILE", &apple_key, &sa);
+    let secrets: Vec<String> = [
+        "pg-PASSWORD-1",
+        "redis-PASSWORD-2",
+        "jwt-SECRET-3",
+        "whsec_WEBHOOK4",
+        "ZW5jcnlwdGlvbi1LRVktNS1lbmNyeXB0aW9uLUtFWS0",
+        "T1VUQk9VTkQtU0VDUkVULTY",
+        "sk_test_FROMENV7",
+        "sk_test_INFILE",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    // A line from the middle of each private key.
+    .chain([&apple_key, &rsa_key].map(|k| k.lines().nth(2).unwrap().to_string()))
+    .collect();
+    for format in ["toml", "json"] {
+        let out = config_check(dir.path(), &["--format", format]);
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{format}: {stderr}\n{stdout}");
+        assert!(stderr.is_empty(), "quiet: {stderr}");
+        for s in &secrets {
+            assert!(
+                !stdout.contains(s.as_str()),
+                "{format} shows {s}:\n{stdout}"
+            );
+        }
+        // The rest of the configuration is there, secrets marked as such.
+        assert!(stdout.contains("<redacted>"), "{stdout}");
+        assert!(stdout.contains("com.example.app"), "{stdout}");
+        assert!(
+            stdout.contains("postgres://entitle:****@db.internal:5432/entitle"),
+            "{stdout}"
+        );
+        if format == "json" {
+            let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(v["stripe"]["secret_key"], "<redacted>");
+            assert_eq!(v["bind"], "127.0.0.1:8088", "defaults are shown too");
+        } else {
+            assert!(stdout.contains("[stripe]"), "{stdout}");
+        }
+    }
+}
+
+#[test]
+fn config_check_reports_each_broken_section() {
+    let dir = tempfile::tempdir().unwrap();
+    secret_config(
+        dir.path(),
+        "unused",
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+        r#"{"type": "authorized_user", "client_email": "nobody"}"#,
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_entitle"))
+        .args(["config", "check"])
+        .current_dir(dir.path())
+        .env_remove("DATABASE_URL")
+        // A publishable key where the secret one belongs.
+        .env("ENTITLE_STRIPE__SECRET_KEY", "pk_live_PUBLISHABLE8")
+        .env("ENTITLE_GOOGLE__API_BASE", "not a url")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    for want in [
+        "problem: stripe.secret_key: is not a Stripe secret or restricted key",
+        "problem: apple: apple.private_key is not a PKCS#8 EC PEM key",
+        "problem: google.api_base: is not an http(s) URL",
+        "problem: google.service_account.type: must be \"service_account\"",
+        "problem: google.service_account.client_email",
+        "problem: google.service_account.private_key",
+    ] {
+        assert!(stderr.contains(want), "missing `{want}` in:\n{stderr}");
+    }
+    assert!(
+        stderr.contains("problem(s) in the configuration"),
+        "{stderr}"
+    );
+    for s in ["pk_live_PUBLISHABLE8", "bm90IGEga2V5", "pg-PASSWORD-1"] {
+        assert!(!stdout.contains(s) && !stderr.contains(s), "{s} shown");
+    }
+    // A configuration that does not even load says why, and fails too.
+    std::fs::write(dir.path().join("entitle.toml"), "bogus_key = 1\n").unwrap();
+    let out = config_check(dir.path(), &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bogus_key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

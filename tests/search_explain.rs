@@ -1,0 +1,279 @@
+//! Operators' look-ups (issue 16, points 3 and 4): `customers(search:)` by
+//! every key a store or Stripe hands out, and `Entitlement.explanation`
+//! from the server, sandbox purchases included.
+
+mod common;
+mod stripe_support;
+
+use chrono::{DateTime, Duration, Utc};
+use common::{Auth, Backend, TestApp, spawn_with};
+use entities::purchases;
+use entitle::domain::ApiKeyRole;
+use reqwest::StatusCode;
+use sea_orm::{ActiveModelTrait, ActiveValue::Set};
+use serde_json::{Value, json};
+use stripe_support::{FakeStripe, checkout_session, configure, deliver, event};
+
+async fn register(app: &TestApp, client: &Auth, customer: &str, device: &str) {
+    let (s, r) = app
+        .gql(
+            client,
+            "mutation($c: ID, $d: String!) { registerDevice(input: {platform: IOS, deviceId: $d, customerId: $c}) { created } }",
+            json!({ "c": customer, "d": device }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(r["errors"].is_null(), "{r}");
+}
+
+/// A purchase row as a verified store message would leave it.
+#[allow(clippy::too_many_arguments)]
+async fn purchase(
+    app: &TestApp,
+    customer: &str,
+    store: &str,
+    store_purchase_id: &str,
+    product: &str,
+    environment: &str,
+    raw: Value,
+    order_id: Option<&str>,
+    now: DateTime<Utc>,
+) {
+    purchases::ActiveModel {
+        customer_id: Set(customer.into()),
+        store: Set(store.into()),
+        store_purchase_id: Set(store_purchase_id.into()),
+        product_id: Set(product.into()),
+        environment: Set(environment.into()),
+        status: Set("active".into()),
+        period_type: Set("normal".into()),
+        purchased_at: Set(now - Duration::days(1)),
+        expires_at: Set(Some(now + Duration::days(29))),
+        grace_expires_at: Set(None),
+        auto_renew: Set(true),
+        canceled_at: Set(None),
+        revoked_at: Set(None),
+        renewal_count: Set(0),
+        source_updated_at: Set(now),
+        raw: Set(Some(raw)),
+        order_id: Set(order_id.map(str::to_string)),
+        ..Default::default()
+    }
+    .insert(&app.state.core.db.conn)
+    .await
+    .unwrap();
+}
+
+async fn search(app: &TestApp, auth: &Auth, q: &str) -> Vec<String> {
+    let (s, r) = app
+        .gql(
+            auth,
+            "query($q: String) { customers(search: $q, first: 10) { nodes { id } } }",
+            json!({ "q": q }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(r["errors"].is_null(), "{q}: {r}");
+    r["data"]["customers"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn search_by_every_key(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    let now = app.state.core.now();
+    register(&app, &client, "alice", "ios-device-A1").await;
+    register(&app, &client, "bob", "ios-device-B2").await;
+    register(&app, &client, "carol", "ios-device-C3").await;
+    // Alice pays on iOS, bob on Android.
+    purchase(
+        &app,
+        "alice",
+        "app_store",
+        "2000000123456789",
+        "com.example.pro.monthly",
+        "production",
+        json!({}),
+        None,
+        now,
+    )
+    .await;
+    purchase(
+        &app,
+        "bob",
+        "play_store",
+        "play-token-bob.AO-J1Oz",
+        "pro_sub",
+        "production",
+        json!({ "latestOrderId": "GPA.3391-2271-4417-55120..4" }),
+        Some("GPA.3391-2271-4417-55120"),
+        now,
+    )
+    .await;
+    // Carol pays on the web: Stripe reports her e-mail and Stripe customer.
+    fake.set_line_items("cs_carol", "price_pro_lifetime");
+    let mut session = checkout_session(
+        "cs_carol",
+        "payment",
+        Some("carol"),
+        Some("cus_Carol9"),
+        None,
+    );
+    session["customer_details"]["email"] = json!("Carol.Buyer@Example.COM");
+    let (s, r) = deliver(
+        &app,
+        &event("evt_carol", "checkout.session.completed", session, now),
+    )
+    .await;
+    assert_eq!(
+        (s, r["outcome"].as_str()),
+        (StatusCode::OK, Some("applied")),
+        "{r}"
+    );
+
+    for (q, want) in [
+        ("ali", "alice"),
+        ("ios-device-B2", "bob"),
+        ("2000000123456789", "alice"),
+        ("play-token-bob.AO-J1Oz", "bob"),
+        ("GPA.3391-2271-4417-55120", "bob"),
+        // A renewal's order id finds the same purchase.
+        ("GPA.3391-2271-4417-55120..7", "bob"),
+        ("cus_Carol9", "carol"),
+        ("cs_carol", "carol"),
+        ("carol.buyer@example.com", "carol"),
+        ("  CAROL.BUYER@example.com ", "carol"),
+    ] {
+        assert_eq!(search(&app, &admin, q).await, vec![want.to_string()], "{q}");
+    }
+    for q in ["nobody", "GPA.0000", "cus_", "%", "ios-device"] {
+        assert!(search(&app, &admin, q).await.is_empty(), "{q}");
+    }
+    // Searching is the admin's: the public key and a service key are refused.
+    for auth in [client, app.key(ApiKeyRole::Service).await] {
+        let (_, r) = app
+            .gql(
+                &auth,
+                "{ customers(search: \"cus_Carol9\") { nodes { id } } }",
+                json!({}),
+            )
+            .await;
+        assert_eq!(common::error_code(&r), Some("FORBIDDEN"), "{r}");
+    }
+}
+
+async fn explanations(app: &TestApp, auth: &Auth, customer: &str) -> Value {
+    let (s, r) = app
+        .gql(
+            auth,
+            "query($c: ID!) { customer(id: $c) { entitlements { key isActive explanation } } }",
+            json!({ "c": customer }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    r
+}
+
+fn explanation_of(r: &Value, key: &str) -> (bool, String) {
+    let e = r["data"]["customer"]["entitlements"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"))
+        .iter()
+        .find(|e| e["key"] == key)
+        .unwrap();
+    (
+        e["isActive"].as_bool().unwrap(),
+        e["explanation"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn explanation_follows_accept_sandbox(b: Backend) {
+    for accept_sandbox in [true, false] {
+        let app = spawn_with(b.clone(), |c| c.accept_sandbox = accept_sandbox).await;
+        let client = app.key(ApiKeyRole::Client).await;
+        let service = app.key(ApiKeyRole::Service).await;
+        let now = app.state.core.now();
+        register(&app, &client, "tester", "ios-device-T").await;
+        purchase(
+            &app,
+            "tester",
+            "app_store",
+            "2000000999",
+            "com.example.pro.monthly",
+            "sandbox",
+            json!({}),
+            None,
+            now,
+        )
+        .await;
+        let r = explanations(&app, &service, "tester").await;
+        assert!(r["errors"].is_null(), "{r}");
+        let (active, text) = explanation_of(&r, "pro");
+        let (maps_active, maps) = explanation_of(&r, "maps");
+        assert!(!maps_active);
+        assert_eq!(
+            maps,
+            "Not active: no purchase, trial or grant has ever given this entitlement."
+        );
+        if accept_sandbox {
+            // The server-side trial lasts 7 days, the sandbox month longer.
+            assert!(active, "{text}");
+            assert!(
+                text.starts_with("Active: the App Store sandbox subscription com.example.pro.monthly is paid until "),
+                "{text}"
+            );
+        } else {
+            // Only the trial grants; the sandbox purchase is no source.
+            assert!(active, "{text}");
+            assert!(
+                text.starts_with("Active: the free trial runs until "),
+                "{text}"
+            );
+        }
+        // The public key reads the summary but not the explanation.
+        let r = explanations(&app, &client, "tester").await;
+        assert_eq!(common::error_code(&r), Some("FORBIDDEN"), "{r}");
+        assert!(
+            r["data"].is_null() || r.to_string().find("Active:").is_none(),
+            "{r}"
+        );
+    }
+    // Without a trial, a refused sandbox purchase says why it does not count.
+    let app = spawn_with(b, |c| {
+        c.accept_sandbox = false;
+        c.trial = None;
+    })
+    .await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    let now = app.state.core.now();
+    register(&app, &client, "tester", "ios-device-T").await;
+    purchase(
+        &app,
+        "tester",
+        "app_store",
+        "2000000999",
+        "com.example.pro.monthly",
+        "sandbox",
+        json!({}),
+        None,
+        now,
+    )
+    .await;
+    let r = explanations(&app, &admin, "tester").await;
+    let (active, text) = explanation_of(&r, "pro");
+    assert!(!active);
+    assert!(
+        text.starts_with("Not active: the App Store sandbox subscription com.example.pro.monthly would give access until ")
+            && text.ends_with("but sandbox purchases are ignored in production (accept_sandbox = false)."),
+        "{text}"
+    );
+}
+
+on_all_backends!(search_by_every_key, explanation_follows_accept_sandbox);
