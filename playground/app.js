@@ -247,7 +247,7 @@
       listState = { ...listState, search, after, endCursor: conn.pageInfo.endCursor, hasNext: conn.pageInfo.hasNextPage };
       if (!after) { cursorStack.length = 0; listState.page = 1; }
       fill(tbody, conn.nodes.length ? conn.nodes.map(customerRow)
-        : h('tr', {}, h('td', { colspan: 5, class: 'empty' }, search ? `No customer id starts with “${search}”.` : 'No customers yet.')));
+        : h('tr', {}, h('td', { colspan: 5, class: 'empty' }, search ? `No customer matches “${search}”.` : 'No customers yet.')));
       $('next-page').disabled = !listState.hasNext;
       $('prev-page').disabled = !after;
       $('page-label').textContent = `Page ${listState.page}`;
@@ -281,7 +281,7 @@
   const CUSTOMER_QUERY = `query CustomerPage($id: ID!) {
   customer(id: $id) {
     id createdAt paidStatus trialEndsAt
-    entitlements { key isActive expiresAt willRenew store productId periodType status gracePeriodExpiresAt purchaseId }
+    entitlements { key isActive expiresAt willRenew store productId periodType status gracePeriodExpiresAt purchaseId explanation }
     purchases { id store storePurchaseId productId environment status periodType purchasedAt expiresAt graceExpiresAt autoRenew canceledAt revokedAt renewalCount sourceUpdatedAt }
     devices { platform deviceId firstSeenAt lastSeenAt }
     receipts(limit: 20) { id store receivedAt outcome error purchaseId payload }
@@ -462,42 +462,6 @@
     return `${s} subscription${intro}`;
   }
 
-  // The plain-language answer to "why is (or isn't) this entitlement active?".
-  function entitlementReason(e, purchase) {
-    const src = purchase || { store: e.store, productId: e.productId, periodType: e.periodType, expiresAt: e.expiresAt };
-    const k = kindOf(src);
-    if (!e.status) return 'inactive: never purchased, granted or trialed';
-    if (e.isActive) {
-      const end = e.expiresAt ? fmtDate(e.expiresAt) : null;
-      if (e.store === 'TRIAL') return `active: ${k} ends ${end}`;
-      if (e.store === 'PROMOTIONAL') return end ? `active: ${k} until ${end}` : `active: ${k} for life`;
-      if (!end) return `active: ${k}`;
-      switch (e.status) {
-        case 'IN_GRACE_PERIOD': return `active: ${k} has a billing problem; grace period until ${fmtDate(e.gracePeriodExpiresAt || e.expiresAt)}`;
-        case 'CANCELED': return `active: ${k} canceled; the paid period runs until ${end}`;
-        case 'TRIALING': return e.willRenew ? `active: ${k} in its store trial; first charge ${end}` : `active: ${k} in its store trial; ends ${end}, will not renew`;
-        default: return e.willRenew ? `active: ${k} renews ${end}` : `active: ${k} ends ${end}, auto-renew is off`;
-      }
-    }
-    const revokedOn = purchase && purchase.revokedAt ? fmtDate(purchase.revokedAt) : null;
-    switch (e.status) {
-      case 'REFUNDED': return `inactive: ${k} refunded${revokedOn ? ' on ' + revokedOn : ''}`;
-      case 'REVOKED':
-        if (e.store === 'PROMOTIONAL') return `inactive: ${k} revoked${revokedOn ? ' on ' + revokedOn : ''}`;
-        return `inactive: ${k} revoked${revokedOn ? ' on ' + revokedOn : ''} (moved to another customer, or family sharing ended)`;
-      case 'IN_BILLING_RETRY': return `inactive: ${k} payment failed; the store is retrying`;
-      case 'ON_HOLD': return `inactive: ${k} on account hold after a failed payment`;
-      case 'PAUSED': return `inactive: ${k} paused by the customer`;
-      case 'PENDING': return `inactive: ${k} payment is still pending`;
-      default: {
-        const endIso = e.expiresAt || (purchase && purchase.expiresAt);
-        if (e.store === 'TRIAL') return `inactive: ${k} ended ${fmtDate(endIso)}`;
-        if (e.store === 'PROMOTIONAL') return `inactive: ${k} ended ${fmtDate(endIso)}`;
-        return `inactive: ${k} expired${endIso ? ' ' + fmtDate(endIso) : ''}`;
-      }
-    }
-  }
-
   // Why one purchase does or does not count now, and for what.
   function purchaseReason(p, customer) {
     const now = Date.now();
@@ -563,14 +527,14 @@
 
   function renderEntitlements(c) {
     fill($('entitlements'), c.entitlements.map((e) => {
-      const purchase = c.purchases.find((p) => p.id === e.purchaseId);
       const promo = activePromo(c, e.key);
       return h('div', { class: 'ent ' + (e.isActive ? 'on' : 'off'), 'data-entitlement': e.key, 'data-active': String(e.isActive) },
         h('div', { class: 'head' },
           h('span', { class: 'key' }, e.key),
           h('span', { class: 'badge ' + (e.isActive ? 'active' : 'inactive') }, e.isActive ? 'active' : 'inactive'),
           promo ? h('button', { type: 'button', class: 'danger', 'data-revoke': e.key, onclick: () => revoke(c.id, e.key, promo) }, 'Revoke grant…') : null),
-        h('p', { class: 'reason' }, entitlementReason(e, purchase)),
+        // The server's own sentence, from the rules that decide access.
+        h('p', { class: 'reason' }, e.explanation),
         e.status ? h('div', { class: 'facts' },
           [`source: ${storeName(e.store)}`, e.productId ? `product: ${e.productId}` : null,
             e.periodType ? `period: ${e.periodType.toLowerCase()}` : null,
