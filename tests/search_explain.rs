@@ -276,4 +276,67 @@ async fn explanation_follows_accept_sandbox(b: Backend) {
     );
 }
 
-on_all_backends!(search_by_every_key, explanation_follows_accept_sandbox);
+/// Rows written before the search keys existed get them from the migration:
+/// the Stripe customer remembered in the attributes, the Play order id of
+/// the stored payload.
+async fn migration_backfills_the_search_keys(b: Backend) {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::{ConnectionTrait, Database, Statement};
+    let dir = tempfile::tempdir().unwrap();
+    let url = common::fresh_database(&b, &dir).await;
+    let db = Database::connect(url.as_str()).await.unwrap();
+    let before = Migrator::migrations().len() as u32 - 1;
+    Migrator::up(&db, Some(before)).await.unwrap();
+    let backend = db.get_database_backend();
+    let pg = matches!(b, Backend::Postgres(_));
+    let now = if pg { "now()" } else { "CURRENT_TIMESTAMP" };
+    for sql in [
+        format!(
+            "INSERT INTO customers (id, created_at, attributes) VALUES \
+             ('old-web', {now}, '{{\"stripe_customer_id\": \"cus_Old1\"}}'), ('old-android', {now}, '{{}}')"
+        ),
+        format!(
+            "INSERT INTO purchases (customer_id, store, store_purchase_id, product_id, environment, status, \
+             period_type, purchased_at, auto_renew, renewal_count, source_updated_at, raw) VALUES \
+             ('old-android', 'play_store', 'tok-old', 'pro_sub', 'production', 'active', 'normal', {now}, \
+             true, 0, {now}, '{{\"latestOrderId\": \"GPA.1111-2222-3333-44444..5\"}}')"
+        ),
+    ] {
+        db.execute_raw(Statement::from_string(backend, sql))
+            .await
+            .unwrap();
+    }
+    Migrator::up(&db, None).await.unwrap();
+    let one = |sql: &str| {
+        let db = db.clone();
+        let sql = sql.to_string();
+        async move {
+            db.query_one_raw(Statement::from_string(backend, sql))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<Option<String>>(0)
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        one("SELECT stripe_customer_id FROM customers WHERE id = 'old-web'")
+            .await
+            .as_deref(),
+        Some("cus_Old1")
+    );
+    assert_eq!(
+        one("SELECT order_id FROM purchases WHERE store_purchase_id = 'tok-old'")
+            .await
+            .as_deref(),
+        Some("GPA.1111-2222-3333-44444")
+    );
+    // And down again, for an operator who must roll back.
+    Migrator::down(&db, Some(1)).await.unwrap();
+}
+
+on_all_backends!(
+    search_by_every_key,
+    explanation_follows_accept_sandbox,
+    migration_backfills_the_search_keys
+);
