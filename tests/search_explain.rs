@@ -3,6 +3,7 @@
 //! from the server, sandbox purchases included.
 
 mod common;
+mod google_support;
 mod stripe_support;
 
 use chrono::{DateTime, Duration, Utc};
@@ -276,6 +277,33 @@ async fn explanation_follows_accept_sandbox(b: Backend) {
     );
 }
 
+/// A Play purchase verified through the real route is found by its order id
+/// and its token.
+async fn play_purchase_is_found_by_its_order_id(b: Backend) {
+    let (app, g) = google_support::setup(b).await;
+    let client = app.key(ApiKeyRole::Client).await;
+    let admin = app.key(ApiKeyRole::Admin).await;
+    let now = app.state.core.now();
+    g.fake.set(
+        "life-7",
+        google_support::product_purchase(0, false, None, now),
+    );
+    let body = google_support::verify(&app, &client, "dora", "maps_forever", "life-7").await;
+    assert!(body["errors"].is_null(), "{body}");
+    // The fake's order id, and a later renewal's form of it.
+    for q in [
+        "GPA.3333-4444-5555-66666",
+        "GPA.3333-4444-5555-66666..1",
+        "life-7",
+    ] {
+        assert_eq!(
+            search(&app, &admin, q).await,
+            vec!["dora".to_string()],
+            "{q}"
+        );
+    }
+}
+
 /// Rows written before the search keys existed get them from the migration:
 /// the Stripe customer remembered in the attributes, the Play order id of
 /// the stored payload.
@@ -338,5 +366,6 @@ async fn migration_backfills_the_search_keys(b: Backend) {
 on_all_backends!(
     search_by_every_key,
     explanation_follows_accept_sandbox,
+    play_purchase_is_found_by_its_order_id,
     migration_backfills_the_search_keys
 );
