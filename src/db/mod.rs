@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod cache;
+pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 
 #[derive(Clone)]

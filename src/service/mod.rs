@@ -24,6 +24,7 @@ pub mod pairing;
 pub mod purchases;
 pub mod stripe;
 pub mod tokens;
+pub mod webhooks;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
