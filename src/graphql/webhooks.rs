@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{
     query::principal,
-    types::{Store, core},
+    types::Store,
 };
 use crate::{
     db::webhook_log::{DayCounts, NowCounts, WebhookFilter},
