@@ -17,7 +17,7 @@ use stripe_support::*;
 /// A Payment Link the first configuration does not know.
 const NEW_LINK: &str = "plink_1NewLifetime";
 
-const LOG: &str = "query($o: [String!], $s: Store, $c: ID, $since: DateTime, $r: Boolean, $first: Int, $after: String) {
+const LOG: &str = "query($o: [String!], $s: Store, $c: ID, $since: DateTime, $r: Boolean, $first: Int = 20, $after: String) {
   webhookEvents(outcome: $o, store: $s, customerId: $c, since: $since, replayable: $r, first: $first, after: $after) {
     pageInfo { hasNextPage endCursor }
     nodes { id store eventId type outcome customerId error receivedAt replayedAt replayable payload }
@@ -373,6 +373,7 @@ async fn only_admins_see_the_log(b: Backend) {
         configure(c, None);
     })
     .await;
+    app.sign_up("victim").await;
     let ev = event(
         "evt_secret",
         "checkout.session.completed",
@@ -462,6 +463,7 @@ async fn overview_counts_and_series(b: Backend) {
     )
     .await;
     assert_eq!(r["outcome"], "applied", "{r}");
+    app.sign_up("bob").await;
     let (_, r) = app
         .gql(
             &admin,
