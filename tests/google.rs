@@ -891,7 +891,11 @@ async fn google_down_then_retry(b: Backend) {
     // The redelivery took the failed row over.
     assert_eq!(
         app.count("webhook_events").await,
-        after.iter().find(|(t, _)| *t == "webhook_events").unwrap().1
+        after
+            .iter()
+            .find(|(t, _)| *t == "webhook_events")
+            .unwrap()
+            .1
     );
 }
 

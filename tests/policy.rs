@@ -217,7 +217,9 @@ const MATRIX: &[(&str, Probe, &str)] = &[
     ),
     (
         "QueryRoot.overview",
-        Probe::Gql("{ overview(days: 7) { now { customersWithAccess inTrial } days { day newTrials } } }"),
+        Probe::Gql(
+            "{ overview(days: 7) { now { customersWithAccess inTrial } days { day newTrials } } }",
+        ),
         "UFFFFOO",
     ),
     (

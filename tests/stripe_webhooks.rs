@@ -998,7 +998,10 @@ async fn api_down_during_webhook_is_retried(b: Backend) {
     }
     let row = failed_row(&app, "evt_down").await;
     assert_eq!(row.outcome, "failed");
-    assert!(row.error.as_deref().unwrap().contains("unavailable"), "{row:?}");
+    assert!(
+        row.error.as_deref().unwrap().contains("unavailable"),
+        "{row:?}"
+    );
     fake.set_down(false);
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(

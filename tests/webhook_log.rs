@@ -107,7 +107,11 @@ async fn unknown_product_checkout_replays_once_after_the_catalog_learns_it(b: Ba
     // Replayed before the fix: still unknown, nothing else written.
     let r = replay(&app, &admin, &id).await;
     assert_eq!(
-        (r["previousOutcome"].as_str(), r["outcome"].as_str(), r["ran"].as_bool()),
+        (
+            r["previousOutcome"].as_str(),
+            r["outcome"].as_str(),
+            r["ran"].as_bool()
+        ),
         (Some("unknown_product"), Some("unknown_product"), Some(true)),
         "{r}"
     );
@@ -121,7 +125,11 @@ async fn unknown_product_checkout_replays_once_after_the_catalog_learns_it(b: Ba
     assert_eq!(changes_of(&fixed, "buyer-1").await, 0);
     let r = replay(&fixed, &admin, &id).await;
     assert_eq!(
-        (r["previousOutcome"].as_str(), r["outcome"].as_str(), r["ran"].as_bool()),
+        (
+            r["previousOutcome"].as_str(),
+            r["outcome"].as_str(),
+            r["ran"].as_bool()
+        ),
         (Some("unknown_product"), Some("applied"), Some(true)),
         "{r}"
     );
@@ -136,7 +144,11 @@ async fn unknown_product_checkout_replays_once_after_the_catalog_learns_it(b: Ba
     let counts = fixed.counts().await;
     let r = replay(&fixed, &admin, &id).await;
     assert_eq!(
-        (r["previousOutcome"].as_str(), r["outcome"].as_str(), r["ran"].as_bool()),
+        (
+            r["previousOutcome"].as_str(),
+            r["outcome"].as_str(),
+            r["ran"].as_bool()
+        ),
         (Some("applied"), Some("applied"), Some(false)),
         "{r}"
     );
@@ -252,13 +264,21 @@ async fn failed_delivery_is_kept_and_replayed_when_the_store_is_back(b: Backend)
 
     // Still down: the replay fails too, and says so.
     let r = replay(&app, &admin, &id).await;
-    assert_eq!((r["outcome"].as_str(), r["ran"].as_bool()), (Some("failed"), Some(false)), "{r}");
+    assert_eq!(
+        (r["outcome"].as_str(), r["ran"].as_bool()),
+        (Some("failed"), Some(false)),
+        "{r}"
+    );
     assert_eq!(app.count("purchases").await, 0);
 
     fake.set_down(false);
     let r = replay(&app, &admin, &id).await;
     assert_eq!(
-        (r["previousOutcome"].as_str(), r["outcome"].as_str(), r["ran"].as_bool()),
+        (
+            r["previousOutcome"].as_str(),
+            r["outcome"].as_str(),
+            r["ran"].as_bool()
+        ),
         (Some("failed"), Some("applied"), Some(true)),
         "{r}"
     );
@@ -285,7 +305,11 @@ async fn filters_and_paging(b: Backend) {
         let ev = event(
             &format!("evt_u{i}"),
             "checkout.session.completed",
-            link_session(&format!("cs_u{i}"), Some(&format!("cust-{i}")), "plink_other"),
+            link_session(
+                &format!("cs_u{i}"),
+                Some(&format!("cust-{i}")),
+                "plink_other",
+            ),
             app.state.core.now(),
         );
         assert_eq!(deliver(&app, &ev).await.1["outcome"], "unknown_product");
@@ -333,7 +357,12 @@ async fn filters_and_paging(b: Backend) {
         ["evt_u2", "evt_u1", "evt_u0"]
     );
     assert_eq!(
-        ids(&log(&app, &admin, json!({ "r": false, "o": ["applied", "unknown_product"] })).await),
+        ids(&log(
+            &app,
+            &admin,
+            json!({ "r": false, "o": ["applied", "unknown_product"] })
+        )
+        .await),
         ["evt_ok"]
     );
     // Pages of two.
@@ -351,7 +380,9 @@ async fn filters_and_paging(b: Backend) {
     // Bounds.
     let (_, r) = app.gql(&admin, LOG, json!({ "first": 101 })).await;
     assert!(r["errors"].is_array(), "{r}");
-    let (_, r) = app.gql(&admin, LOG, json!({ "after": "not a cursor" })).await;
+    let (_, r) = app
+        .gql(&admin, LOG, json!({ "after": "not a cursor" }))
+        .await;
     assert_eq!(error_code(&r), Some("BAD_USER_INPUT"), "{r}");
     let (_, r) = app.gql(&admin, REPLAY, json!({ "id": "999999" })).await;
     assert_eq!(error_code(&r), Some("NOT_FOUND"), "{r}");
@@ -402,7 +433,11 @@ async fn only_admins_see_the_log(b: Backend) {
             json!({}),
         ),
     ];
-    for (who, auth) in [("client key", &client), ("own JWT", &own), ("nobody", &Auth::None)] {
+    for (who, auth) in [
+        ("client key", &client),
+        ("own JWT", &own),
+        ("nobody", &Auth::None),
+    ] {
         for (q, v) in &probes {
             let (_, r) = app.gql(auth, q, v.clone()).await;
             let code = error_code(&r);
@@ -503,7 +538,10 @@ async fn overview_counts_and_series(b: Backend) {
         let d = t.format("%Y-%m-%d").to_string();
         days.iter().find(|x| x["day"] == d).cloned().unwrap()
     };
-    assert_eq!(days.last().unwrap()["day"], now.format("%Y-%m-%d").to_string());
+    assert_eq!(
+        days.last().unwrap()["day"],
+        now.format("%Y-%m-%d").to_string()
+    );
     assert_eq!(
         day(t0),
         json!({ "day": t0.format("%Y-%m-%d").to_string(), "newTrials": 2, "trialConversions": 0, "renewals": 0, "cancellations": 0, "refunds": 0 })
@@ -512,10 +550,7 @@ async fn overview_counts_and_series(b: Backend) {
         day(now),
         json!({ "day": now.format("%Y-%m-%d").to_string(), "newTrials": 1, "trialConversions": 1, "renewals": 0, "cancellations": 0, "refunds": 0 })
     );
-    let total: i64 = days
-        .iter()
-        .map(|d| d["newTrials"].as_i64().unwrap())
-        .sum();
+    let total: i64 = days.iter().map(|d| d["newTrials"].as_i64().unwrap()).sum();
     assert_eq!(total, 3);
     // Bounded: at most 90 days.
     let (_, r) = app
@@ -575,7 +610,10 @@ async fn cli_replay(b: Backend) {
         stdout.trim(),
         "replayed 2: 2 now applied, 0 still unmatched, 0 failed (store unavailable), 0 skipped"
     );
-    assert!(stderr.trim().is_empty(), "quiet without --verbose: {stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "quiet without --verbose: {stderr}"
+    );
     assert_eq!(changes_of(&app, "cli-1").await, 1);
     assert_eq!(changes_of(&app, "cli-2").await, 1);
     let out = run(&["webhooks", "replay"]);

@@ -116,7 +116,9 @@ fn placeholder(backend: DbBackend, i: usize) -> String {
 }
 
 fn trial_sql(alias: &str) -> String {
-    format!("({alias}.store = 'trial' OR {alias}.period_type = 'trial' OR {alias}.status = 'trialing')")
+    format!(
+        "({alias}.store = 'trial' OR {alias}.period_type = 'trial' OR {alias}.status = 'trialing')"
+    )
 }
 
 async fn count(c: &impl ConnectionTrait, sql: String, values: Vec<Value>) -> AppResult<i64> {
@@ -158,8 +160,10 @@ pub async fn now_counts(
         ))
         .await?;
     for r in rows {
-        out.by_store
-            .push((r.try_get::<String>("", "store")?, r.try_get::<i64>("", "n")?));
+        out.by_store.push((
+            r.try_get::<String>("", "store")?,
+            r.try_get::<i64>("", "n")?,
+        ));
     }
     // In trial: access through a trial, and none through anything else.
     let paid = access_sql(b, "q", 4, accept_sandbox);

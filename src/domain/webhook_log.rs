@@ -44,7 +44,13 @@ mod tests {
 
     #[test]
     fn applied_events_are_not_replayable() {
-        for o in ["applied", "refunded", "renewal_counted", "duplicate", "held"] {
+        for o in [
+            "applied",
+            "refunded",
+            "renewal_counted",
+            "duplicate",
+            "held",
+        ] {
             assert!(!is_replayable(o), "{o}");
         }
         for o in [FAILED, UNKNOWN_PRODUCT, NO_CUSTOMER, "unmatched"] {

@@ -7,10 +7,7 @@ use chrono::{DateTime, Utc};
 use entities::webhook_events;
 use serde_json::Value;
 
-use super::{
-    query::principal,
-    types::Store,
-};
+use super::{query::principal, types::Store};
 use crate::{
     db::webhook_log::{DayCounts, NowCounts, WebhookFilter},
     domain::{self, webhook_log},

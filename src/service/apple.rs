@@ -209,7 +209,10 @@ impl Core {
         signed_payload: &str,
     ) -> AppResult<NotificationOutcome> {
         let n = apple.verify_notification(signed_payload.trim())?;
-        match self.ingest_apple_notification(apple, &n, &Claim::Live).await {
+        match self
+            .ingest_apple_notification(apple, &n, &Claim::Live)
+            .await
+        {
             Err(e) => {
                 // Kept (verified), so the operator sees it; Apple retries.
                 self.record_failed_event(Store::AppStore, &n.uuid, &n.raw, None, &e)

@@ -711,7 +711,10 @@ impl Core {
         // takes its row over. Conditional, so only one delivery does.
         let res = webhook_events::Entity::update_many()
             .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
-            .col_expr(webhook_events::Column::Payload, Expr::value(payload.clone()))
+            .col_expr(
+                webhook_events::Column::Payload,
+                Expr::value(payload.clone()),
+            )
             .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
             .col_expr(
                 webhook_events::Column::Error,

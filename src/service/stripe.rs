@@ -220,10 +220,12 @@ impl Core {
                     None => (o, who),
                 }
             }
-            Plan::CountRenewal { subscription } => match count_renewal(&txn, &subscription).await? {
-                Some(who) => ("renewal_counted", Some(who)),
-                None => ("unmatched", None),
-            },
+            Plan::CountRenewal { subscription } => {
+                match count_renewal(&txn, &subscription).await? {
+                    Some(who) => ("renewal_counted", Some(who)),
+                    None => ("unmatched", None),
+                }
+            }
             Plan::Dispute(d) => self.apply_dispute(&txn, p, &d, now).await?,
             Plan::Refund {
                 charge,

@@ -326,7 +326,6 @@ fn notification_of(
 }
 
 impl Apple {
-
     /// Re-reads the truth for `transaction_id` from the App Store Server API:
     /// the transaction and, for subscriptions, the latest renewal state.
     /// `env` is the transaction's environment when known; otherwise the
