@@ -304,7 +304,6 @@ impl Core {
                 &n.raw,
                 provisional.as_str(),
                 claim,
-                now,
             )
             .await?
         {

@@ -480,7 +480,6 @@ impl Core {
                 json,
                 outcome.as_str(),
                 claim,
-                now,
             )
             .await?
         {

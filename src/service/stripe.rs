@@ -183,15 +183,7 @@ impl Core {
         };
         let expected: &str = expected;
         if !self
-            .claim_event(
-                &txn,
-                Store::Stripe,
-                &ev.id,
-                &ev.payload,
-                expected,
-                claim,
-                now,
-            )
+            .claim_event(&txn, Store::Stripe, &ev.id, &ev.payload, expected, claim)
             .await?
         {
             return Ok(WebhookOutcome::Duplicate);

@@ -80,8 +80,9 @@ impl Core {
         payload: &Value,
         provisional: &str,
         claim: &Claim,
-        now: DateTime<Utc>,
     ) -> AppResult<bool> {
+        // The transaction's own instant: the caller's clock, read now.
+        let now = self.now();
         match claim {
             Claim::Live => {
                 self.claim_webhook(txn, source, event_id, payload, provisional, now)
