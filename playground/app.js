@@ -980,9 +980,9 @@
       svg.appendChild(g);
     });
     const legend = h('div', { class: 'legend' },
-      SERIES.map(([k, label, color]) => {
+      SERIES.map(([k, label]) => {
         const total = days.reduce((a, d) => a + d[k], 0);
-        return h('span', { 'data-series-total': k }, h('span', { class: 'sw', style: `background:${color}` }), `${label} (${total})`);
+        return h('span', { 'data-series-total': k }, h('span', { class: 'sw series-' + k }), `${label} (${total})`);
       }));
     fill($('overview-chart'), svg, legend);
   }
