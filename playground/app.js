@@ -164,7 +164,7 @@
   }
 
   function showView(name) {
-    for (const v of ['signin', 'customers', 'customer', 'explorer']) $(v + '-view').hidden = v !== name;
+    for (const v of ['signin', 'overview', 'customers', 'customer', 'webhooks', 'explorer']) $(v + '-view').hidden = v !== name;
     for (const a of document.querySelectorAll('[data-nav]')) {
       a.classList.toggle('current', a.dataset.nav === name || (name === 'customer' && a.dataset.nav === 'customers'));
     }
@@ -185,6 +185,12 @@
     if (parts[0] === 'customers' && parts.length > 1) {
       showView('customer');
       openCustomer(parts.slice(1).join('/'));
+    } else if (parts[0] === 'overview') {
+      showView('overview');
+      openOverview();
+    } else if (parts[0] === 'webhooks') {
+      showView('webhooks');
+      listWebhooks(false);
     } else if (parts[0] === 'explorer') {
       showView('explorer');
       window.EntitleExplorer.open({ gql, currentCustomerId: () => currentCustomerId, onAuthFailure });
@@ -297,10 +303,11 @@
   async function openCustomer(id) {
     currentCustomerId = id;
     lastJson = null;
+    lastDeliveries = null;
     $('customer-title').textContent = id;
     fill($('customer-summary'));
     showError($('customer-error'), null);
-    for (const s of ['entitlements', 'timeline', 'purchases', 'devices', 'receipts', 'events']) fill($(s), h('p', { class: 'muted' }, 'Loading…'));
+    for (const s of ['entitlements', 'timeline', 'purchases', 'devices', 'receipts', 'events', 'deliveries']) fill($(s), h('p', { class: 'muted' }, 'Loading…'));
     if (!products) {
       try { products = (await gql(PRODUCTS_QUERY)).products; } catch (e) { products = []; }
     }
@@ -314,10 +321,11 @@
     try {
       const data = await gql(CUSTOMER_QUERY, { id });
       if (id !== currentCustomerId) return;
+      if (data.customer) refreshDeliveries(id);
       setLive(true);
       if (!data.customer) {
         showError($('customer-error'), `No customer has the id “${id}”.`);
-        for (const s of ['entitlements', 'timeline', 'purchases', 'devices', 'receipts', 'events']) fill($(s));
+        for (const s of ['entitlements', 'timeline', 'purchases', 'devices', 'receipts', 'events', 'deliveries']) fill($(s));
         return;
       }
       const json = JSON.stringify(data.customer);
@@ -751,6 +759,198 @@
     }
   }
 
+  // ---------- webhook log ----------
+
+  const OUTCOME_LABELS = {
+    unknown_product: 'unknown product', no_customer: 'no customer', unmatched: 'unmatched',
+    failed: 'failed', unmatched_refund: 'unmatched refund', unmatched_dispute: 'unmatched dispute',
+    unattributed: 'unattributed', unknown_purchase: 'unknown purchase',
+  };
+  const outcomeClass = (o) => (o === 'failed' ? 'bad' : OUTCOME_LABELS[o] ? 'warn' : o === 'applied' ? 'active' : '');
+  const outcomeBadge = (o) => h('span', { class: 'badge ' + outcomeClass(o), 'data-outcome': o }, OUTCOME_LABELS[o] || o);
+
+  const WEBHOOKS_QUERY = `query Webhooks($outcome: [String!], $store: Store, $replayable: Boolean, $after: String) {
+  webhookEvents(outcome: $outcome, store: $store, replayable: $replayable, first: 25, after: $after) {
+    pageInfo { hasNextPage endCursor }
+    nodes { id store eventId type outcome customerId error receivedAt replayedAt replayable payload }
+  }
+}`;
+  const REPLAY = `mutation Replay($id: ID!) {
+  replayWebhookEvent(id: $id) { previousOutcome outcome ran event { id outcome customerId replayedAt } }
+}`;
+
+  let webhooksCursor = null;
+
+  async function listWebhooks(more) {
+    const outcome = $('webhooks-outcome').value;
+    const store = $('webhooks-store').value || null;
+    const vars = { store, after: more ? webhooksCursor : null };
+    if (outcome === '') vars.replayable = true;
+    else if (outcome !== '*') vars.outcome = [outcome];
+    showError($('webhooks-error'), null);
+    if (!more) fill($('webhooks'), h('p', { class: 'muted' }, 'Loading…'));
+    try {
+      const data = await gql(WEBHOOKS_QUERY, vars);
+      const page = data.webhookEvents;
+      webhooksCursor = page.pageInfo.endCursor;
+      $('webhooks-more').hidden = !page.pageInfo.hasNextPage;
+      renderWebhooks(page.nodes, more);
+    } catch (e) {
+      if (!onAuthFailure(e)) showError($('webhooks-error'), e.message);
+    }
+  }
+
+  function webhookRow(w, withPayload) {
+    return h('tr', { 'data-webhook': w.id, 'data-outcome': w.outcome },
+      h('td', {}, when(w.receivedAt)),
+      h('td', {}, storeName(w.store)),
+      h('td', {}, h('code', {}, w.type || '—'), h('div', { class: 'small muted' }, w.eventId)),
+      h('td', {}, outcomeBadge(w.outcome), w.error ? h('div', { class: 'small' }, w.error) : null,
+        w.replayedAt ? h('div', { class: 'small muted' }, 'replayed ', when(w.replayedAt)) : null),
+      h('td', {}, w.customerId ? h('a', { href: '#/customers/' + encodeURIComponent(w.customerId) }, w.customerId) : '—'),
+      withPayload ? h('td', {}, h('details', {}, h('summary', {}, 'payload'), h('pre', { class: 'payload' }, JSON.stringify(w.payload, null, 2)))) : null,
+      h('td', {}, w.replayable
+        ? h('button', { type: 'button', class: 'ghost replay', onclick: () => replayWebhook(w) }, 'Replay…')
+        : ''));
+  }
+
+  function renderWebhooks(nodes, append) {
+    const el = $('webhooks');
+    let tbody = el.querySelector('tbody');
+    if (!append || !tbody) {
+      if (!nodes.length) { fill(el, h('p', { class: 'empty' }, 'Nothing here: every delivery matched.')); return; }
+      tbody = h('tbody', {});
+      fill(el, h('table', { class: 'grid', id: 'webhooks-table' },
+        h('thead', {}, h('tr', {}, ['Received', 'Store', 'Type', 'Outcome', 'Customer', 'Payload', ''].map((t) => h('th', {}, t)))),
+        tbody));
+    }
+    for (const w of nodes) tbody.appendChild(webhookRow(w, true));
+  }
+
+  async function replayWebhook(w) {
+    const ok = await confirmDialog(`Replay the ${storeName(w.store)} event ${w.eventId} (${OUTCOME_LABELS[w.outcome] || w.outcome})? It runs again through the same path as a new delivery; if it now matches, the customer is granted what it paid for.`);
+    if (!ok) return;
+    try {
+      const r = (await gql(REPLAY, { id: w.id })).replayWebhookEvent;
+      const now = OUTCOME_LABELS[r.outcome] || r.outcome;
+      toast(r.ran ? `Replayed ${w.eventId}: ${now}.` : `${w.eventId} was not replayed: it is ${now}.`, r.outcome === 'failed');
+      if (!$('webhooks-view').hidden) await listWebhooks(false);
+      else await refreshCustomer(true);
+    } catch (e) {
+      if (!onAuthFailure(e)) toast(`Replay failed: ${e.message}`, true);
+    }
+  }
+
+  // Read on their own: with the customer page's lists they would pass the
+  // server's complexity limit.
+  const DELIVERIES_QUERY = `query Deliveries($id: ID!) {
+  customer(id: $id) {
+    id
+    webhookEvents(limit: 20) { id store eventId type outcome error receivedAt replayedAt replayable }
+  }
+}`;
+  let lastDeliveries = null;
+
+  async function refreshDeliveries(id) {
+    try {
+      const data = await gql(DELIVERIES_QUERY, { id });
+      if (id !== currentCustomerId || !data.customer) return;
+      const json = JSON.stringify(data.customer);
+      if (json === lastDeliveries) return;
+      lastDeliveries = json;
+      renderDeliveries(data.customer);
+    } catch (e) {
+      if (!onAuthFailure(e)) fill($('deliveries'), h('p', { class: 'error' }, e.message));
+    }
+  }
+
+  function renderDeliveries(c) {
+    const ws = c.webhookEvents || [];
+    if (!ws.length) { fill($('deliveries'), h('p', { class: 'empty' }, 'No store notifications touched this customer.')); return; }
+    fill($('deliveries'), h('table', { class: 'grid' },
+      h('thead', {}, h('tr', {}, ['Received', 'Store', 'Type', 'Outcome', 'Customer', ''].map((t) => h('th', {}, t)))),
+      h('tbody', {}, ws.map((w) => webhookRow(Object.assign({ customerId: c.id }, w), false)))));
+  }
+
+  // ---------- overview ----------
+
+  const OVERVIEW_QUERY = `query Overview {
+  overview(days: 30) {
+    now { customersWithAccess byStore { store customers } inTrial inGracePeriod inBillingRetry }
+    days { day newTrials trialConversions renewals cancellations refunds }
+  }
+}`;
+  const SERIES = [
+    ['newTrials', 'New trials', '#2a9fb5'],
+    ['trialConversions', 'Trial → paid', '#2f9e5b'],
+    ['renewals', 'Renewals', '#7fa7dd'],
+    ['cancellations', 'Cancellations', '#d4a017'],
+    ['refunds', 'Refunds', '#d23a2f'],
+  ];
+
+  async function openOverview() {
+    showError($('overview-error'), null);
+    try {
+      const o = (await gql(OVERVIEW_QUERY)).overview;
+      renderOverview(o);
+    } catch (e) {
+      if (!onAuthFailure(e)) showError($('overview-error'), e.message);
+    }
+  }
+
+  function tile(label, value, id, cls) {
+    return h('div', { class: 'tile ' + (cls || ''), 'data-tile': id }, h('div', { class: 'value' }, String(value)), h('div', { class: 'muted small' }, label));
+  }
+
+  function renderOverview(o) {
+    const n = o.now;
+    fill($('overview-now'),
+      tile('customers with access', n.customersWithAccess, 'access'),
+      n.byStore.map((s) => tile(storeName(s.store), s.customers, 'store-' + s.store)),
+      tile('in trial', n.inTrial, 'trial'),
+      tile('in grace period', n.inGracePeriod, 'grace', n.inGracePeriod ? 'warn' : ''),
+      tile('in billing retry', n.inBillingRetry, 'retry', n.inBillingRetry ? 'bad' : ''));
+    const days = o.days;
+    $('overview-range').textContent = days.length ? `${days[0].day} – ${days[days.length - 1].day} (UTC)` : '';
+    const W = 1000, H = 260, left = 40, right = 10, top = 14, bottom = 30;
+    const max = Math.max(1, ...days.flatMap((d) => SERIES.map(([k]) => d[k])));
+    const slot = (W - left - right) / Math.max(1, days.length);
+    const bw = Math.max(1, (slot - 4) / SERIES.length);
+    const y = (v) => top + (H - top - bottom) * (1 - v / max);
+    const svg = h('svg', { viewBox: `0 0 ${W} ${H}`, role: 'img', id: 'overview-svg', 'aria-label': `Changes per day over ${days.length} days` });
+    const axis = h('g', { class: 'axis' });
+    const ticks = max <= 5 ? max : 4;
+    for (let i = 0; i <= ticks; i++) {
+      const v = Math.round((max * i) / ticks);
+      axis.appendChild(h('line', { x1: left, x2: W - right, y1: y(v), y2: y(v), stroke: '#eceef2' }));
+      axis.appendChild(h('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end' }, String(v)));
+    }
+    days.forEach((d, i) => {
+      if (i % 5 === 0 || i === days.length - 1) {
+        axis.appendChild(h('text', { x: left + slot * i + slot / 2, y: H - 10, 'text-anchor': 'middle' }, d.day.slice(5)));
+      }
+    });
+    svg.appendChild(axis);
+    days.forEach((d, i) => {
+      const g = h('g', { class: 'day', 'data-day': d.day });
+      g.appendChild(h('title', {}, `${d.day}: ` + SERIES.map(([k, label]) => `${label} ${d[k]}`).join(', ')));
+      SERIES.forEach(([k, , color], j) => {
+        if (!d[k]) return;
+        g.appendChild(h('rect', {
+          x: left + slot * i + 2 + bw * j, y: y(d[k]), width: bw, height: y(0) - y(d[k]), fill: color,
+          'data-series': k, 'data-value': d[k],
+        }));
+      });
+      svg.appendChild(g);
+    });
+    const legend = h('div', { class: 'legend' },
+      SERIES.map(([k, label]) => {
+        const total = days.reduce((a, d) => a + d[k], 0);
+        return h('span', { 'data-series-total': k }, h('span', { class: 'sw series-' + k }), `${label} (${total})`);
+      }));
+    fill($('overview-chart'), svg, legend);
+  }
+
   // ---------- wiring ----------
 
   document.addEventListener('DOMContentLoaded', () => {
@@ -772,6 +972,8 @@
       listState.page = page;
     });
     $('grant-form').addEventListener('submit', grant);
+    $('webhooks-filter').addEventListener('submit', (ev) => { ev.preventDefault(); listWebhooks(false); });
+    $('webhooks-more').addEventListener('click', () => listWebhooks(true));
     $('grant-date').addEventListener('input', () => { $('grant-form').querySelector('input[value=date]').checked = true; });
     window.addEventListener('hashchange', route);
     document.addEventListener('visibilitychange', () => {

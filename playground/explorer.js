@@ -100,6 +100,21 @@ fragment T on __Type { kind name ofType { kind name ofType { kind name ofType { 
         query: `mutation Merge($from: ID!, $into: ID!) {\n  mergeCustomers(from: $from, into: $into) {\n    id\n    paidStatus\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,
         variables: { from: 'explorer-watch-1', into: customerId },
       },
+      'query.webhookEvents': {
+        title: 'webhookEvents: store notifications that matched nothing (admin)',
+        query: `query Webhooks($outcome: [String!], $after: String) {\n  webhookEvents(outcome: $outcome, first: 10, after: $after) {\n    pageInfo { hasNextPage endCursor }\n    nodes { id store eventId type outcome customerId error receivedAt replayedAt replayable }\n  }\n}\n`,
+        variables: { outcome: ['unknown_product', 'no_customer', 'unmatched', 'failed'], after: null },
+      },
+      'query.overview': {
+        title: 'overview: now, and the last 30 days (admin)',
+        query: `query Overview {\n  overview(days: 30) {\n    now { customersWithAccess byStore { store customers } inTrial inGracePeriod inBillingRetry }\n    days { day newTrials trialConversions renewals cancellations refunds }\n  }\n}\n`,
+        variables: {},
+      },
+      'mutation.replayWebhookEvent': {
+        title: 'replayWebhookEvent: run a recorded notification again (admin)',
+        query: `# One that already applied changes nothing.\nmutation Replay($id: ID!) {\n  replayWebhookEvent(id: $id) {\n    previousOutcome\n    outcome\n    ran\n    event { id outcome customerId replayedAt }\n  }\n}\n`,
+        variables: { id: '1' },
+      },
       'mutation.revokeGrant': {
         title: 'revokeGrant: end a promotional grant (admin)',
         query: `mutation Revoke($customerId: ID!, $entitlement: String!) {\n  revokeGrant(customerId: $customerId, entitlement: $entitlement) {\n    id\n    paidStatus\n    entitlements { key isActive expiresAt store }\n  }\n}\n`,

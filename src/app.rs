@@ -224,13 +224,43 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
         relay.spawn(wake.clone());
     }
     crate::jobs::spawn_all(core.clone(), config);
+    spawn_last_seen_writer(core.clone());
     Ok(())
+}
+
+/// How often buffered device check-ins are written.
+const LAST_SEEN_FLUSH: Duration = Duration::from_secs(10);
+
+/// Every replica writes the check-ins it saw itself (not a leased job).
+fn spawn_last_seen_writer(core: Arc<Core>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LAST_SEEN_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if core.seen.is_empty() {
+                continue;
+            }
+            if let Err(e) = core.flush_last_seen().await {
+                tracing::warn!(
+                    error = e.for_log(),
+                    "device check-ins not written (each is recorded again at its next check-in)"
+                );
+            }
+        }
+    });
 }
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let running = start(config, Arc::new(SystemClock), shutdown_signal()).await?;
     tracing::info!(addr = %running.addr, "entitle listening");
     running.task.await??;
+    if let Err(e) = running.state.core.flush_last_seen().await {
+        tracing::warn!(
+            error = e.for_log(),
+            "device check-ins not written at shutdown"
+        );
+    }
     tracing::info!("entitle stopped");
     Ok(())
 }

@@ -57,6 +57,9 @@ pub enum Command {
     /// The configuration as loaded.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The webhook log: recorded store notifications.
+    #[command(subcommand)]
+    Webhooks(WebhooksCommand),
     /// Mint a JWT with the configured key (development only).
     Token {
         #[arg(long)]
@@ -89,6 +92,23 @@ pub enum ConfigCommand {
     Check {
         #[arg(long, value_enum, default_value = "toml")]
         format: crate::config_check::Format,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum WebhooksCommand {
+    /// Run again the recorded notifications that matched nothing or failed
+    /// (oldest first, through the same path as a live delivery), then print
+    /// what became of them. Events that already applied change nothing.
+    Replay {
+        /// Only this outcome (repeatable): unmatched, unknown_product,
+        /// no_customer, failed, ... Default: every replayable outcome.
+        #[arg(long = "outcome")]
+        outcomes: Vec<String>,
+        /// Only those received since: an RFC 3339 instant, or a duration
+        /// back from now such as `24h` or `7d`.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<DateTime<Utc>>,
     },
 }
 
@@ -321,6 +341,17 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 eprintln!("problem: {p}");
             }
             anyhow::bail!("{} problem(s) in the configuration", report.problems.len())
+        }
+        Command::Webhooks(WebhooksCommand::Replay { outcomes, since }) => {
+            let s = core(&config)
+                .await?
+                .replay_webhook_events(&outcomes, since)
+                .await?;
+            println!(
+                "replayed {}: {} now applied, {} still unmatched, {} failed (store unavailable), {} skipped",
+                s.considered, s.resolved, s.unchanged, s.failed, s.skipped
+            );
+            Ok(())
         }
         Command::Token {
             sub,

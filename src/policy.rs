@@ -199,6 +199,22 @@ actions! {
     /// `mergeCustomers`: one customer into another, the old id an alias.
     MergeCustomers => [Admin],
         "merging customers needs an admin credential";
+    /// The webhook log: every recorded store notification.
+    ReadWebhookLog => [Admin],
+        "the webhook log needs an admin credential";
+    /// A recorded notification's verified payload (receipts, store ids,
+    /// the buyer's details).
+    ReadWebhookPayload => [Admin],
+        "webhook payloads need an admin credential";
+    /// The notifications that touched one customer (without payloads).
+    ReadCustomerDeliveries => [ServiceKey, Admin],
+        "store deliveries need a service or admin credential";
+    /// Running a recorded notification again.
+    ReplayWebhook => [Admin],
+        "replaying webhooks needs an admin credential";
+    /// Counts over every customer and the change log.
+    ReadOverview => [Admin],
+        "the overview needs an admin credential";
     /// `GET /api/subscriptions/check/{id}`.
     SubscriptionCheck => [ServiceKey, Admin],
         "the subscription check needs a service or admin credential";
@@ -256,6 +272,8 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("QueryRoot.customer", Guard(ReadCustomerSummary)),
     ("QueryRoot.customers", Guard(ListCustomers)),
     ("QueryRoot.products", Guard(ReadCatalog)),
+    ("QueryRoot.webhookEvents", Guard(ReadWebhookLog)),
+    ("QueryRoot.overview", Guard(ReadOverview)),
     ("MutationRoot.registerDevice", Guard(RegisterDevice)),
     ("MutationRoot.createCheckoutSession", Guard(Checkout)),
     ("MutationRoot.createPortalSession", Guard(Portal)),
@@ -264,6 +282,7 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("MutationRoot.revokeGrant", Guard(RevokeGrant)),
     ("MutationRoot.pairDevice", Guard(PairDevice)),
     ("MutationRoot.mergeCustomers", Guard(MergeCustomers)),
+    ("MutationRoot.replayWebhookEvent", Guard(ReplayWebhook)),
     ("SubscriptionRoot.entitlementChanged", Guard(WatchCustomer)),
     ("Customer.id", Inherit),
     ("Customer.createdAt", Guard(ReadCustomerProfile)),
@@ -277,6 +296,7 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("Customer.devices", Guard(ReadDevices)),
     ("Customer.receipts", Guard(ReadReceipts)),
     ("Customer.events", Guard(ReadEvents)),
+    ("Customer.webhookEvents", Guard(ReadCustomerDeliveries)),
     ("Entitlement.key", Inherit),
     ("Entitlement.isActive", Inherit),
     ("Entitlement.expiresAt", Inherit),
@@ -358,6 +378,43 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("CustomerConnection.nodes", Inherit),
     ("CustomerEdge.cursor", Inherit),
     ("CustomerEdge.node", Inherit),
+    // The webhook log: reached only through admin (or, per customer,
+    // service) guards; the payload is guarded again at its leaf.
+    ("WebhookEvent.id", Inherit),
+    ("WebhookEvent.store", Inherit),
+    ("WebhookEvent.eventId", Inherit),
+    ("WebhookEvent.type", Inherit),
+    ("WebhookEvent.outcome", Inherit),
+    ("WebhookEvent.customerId", Inherit),
+    ("WebhookEvent.error", Inherit),
+    ("WebhookEvent.receivedAt", Inherit),
+    ("WebhookEvent.replayedAt", Inherit),
+    ("WebhookEvent.replayable", Inherit),
+    ("WebhookEvent.payload", Guard(ReadWebhookPayload)),
+    ("WebhookEventConnection.pageInfo", Inherit),
+    ("WebhookEventConnection.edges", Inherit),
+    ("WebhookEventConnection.nodes", Inherit),
+    ("WebhookEventEdge.cursor", Inherit),
+    ("WebhookEventEdge.node", Inherit),
+    ("WebhookReplay.previousOutcome", Inherit),
+    ("WebhookReplay.outcome", Inherit),
+    ("WebhookReplay.ran", Inherit),
+    ("WebhookReplay.event", Inherit),
+    ("Overview.now", Inherit),
+    ("Overview.days", Inherit),
+    ("OverviewNow.customersWithAccess", Inherit),
+    ("OverviewNow.byStore", Inherit),
+    ("OverviewNow.inTrial", Inherit),
+    ("OverviewNow.inGracePeriod", Inherit),
+    ("OverviewNow.inBillingRetry", Inherit),
+    ("StoreCount.store", Inherit),
+    ("StoreCount.customers", Inherit),
+    ("OverviewDay.day", Inherit),
+    ("OverviewDay.newTrials", Inherit),
+    ("OverviewDay.trialConversions", Inherit),
+    ("OverviewDay.renewals", Inherit),
+    ("OverviewDay.cancellations", Inherit),
+    ("OverviewDay.refunds", Inherit),
     ("PageInfo.hasPreviousPage", Inherit),
     ("PageInfo.hasNextPage", Inherit),
     ("PageInfo.startCursor", Inherit),
@@ -456,7 +513,15 @@ mod tests {
 
     #[test]
     fn nobody_but_admin_reads_secrets_or_moves_devices() {
-        for a in [ReadReceiptPayload, ReadStorePurchaseId, RebindDevice] {
+        for a in [
+            ReadReceiptPayload,
+            ReadStorePurchaseId,
+            RebindDevice,
+            ReadWebhookLog,
+            ReadWebhookPayload,
+            ReplayWebhook,
+            ReadOverview,
+        ] {
             for c in Credential::ALL {
                 assert_eq!(
                     a.allowed().contains(c),

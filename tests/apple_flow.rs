@@ -846,7 +846,8 @@ async fn apple_down_is_store_unavailable(b: Backend) {
     // Retried before giving up.
     assert_eq!(server.received_requests().await.unwrap().len(), 3);
 
-    // A webhook that cannot re-read answers 5xx so Apple retries, and records nothing.
+    // A webhook that cannot re-read answers 5xx so Apple retries, and
+    // applies nothing: the verified notification is kept as `failed`.
     let t0 = app.state.core.now();
     let sub = Sub::new("5000000001", MONTHLY, CUSTOMER, t0);
     let jws = notification(
@@ -863,7 +864,26 @@ async fn apple_down_is_store_unavailable(b: Backend) {
     let (s, body) = post_webhook(&app, &jws).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["code"], "STORE_UNAVAILABLE");
-    assert_eq!(app.counts().await, before);
+    let after = app.counts().await;
+    for ((t, n0), (_, n1)) in before.iter().zip(&after) {
+        let grew = i64::from(*t == "webhook_events");
+        assert_eq!(*n1, n0 + grew, "{t}");
+    }
+    let row = entities::webhook_events::Entity::find()
+        .one(&app.state.core.db.conn)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(row.event_id, "f0000000-0000-4000-8000-000000000002");
+    assert_eq!(row.outcome, "failed");
+    assert!(
+        row.error.as_deref().unwrap().contains("unavailable"),
+        "{row:?}"
+    );
+    // Apple's redelivery is processed, not taken for a duplicate.
+    let (s, _) = post_webhook(&app, &jws).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.counts().await, after);
 }
 
 async fn a_5xx_is_retried(b: Backend) {

@@ -870,11 +870,16 @@ async fn google_down_then_retry(b: Backend) {
     assert_eq!(body["errors"][0]["extensions"]["retryable"], true);
     assert_nothing_granted(&app, &before, 1).await;
 
-    // A push while Google is down: 503, so Pub/Sub delivers it again.
+    // A push while Google is down: 503, so Pub/Sub delivers it again;
+    // nothing applied, the verified notification kept as `failed`.
     let before = app.counts().await;
     let (st, _) = push(&app, "m-1", &sub_note(4, "sub-1", now)).await;
     assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(app.counts().await, before);
+    let after = app.counts().await;
+    for ((t, n0), (_, n1)) in before.iter().zip(&after) {
+        let grew = i64::from(*t == "webhook_events");
+        assert_eq!(*n1, n0 + grew, "{t}");
+    }
 
     g.fake.with(|s| s.down = false);
     let body = verify(&app, &key, "user-1", "pro_sub", "sub-1").await;
@@ -883,6 +888,15 @@ async fn google_down_then_retry(b: Backend) {
     let (st, body) = push(&app, "m-1", &sub_note(4, "sub-1", app.state.core.now())).await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "applied");
+    // The redelivery took the failed row over.
+    assert_eq!(
+        app.count("webhook_events").await,
+        after
+            .iter()
+            .find(|(t, _)| *t == "webhook_events")
+            .unwrap()
+            .1
+    );
 }
 
 /// The token endpoint down is Google down too.

@@ -788,6 +788,9 @@ async fn the_playground_queries_fit_the_complexity_limit() {
     for (name, vars) in [
         ("CUSTOMER_QUERY", json!({ "id": "alice" })),
         ("LIST_QUERY", json!({ "first": 20 })),
+        ("DELIVERIES_QUERY", json!({ "id": "alice" })),
+        ("WEBHOOKS_QUERY", json!({ "replayable": true })),
+        ("OVERVIEW_QUERY", json!({})),
     ] {
         let start = js.find(&format!("const {name} = `")).expect(name) + name.len() + 10;
         let len = js[start..].find('`').unwrap();

@@ -218,6 +218,35 @@ const MATRIX: &[(&str, Probe, &str)] = &[
         "UFFFFOO",
     ),
     (
+        "QueryRoot.webhookEvents",
+        Probe::Gql("{ webhookEvents(first: 5) { nodes { id outcome customerId } } }"),
+        "UFFFFOO",
+    ),
+    (
+        "QueryRoot.overview",
+        Probe::Gql(
+            "{ overview(days: 7) { now { customersWithAccess inTrial } days { day newTrials } } }",
+        ),
+        "UFFFFOO",
+    ),
+    (
+        "Customer.webhookEvents",
+        Probe::Gql(
+            "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { webhookEvents { outcome } } }",
+        ),
+        "UFFFOOO",
+    ),
+    (
+        "WebhookEvent.payload",
+        Probe::Gql("{ webhookEvents(first: 5) { nodes { payload } } }"),
+        "UFFFFOO",
+    ),
+    (
+        "MutationRoot.replayWebhookEvent",
+        Probe::Gql("mutation { replayWebhookEvent(id: \"999999\") { outcome ran } }"),
+        "UFFFFPP",
+    ),
+    (
         "MutationRoot.registerDevice",
         Probe::Gql(
             "mutation($d: String!) { registerDevice(input: {platform: WEB, deviceId: $d, customerId: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\"}) { created customer { id } device { deviceId } } }",

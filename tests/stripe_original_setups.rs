@@ -191,8 +191,9 @@ async fn payment_link_without_api_key_grants_the_watch(b: Backend) {
 }
 
 /// Point 1, bad input: a paid session from a link the catalog does not know
-/// is recorded `unmatched` with its verified payload, counted, and changes
-/// nothing else; its redelivery is a duplicate.
+/// is recorded `unknown_product` (issue 16: it was `unmatched`) with its
+/// verified payload, counted, and changes nothing else; its redelivery is a
+/// duplicate.
 async fn unmatched_payment_is_recorded_counted_and_changes_nothing(b: Backend) {
     let app = spawn_with(b, link_only).await;
     let key = app.key(ApiKeyRole::Client).await;
@@ -207,11 +208,11 @@ async fn unmatched_payment_is_recorded_counted_and_changes_nothing(b: Backend) {
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(
         (s, r["outcome"].as_str()),
-        (StatusCode::OK, Some("unmatched")),
+        (StatusCode::OK, Some("unknown_product")),
         "{r}"
     );
     let (outcome, payload) = webhook_row(&app, "evt_pl_unknown").await.expect("recorded");
-    assert_eq!(outcome, "unmatched");
+    assert_eq!(outcome, "unknown_product");
     assert_eq!(
         payload,
         serde_json::from_str::<Value>(&ev).unwrap(),
@@ -228,7 +229,7 @@ async fn unmatched_payment_is_recorded_counted_and_changes_nothing(b: Backend) {
         "trial"
     );
     let m = metrics(&app).await;
-    assert_eq!(counter(&m, "stripe", "unmatched"), 1, "{m}");
+    assert_eq!(counter(&m, "stripe", "unknown_product"), 1, "{m}");
 
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(
@@ -236,10 +237,10 @@ async fn unmatched_payment_is_recorded_counted_and_changes_nothing(b: Backend) {
         (StatusCode::OK, Some("duplicate"))
     );
     let m = metrics(&app).await;
-    assert_eq!(counter(&m, "stripe", "unmatched"), 1);
+    assert_eq!(counter(&m, "stripe", "unknown_product"), 1);
     assert_eq!(counter(&m, "stripe", "duplicate"), 1);
 
-    // A paid link session naming nobody is unmatched too.
+    // A paid link session naming nobody is `no_customer` (it was `unmatched`).
     let ev = event(
         "evt_pl_nobody",
         "checkout.session.completed",
@@ -249,11 +250,11 @@ async fn unmatched_payment_is_recorded_counted_and_changes_nothing(b: Backend) {
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(
         (s, r["outcome"].as_str()),
-        (StatusCode::OK, Some("unmatched")),
+        (StatusCode::OK, Some("no_customer")),
         "{r}"
     );
     assert!(purchase(&app, "cs_pl_3").await.is_none());
-    assert_eq!(counter(&metrics(&app).await, "stripe", "unmatched"), 2);
+    assert_eq!(counter(&metrics(&app).await, "stripe", "no_customer"), 1);
 }
 
 /// Point 2: the billing service's checkout sets

@@ -968,8 +968,9 @@ async fn not_configured_is_503(b: Backend) {
     assert_eq!(app.counts().await, before);
 }
 
-/// Stripe's API down while re-reading: 5xx so Stripe retries, nothing kept,
-/// and the retry is processed.
+/// Stripe's API down while re-reading: 5xx so Stripe retries, nothing
+/// applied (the verified event is kept as `failed`, for the operator), and
+/// the retry is processed.
 async fn api_down_during_webhook_is_retried(b: Backend) {
     let fake = FakeStripe::start().await;
     let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
@@ -990,7 +991,17 @@ async fn api_down_during_webhook_is_retried(b: Backend) {
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{r}");
     assert_eq!(r["error"]["code"], "STORE_UNAVAILABLE");
-    assert_eq!(app.counts().await, before);
+    let after = app.counts().await;
+    for ((t, n0), (_, n1)) in before.iter().zip(&after) {
+        let grew = i64::from(*t == "webhook_events");
+        assert_eq!(*n1, n0 + grew, "{t}");
+    }
+    let row = failed_row(&app, "evt_down").await;
+    assert_eq!(row.outcome, "failed");
+    assert!(
+        row.error.as_deref().unwrap().contains("unavailable"),
+        "{row:?}"
+    );
     fake.set_down(false);
     let (s, r) = deliver(&app, &ev).await;
     assert_eq!(
@@ -998,6 +1009,20 @@ async fn api_down_during_webhook_is_retried(b: Backend) {
         (StatusCode::OK, Some("applied")),
         "{r}"
     );
+    let row = failed_row(&app, "evt_down").await;
+    assert_eq!((row.outcome.as_str(), row.error), ("applied", None));
+    assert_eq!(row.customer_id.as_deref(), Some("user-dn"));
+    assert_eq!(app.count("webhook_events").await, after[4].1);
+}
+
+async fn failed_row(app: &common::TestApp, event_id: &str) -> entities::webhook_events::Model {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    entities::webhook_events::Entity::find()
+        .filter(entities::webhook_events::Column::EventId.eq(event_id))
+        .one(&app.state.core.db.conn)
+        .await
+        .unwrap()
+        .expect("recorded")
 }
 
 on_all_backends!(

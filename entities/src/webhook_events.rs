@@ -11,6 +11,12 @@ pub struct Model {
     pub payload: Json,
     pub outcome: String,
     pub processed_at: Option<DateTimeUtc>,
+    /// The customer the notification touched or named.
+    pub customer_id: Option<String>,
+    /// Why processing failed (a `failed` row), safe to show an operator.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub error: Option<String>,
+    pub replayed_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

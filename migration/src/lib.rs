@@ -8,6 +8,7 @@ pub mod m20261202_000004_store_bindings;
 mod m20261202_000005_pairing;
 mod m20261202_000006_signing_keys;
 mod m20261202_000007_outbound_queue;
+mod m20261203_000001_webhook_log;
 mod m20261203_000002_search_keys;
 
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261202_000005_pairing::Migration),
             Box::new(m20261202_000006_signing_keys::Migration),
             Box::new(m20261202_000007_outbound_queue::Migration),
+            Box::new(m20261203_000001_webhook_log::Migration),
             Box::new(m20261203_000002_search_keys::Migration),
         ]
     }

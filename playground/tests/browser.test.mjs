@@ -106,6 +106,42 @@ try {
     expect(store.local === 0 && store.cookie === '', 'key leaked to localStorage or cookies');
   });
 
+  await check('overview: customers with access now and the 30-day chart from the seeded change log', async () => {
+    await page.click('[data-nav="overview"]');
+    await page.locator('#overview-view').waitFor({ state: 'visible' });
+    await page.locator('#overview-now [data-tile="access"]').waitFor();
+    const tile = async (id) => (await page.locator(`#overview-now [data-tile="${id}"] .value`).innerText()).trim();
+    // alice (App Store), bob (Stripe, canceled but paid up), carol (Play,
+    // grace period), erin (promotional) and 24 watches on their trial.
+    const want = { access: '28', 'store-APP_STORE': '1', 'store-PLAY_STORE': '1', 'store-STRIPE': '1',
+      'store-PROMOTIONAL': '1', 'store-TRIAL': '25', trial: '24', grace: '1', retry: '0' };
+    for (const [id, v] of Object.entries(want)) expect(await tile(id) === v, `${id}: ${await tile(id)} (want ${v})`);
+    const days = page.locator('#overview-svg g.day');
+    expect(await days.count() === 30, `days: ${await days.count()}`);
+    const bar = (d, series) => page.locator(`#overview-svg g.day[data-day="${d}"] rect[data-series="${series}"]`);
+    const value = async (d, series) => ((await bar(d, series).count()) ? Number(await bar(d, series).getAttribute('data-value')) : 0);
+    const seen = {
+      [`${day(0)} newTrials`]: await value(day(0), 'newTrials'),
+      [`${day(-10)} newTrials`]: await value(day(-10), 'newTrials'),
+      [`${day(-20)} newTrials`]: await value(day(-20), 'newTrials'),
+      [`${day(-9)} trialConversions`]: await value(day(-9), 'trialConversions'),
+      [`${day(-5)} refunds`]: await value(day(-5), 'refunds'),
+      [`${day(-2)} cancellations`]: await value(day(-2), 'cancellations'),
+    };
+    const expected = {
+      [`${day(0)} newTrials`]: 25, [`${day(-10)} newTrials`]: 1, [`${day(-20)} newTrials`]: 1,
+      [`${day(-9)} trialConversions`]: 1, [`${day(-5)} refunds`]: 1, [`${day(-2)} cancellations`]: 1,
+    };
+    expect(JSON.stringify(seen) === JSON.stringify(expected), `bars ${JSON.stringify(seen)}`);
+    const legend = await text('#overview-chart .legend');
+    for (const t of ['New trials (27)', 'Trial → paid (1)', 'Renewals (0)', 'Cancellations (1)', 'Refunds (1)']) {
+      expect(legend.includes(t), `legend: ${legend}`);
+    }
+    await shot('01b-overview');
+    await page.click('[data-nav="customers"]');
+    await page.locator('#customers-view').waitFor({ state: 'visible' });
+  });
+
   await check('customers are listed and paginated', async () => {
     const rows = page.locator('#customers-table tbody tr[data-customer]');
     expect(await rows.count() === 20, `page 1 has ${await rows.count()} rows`);
@@ -252,6 +288,68 @@ try {
     await page.click('#confirm-ok');
     await waitText(entitlement('pro'), 'Not active: the promotional grant was revoked on ' + today());
     await waitText(page.locator('#customer-status'), 'expired');
+  });
+
+  await check('a customer page lists the store deliveries that touched them', async () => {
+    await page.goto(BASE + '/playground#/customers/alice');
+    const row = page.locator('#deliveries tr[data-outcome="failed"]');
+    await row.waitFor();
+    const t = await row.innerText();
+    expect(t.includes('App Store') && t.includes('DID_RENEW') && t.includes('unavailable'), `delivery: ${t}`);
+    await page.goto(BASE + '/playground#/customers/bob');
+    await waitText(page.locator('#deliveries'), 'customer.subscription.updated');
+    expect(await page.locator('#deliveries button.replay').count() === 0, 'an applied delivery offers a replay');
+  });
+
+  await check('webhooks: unmatched and failed deliveries are listed, applied ones are not', async () => {
+    await page.click('[data-nav="webhooks"]');
+    await page.locator('#webhooks-view').waitFor({ state: 'visible' });
+    await page.locator('#webhooks-table tbody tr[data-webhook]').first().waitFor();
+    const outcomes = await page.locator('#webhooks-table tbody tr[data-webhook]').evaluateAll((rs) => rs.map((r) => r.dataset.outcome));
+    expect(JSON.stringify(outcomes) === JSON.stringify(['failed', 'no_customer', 'unknown_product']), `outcomes ${outcomes}`);
+    const unknown = await page.locator('#webhooks-table tr[data-outcome="unknown_product"]').innerText();
+    expect(unknown.includes('checkout.session.completed') && unknown.includes('frank') && unknown.includes('unknown product'), unknown);
+    await page.selectOption('#webhooks-outcome', '*');
+    await page.click('#webhooks-filter button[type=submit]');
+    await page.waitForFunction(() => document.querySelectorAll('#webhooks-table tbody tr[data-webhook]').length === 4);
+    await page.selectOption('#webhooks-store', 'APP_STORE');
+    await page.click('#webhooks-filter button[type=submit]');
+    await page.waitForFunction(() => document.querySelectorAll('#webhooks-table tbody tr[data-webhook]').length === 1);
+    await page.selectOption('#webhooks-outcome', '');
+    await page.selectOption('#webhooks-store', '');
+    await page.click('#webhooks-filter button[type=submit]');
+    await page.waitForFunction(() => document.querySelectorAll('#webhooks-table tbody tr[data-webhook]').length === 3);
+    await shot('08-webhooks');
+  });
+
+  await check('replay asks first, then grants what the fixed catalog now matches, once', async () => {
+    const row = page.locator('#webhooks-table tr[data-outcome="unknown_product"]');
+    await row.locator('button.replay').click();
+    await page.locator('#confirm').waitFor({ state: 'visible' });
+    const ask = await text('#confirm-text');
+    expect(ask.includes('evt_seed_unknown') && ask.includes('Replay'), `confirmation: ${ask}`);
+    await page.click('#confirm-cancel');
+    await page.waitForTimeout(300);
+    let r = await adminGql('{ customer(id: "frank") { id } }');
+    expect(r.data.customer === null, 'cancel replayed anyway');
+    await row.locator('button.replay').click();
+    await page.click('#confirm-ok');
+    await waitText(page.locator('#toast'), 'Replayed evt_seed_unknown: applied');
+    await page.waitForFunction(() => !document.querySelector('#webhooks-table tr[data-outcome="unknown_product"]'));
+    r = await adminGql('{ customer(id: "frank") { entitlements { key isActive } events { kind } webhookEvents { outcome replayedAt } } }');
+    const maps = r.data.customer.entitlements.find((e) => e.key === 'maps');
+    expect(maps.isActive, JSON.stringify(r));
+    expect(r.data.customer.events.length === 1, `change log: ${JSON.stringify(r.data.customer.events)}`);
+    expect(r.data.customer.webhookEvents[0].outcome === 'applied' && r.data.customer.webhookEvents[0].replayedAt, JSON.stringify(r));
+    // A second replay changes nothing.
+    const id = (await adminGql('{ webhookEvents(outcome: ["applied"], customerId: "frank") { nodes { id } } }')).data.webhookEvents.nodes[0].id;
+    r = await adminGql('mutation($id: ID!) { replayWebhookEvent(id: $id) { outcome ran } }', { id });
+    expect(r.data.replayWebhookEvent.ran === false && r.data.replayWebhookEvent.outcome === 'applied', JSON.stringify(r));
+    r = await adminGql('{ customer(id: "frank") { events { kind } } }');
+    expect(r.data.customer.events.length === 1, 'second replay wrote to the change log');
+    await page.goto(BASE + '/playground#/customers/frank');
+    await waitText(page.locator('#deliveries'), 'applied');
+    await shot('09-replayed');
   });
 
   await check('explorer offers an example for every query and mutation', async () => {

@@ -83,6 +83,10 @@ kind = "lifetime"
 entitlements = ["maps"]
 app_store_product_id = "com.example.maps.lifetime"
 play_store_product_id = "maps_lifetime"
+stripe_payment_link = "plink_seed_maps"
+
+[stripe]
+webhook_secret = "whsec_playground_test_only"
 TOML
 
 # A throwaway signing secret, from the environment as in production.

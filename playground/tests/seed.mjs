@@ -108,4 +108,32 @@ await gql('mutation { grantEntitlement(customerId: "erin", entitlement: "maps") 
 // Enough watches for more than one page of customers.
 for (let i = 1; i <= 24; i++) await register('GARMIN', `watch-${String(i).padStart(3, '0')}`);
 
+// The webhook log: a Stripe checkout recorded `unknown_product` before the
+// catalog learnt its Payment Link (it knows it now, so a replay applies it),
+// one that named no customer, an App Store notification that failed while
+// Apple's API was down, and one that applied.
+import { readFileSync } from 'node:fs';
+const session = JSON.parse(readFileSync(new URL('../../../shared/vectors/stripe/object.checkout.session.json', import.meta.url)));
+const stripeEvent = (id, sessionId, reference, at) => ({
+  id, object: 'event', type: 'checkout.session.completed', api_version: '2024-06-20',
+  created: Math.floor((now + at * DAY) / 1000), livemode: false, pending_webhooks: 0,
+  request: { id: null, idempotency_key: null },
+  data: { object: { ...session, id: sessionId, mode: 'payment', status: 'complete', payment_status: 'paid',
+    client_reference_id: reference, customer: null, subscription: null, payment_link: 'plink_seed_maps',
+    payment_intent: 'pi_' + sessionId } },
+});
+function webhook(source, eventId, payload, at, outcome, customer, error) {
+  return `INSERT INTO webhook_events (source, event_id, received_at, payload, outcome, processed_at, customer_id, error, replayed_at)
+    VALUES (${q(source)}, ${q(eventId)}, ${ts(at)}, ${q(JSON.stringify(payload))}, ${q(outcome)},
+    ${outcome === 'failed' ? 'NULL' : ts(at)}, ${q(customer)}, ${q(error)}, NULL)`;
+}
+sql([
+  webhook('stripe', 'evt_seed_unknown', stripeEvent('evt_seed_unknown', 'cs_seed_frank', 'frank', -1), -1, 'unknown_product', 'frank', null),
+  webhook('stripe', 'evt_seed_nobody', stripeEvent('evt_seed_nobody', 'cs_seed_nobody', null, -0.5), -0.5, 'no_customer', null, null),
+  webhook('app_store', 'f0000000-0000-4000-8000-00000000a11c',
+    { notification: { notificationType: 'DID_RENEW', notificationUUID: 'f0000000-0000-4000-8000-00000000a11c' }, transaction: null, renewalInfo: null },
+    -0.2, 'failed', 'alice', 'App Store Server API is unavailable, try again later'),
+  webhook('stripe', 'evt_seed_bob', { id: 'evt_seed_bob', type: 'customer.subscription.updated' }, -2, 'applied', 'bob', null),
+]);
+
 console.log('seeded 29 customers');

@@ -3,10 +3,12 @@
 //! request at the current instant: only the stored facts are cached.
 //!
 //! Writes in this process invalidate exactly: a write transaction remembers
-//! every customer it locked or created and drops them after commit, and a
-//! global epoch stops a read that started before the commit from filling the
-//! cache with what it saw. Writes by other processes (replicas, the CLI) are
-//! seen within the TTL.
+//! every customer it locked or created and drops them after commit, and an
+//! epoch per shard stops a read that started before the commit from filling
+//! the cache with what it saw. The epoch is per shard, not global, so a
+//! steady stream of writes (devices checking in, webhooks) does not keep
+//! every other customer's reads from being cached. Writes by other
+//! processes (replicas, the CLI) are seen within the TTL.
 
 use std::{
     collections::HashMap,
@@ -22,10 +24,10 @@ use entities::{customers, devices};
 
 use crate::domain::PurchaseFacts;
 
-const SHARDS: usize = 16;
+const SHARDS: usize = 64;
 /// Entries per shard before the shard is emptied (bounds memory, including
 /// negative entries for ids that do not exist).
-const SHARD_CAPACITY: usize = 8192;
+const SHARD_CAPACITY: usize = 2048;
 
 #[derive(Clone, Debug)]
 pub struct CachedCustomer {
@@ -44,9 +46,22 @@ pub fn device_key(platform: &str, device_id: &str) -> String {
 
 pub struct ReadCache<V> {
     ttl: Duration,
-    epoch: AtomicU64,
     hasher: RandomState,
-    shards: Vec<Mutex<HashMap<String, (V, Instant)>>>,
+    shards: Vec<Shard<V>>,
+}
+
+struct Shard<V> {
+    /// Bumped by every commit that wrote an id of this shard.
+    epoch: AtomicU64,
+    entries: Mutex<HashMap<String, (V, Instant)>>,
+}
+
+/// What a read saw of the shard before it went to the database; `fill`
+/// keeps the result only if no write to that shard committed since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Epoch {
+    shard: usize,
+    value: u64,
 }
 
 impl<V: Clone> ReadCache<V> {
@@ -54,54 +69,84 @@ impl<V: Clone> ReadCache<V> {
     pub fn new(ttl: Duration) -> Self {
         ReadCache {
             ttl,
-            epoch: AtomicU64::new(0),
             hasher: RandomState::new(),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    epoch: AtomicU64::new(0),
+                    entries: Mutex::new(HashMap::new()),
+                })
+                .collect(),
         }
     }
 
-    fn shard(&self, id: &str) -> &Mutex<HashMap<String, (V, Instant)>> {
-        &self.shards[self.hasher.hash_one(id) as usize % SHARDS]
+    fn shard_of(&self, id: &str) -> usize {
+        self.hasher.hash_one(id) as usize % SHARDS
     }
 
     pub fn get(&self, id: &str) -> Option<V> {
         if self.ttl.is_zero() {
             return None;
         }
-        let shard = self.shard(id).lock().expect("cache shard");
+        let shard = self.shards[self.shard_of(id)]
+            .entries
+            .lock()
+            .expect("cache shard");
         shard
             .get(id)
             .filter(|(_, at)| at.elapsed() < self.ttl)
             .map(|(c, _)| c.clone())
     }
 
-    /// Read before the database read whose result `fill` will offer.
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
+    /// Taken before the database read whose result `fill` will offer for `id`.
+    pub fn epoch(&self, id: &str) -> Epoch {
+        let shard = self.shard_of(id);
+        Epoch {
+            shard,
+            value: self.shards[shard].epoch.load(Ordering::SeqCst),
+        }
     }
 
-    /// Stores what a read saw, unless some write committed since `epoch`.
-    pub fn fill(&self, id: &str, epoch: u64, value: V) {
+    /// Stores what a read saw, unless a write to `id`'s shard committed
+    /// since `epoch` (taken for `id`: an epoch of another shard drops the fill).
+    pub fn fill(&self, id: &str, epoch: Epoch, value: V) {
         if self.ttl.is_zero() {
             return;
         }
-        let mut shard = self.shard(id).lock().expect("cache shard");
-        // Checked under the shard lock: `invalidate` bumps the epoch before
-        // taking it, so a stale fill either fails here or is removed there.
-        if self.epoch.load(Ordering::SeqCst) != epoch {
+        let index = self.shard_of(id);
+        if index != epoch.shard {
             return;
         }
-        if shard.len() >= SHARD_CAPACITY {
-            shard.clear();
+        let shard = &self.shards[index];
+        let mut entries = shard.entries.lock().expect("cache shard");
+        // Checked under the shard lock: `invalidate` bumps the epoch before
+        // taking it, so a stale fill either fails here or is removed there.
+        if shard.epoch.load(Ordering::SeqCst) != epoch.value {
+            return;
         }
-        shard.insert(id.to_string(), (value, Instant::now()));
+        if entries.len() >= SHARD_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(id.to_string(), (value, Instant::now()));
     }
 
-    /// Called after a write transaction commits.
+    /// Called after a write transaction commits, with every id it wrote.
     pub fn invalidate<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
         for id in ids {
-            self.shard(id).lock().expect("cache shard").remove(id);
+            let shard = &self.shards[self.shard_of(id)];
+            shard.epoch.fetch_add(1, Ordering::SeqCst);
+            shard.entries.lock().expect("cache shard").remove(id);
+        }
+    }
+
+    /// Updates a cached entry in place (a change that no other entry and no
+    /// racing read depends on), leaving absent entries absent.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut V)) {
+        let mut entries = self.shards[self.shard_of(id)]
+            .entries
+            .lock()
+            .expect("cache shard");
+        if let Some((v, _)) = entries.get_mut(id) {
+            f(v);
         }
     }
 }
@@ -120,28 +165,46 @@ mod tests {
     #[test]
     fn a_fill_that_raced_a_write_is_dropped() {
         let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_secs(60));
-        let e = c.epoch();
+        let e = c.epoch("a");
         c.invalidate([&"a".to_string()]);
         c.fill("a", e, entry());
         assert!(
             c.get("a").is_none(),
             "read began before the write committed"
         );
-        c.fill("a", c.epoch(), entry());
+        c.fill("a", c.epoch("a"), entry());
         assert!(c.get("a").is_some());
         c.invalidate([&"a".to_string()]);
         assert!(c.get("a").is_none());
     }
 
     #[test]
+    fn a_write_to_one_customer_does_not_drop_fills_of_others() {
+        let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_secs(60));
+        // Two ids in different shards.
+        let a = "a".to_string();
+        let b = (0..)
+            .map(|i| format!("b{i}"))
+            .find(|b| c.shard_of(b) != c.shard_of(&a))
+            .unwrap();
+        let e = c.epoch(&b);
+        c.invalidate([&a]);
+        c.fill(&b, e, entry());
+        assert!(c.get(&b).is_some());
+        // An epoch taken for another shard never fills.
+        c.fill(&a, e, entry());
+        assert!(c.get(&a).is_none());
+    }
+
+    #[test]
     fn entries_expire_and_zero_ttl_is_off() {
         let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_millis(20));
-        c.fill("a", c.epoch(), entry());
+        c.fill("a", c.epoch("a"), entry());
         assert!(c.get("a").is_some());
         std::thread::sleep(Duration::from_millis(30));
         assert!(c.get("a").is_none());
         let off: ReadCache<CachedCustomer> = ReadCache::new(Duration::ZERO);
-        off.fill("a", off.epoch(), entry());
+        off.fill("a", off.epoch("a"), entry());
         assert!(off.get("a").is_none());
     }
 }

@@ -25,6 +25,7 @@ use crate::{
 };
 
 mod cache;
+pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 
 #[derive(Clone)]
@@ -380,6 +381,29 @@ pub async fn resolve_customer(c: &impl ConnectionTrait, id: &str) -> AppResult<S
         .one(c)
         .await?
         .unwrap_or_else(|| id.to_string()))
+}
+
+/// The row of the customer `id` names after following a merge, in one
+/// statement (a read-cache miss is on the hot path): `None` when there is
+/// no such customer.
+pub async fn resolved_customer_row(
+    c: &impl ConnectionTrait,
+    id: &str,
+) -> AppResult<Option<customers::Model>> {
+    let resolved = match c.get_database_backend() {
+        DbBackend::Postgres => Expr::cust_with_values(
+            "COALESCE((SELECT customer_id FROM customer_aliases WHERE alias_id = $1), $2)",
+            [id, id],
+        ),
+        _ => Expr::cust_with_values(
+            "COALESCE((SELECT customer_id FROM customer_aliases WHERE alias_id = ?), ?)",
+            [id, id],
+        ),
+    };
+    Ok(customers::Entity::find()
+        .filter(Expr::col(customers::Column::Id).eq(resolved))
+        .one(c)
+        .await?)
 }
 
 /// Resolves `id` and locks the customer it names; see [`lock_canonical`].

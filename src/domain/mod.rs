@@ -7,6 +7,7 @@ mod explain;
 mod token;
 pub mod tokens;
 mod types;
+pub mod webhook_log;
 
 pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPolicy, TrialPolicy};
 pub use engine::{

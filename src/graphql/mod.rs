@@ -36,6 +36,7 @@ mod stripe;
 mod subscription;
 mod types;
 mod verify;
+mod webhooks;
 mod ws;
 
 pub use mutation::MutationRoot;

@@ -200,4 +200,22 @@ impl MutationRoot {
         let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
         customer_with(ctx, &customer_id, snap).await
     }
+
+    /// Runs a recorded store notification again through the same ingest
+    /// path as a live delivery (admin). Only one that matched nothing or
+    /// failed can change anything; running it twice applies it once.
+    async fn replay_webhook_event(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+    ) -> async_graphql::Result<super::webhooks::WebhookReplay> {
+        authorize(principal(ctx), Action::ReplayWebhook, None)?;
+        let id: i64 = id
+            .parse()
+            .map_err(|_| AppError::bad_input("invalid webhook event id"))?;
+        let core = core(ctx);
+        let r = core.replay_webhook_event(id).await?;
+        let row = core.webhook_event(id).await?;
+        Ok(super::webhooks::replay_payload(r, row))
+    }
 }

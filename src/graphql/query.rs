@@ -4,7 +4,10 @@ use async_graphql::{
 };
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
-use super::types::{Customer, Product, core};
+use super::{
+    types::{Customer, Product, Store, core},
+    webhooks::{self, Overview, WebhookEvent},
+};
 use crate::{
     auth::Principal,
     db,
@@ -99,5 +102,52 @@ impl QueryRoot {
             .iter()
             .map(Product::from)
             .collect())
+    }
+
+    /// The webhook log (admin): verified store notifications, newest first,
+    /// with what became of each. `replayable: true` lists those a replay
+    /// may change (matched nothing, or failed).
+    #[graphql(complexity = "first.max(1) as usize * child_complexity")]
+    #[allow(clippy::too_many_arguments)]
+    async fn webhook_events(
+        &self,
+        ctx: &Context<'_>,
+        store: Option<Store>,
+        outcome: Option<Vec<String>>,
+        customer_id: Option<ID>,
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        replayable: Option<bool>,
+        #[graphql(default = 20, validator(minimum = 1, maximum = 100))] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<Connection<String, WebhookEvent, EmptyFields, EmptyFields>> {
+        authorize(principal(ctx), Action::ReadWebhookLog, None)?;
+        let f = webhooks::filter(
+            store,
+            outcome,
+            customer_id,
+            since,
+            replayable,
+            after.as_deref(),
+        )?;
+        let (rows, more) = core(ctx).webhook_events_page(&f, first as u64).await?;
+        let mut conn = Connection::new(f.before_id.is_some(), more);
+        conn.edges.extend(
+            rows.into_iter()
+                .map(|m| Edge::new(webhooks::encode_cursor(m.id), WebhookEvent(m))),
+        );
+        Ok(conn)
+    }
+
+    /// Now (customers with access per store, in trial, in grace, in billing
+    /// retry) and the change log of the last `days` days (at most 90), per
+    /// day (admin).
+    #[graphql(complexity = "days.max(1) as usize + child_complexity")]
+    async fn overview(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 30, validator(minimum = 1, maximum = 90))] days: i32,
+    ) -> async_graphql::Result<Overview> {
+        authorize(principal(ctx), Action::ReadOverview, None)?;
+        Ok(core(ctx).overview(days).await?.into())
     }
 }

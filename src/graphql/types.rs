@@ -246,6 +246,24 @@ impl Customer {
             .collect())
     }
 
+    /// The store notifications that touched this customer, newest first
+    /// (their payloads admin only).
+    #[graphql(complexity = "limit as usize * child_complexity")]
+    async fn webhook_events(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 20, validator(minimum = 1, maximum = 100))] limit: u64,
+    ) -> async_graphql::Result<Vec<super::webhooks::WebhookEvent>> {
+        guard(ctx, Action::ReadCustomerDeliveries, &self.model.id)?;
+        Ok(
+            db::webhook_log::webhook_events_of(&core(ctx).db.conn, &self.model.id, limit)
+                .await?
+                .into_iter()
+                .map(super::webhooks::WebhookEvent)
+                .collect(),
+        )
+    }
+
     /// The entitlement change log, newest first.
     #[graphql(complexity = "limit as usize * child_complexity")]
     async fn events(

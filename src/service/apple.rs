@@ -1,19 +1,20 @@
 //! App Store use cases: a customer submits a purchase, Apple notifies us.
 
 use entities::{purchases, webhook_events};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::json;
 
 use super::{
     Core,
     purchases::{Applied, StoreApplied, Submitter},
+    webhooks::Claim,
 };
 use crate::{
-    domain::Store,
+    domain::{Store, webhook_log},
     error::{AppError, AppResult},
     providers::{
         VerifiedPurchase,
-        apple::{self, Apple, Verified},
+        apple::{self, Apple, Notification, Verified},
     },
 };
 
@@ -51,6 +52,9 @@ pub enum NotificationOutcome {
     Held,
     /// Seen before; nothing recorded or changed.
     Duplicate,
+    /// For a product the catalog does not map: recorded for a replay once
+    /// it does; no purchase stored.
+    UnknownProduct,
 }
 
 /// What a scheduled re-read of an App Store purchase did.
@@ -66,6 +70,7 @@ impl NotificationOutcome {
             NotificationOutcome::Ignored => "ignored",
             NotificationOutcome::Held => "held",
             NotificationOutcome::Duplicate => "duplicate",
+            NotificationOutcome::UnknownProduct => webhook_log::UNKNOWN_PRODUCT,
         }
     }
 }
@@ -204,7 +209,44 @@ impl Core {
         signed_payload: &str,
     ) -> AppResult<NotificationOutcome> {
         let n = apple.verify_notification(signed_payload.trim())?;
+        match self
+            .ingest_apple_notification(apple, &n, &Claim::Live)
+            .await
+        {
+            Err(e) => {
+                // Kept (verified), so the operator sees it; Apple retries.
+                self.record_failed_event(Store::AppStore, &n.uuid, &n.raw, None, &e)
+                    .await?;
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
 
+    /// Runs a stored, verified notification again (a replay).
+    pub(crate) async fn replay_apple(
+        &self,
+        row: &webhook_events::Model,
+        claim: Claim,
+    ) -> AppResult<bool> {
+        let apple = self
+            .apple
+            .as_deref()
+            .ok_or(AppError::NotConfigured("App Store"))?;
+        let n = apple.notification_from_stored(row)?;
+        Ok(self.ingest_apple_notification(apple, &n, &claim).await?
+            != NotificationOutcome::Duplicate)
+    }
+
+    /// The one ingest path of a verified App Store notification: re-read
+    /// the purchase when the API is configured, then claim its row and
+    /// apply in one transaction.
+    async fn ingest_apple_notification(
+        &self,
+        apple: &Apple,
+        n: &Notification,
+        claim: &Claim,
+    ) -> AppResult<NotificationOutcome> {
         let verified = match n.verified().filter(|_| n.is_handled()) {
             None => None,
             Some(v) => match (apple.api(), v.transaction.transaction_id.clone()) {
@@ -229,57 +271,64 @@ impl Core {
 
         let now = self.now();
         let txn = self.db.write().await?;
-        // A redelivery usually finds its row here. (This read also makes a
-        // SQLite connection notice schema changes made since it last looked,
-        // which the upsert below would otherwise trip over.)
-        let seen = webhook_events::Entity::find()
-            .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
-            .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
-            .one(&*txn)
-            .await?;
-        if seen.is_some() {
-            return Ok(NotificationOutcome::Duplicate);
+        if matches!(claim, Claim::Live) {
+            // A redelivery usually finds its row here (one that failed is
+            // processed again). This read also makes a SQLite connection
+            // notice schema changes made since it last looked, which the
+            // upsert below would otherwise trip over.
+            let seen = webhook_events::Entity::find()
+                .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
+                .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
+                .one(&*txn)
+                .await?;
+            if seen.is_some_and(|r| r.outcome != webhook_log::FAILED) {
+                return Ok(NotificationOutcome::Duplicate);
+            }
         }
+        let unknown = match &vp {
+            Some(vp) => self.is_unknown_product(&txn, vp).await?,
+            None => false,
+        };
         // Claim first: a concurrent duplicate then waits on the dedupe row
         // and finds it taken, instead of racing this one to the purchase.
-        let provisional = if vp.is_some() {
-            NotificationOutcome::Applied
-        } else {
-            NotificationOutcome::Ignored
+        let provisional = match &vp {
+            _ if unknown => NotificationOutcome::UnknownProduct,
+            Some(_) => NotificationOutcome::Applied,
+            None => NotificationOutcome::Ignored,
         };
         if !self
-            .claim_webhook(
+            .claim_event(
                 &txn,
                 Store::AppStore,
                 &n.uuid,
                 &n.raw,
                 provisional.as_str(),
-                now,
+                claim,
             )
             .await?
         {
             return Ok(NotificationOutcome::Duplicate);
         }
-        let outcome = match &vp {
-            None => NotificationOutcome::Ignored,
+        let (outcome, customer) = match &vp {
+            _ if unknown => (NotificationOutcome::UnknownProduct, None),
+            None => (NotificationOutcome::Ignored, None),
             Some(vp) => match self.apply_store_in(&txn, vp, now).await? {
-                StoreApplied::Applied(a) if a.stale => NotificationOutcome::Stale,
-                StoreApplied::Applied(_) => NotificationOutcome::Applied,
-                StoreApplied::Held { stale: true } => NotificationOutcome::Stale,
-                StoreApplied::Held { stale: false } => NotificationOutcome::Held,
+                StoreApplied::Applied(a) if a.stale => {
+                    (NotificationOutcome::Stale, Some(a.customer_id))
+                }
+                StoreApplied::Applied(a) => (NotificationOutcome::Applied, Some(a.customer_id)),
+                StoreApplied::Held { stale: true } => (NotificationOutcome::Stale, None),
+                StoreApplied::Held { stale: false } => (NotificationOutcome::Held, None),
             },
         };
-        if outcome != provisional {
-            webhook_events::Entity::update_many()
-                .col_expr(
-                    webhook_events::Column::Outcome,
-                    Expr::value(outcome.as_str()),
-                )
-                .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
-                .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
-                .exec(&*txn)
-                .await?;
-        }
+        self.settle_event(
+            &txn,
+            Store::AppStore,
+            &n.uuid,
+            outcome.as_str(),
+            customer.as_deref(),
+        )
+        .await?;
         txn.commit().await?;
         tracing::info!(
             notification = %n.kind,

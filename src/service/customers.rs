@@ -72,7 +72,65 @@ fn granted_by_us(
     }
 }
 
+/// Check-in times of known devices not yet written: one transaction every
+/// few seconds writes them all, instead of one per polling request.
+#[derive(Default)]
+pub struct SeenBuffer {
+    pending: std::sync::Mutex<std::collections::HashMap<i64, DateTime<Utc>>>,
+}
+
+/// Rows written per transaction when flushing, so the writer is never held long.
+const SEEN_FLUSH_CHUNK: usize = 500;
+
+impl SeenBuffer {
+    fn record(&self, device_row: i64, at: DateTime<Utc>) {
+        self.pending
+            .lock()
+            .expect("seen buffer")
+            .insert(device_row, at);
+    }
+
+    fn take(&self) -> Vec<(i64, DateTime<Utc>)> {
+        std::mem::take(&mut *self.pending.lock().expect("seen buffer"))
+            .into_iter()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.lock().expect("seen buffer").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl Core {
+    /// Writes the buffered check-in times (never moving one backwards);
+    /// returns how many devices were written. Called periodically and at
+    /// shutdown.
+    pub async fn flush_last_seen(&self) -> AppResult<usize> {
+        let pending = self.seen.take();
+        let mut written = 0;
+        for chunk in pending.chunks(SEEN_FLUSH_CHUNK) {
+            let txn = self.db.write().await?;
+            for (id, at) in chunk {
+                let r = devices::Entity::update_many()
+                    .col_expr(
+                        devices::Column::LastSeenAt,
+                        sea_orm::sea_query::Expr::value(*at),
+                    )
+                    .filter(devices::Column::Id.eq(*id))
+                    .filter(devices::Column::LastSeenAt.lt(*at))
+                    .exec(&*txn)
+                    .await?;
+                written += r.rows_affected as usize;
+            }
+            txn.commit().await?;
+        }
+        Ok(written)
+    }
+
     /// Registers a device. First sight creates its customer (the device id
     /// unless one is given) and starts the configured trial; nothing that
     /// happens later (re-registration, reinstall, another client) restarts it.
@@ -194,7 +252,7 @@ impl Core {
         if let Some(d) = self.db.device_cache.get(&key) {
             return Ok(Some(d));
         }
-        let epoch = self.db.device_cache.epoch();
+        let epoch = self.db.device_cache.epoch(&key);
         let found = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await?;
         if let Some(d) = &found {
             self.db.device_cache.fill(&key, epoch, d.clone());
@@ -221,35 +279,48 @@ impl Core {
         }
         let owes_secret = issue_secret && device.secret_hash.is_none();
         let mut device_secret = None;
-        let device =
-            if rebind.is_some() || owes_secret || now - device.last_seen_at >= LAST_SEEN_RESOLUTION
-            {
-                let txn = self.db.write().await?;
-                let rebind = match rebind {
-                    // The device follows the customer now signed in on it; its
-                    // first sight (and so its trial) stays in the past.
-                    Some(c) => {
-                        let c = db::lock_resolved_customer(&txn, &c).await?;
-                        self.ensure_customer_in(&txn, &c, now).await?;
-                        Some(c)
-                    }
-                    None => None,
-                };
-                txn.touch_device(&device.platform, &device.device_id);
-                if owes_secret {
-                    device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
+        let device = if rebind.is_none()
+            && !owes_secret
+            && now - device.last_seen_at >= LAST_SEEN_RESOLUTION
+        {
+            // Only the check-in time moved: a device polling costs no write
+            // in the request; the time is written with others in the background.
+            let mut device = device;
+            self.seen.record(device.id, now);
+            device.last_seen_at = now;
+            self.db
+                .device_cache
+                .update(&db::device_key(&device.platform, &device.device_id), |d| {
+                    d.last_seen_at = now
+                });
+            device
+        } else if rebind.is_some() || owes_secret {
+            let txn = self.db.write().await?;
+            let rebind = match rebind {
+                // The device follows the customer now signed in on it; its
+                // first sight (and so its trial) stays in the past.
+                Some(c) => {
+                    let c = db::lock_resolved_customer(&txn, &c).await?;
+                    self.ensure_customer_in(&txn, &c, now).await?;
+                    Some(c)
                 }
-                let mut am = device.into_active_model();
-                am.last_seen_at = Set(now);
-                if let Some(c) = rebind {
-                    am.customer_id = Set(c);
-                }
-                let device = am.update(&*txn).await?;
-                txn.commit().await?;
-                device
-            } else {
-                device
+                None => None,
             };
+            txn.touch_device(&device.platform, &device.device_id);
+            if owes_secret {
+                device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
+            }
+            let mut am = device.into_active_model();
+            am.last_seen_at = Set(now);
+            if let Some(c) = rebind {
+                am.customer_id = Set(c);
+            }
+            let device = am.update(&*txn).await?;
+            txn.commit().await?;
+            device
+        } else {
+            device
+        };
         let snapshot = self.snapshot(&device.customer_id).await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),

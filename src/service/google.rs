@@ -19,10 +19,11 @@ use serde_json::json;
 use super::{
     Core,
     purchases::{Applied, StoreApplied, Submitter},
+    webhooks::Claim,
 };
 use crate::{
     db::WriteTxn,
-    domain::{ProductDef, ProductKind, PurchaseStatus, Store},
+    domain::{ProductDef, ProductKind, PurchaseStatus, Store, webhook_log},
     error::{AppError, AppResult},
     providers::VerifiedPurchase,
     providers::google::{
@@ -83,6 +84,9 @@ pub enum PushOutcome {
     /// Older than what is stored; recorded, nothing changed.
     Stale,
     Ignored,
+    /// For a product the catalog does not map: recorded for a replay once
+    /// it does; no purchase stored, not acknowledged.
+    UnknownProduct,
 }
 
 impl PushOutcome {
@@ -96,6 +100,7 @@ impl PushOutcome {
             PushOutcome::UnknownPurchase => "unknown_purchase",
             PushOutcome::Stale => "stale",
             PushOutcome::Ignored => "ignored",
+            PushOutcome::UnknownProduct => webhook_log::UNKNOWN_PRODUCT,
         }
     }
 }
@@ -374,17 +379,68 @@ impl Core {
         let event_id = envelope.message.message_id.as_str();
 
         // Spares Google a read for a redelivery; the claim below is what
-        // actually guarantees once.
+        // actually guarantees once. A delivery that failed is processed again.
         let seen = webhook_events::Entity::find()
             .filter(webhook_events::Column::Source.eq(Store::PlayStore.as_str()))
             .filter(webhook_events::Column::EventId.eq(event_id))
             .one(&self.db.conn)
             .await?;
-        if seen.is_some() {
+        if seen.is_some_and(|r| r.outcome != webhook_log::FAILED) {
             return Ok(PushOutcome::Duplicate);
         }
+        match self
+            .ingest_play_notification(google, event_id, &n, &json, event_time, &Claim::Live)
+            .await
+        {
+            Err(e) => {
+                // Kept (verified), so the operator sees it; Pub/Sub retries.
+                self.record_failed_event(Store::PlayStore, event_id, &json, None, &e)
+                    .await?;
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
 
-        let fetched = match self.read_notified(google, &n, event_time).await {
+    /// Runs a stored, verified developer notification again (a replay).
+    pub(crate) async fn replay_play(
+        &self,
+        row: &webhook_events::Model,
+        claim: Claim,
+    ) -> AppResult<bool> {
+        let google = self.google()?;
+        if row.payload.get("voidedPurchase").is_some() {
+            return Err(AppError::bad_input(
+                "a voided-purchases entry is replayed by reconciliation, not here",
+            ));
+        }
+        let n = rtdn::from_stored(&row.payload)
+            .map_err(|_| AppError::bad_input("stored Play notification is malformed"))?;
+        if n.package_name != google.package_name {
+            return Err(AppError::bad_input("notification for another package"));
+        }
+        let event_time = n
+            .event_time()
+            .ok_or_else(|| AppError::bad_input("eventTimeMillis is missing or malformed"))?;
+        Ok(self
+            .ingest_play_notification(google, &row.event_id, &n, &row.payload, event_time, &claim)
+            .await?
+            != PushOutcome::Duplicate)
+    }
+
+    /// The one ingest path of a verified developer notification: re-read
+    /// the purchase from Google, then apply it and claim its row in one
+    /// transaction.
+    async fn ingest_play_notification(
+        &self,
+        google: &GooglePlay,
+        event_id: &str,
+        n: &DeveloperNotification,
+        json: &serde_json::Value,
+        event_time: chrono::DateTime<chrono::Utc>,
+        claim: &Claim,
+    ) -> AppResult<PushOutcome> {
+        let fetched = match self.read_notified(google, n, event_time).await {
             Ok(f) => f,
             Err(AppError::InvalidReceipt(_)) => Err(PushOutcome::UnknownPurchase),
             Err(e) => return Err(e),
@@ -402,24 +458,42 @@ impl Core {
             }
             Err(o) => (Err(o), None),
         };
-        let outcome = match &fetched {
-            Err(o) => *o,
-            Ok(purchase) => store_outcome(self.apply_store_in(&txn, purchase, now).await?),
+        let (outcome, customer) = match &fetched {
+            Err(o) => (*o, None),
+            Ok(purchase) if self.is_unknown_product(&txn, purchase).await? => {
+                (PushOutcome::UnknownProduct, None)
+            }
+            Ok(purchase) => {
+                let applied = self.apply_store_in(&txn, purchase, now).await?;
+                let customer = match &applied {
+                    StoreApplied::Applied(a) => Some(a.customer_id.clone()),
+                    StoreApplied::Held { .. } => None,
+                };
+                (store_outcome(applied), customer)
+            }
         };
         if !self
-            .claim_webhook(
+            .claim_event(
                 &txn,
                 Store::PlayStore,
                 event_id,
-                &json,
+                json,
                 outcome.as_str(),
-                now,
+                claim,
             )
             .await?
         {
             // A concurrent delivery won; dropping the transaction undoes ours.
             return Ok(PushOutcome::Duplicate);
         }
+        self.settle_event(
+            &txn,
+            Store::PlayStore,
+            event_id,
+            outcome.as_str(),
+            customer.as_deref(),
+        )
+        .await?;
         txn.commit().await?;
 
         if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)

@@ -24,6 +24,7 @@ pub mod pairing;
 pub mod purchases;
 pub mod stripe;
 pub mod tokens;
+pub mod webhooks;
 
 /// What every use case needs: the database, the catalog and the clock.
 pub struct Core {
@@ -43,6 +44,8 @@ pub struct Core {
     pub receipts: crate::config::ReceiptsConfig,
     /// Signing keys, entitlement tokens and signed answers.
     pub tokens: Arc<tokens::Tokens>,
+    /// Device check-ins waiting to be written.
+    pub seen: customers::SeenBuffer,
 }
 
 impl Core {
@@ -78,6 +81,7 @@ impl Core {
                 .map(Arc::new),
             feed: crate::events::feed::Feed::new(),
             receipts: config.receipts.clone(),
+            seen: customers::SeenBuffer::default(),
         })
     }
 
@@ -146,25 +150,36 @@ impl Core {
         if let Some(c) = self.db.cache.get(customer_id) {
             return Ok(c);
         }
-        let epoch = self.db.cache.epoch();
+        let epoch = self.db.cache.epoch(customer_id);
         // Entries are kept under the customer's own id only: a merge then
         // invalidates the old id, and the account's writes the account's.
-        let customer_id = &db::resolve_customer(&self.db.conn, customer_id).await?;
-        if let Some(c) = self.db.cache.get(customer_id) {
-            return Ok(c);
-        }
-        let customer = customer_rows::Entity::find_by_id(customer_id.to_string())
-            .one(&self.db.conn)
-            .await?;
-        let facts = match customer {
-            Some(_) => db::purchase_facts_of(&self.db.conn, customer_id).await?,
+        let customer = db::resolved_customer_row(&self.db.conn, customer_id).await?;
+        let (customer, epoch) = match customer {
+            Some(c) if c.id != customer_id => {
+                // A merged-away id: start again from the account, whose
+                // shard the epoch above does not cover.
+                if let Some(cached) = self.db.cache.get(&c.id) {
+                    return Ok(cached);
+                }
+                let epoch = self.db.cache.epoch(&c.id);
+                let again = customer_rows::Entity::find_by_id(c.id.clone())
+                    .one(&self.db.conn)
+                    .await?;
+                (again, epoch)
+            }
+            other => (other, epoch),
+        };
+        let id = customer.as_ref().map_or(customer_id, |c| c.id.as_str());
+        let facts = match &customer {
+            Some(_) => db::purchase_facts_of(&self.db.conn, id).await?,
             None => Vec::new(),
         };
+        let id = id.to_string();
         let cached = CachedCustomer {
             customer,
             facts: Arc::new(facts),
         };
-        self.db.cache.fill(customer_id, epoch, cached.clone());
+        self.db.cache.fill(&id, epoch, cached.clone());
         Ok(cached)
     }
 

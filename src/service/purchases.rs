@@ -10,7 +10,7 @@ use entities::{
 };
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TryInsertResult,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TryInsertResult, sea_query::Expr,
 };
 
 use super::Core;
@@ -682,8 +682,8 @@ impl Core {
 
     /// Records a store notification in the caller's transaction. `false`
     /// means it was seen before: acknowledge it and change nothing. Because
-    /// the row commits with the effect, a failed apply leaves no row and the
-    /// store's retry is processed.
+    /// the row commits with the effect, a failed apply leaves no row (or
+    /// its `failed` row) and the store's retry is processed.
     pub async fn claim_webhook(
         &self,
         txn: &WriteTxn,
@@ -708,7 +708,28 @@ impl Core {
         ])
         .exec_without_returning(&**txn)
         .await?;
-        Ok(matches!(res, TryInsertResult::Inserted(n) if n > 0))
+        if matches!(res, TryInsertResult::Inserted(n) if n > 0) {
+            return Ok(true);
+        }
+        // An earlier delivery failed (the store's API was down): this one
+        // takes its row over. Conditional, so only one delivery does.
+        let res = webhook_events::Entity::update_many()
+            .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
+            .col_expr(
+                webhook_events::Column::Payload,
+                Expr::value(payload.clone()),
+            )
+            .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
+            .col_expr(
+                webhook_events::Column::Error,
+                Expr::value(Option::<String>::None),
+            )
+            .filter(webhook_events::Column::Source.eq(source.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id))
+            .filter(webhook_events::Column::Outcome.eq(crate::domain::webhook_log::FAILED))
+            .exec(&**txn)
+            .await?;
+        Ok(res.rows_affected > 0)
     }
 
     /// Stores a purchase submission before it is verified (the audit trail),

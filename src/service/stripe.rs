@@ -20,10 +20,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
 
-use super::{Core, purchases::Submitter};
+use super::{Core, purchases::Submitter, webhooks::Claim};
 use crate::{
     db::{self, WriteTxn},
-    domain::{ExternalId, ProductKind, PurchaseStatus, Store},
+    domain::{ExternalId, ProductKind, PurchaseStatus, Store, webhook_log},
     error::{AppError, AppResult},
     providers::stripe::{
         self as provider, CheckoutRequest, StripeProvider, StripeState, VerifiedEvent,
@@ -60,6 +60,12 @@ enum Plan {
     },
     /// Recorded and acknowledged with this outcome; no state change.
     Record(&'static str),
+    /// A paid event we could not attribute (`unknown_product`,
+    /// `no_customer`), with the customer it names if any; kept for a replay.
+    Unmatched {
+        outcome: &'static str,
+        customer: Option<String>,
+    },
 }
 
 /// What a dispute event says and how to find the purchase it disputes.
@@ -77,7 +83,13 @@ struct DisputeFacts {
 
 /// Outcomes that acknowledge a paid event we could not attribute: kept with
 /// the verified payload for a replay, and logged.
-const UNATTRIBUTED: &[&str] = &["unmatched", "unmatched_refund", "unmatched_dispute"];
+const UNATTRIBUTED: &[&str] = &[
+    "unmatched",
+    "unmatched_refund",
+    "unmatched_dispute",
+    webhook_log::UNKNOWN_PRODUCT,
+    webhook_log::NO_CUSTOMER,
+];
 
 /// The outcome of one delivery, for logs and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +136,36 @@ impl Core {
         if self.webhook_seen(&ev.id).await? {
             return Ok(WebhookOutcome::Duplicate);
         }
+        match self.ingest_stripe_event(p, ev, &Claim::Live).await {
+            Err(e) => {
+                // Kept, so the operator sees it; Stripe delivers it again.
+                self.record_failed_event(Store::Stripe, &ev.id, &ev.payload, None, &e)
+                    .await?;
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// Runs a stored, verified Stripe event again (a replay).
+    pub(crate) async fn replay_stripe(
+        &self,
+        row: &webhook_events::Model,
+        claim: Claim,
+    ) -> AppResult<bool> {
+        let p = self.stripe()?.clone();
+        let ev = VerifiedEvent::from_stored(row)?;
+        Ok(self.ingest_stripe_event(&p, &ev, &claim).await? != WebhookOutcome::Duplicate)
+    }
+
+    /// The one ingest path of a Stripe event: plan (reading the API outside
+    /// any transaction), then claim its row and apply in one transaction.
+    async fn ingest_stripe_event(
+        &self,
+        p: &StripeProvider,
+        ev: &VerifiedEvent,
+        claim: &Claim,
+    ) -> AppResult<WebhookOutcome> {
         let plan = self.plan_stripe_event(p, ev).await?;
 
         let now = self.now();
@@ -133,20 +175,23 @@ impl Core {
         // writer lock (SQLite), then sees it and changes nothing.
         let expected = match &plan {
             Plan::Record(o) => o,
+            Plan::Unmatched { outcome, .. } => outcome,
             Plan::Bind { .. } => "bound",
             Plan::Apply { .. } => "applied",
             Plan::Refund { .. } => "refunded",
             Plan::CountRenewal { .. } => "renewal_counted",
             Plan::Dispute(_) => "disputed",
         };
+        let expected: &str = expected;
         if !self
-            .claim_webhook(&txn, Store::Stripe, &ev.id, &ev.payload, expected, now)
+            .claim_event(&txn, Store::Stripe, &ev.id, &ev.payload, expected, claim)
             .await?
         {
             return Ok(WebhookOutcome::Duplicate);
         }
-        let outcome = match plan {
-            Plan::Record(o) => o,
+        let (outcome, customer) = match plan {
+            Plan::Record(o) => (o, None),
+            Plan::Unmatched { outcome, customer } => (outcome, customer),
             Plan::Bind {
                 customer,
                 stripe_customer,
@@ -156,25 +201,24 @@ impl Core {
                 self.ensure_customer_in(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer, email.as_deref())
                     .await?;
-                "bound"
+                ("bound", Some(customer))
             }
             Plan::Apply {
                 state,
                 customer,
                 renewal_of,
             } => {
-                let o = self.apply_stripe_state(&txn, *state, customer, now).await?;
+                let (o, who) = self.apply_stripe_state(&txn, *state, customer, now).await?;
                 match renewal_of {
-                    Some(sub) if count_renewal(&txn, &sub).await? => o,
-                    Some(_) => "unmatched",
-                    None => o,
+                    Some(sub) if count_renewal(&txn, &sub).await?.is_some() => (o, who),
+                    Some(_) => ("unmatched", who),
+                    None => (o, who),
                 }
             }
             Plan::CountRenewal { subscription } => {
-                if count_renewal(&txn, &subscription).await? {
-                    "renewal_counted"
-                } else {
-                    "unmatched"
+                match count_renewal(&txn, &subscription).await? {
+                    Some(who) => ("renewal_counted", Some(who)),
+                    None => ("unmatched", None),
                 }
             }
             Plan::Dispute(d) => self.apply_dispute(&txn, p, &d, now).await?,
@@ -186,9 +230,8 @@ impl Core {
                     .await?
             }
         };
-        if outcome != expected {
-            set_outcome(&txn, &ev.id, outcome).await?;
-        }
+        self.settle_event(&txn, Store::Stripe, &ev.id, outcome, customer.as_deref())
+            .await?;
         txn.commit().await?;
         if UNATTRIBUTED.contains(&outcome) {
             tracing::warn!(
@@ -203,13 +246,14 @@ impl Core {
         Ok(WebhookOutcome::Processed(outcome))
     }
 
+    /// Seen and processed: a row whose delivery failed is processed again.
     async fn webhook_seen(&self, event_id: &str) -> AppResult<bool> {
         Ok(webhook_events::Entity::find()
             .filter(webhook_events::Column::Source.eq(Store::Stripe.as_str()))
             .filter(webhook_events::Column::EventId.eq(event_id))
             .one(&self.db.conn)
             .await?
-            .is_some())
+            .is_some_and(|r| r.outcome != webhook_log::FAILED))
     }
 
     async fn plan_stripe_event(&self, p: &StripeProvider, ev: &VerifiedEvent) -> AppResult<Plan> {
@@ -265,7 +309,10 @@ impl Core {
                         let Some((kind, product_key)) =
                             self.stripe_session_product(&session, price.as_deref(), p)
                         else {
-                            return Ok(Plan::Record("unmatched"));
+                            return Ok(Plan::Unmatched {
+                                outcome: webhook_log::UNKNOWN_PRODUCT,
+                                customer,
+                            });
                         };
                         if kind == ProductKind::Subscription {
                             return Ok(Plan::Record("not_lifetime"));
@@ -278,7 +325,10 @@ impl Core {
                             },
                         };
                         let Some(customer) = customer else {
-                            return Ok(Plan::Record("unmatched"));
+                            return Ok(Plan::Unmatched {
+                                outcome: webhook_log::NO_CUSTOMER,
+                                customer: None,
+                            });
                         };
                         Ok(Plan::Apply {
                             state: Box::new(p.lifetime_state(
@@ -433,7 +483,7 @@ impl Core {
             return Ok("unknown_status");
         };
         let txn = self.db.write().await?;
-        let outcome = self.apply_stripe_state(&txn, state, None, now).await?;
+        let (outcome, _) = self.apply_stripe_state(&txn, state, None, now).await?;
         txn.commit().await?;
         Ok(outcome)
     }
@@ -444,7 +494,7 @@ impl Core {
         state: StripeState,
         customer: Option<String>,
         now: DateTime<Utc>,
-    ) -> AppResult<&'static str> {
+    ) -> AppResult<(&'static str, Option<String>)> {
         // Two events about one new subscription (checkout completed and
         // subscription created arrive together) would both insert it; holding
         // the named customer's lock first makes the second see the first.
@@ -467,7 +517,7 @@ impl Core {
                 || e.status == PurchaseStatus::Revoked.as_str())
             && state.state().expires_at <= e.expires_at
         {
-            return Ok("refund_stands");
+            return Ok(("refund_stands", Some(e.customer_id.clone())));
         }
         // A Stripe subscription never comes back once it has ended, so an
         // ended one ignores other states even with an equal (one-second)
@@ -482,7 +532,7 @@ impl Core {
             && ended(e.raw.as_ref())
             && !ended(Some(&state.state().raw))
         {
-            return Ok("already_ended");
+            return Ok(("already_ended", Some(e.customer_id.clone())));
         }
         let customer = match customer {
             Some(c) => Some(c),
@@ -497,7 +547,7 @@ impl Core {
         if existing.is_none() && customer.is_none() && state.state().bound_customer.is_none() {
             // Whose it is arrives with `checkout.session.completed`, which
             // re-reads the subscription.
-            return Ok("unmatched");
+            return Ok(("unmatched", None));
         }
         let stripe_customer = state.stripe_customer.clone();
         let email = state.email.clone();
@@ -508,7 +558,8 @@ impl Core {
         if let Some(sc) = stripe_customer {
             remember_stripe_customer(txn, &applied.customer_id, &sc, email.as_deref()).await?;
         }
-        Ok(if applied.stale { "stale" } else { "applied" })
+        let outcome = if applied.stale { "stale" } else { "applied" };
+        Ok((outcome, Some(applied.customer_id)))
     }
 
     async fn apply_refund(
@@ -518,7 +569,7 @@ impl Core {
         charge: &Value,
         refunded_at: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> AppResult<&'static str> {
+    ) -> AppResult<(&'static str, Option<String>)> {
         let mut found = None;
         for (key, value) in [
             (
@@ -535,17 +586,18 @@ impl Core {
             }
         }
         let Some(purchase) = found else {
-            return Ok("unmatched_refund");
+            return Ok(("unmatched_refund", None));
         };
+        let who = Some(purchase.customer_id.clone());
         if purchase.status == PurchaseStatus::Refunded.as_str() {
-            return Ok("already_refunded");
+            return Ok(("already_refunded", who));
         }
         let Some(vp) = p.refunded(&purchase, refunded_at, charge) else {
-            return Ok("unmatched_refund");
+            return Ok(("unmatched_refund", who));
         };
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
-        Ok("refunded")
+        Ok(("refunded", who))
     }
 
     /// A chargeback: opened, access goes; won, it comes back as it was;
@@ -556,7 +608,7 @@ impl Core {
         p: &StripeProvider,
         d: &DisputeFacts,
         now: DateTime<Utc>,
-    ) -> AppResult<&'static str> {
+    ) -> AppResult<(&'static str, Option<String>)> {
         let mut found = None;
         for (key, value) in [
             ("payment_intent", &d.payment_intent),
@@ -579,10 +631,11 @@ impl Core {
                 .await?;
         }
         let Some(purchase) = found else {
-            return Ok("unmatched_dispute");
+            return Ok(("unmatched_dispute", None));
         };
+        let who = Some(purchase.customer_id.clone());
         if purchase.status == PurchaseStatus::Refunded.as_str() {
-            return Ok("already_refunded");
+            return Ok(("already_refunded", who));
         }
         let revoked_by_dispute = purchase.status == PurchaseStatus::Revoked.as_str()
             && purchase
@@ -594,7 +647,7 @@ impl Core {
         let won = d.closed && matches!(d.status.as_str(), "won" | "warning_closed");
         let (vp, outcome) = if won {
             if !revoked_by_dispute {
-                return Ok("dispute_won");
+                return Ok(("dispute_won", who));
             }
             (p.dispute_won(&purchase, d.at, &d.dispute), "dispute_won")
         } else {
@@ -602,11 +655,11 @@ impl Core {
             (p.disputed(&purchase, d.at, &d.dispute), outcome)
         };
         let Some(vp) = vp else {
-            return Ok("unmatched_dispute");
+            return Ok(("unmatched_dispute", who));
         };
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
-        Ok(outcome)
+        Ok((outcome, who))
     }
 
     /// Which catalog product a paid one-time session is, and the id its
@@ -803,16 +856,16 @@ async fn remember_stripe_customer(
     Ok(())
 }
 
-/// Counts one more paid renewal on the subscription we hold; `false` when
-/// we hold none by that id.
-async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<bool> {
+/// Counts one more paid renewal on the subscription we hold, returning its
+/// owner; `None` when we hold none by that id.
+async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<Option<String>> {
     let Some(p) = purchases::Entity::find()
         .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
         .filter(purchases::Column::StorePurchaseId.eq(subscription))
         .one(&**txn)
         .await?
     else {
-        return Ok(false);
+        return Ok(None);
     };
     // Locking the owner drops its cached reads once this commits.
     db::lock_customer(txn, &p.customer_id).await?;
@@ -824,15 +877,5 @@ async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<bool> {
         .filter(purchases::Column::Id.eq(p.id))
         .exec(&**txn)
         .await?;
-    Ok(true)
-}
-
-async fn set_outcome(txn: &WriteTxn, event_id: &str, outcome: &str) -> AppResult<()> {
-    webhook_events::Entity::update_many()
-        .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
-        .filter(webhook_events::Column::Source.eq(Store::Stripe.as_str()))
-        .filter(webhook_events::Column::EventId.eq(event_id))
-        .exec(&**txn)
-        .await?;
-    Ok(())
+    Ok(Some(p.customer_id))
 }

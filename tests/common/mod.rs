@@ -180,6 +180,34 @@ pub async fn spawn_with(backend: Backend, customize: impl FnOnce(&mut Config)) -
     }
 }
 
+/// A second server on `app`'s database, as after a restart with a changed
+/// configuration (the test config, `customize`d). Keep `app` alive: it owns
+/// the SQLite file.
+pub async fn respawn(app: &TestApp, customize: impl FnOnce(&mut Config)) -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.database_url = entitle::config::Secret::new(app.database_url.clone());
+    if app.database_url.starts_with("postgres") {
+        config.tokens.encryption_key = Some(entitle::config::Secret::new(TEST_ENCRYPTION_KEY));
+    } else {
+        // The first server's signing-key file sits beside the database.
+        config.tokens = app.state.config.tokens.clone();
+    }
+    customize(&mut config);
+    let clock = OffsetClock::default();
+    let running = app::start(config, Arc::new(clock.clone()), std::future::pending())
+        .await
+        .expect("server starts");
+    TestApp {
+        base: format!("http://{}", running.addr),
+        client: reqwest::Client::new(),
+        state: running.state,
+        clock,
+        database_url: app.database_url.clone(),
+        _dir: dir,
+    }
+}
+
 /// How a request authenticates.
 #[derive(Clone, Debug)]
 pub enum Auth {

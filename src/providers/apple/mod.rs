@@ -252,6 +252,52 @@ impl Apple {
             .and_then(|d| d.signed_renewal_info.as_deref())
             .map(|r| self.verify_renewal(r))
             .transpose()?;
+        Ok(notification_of(n, uuid, signed_date, transaction, renewal))
+    }
+
+    /// A notification from the webhook log. Only verified notifications
+    /// are recorded there, decoded (their transaction and renewal info
+    /// verified too), so the stored row is Apple's word as it arrived.
+    pub fn notification_from_stored(
+        &self,
+        row: &entities::webhook_events::Model,
+    ) -> AppResult<Notification> {
+        let bad = || AppError::bad_input("stored App Store notification is malformed");
+        if row.source != Store::AppStore.as_str() {
+            return Err(bad());
+        }
+        let raw = &row.payload;
+        let n: ResponseBodyV2DecodedPayload =
+            serde_json::from_value(raw.get("notification").cloned().ok_or_else(bad)?)
+                .map_err(|_| bad())?;
+        let opt = |key: &str| raw.get(key).filter(|v| !v.is_null()).cloned();
+        let transaction: Option<JWSTransactionDecodedPayload> = opt("transaction")
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| bad())?;
+        let renewal: Option<JWSRenewalInfoDecodedPayload> = opt("renewalInfo")
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|_| bad())?;
+        let uuid = n
+            .notification_uuid
+            .clone()
+            .filter(|u| *u == row.event_id)
+            .ok_or_else(bad)?;
+        let signed_date = n.signed_date.ok_or_else(bad)?;
+        Ok(notification_of(n, uuid, signed_date, transaction, renewal))
+    }
+}
+
+fn notification_of(
+    n: ResponseBodyV2DecodedPayload,
+    uuid: String,
+    signed_date: DateTime<Utc>,
+    transaction: Option<JWSTransactionDecodedPayload>,
+    renewal: Option<JWSRenewalInfoDecodedPayload>,
+) -> Notification {
+    let data = n.data.as_ref();
+    {
         let kind = n
             .notification_type
             .as_ref()
@@ -262,7 +308,7 @@ impl Apple {
             .as_ref()
             .and_then(|s| serde_json::to_value(s).ok())
             .and_then(|v| v.as_str().map(str::to_string));
-        Ok(Notification {
+        Notification {
             raw: json!({
                 "notification": serde_json::to_value(&n).unwrap_or_default(),
                 "transaction": transaction.as_ref().and_then(|t| serde_json::to_value(t).ok()),
@@ -275,9 +321,11 @@ impl Apple {
             status: data.and_then(|d| d.status.clone()),
             transaction,
             renewal,
-        })
+        }
     }
+}
 
+impl Apple {
     /// Re-reads the truth for `transaction_id` from the App Store Server API:
     /// the transaction and, for subscriptions, the latest renewal state.
     /// `env` is the transaction's environment when known; otherwise the

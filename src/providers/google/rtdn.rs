@@ -106,6 +106,12 @@ pub fn decode(
     Ok((env, n, json))
 }
 
+/// A developer notification from the webhook log, where it was recorded
+/// decoded after its push was verified.
+pub fn from_stored(json: &serde_json::Value) -> Result<DeveloperNotification, DecodeError> {
+    serde_json::from_value(json.clone()).map_err(|_| DecodeError::NotJson)
+}
+
 impl DeveloperNotification {
     pub fn event_time(&self) -> Option<DateTime<Utc>> {
         match &self.event_time_millis {

@@ -59,6 +59,8 @@ pub enum EventSource {
     Webhook,
     /// Listed by the API (reconciliation of missed deliveries).
     Api,
+    /// Read back from the webhook log, where it was recorded verified.
+    Replay,
 }
 
 impl VerifiedEvent {
@@ -70,6 +72,16 @@ impl VerifiedEvent {
     /// our secret key, so it is Stripe's word, as a signature would be.
     fn from_api(payload: Value) -> AppResult<VerifiedEvent> {
         Self::parse(payload, EventSource::Api)
+    }
+
+    /// An event from the webhook log. Only verified events are recorded
+    /// there (a signed delivery or the API's answer), so the stored row is
+    /// as trustworthy as when it arrived.
+    pub fn from_stored(row: &entities::webhook_events::Model) -> AppResult<VerifiedEvent> {
+        if row.source != crate::domain::Store::Stripe.as_str() {
+            return Err(malformed("event"));
+        }
+        Self::parse(row.payload.clone(), EventSource::Replay)
     }
 
     fn parse(payload: Value, source: EventSource) -> AppResult<VerifiedEvent> {

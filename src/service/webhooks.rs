@@ -1,0 +1,393 @@
+//! The webhook log: every verified store notification is recorded with
+//! what became of it, the customer it touched and, when the store's API
+//! failed, why. Notifications that matched nothing can be replayed once the
+//! configuration is fixed: the stored verified event runs again through the
+//! same ingest path as a live delivery, once.
+
+use chrono::{DateTime, Duration, Utc};
+use entities::webhook_events;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, TryInsertResult, sea_query::Expr,
+};
+use serde_json::Value;
+
+use super::Core;
+use crate::{
+    db::{
+        self, WriteTxn,
+        webhook_log::{DayCounts, NowCounts, WebhookFilter},
+    },
+    domain::{
+        Store,
+        webhook_log::{self as log, FAILED},
+    },
+    error::{AppError, AppResult},
+};
+
+/// How an ingest run may take a notification's row.
+#[derive(Clone, Debug)]
+pub enum Claim {
+    /// A delivery from the store: a new row, or one whose earlier delivery
+    /// failed.
+    Live,
+    /// A replay of the stored row `id`, which had `outcome`: taken only if
+    /// it still has it, so two concurrent replays apply once.
+    Replay { id: i64, outcome: String },
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replayed {
+    pub id: i64,
+    /// The row's outcome before the replay.
+    pub previous: String,
+    /// Its outcome now.
+    pub outcome: String,
+    /// True when this replay ran the event (false: it was not replayable,
+    /// or a concurrent replay took it first).
+    pub ran: bool,
+}
+
+/// What `entitle webhooks replay` did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub considered: u64,
+    /// Now applied (or otherwise no longer replayable).
+    pub resolved: u64,
+    /// Ran again and still matched nothing.
+    pub unchanged: u64,
+    /// The store was still unavailable.
+    pub failed: u64,
+    /// Payload cleared by retention, or a source not configured.
+    pub skipped: u64,
+}
+
+/// The overview: now, and the change log per day.
+#[derive(Clone, Debug)]
+pub struct Overview {
+    pub now: NowCounts,
+    pub days: Vec<DayCounts>,
+}
+
+impl Core {
+    /// Takes the notification's row in `txn` with a provisional outcome.
+    /// `false`: another delivery or replay has it; change nothing.
+    pub(crate) async fn claim_event(
+        &self,
+        txn: &WriteTxn,
+        source: Store,
+        event_id: &str,
+        payload: &Value,
+        provisional: &str,
+        claim: &Claim,
+    ) -> AppResult<bool> {
+        // The transaction's own instant: the caller's clock, read now.
+        let now = self.now();
+        match claim {
+            Claim::Live => {
+                self.claim_webhook(txn, source, event_id, payload, provisional, now)
+                    .await
+            }
+            Claim::Replay { id, outcome } => {
+                let res = webhook_events::Entity::update_many()
+                    .col_expr(webhook_events::Column::Outcome, Expr::value(provisional))
+                    .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
+                    .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
+                    .col_expr(
+                        webhook_events::Column::Error,
+                        Expr::value(Option::<String>::None),
+                    )
+                    .filter(webhook_events::Column::Id.eq(*id))
+                    .filter(webhook_events::Column::Outcome.eq(outcome.as_str()))
+                    .exec(&**txn)
+                    .await?;
+                Ok(res.rows_affected > 0)
+            }
+        }
+    }
+
+    /// Records a claimed notification's final outcome and the customer it
+    /// touched (kept when the run names none).
+    pub(crate) async fn settle_event(
+        &self,
+        txn: &WriteTxn,
+        source: Store,
+        event_id: &str,
+        outcome: &str,
+        customer: Option<&str>,
+    ) -> AppResult<()> {
+        let mut q = webhook_events::Entity::update_many()
+            .col_expr(webhook_events::Column::Outcome, Expr::value(outcome));
+        if let Some(c) = customer {
+            q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
+        }
+        q.filter(webhook_events::Column::Source.eq(source.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id))
+            .exec(&**txn)
+            .await?;
+        Ok(())
+    }
+
+    /// A verified notification whose processing failed because the store
+    /// could not be asked: kept as `failed` with the reason (a message safe
+    /// for clients: no secret, no internal cause), so the operator sees it
+    /// and can replay it; the store's own redelivery takes the row over.
+    pub(crate) async fn record_failed_event(
+        &self,
+        source: Store,
+        event_id: &str,
+        payload: &Value,
+        customer: Option<&str>,
+        err: &AppError,
+    ) -> AppResult<()> {
+        if !matches!(err, AppError::StoreUnavailable(_)) {
+            return Ok(());
+        }
+        let now = self.now();
+        let txn = self.db.write().await?;
+        let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
+            source: Set(source.as_str().into()),
+            event_id: Set(event_id.to_string()),
+            received_at: Set(now),
+            payload: Set(payload.clone()),
+            outcome: Set(FAILED.into()),
+            // Not processed: retention keeps the payload for the replay.
+            processed_at: Set(None),
+            customer_id: Set(customer.map(str::to_string)),
+            error: Set(Some(err.message())),
+            replayed_at: Set(None),
+            ..Default::default()
+        })
+        .on_conflict_do_nothing_on([
+            webhook_events::Column::Source,
+            webhook_events::Column::EventId,
+        ])
+        .exec_without_returning(&*txn)
+        .await?;
+        if !matches!(res, TryInsertResult::Inserted(n) if n > 0) {
+            // Failed again (a redelivery or a replay): the latest reason.
+            webhook_events::Entity::update_many()
+                .col_expr(webhook_events::Column::Error, Expr::value(err.message()))
+                .filter(webhook_events::Column::Source.eq(source.as_str()))
+                .filter(webhook_events::Column::EventId.eq(event_id))
+                .filter(webhook_events::Column::Outcome.eq(FAILED))
+                .exec(&*txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn webhook_event(&self, id: i64) -> AppResult<webhook_events::Model> {
+        webhook_events::Entity::find_by_id(id)
+            .one(&self.db.conn)
+            .await?
+            .ok_or(AppError::NotFound("webhook event"))
+    }
+
+    /// A page of the webhook log, newest first.
+    pub async fn webhook_events_page(
+        &self,
+        filter: &WebhookFilter,
+        first: u64,
+    ) -> AppResult<(Vec<webhook_events::Model>, bool)> {
+        db::webhook_log::webhook_events_page(&self.db.conn, filter, first).await
+    }
+
+    /// Runs a stored notification again through its store's ingest path.
+    /// An event that already applied (any outcome but the replayable ones)
+    /// changes nothing; two concurrent replays apply it once.
+    pub async fn replay_webhook_event(&self, id: i64) -> AppResult<Replayed> {
+        let row = webhook_events::Entity::find_by_id(id)
+            .one(&self.db.conn)
+            .await?
+            .ok_or(AppError::NotFound("webhook event"))?;
+        let unchanged = |row: &webhook_events::Model| Replayed {
+            id,
+            previous: row.outcome.clone(),
+            outcome: row.outcome.clone(),
+            ran: false,
+        };
+        if !log::is_replayable(&row.outcome) {
+            return Ok(unchanged(&row));
+        }
+        if !log::payload_kept(&row.payload) {
+            return Err(AppError::bad_input(
+                "this event's payload was removed by retention; it cannot be replayed",
+            ));
+        }
+        let source: Store = row
+            .source
+            .parse()
+            .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
+        let claim = Claim::Replay {
+            id,
+            outcome: row.outcome.clone(),
+        };
+        let result = match source {
+            Store::Stripe => self.replay_stripe(&row, claim).await,
+            Store::AppStore => self.replay_apple(&row, claim).await,
+            Store::PlayStore => self.replay_play(&row, claim).await,
+            _ => return Err(AppError::bad_input("not a store notification")),
+        };
+        let ran = match result {
+            Ok(ran) => ran,
+            Err(e @ AppError::StoreUnavailable(_)) => {
+                self.record_failed_event(
+                    source,
+                    &row.event_id,
+                    &row.payload,
+                    row.customer_id.as_deref(),
+                    &e,
+                )
+                .await?;
+                // Whatever it matched before, it now waits on the store.
+                self.mark_failed(id, &row.outcome, &e).await?;
+                false
+            }
+            Err(e) => return Err(e),
+        };
+        let now_row = webhook_events::Entity::find_by_id(id)
+            .one(&self.db.conn)
+            .await?
+            .ok_or(AppError::NotFound("webhook event"))?;
+        Ok(Replayed {
+            id,
+            previous: row.outcome,
+            outcome: now_row.outcome,
+            ran,
+        })
+    }
+
+    async fn mark_failed(&self, id: i64, outcome: &str, err: &AppError) -> AppResult<()> {
+        let txn = self.db.write().await?;
+        webhook_events::Entity::update_many()
+            .col_expr(webhook_events::Column::Outcome, Expr::value(FAILED))
+            .col_expr(webhook_events::Column::Error, Expr::value(err.message()))
+            .col_expr(webhook_events::Column::ReplayedAt, Expr::value(self.now()))
+            .filter(webhook_events::Column::Id.eq(id))
+            .filter(webhook_events::Column::Outcome.eq(outcome))
+            .exec(&*txn)
+            .await?;
+        txn.commit().await
+    }
+
+    /// Replays every replayable stored notification with one of `outcomes`
+    /// (all replayable ones when empty) received since `since`, oldest
+    /// first, so later events of one purchase apply after earlier ones.
+    pub async fn replay_webhook_events(
+        &self,
+        outcomes: &[String],
+        since: Option<DateTime<Utc>>,
+    ) -> AppResult<ReplaySummary> {
+        let wanted: Vec<String> = if outcomes.is_empty() {
+            log::REPLAYABLE.iter().map(|s| s.to_string()).collect()
+        } else {
+            for o in outcomes {
+                if !log::is_replayable(o) {
+                    return Err(AppError::bad_input(format!(
+                        "`{o}` is not a replayable outcome (replayable: {})",
+                        log::REPLAYABLE.join(", ")
+                    )));
+                }
+            }
+            outcomes.to_vec()
+        };
+        let mut ids = Vec::new();
+        let mut filter = WebhookFilter {
+            outcomes: wanted,
+            since,
+            ..Default::default()
+        };
+        loop {
+            let (rows, more) = self.webhook_events_page(&filter, 500).await?;
+            filter.before_id = rows.last().map(|r| r.id);
+            ids.extend(rows.into_iter().map(|r| r.id));
+            if !more {
+                break;
+            }
+        }
+        ids.reverse();
+        let mut s = ReplaySummary::default();
+        for id in ids {
+            s.considered += 1;
+            match self.replay_webhook_event(id).await {
+                Ok(r) if r.outcome == FAILED => s.failed += 1,
+                Ok(r) if !r.ran => s.skipped += 1,
+                Ok(r) if log::is_replayable(&r.outcome) => s.unchanged += 1,
+                Ok(_) => s.resolved += 1,
+                Err(AppError::BadInput(_) | AppError::NotConfigured(_)) => s.skipped += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(s)
+    }
+
+    /// Customers with access now, and the change log of the last `days`
+    /// days (today included), one entry per day.
+    pub async fn overview(&self, days: i32) -> AppResult<Overview> {
+        let days = days.clamp(1, log::OVERVIEW_MAX_DAYS);
+        let now = self.now();
+        let start = (now - Duration::days(i64::from(days - 1)))
+            .date_naive()
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight")
+            .and_utc();
+        let counted = db::webhook_log::daily_counts(&self.db.conn, start).await?;
+        let mut out = Vec::with_capacity(days as usize);
+        for i in 0..days {
+            let day = (start + Duration::days(i64::from(i)))
+                .format("%Y-%m-%d")
+                .to_string();
+            out.push(
+                counted
+                    .iter()
+                    .find(|d| d.day == day)
+                    .cloned()
+                    .unwrap_or(DayCounts {
+                        day,
+                        ..Default::default()
+                    }),
+            );
+        }
+        Ok(Overview {
+            now: db::webhook_log::now_counts(&self.db.conn, now, self.accept_sandbox).await?,
+            days: out,
+        })
+    }
+}
+
+impl Core {
+    /// A store purchase of a product the catalog does not map, which we do
+    /// not already hold (a purchase we hold keeps being updated even when
+    /// its product has left the catalog).
+    pub(crate) async fn is_unknown_product(
+        &self,
+        txn: &WriteTxn,
+        vp: &crate::providers::VerifiedPurchase,
+    ) -> AppResult<bool> {
+        if !self
+            .catalog
+            .entitlements_for(vp.store, &vp.product_id)
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        let held = entities::purchases::Entity::find()
+            .filter(entities::purchases::Column::Store.eq(vp.store.as_str()))
+            .filter(entities::purchases::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))
+            .one(&**txn)
+            .await?
+            .is_some()
+            || entities::held_purchases::Entity::find()
+                .filter(entities::held_purchases::Column::Store.eq(vp.store.as_str()))
+                .filter(
+                    entities::held_purchases::Column::StorePurchaseId
+                        .eq(vp.store_purchase_id.as_str()),
+                )
+                .one(&**txn)
+                .await?
+                .is_some();
+        Ok(!held)
+    }
+}
