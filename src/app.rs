@@ -225,6 +225,19 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     }
     crate::jobs::spawn_all(core.clone(), config);
     spawn_last_seen_writer(core.clone());
+    // Replicas on PostgreSQL keep entries a second: nothing to gain there.
+    if !config.is_postgres() && config.cache_warm > 0 && !config.cache_ttl().is_zero() {
+        let core = core.clone();
+        let limit = config.cache_warm;
+        tokio::spawn(async move {
+            match core.warm_caches(limit).await {
+                Ok((customers, devices)) => {
+                    tracing::debug!(customers, devices, "read cache warmed")
+                }
+                Err(e) => tracing::warn!(error = e.for_log(), "read cache not warmed"),
+            }
+        });
+    }
     Ok(())
 }
 

@@ -78,6 +78,10 @@ pub struct Config {
     /// writes by other replicas are seen. 0 turns the cache off. Unset: 60 s
     /// on SQLite (one server process), 1 s on PostgreSQL (replicas).
     pub cache_ttl_ms: Option<u64>,
+    /// On SQLite, how many of the most recent customers (and devices) are
+    /// read into the cache at start, in the background, so a restart under
+    /// load does not send every first request to the database. 0: none.
+    pub cache_warm: u64,
     /// Log filter in `tracing` syntax.
     pub log: String,
     /// Whether sandbox/test-store purchases grant access.
@@ -659,6 +663,7 @@ impl Default for Config {
             bind: "127.0.0.1:8088".parse().expect("static address"),
             database_max_connections: 8,
             cache_ttl_ms: None,
+            cache_warm: 20_000,
             log: "info".into(),
             accept_sandbox: true,
             transfer_policy: TransferPolicy::Transfer,

@@ -106,6 +106,23 @@ impl<V: Clone> ReadCache<V> {
         }
     }
 
+    /// Every shard's epoch, for a read whose ids are known only once it is done.
+    pub fn all_epochs(&self) -> Vec<u64> {
+        self.shards
+            .iter()
+            .map(|s| s.epoch.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// `id`'s epoch out of [`all_epochs`](Self::all_epochs).
+    pub fn epoch_from(&self, all: &[u64], id: &str) -> Epoch {
+        let shard = self.shard_of(id);
+        Epoch {
+            shard,
+            value: all[shard],
+        }
+    }
+
     /// Stores what a read saw, unless a write to `id`'s shard committed
     /// since `epoch` (taken for `id`: an epoch of another shard drops the fill).
     pub fn fill(&self, id: &str, epoch: Epoch, value: V) {

@@ -305,6 +305,96 @@ pub async fn purchase_facts_of(
     rows.into_iter().map(FactsRow::into_facts).collect()
 }
 
+/// The purchase facts of several customers at once, by customer (for
+/// warming the read cache).
+pub async fn purchase_facts_of_many(
+    c: &impl ConnectionTrait,
+    customer_ids: &[String],
+) -> AppResult<std::collections::HashMap<String, Vec<PurchaseFacts>>> {
+    use purchases::Column as P;
+    #[derive(sea_orm::FromQueryResult)]
+    struct Row {
+        customer_id: String,
+        #[sea_orm(nested)]
+        facts: FactsRow,
+    }
+    let rows = purchases::Entity::find()
+        .select_only()
+        .columns([
+            P::CustomerId,
+            P::Id,
+            P::Store,
+            P::ProductId,
+            P::Environment,
+            P::Status,
+            P::PeriodType,
+            P::PurchasedAt,
+            P::ExpiresAt,
+            P::GraceExpiresAt,
+            P::AutoRenew,
+            P::RevokedAt,
+        ])
+        .filter(P::CustomerId.is_in(customer_ids.iter().cloned()))
+        .order_by_asc(P::Id)
+        .into_model::<Row>()
+        .all(c)
+        .await?;
+    let mut out: std::collections::HashMap<String, Vec<PurchaseFacts>> =
+        std::collections::HashMap::new();
+    for r in rows {
+        out.entry(r.customer_id)
+            .or_default()
+            .push(r.facts.into_facts()?);
+    }
+    Ok(out)
+}
+
+/// Ids of the most recently created customers, newest first.
+pub async fn recent_customer_ids(c: &impl ConnectionTrait, limit: u64) -> AppResult<Vec<String>> {
+    Ok(customers::Entity::find()
+        .select_only()
+        .column(customers::Column::Id)
+        .order_by_desc(customers::Column::CreatedAt)
+        .limit(limit)
+        .into_tuple()
+        .all(c)
+        .await?)
+}
+
+/// Customer rows by id.
+pub async fn customers_by_ids(
+    c: &impl ConnectionTrait,
+    ids: &[String],
+) -> AppResult<Vec<customers::Model>> {
+    Ok(customers::Entity::find()
+        .filter(customers::Column::Id.is_in(ids.iter().cloned()))
+        .all(c)
+        .await?)
+}
+
+/// Row ids of the most recently seen devices, most recent first.
+pub async fn recent_device_rows(c: &impl ConnectionTrait, limit: u64) -> AppResult<Vec<i64>> {
+    Ok(devices::Entity::find()
+        .select_only()
+        .column(devices::Column::Id)
+        .order_by_desc(devices::Column::LastSeenAt)
+        .limit(limit)
+        .into_tuple()
+        .all(c)
+        .await?)
+}
+
+/// Device rows by row id.
+pub async fn devices_by_rows(
+    c: &impl ConnectionTrait,
+    rows: &[i64],
+) -> AppResult<Vec<devices::Model>> {
+    Ok(devices::Entity::find()
+        .filter(devices::Column::Id.is_in(rows.iter().copied()))
+        .all(c)
+        .await?)
+}
+
 /// Creates the customer if absent; safe against concurrent creators.
 pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<bool> {
     txn.touch(id);

@@ -183,6 +183,48 @@ impl Core {
         Ok(cached)
     }
 
+    /// Fills the read caches with the most recent `limit` customers and
+    /// devices, so the first request for each after a restart does not pay
+    /// a database read (on SQLite a read is a round trip to a worker
+    /// thread; a restart under load would pay one or two per caller).
+    /// Pages of ids are read first and their epochs taken before their rows
+    /// are, so a write that commits meanwhile keeps its entry out.
+    pub async fn warm_caches(&self, limit: u64) -> AppResult<(usize, usize)> {
+        const PAGE: usize = 500;
+        let conn = &self.db.conn;
+        let mut customers = 0;
+        for ids in db::recent_customer_ids(conn, limit).await?.chunks(PAGE) {
+            let epochs: Vec<_> = ids.iter().map(|id| self.db.cache.epoch(id)).collect();
+            let rows = db::customers_by_ids(conn, ids).await?;
+            let mut facts = db::purchase_facts_of_many(conn, ids).await?;
+            let mut rows: std::collections::HashMap<String, customer_rows::Model> =
+                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+            for (id, epoch) in ids.iter().zip(epochs) {
+                let Some(row) = rows.remove(id) else { continue };
+                let cached = CachedCustomer {
+                    customer: Some(row),
+                    facts: Arc::new(facts.remove(id).unwrap_or_default()),
+                };
+                self.db.cache.fill(id, epoch, cached);
+                customers += 1;
+            }
+        }
+        let mut devices = 0;
+        for rows in db::recent_device_rows(conn, limit).await?.chunks(PAGE) {
+            // Device rows are keyed by (platform, device id), known only
+            // once read: take every shard's epoch for the page first.
+            let epochs = self.db.device_cache.all_epochs();
+            let found = db::devices_by_rows(conn, rows).await?;
+            for d in found {
+                let key = db::device_key(&d.platform, &d.device_id);
+                let epoch = self.db.device_cache.epoch_from(&epochs, &key);
+                self.db.device_cache.fill(&key, epoch, d);
+                devices += 1;
+            }
+        }
+        Ok((customers, devices))
+    }
+
     /// The customer's entitlements at `now` as a write (holding the
     /// customer's lock) starts from. Lapses that happened by time since the
     /// change log last spoke are logged first, dated when access ended, so
