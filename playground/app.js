@@ -288,7 +288,7 @@
   customer(id: $id) {
     id createdAt paidStatus trialEndsAt
     entitlements { key isActive expiresAt willRenew store productId periodType status gracePeriodExpiresAt purchaseId explanation }
-    purchases { id store storePurchaseId productId environment status periodType purchasedAt expiresAt graceExpiresAt autoRenew canceledAt revokedAt renewalCount sourceUpdatedAt }
+    purchases { id store storePurchaseId productId environment status effectiveStatus periodType purchasedAt expiresAt graceExpiresAt autoRenew canceledAt revokedAt renewalCount sourceUpdatedAt explanation }
     devices { platform deviceId firstSeenAt lastSeenAt }
     receipts(limit: 20) { id store receivedAt outcome error purchaseId payload }
     events(limit: 40) { id entitlement kind oldStatus newStatus purchaseId occurredAt }
@@ -415,100 +415,16 @@
     setTimeout(() => el.classList.remove('flash'), 3000);
   }
 
-  // Which entitlements a purchase unlocks, read from the catalog the server serves.
-  function entitlementsOf(p) {
-    if (p.store === 'TRIAL' || p.store === 'PROMOTIONAL') return [p.productId];
-    const field = { APP_STORE: 'appStoreProductId', PLAY_STORE: 'playStoreProductId', STRIPE: 'stripePriceId' }[p.store];
-    const bare = p.productId.split(':')[0];
-    const prod = (products || []).find((x) => x[field] === p.productId)
-      || (p.store === 'PLAY_STORE' && (products || []).find((x) => x[field] === bare));
-    return prod ? prod.entitlements : [];
-  }
   function productLabel(p) {
     if (p.store === 'TRIAL' || p.store === 'PROMOTIONAL') return p.productId;
     const field = { APP_STORE: 'appStoreProductId', PLAY_STORE: 'playStoreProductId', STRIPE: 'stripePriceId' }[p.store];
     const prod = (products || []).find((x) => x[field] === p.productId || x[field] === p.productId.split(':')[0]);
     return prod ? `${prod.displayName || prod.id} (${p.productId})` : p.productId;
   }
-  const isLifetimeProduct = (p) => !p.expiresAt;
 
-  // Mirrors the status table of the design: whether, and until when, this
-  // purchase grants access now. The server's entitlement state stays the
-  // authority; this only explains each row.
-  function access(p, now) {
-    const t = (iso) => (iso ? new Date(iso).getTime() : null);
-    const revoked = t(p.revokedAt);
-    if (revoked !== null && revoked <= now) return null;
-    const until = (end) => (end === null ? Infinity : now < end ? end : null);
-    const cap = (a) => (a === null || revoked === null ? a : Math.min(a, revoked));
-    switch (p.status) {
-      case 'ACTIVE': case 'TRIALING': case 'CANCELED': return cap(until(t(p.expiresAt)));
-      case 'IN_GRACE_PERIOD': {
-        const g = t(p.graceExpiresAt) ?? t(p.expiresAt);
-        return g !== null && now < g ? cap(g) : null;
-      }
-      case 'REFUNDED': case 'REVOKED': return revoked !== null && now < revoked ? cap(until(t(p.expiresAt))) : null;
-      default: return null;
-    }
-  }
-
-  // The status to show: a period that ran out reads as expired even when the
-  // store has not said so yet (as the server reports entitlements).
-  function effectiveStatus(p) {
-    const now = Date.now();
-    if (p.revokedAt && new Date(p.revokedAt).getTime() <= now && !['REFUNDED', 'REVOKED'].includes(p.status)) return 'REVOKED';
-    if (['ACTIVE', 'TRIALING', 'CANCELED', 'IN_GRACE_PERIOD'].includes(p.status) && access(p, now) === null) return 'EXPIRED';
-    return p.status;
-  }
-
-  function kindOf(p) {
-    if (p.store === 'TRIAL') return 'free trial';
-    if (p.store === 'PROMOTIONAL') return 'promotional grant';
-    const s = storeName(p.store);
-    if (isLifetimeProduct(p)) return `${s} lifetime purchase`;
-    const intro = p.periodType === 'TRIAL' ? ' (store free trial)' : p.periodType === 'INTRO' ? ' (introductory offer)' : '';
-    return `${s} subscription${intro}`;
-  }
-
-  // Why one purchase does or does not count now, and for what.
-  function purchaseReason(p, customer) {
-    const now = Date.now();
-    const ents = entitlementsOf(p);
-    const a = access(p, now);
-    const k = kindOf(p);
-    if (!ents.length) return `grants nothing: ${p.productId} is not in the catalog`;
-    const names = ents.join(', ');
-    if (a !== null) {
-      const until = a === Infinity ? 'for life' : 'until ' + fmtDate(new Date(a).toISOString());
-      const sourceOf = customer.entitlements.filter((e) => e.purchaseId === p.id && e.isActive).map((e) => e.key);
-      const others = ents.filter((x) => !sourceOf.includes(x));
-      let s = `grants ${names} ${until}`;
-      if (p.status === 'CANCELED') s += ' (canceled; runs out at the end of the paid period)';
-      if (p.status === 'IN_GRACE_PERIOD') s += ' (billing problem; grace period)';
-      if (others.length) {
-        const winners = others.map((key) => customer.entitlements.find((e) => e.key === key)).filter(Boolean)
-          .map((e) => kindOf(customer.purchases.find((q) => q.id === e.purchaseId) || e));
-        s += `; ${others.join(', ')} currently reported from ${[...new Set(winners)].join(', ')}, which lasts longer`;
-      }
-      return s;
-    }
-    const revokedOn = p.revokedAt ? ' on ' + fmtDate(p.revokedAt) : '';
-    switch (p.status) {
-      case 'REFUNDED': return `no access: refunded${revokedOn}`;
-      case 'REVOKED': return `no access: revoked${revokedOn}`;
-      case 'IN_BILLING_RETRY': return 'no access: payment failed, the store is retrying';
-      case 'ON_HOLD': return 'no access: account hold after a failed payment';
-      case 'PAUSED': return 'no access: paused';
-      case 'PENDING': return 'no access: payment pending';
-      default:
-        if (p.revokedAt && new Date(p.revokedAt).getTime() <= now) return `no access: ended${revokedOn}`;
-        return `no access: ${k} ${p.store === 'TRIAL' ? 'ended' : 'expired'} ${fmtDate(p.graceExpiresAt && p.status === 'IN_GRACE_PERIOD' ? p.graceExpiresAt : p.expiresAt)}`;
-    }
-  }
-
+  // The promotional grant of `key` that gives access now, by the server's reading.
   function activePromo(customer, key) {
-    const now = Date.now();
-    return customer.purchases.find((p) => p.store === 'PROMOTIONAL' && p.productId === key && access(p, now) !== null);
+    return customer.purchases.find((p) => p.store === 'PROMOTIONAL' && p.productId === key && p.effectiveStatus === 'ACTIVE');
   }
 
   function renderCustomer(c) {
@@ -575,7 +491,7 @@
           ['purchased', p.purchasedAt], ['canceled', p.canceledAt], ['revoked', p.revokedAt],
           ['grace period ends', p.graceExpiresAt], ['store last updated it', p.sourceUpdatedAt],
         ].filter(([, v]) => v);
-        const st = effectiveStatus(p);
+        const st = p.effectiveStatus;
         return h('tr', { 'data-purchase': p.id, 'data-status': st, 'data-store': p.store },
           h('td', {}, p.id),
           h('td', {}, storeName(p.store), p.environment === 'SANDBOX' ? h('div', { class: 'badge warn' }, 'sandbox') : null),
@@ -586,7 +502,8 @@
           h('td', {}, p.periodType.toLowerCase(), p.renewalCount ? h('div', { class: 'muted small' }, `${p.renewalCount} renewals`) : null),
           h('td', {}, when(p.purchasedAt)),
           h('td', {}, p.expiresAt ? when(p.expiresAt) : 'never (lifetime)'),
-          h('td', { class: 'reason-text' }, purchaseReason(p, c),
+          // The server's own sentence, from the rules that decide access.
+          h('td', { class: 'reason-text' }, p.explanation,
             h('details', {}, h('summary', {}, 'status history'),
               h('ul', {},
                 facts.map(([label, v]) => h('li', {}, `${fmtTime(v)}: ${label}`)),
@@ -672,7 +589,7 @@
       const lifetime = !p.expiresAt;
       let end = lifetime ? hi : t(p.expiresAt);
       if (p.status === 'IN_GRACE_PERIOD' && p.graceExpiresAt) end = Math.max(end, t(p.graceExpiresAt));
-      const status = effectiveStatus(p);
+      const status = p.effectiveStatus;
       const color = STATUS_COLORS[status] || '#888';
       const label = `${storeName(p.store)} · ${p.store === 'TRIAL' || p.store === 'PROMOTIONAL' ? p.productId : productLabel(p).split(' (')[0]}`;
       const g = h('g', { class: 'bar', 'data-purchase': p.id, 'data-status': status });
@@ -695,7 +612,7 @@
     svg.appendChild(h('line', { x1: x(now), x2: x(now), y1: top - 8, y2: H - 4, stroke: '#1d2330', 'stroke-width': 1.5, 'stroke-dasharray': '4 3' }));
     svg.appendChild(h('text', { x: x(now) + 4, y: H - 6, class: 'label' }, 'now'));
 
-    const used = [...new Set(ps.map(effectiveStatus))];
+    const used = [...new Set(ps.map((p) => p.effectiveStatus))];
     const legend = h('div', { class: 'legend' },
       used.map((s) => h('span', {}, h('span', { class: 'sw st-' + s }), STATUS_NAMES[s] || s)),
       ps.some((p) => p.revokedAt) ? h('span', {}, '▮ dark tick: refunded or revoked at; hatched: the period it took away') : null,

@@ -147,8 +147,9 @@ actions! {
         "the customer record needs the customer's token or a service key";
     ReadPurchases => [CustomerSelf, ServiceKey, Admin],
         "purchases need the customer's token or a service key";
-    /// An entitlement's plain-language explanation: it tells of refunds,
-    /// revocations and billing trouble, so not the public key's to read.
+    /// An entitlement's or a purchase's plain-language explanation: it tells
+    /// of refunds, revocations and billing trouble, so not the public key's
+    /// to read (not even of the purchase it has just submitted).
     ReadExplanation => [CustomerSelf, ServiceKey, Admin],
         "explanations need the customer's token or a service key";
     /// A purchase's store id: an App Store transaction id, a Play purchase
@@ -314,6 +315,8 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("Purchase.productId", Inherit),
     ("Purchase.environment", Inherit),
     ("Purchase.status", Inherit),
+    // `status` read at the current time: nothing beyond the stored fields.
+    ("Purchase.effectiveStatus", Inherit),
     ("Purchase.periodType", Inherit),
     ("Purchase.purchasedAt", Inherit),
     ("Purchase.expiresAt", Inherit),
@@ -323,6 +326,7 @@ pub const FIELDS: &[(&str, Access)] = &[
     ("Purchase.revokedAt", Inherit),
     ("Purchase.renewalCount", Inherit),
     ("Purchase.sourceUpdatedAt", Inherit),
+    ("Purchase.explanation", Guard(ReadExplanation)),
     ("Device.platform", Inherit),
     ("Device.deviceId", Inherit),
     ("Device.customerId", Inherit),

@@ -204,6 +204,13 @@ const MATRIX: &[(&str, Probe, &str)] = &[
         "UFOFOOO",
     ),
     (
+        "Purchase.explanation",
+        Probe::Gql(
+            "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { purchases { id explanation } } }",
+        ),
+        "UFOFOOO",
+    ),
+    (
         "Purchase.storePurchaseId",
         Probe::Gql(
             "{ customer(id: \"6c8f5c3a-0d6e-4b47-9a0f-1f0d5e9b2a11\") { purchases { storePurchaseId } } }",
@@ -620,6 +627,45 @@ async fn client_key_cannot_read_purchase_secrets(b: Backend) {
         .await;
     assert_eq!(error_code(&r), Some("FORBIDDEN"), "{r}");
     assert!(!r.to_string().contains(ALICE_TX), "{r}");
+    // Nor the purchase's explanation (refunds, revocations, billing trouble):
+    // the rest of the purchase comes back, that field as a refusal.
+    let (_, r) = app
+        .gql(
+            w.client(),
+            "mutation($j: String!, $c: ID) { verifyPurchase(customerId: $c, input: {appStore: {signedTransaction: $j}}) { purchase { status effectiveStatus explanation } } }",
+            json!({ "j": w.alice_jws, "c": ALICE }),
+        )
+        .await;
+    assert_eq!(error_code(&r), Some("FORBIDDEN"), "{r}");
+    assert!(!r.to_string().contains("Grants"), "{r}");
+    let (_, r) = app
+        .gql(
+            w.client(),
+            "mutation($j: String!, $c: ID) { verifyPurchase(customerId: $c, input: {appStore: {signedTransaction: $j}}) { purchase { status effectiveStatus } } }",
+            json!({ "j": w.alice_jws, "c": ALICE }),
+        )
+        .await;
+    assert!(r["errors"].is_null(), "{r}");
+    assert_eq!(
+        r["data"]["verifyPurchase"]["purchase"]["effectiveStatus"], "ACTIVE",
+        "{r}"
+    );
+    for who in [2, 4, 5] {
+        let (_, r) = app
+            .gql(
+                &w.creds[who],
+                "query($c: ID!) { customer(id: $c) { purchases { explanation } } }",
+                json!({ "c": ALICE }),
+            )
+            .await;
+        let said = r["data"]["customer"]["purchases"][0]["explanation"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: {r}", CREDENTIALS[who]));
+        assert!(
+            said.starts_with("Grants pro: the App Store subscription"),
+            "{said}"
+        );
+    }
 
     let (_, r) = app
         .gql(

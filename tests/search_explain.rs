@@ -1,6 +1,6 @@
 //! Operators' look-ups (issue 16, points 3 and 4): `customers(search:)` by
-//! every key a store or Stripe hands out, and `Entitlement.explanation`
-//! from the server, sandbox purchases included.
+//! every key a store or Stripe hands out, and `Entitlement.explanation` and
+//! `Purchase.explanation` from the server, sandbox purchases included.
 
 mod common;
 mod google_support;
@@ -11,7 +11,7 @@ use common::{Auth, Backend, TestApp, spawn_with};
 use entities::purchases;
 use entitle::domain::ApiKeyRole;
 use reqwest::StatusCode;
-use sea_orm::{ActiveModelTrait, ActiveValue::Set};
+use sea_orm::{ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 use stripe_support::{FakeStripe, checkout_session, configure, deliver, event};
 
@@ -277,6 +277,164 @@ async fn explanation_follows_accept_sandbox(b: Backend) {
     );
 }
 
+/// How the server writes an instant in a sentence.
+fn when(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// Each purchase row says what it grants now or why not, by the same rules
+/// as the entitlements: a sandbox purchase grants only while the server
+/// accepts sandbox; a refund, an expiry and an unmapped product are named.
+async fn purchase_explanations_follow_accept_sandbox(b: Backend) {
+    for accept_sandbox in [true, false] {
+        let app = spawn_with(b.clone(), |c| c.accept_sandbox = accept_sandbox).await;
+        let client = app.key(ApiKeyRole::Client).await;
+        let admin = app.key(ApiKeyRole::Admin).await;
+        let now = app.state.core.now();
+        register(&app, &client, "tester", "ios-device-T").await;
+        for (store, id, product, env) in [
+            (
+                "app_store",
+                "2000000999",
+                "com.example.pro.monthly",
+                "sandbox",
+            ),
+            ("stripe", "sub_refunded", "price_pro_monthly", "production"),
+            (
+                "app_store",
+                "2000000777",
+                "com.example.retired",
+                "production",
+            ),
+            ("stripe", "sub_lapsed", "price_pro_monthly", "production"),
+        ] {
+            purchase(
+                &app,
+                "tester",
+                store,
+                id,
+                product,
+                env,
+                json!({}),
+                None,
+                now,
+            )
+            .await;
+        }
+        let set = |id: &str, m: purchases::ActiveModel| {
+            purchases::Entity::update_many()
+                .set(m)
+                .filter(purchases::Column::StorePurchaseId.eq(id.to_string()))
+                .exec(&app.state.core.db.conn)
+        };
+        set(
+            "sub_refunded",
+            purchases::ActiveModel {
+                status: Set("refunded".into()),
+                revoked_at: Set(Some(now - Duration::days(2))),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // Its period ran out; the store has not said so yet.
+        set(
+            "sub_lapsed",
+            purchases::ActiveModel {
+                purchased_at: Set(now - Duration::days(33)),
+                expires_at: Set(Some(now - Duration::days(3))),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        // Purchase rows written behind the server's back: drop the cached answer.
+        app.state.core.db.cache.invalidate([&"tester".to_string()]);
+
+        let (s, r) = app
+            .gql(
+                &admin,
+                "query($c: ID!) { customer(id: $c) { entitlements { key isActive explanation } purchases { store storePurchaseId status effectiveStatus explanation } } }",
+                json!({ "c": "tester" }),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        assert!(r["errors"].is_null(), "{r}");
+        let row = |id: &str| -> (String, String, String) {
+            let p = r["data"]["customer"]["purchases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["storePurchaseId"] == id || p["store"] == id)
+                .unwrap_or_else(|| panic!("{id}: {r}"));
+            (
+                p["status"].as_str().unwrap().into(),
+                p["effectiveStatus"].as_str().unwrap().into(),
+                p["explanation"].as_str().unwrap().into(),
+            )
+        };
+        let month_end = when(now + Duration::days(29));
+        let sandbox = row("2000000999").2;
+        if accept_sandbox {
+            assert_eq!(
+                sandbox,
+                format!(
+                    "Grants pro: the App Store sandbox subscription com.example.pro.monthly is paid until {month_end}; it will renew then."
+                )
+            );
+        } else {
+            assert_eq!(
+                sandbox,
+                format!(
+                    "Grants nothing: the App Store sandbox subscription com.example.pro.monthly would grant pro until {month_end}, but sandbox purchases are ignored in production (accept_sandbox = false)."
+                )
+            );
+        }
+        assert_eq!(
+            row("sub_refunded"),
+            (
+                "REFUNDED".into(),
+                "REFUNDED".into(),
+                format!(
+                    "Grants nothing: the Stripe subscription price_pro_monthly was refunded on {}.",
+                    when(now - Duration::days(2))
+                )
+            )
+        );
+        assert_eq!(
+            row("2000000777").2,
+            "Grants nothing: the App Store product com.example.retired is not in the catalog."
+        );
+        assert_eq!(
+            row("sub_lapsed"),
+            (
+                "ACTIVE".into(),
+                "EXPIRED".into(),
+                format!(
+                    "Grants nothing: the Stripe subscription price_pro_monthly expired on {}.",
+                    when(now - Duration::days(3))
+                )
+            )
+        );
+        let (_, _, trial) = row("TRIAL");
+        assert!(
+            trial.starts_with("Grants pro: the free trial runs until "),
+            "{trial}"
+        );
+        // The entitlement tells the same story from the same rules.
+        let (active, pro) = explanation_of(&r, "pro");
+        assert!(active, "{pro}");
+        if accept_sandbox {
+            assert!(
+                pro.starts_with("Active: the App Store sandbox subscription"),
+                "{pro}"
+            );
+        } else {
+            assert!(pro.starts_with("Active: the free trial"), "{pro}");
+        }
+    }
+}
+
 /// A Play purchase verified through the real route is found by its order id
 /// and its token.
 async fn play_purchase_is_found_by_its_order_id(b: Backend) {
@@ -366,6 +524,7 @@ async fn migration_backfills_the_search_keys(b: Backend) {
 on_all_backends!(
     search_by_every_key,
     explanation_follows_accept_sandbox,
+    purchase_explanations_follow_accept_sandbox,
     play_purchase_is_found_by_its_order_id,
     migration_backfills_the_search_keys
 );

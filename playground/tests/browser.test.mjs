@@ -185,12 +185,14 @@ try {
   await check('purchases: trial, App Store purchase and refund each explained', async () => {
     const row = (store, status) => page.locator(`#purchases tr[data-store="${store}"][data-status="${status}"]`);
     expect(await page.locator('#purchases tr[data-purchase]').count() === 3, 'three purchases');
+    // The server's sentences, not the page's.
     const trial = await row('TRIAL', 'EXPIRED').innerText();
-    expect(trial.includes('no access: free trial ended ' + day(-3)), `trial row: ${trial}`);
+    expect(trial.includes('Grants nothing: the free trial ended on ' + day(-3)), `trial row: ${trial}`);
     const sub = await row('APP_STORE', 'ACTIVE').innerText();
-    expect(sub.includes('grants pro until ' + day(27)), `subscription row: ${sub}`);
+    expect(sub.includes('Grants pro: the App Store subscription com.example.pro.monthly is paid until ' + day(27))
+      && sub.includes('it will renew then.'), `subscription row: ${sub}`);
     const refund = await row('APP_STORE', 'REFUNDED').innerText();
-    expect(refund.includes('no access: refunded on ' + day(-5)), `refund row: ${refund}`);
+    expect(refund.includes('Grants nothing: the App Store lifetime purchase com.example.maps.lifetime was refunded on ' + day(-5)), `refund row: ${refund}`);
   });
 
   await check('timeline draws one bar per purchase, colored by status', async () => {
@@ -272,6 +274,25 @@ try {
     expect((await text('#customer-status')) === 'expired', 'dave not expired');
     await page.goto(BASE + '/playground#/customers/nobody-here');
     await waitText(page.locator('#customer-error'), 'No customer has the id');
+  });
+
+  await check('a sandbox purchase grants nothing when the server refuses sandbox, and says so', async () => {
+    await page.goto(BASE + '/playground#/customers/dave');
+    const ignored = 'sandbox purchases are ignored in production (accept_sandbox = false).';
+    await waitText(entitlement('maps'), 'Not active: the App Store sandbox lifetime purchase com.example.maps.lifetime would give access for life, but ' + ignored);
+    expect(await entitlement('maps').getAttribute('data-active') === 'false', 'maps active from a sandbox purchase');
+    const sandbox = page.locator('#purchases tr[data-store="APP_STORE"]');
+    await sandbox.waitFor();
+    const row = await sandbox.innerText();
+    expect(row.includes('Grants nothing: the App Store sandbox lifetime purchase com.example.maps.lifetime would grant maps for life, but ' + ignored), `sandbox row: ${row}`);
+    expect(!/Grants maps/.test(row), `sandbox row reads as granting: ${row}`);
+    expect(await sandbox.locator('.badge.warn').innerText() === 'sandbox', 'no sandbox badge');
+    const old = await page.locator('#purchases tr[data-store="STRIPE"]').innerText();
+    expect(old.includes('Grants nothing: the Stripe product price_legacy_yearly is not in the catalog.'), `unmapped row: ${old}`);
+    const trial = await page.locator('#purchases tr[data-store="TRIAL"]').innerText();
+    expect(trial.includes('Grants nothing: the free trial ended on ' + day(-13)), `trial row: ${trial}`);
+    expect((await text('#customer-status')) === 'expired', 'dave not expired');
+    await shot('06b-sandbox-ignored');
   });
 
   await check('a lifetime grant turns an expired customer paid, and back', async () => {

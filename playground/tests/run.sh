@@ -46,6 +46,8 @@ cat >"$CONFIG" <<TOML
 database_url = "sqlite://$DB?mode=rwc"
 bind = "127.0.0.1:$PORT"
 log = "warn"
+# As in production: sandbox purchases are stored but grant nothing.
+accept_sandbox = false
 
 [auth.jwt]
 algorithm = "HS256"

@@ -48,7 +48,7 @@ function backdateTrial(customer, startDays) {
 function purchase(p) {
   return `INSERT INTO purchases (customer_id, store, store_purchase_id, product_id, environment, status, period_type,
     purchased_at, expires_at, grace_expires_at, auto_renew, canceled_at, revoked_at, renewal_count, source_updated_at, raw)
-    VALUES (${q(p.customer)}, ${q(p.store)}, ${q(p.id)}, ${q(p.product)}, 'production', ${q(p.status)}, 'normal',
+    VALUES (${q(p.customer)}, ${q(p.store)}, ${q(p.id)}, ${q(p.product)}, ${q(p.env || 'production')}, ${q(p.status)}, 'normal',
     ${ts(p.purchased)}, ${p.expires === null ? 'NULL' : ts(p.expires)}, ${p.grace == null ? 'NULL' : ts(p.grace)},
     ${p.autoRenew ? 1 : 0}, ${p.canceled == null ? 'NULL' : ts(p.canceled)}, ${p.revoked == null ? 'NULL' : ts(p.revoked)},
     ${p.renewals || 0}, ${ts(p.updated ?? p.purchased)}, ${q(JSON.stringify({ seeded: true }))})`;
@@ -97,9 +97,15 @@ sql([
   event('carol', 'pro', 'billing_issue', 'ACTIVE', 'ACTIVE', pid('play_store', 'gpa.3301-1234-5678-90123'), -1),
 ]);
 
-// dave: a watch whose trial ran out and who never paid.
+// dave: a watch whose trial ran out and who never paid in production: the
+// maps add-on he bought with a sandbox tester account counts for nothing on
+// this server (accept_sandbox = false), nor does a plan the catalog dropped.
 await register('GARMIN', 'dave-fenix-7', 'dave');
-sql(backdateTrial('dave', -20));
+sql([
+  ...backdateTrial('dave', -20),
+  purchase({ customer: 'dave', store: 'app_store', id: '2000000555000111', product: 'com.example.maps.lifetime', env: 'sandbox', status: 'active', purchased: -15, expires: null }),
+  purchase({ customer: 'dave', store: 'stripe', id: 'sub_1QdaveOldPlan', product: 'price_legacy_yearly', status: 'expired', purchased: -400, expires: -35, updated: -35 }),
+]);
 
 // erin: promotional access for life, granted by an operator.
 await register('IOS', 'erin-ipad', 'erin');
@@ -116,10 +122,10 @@ import { readFileSync } from 'node:fs';
 const session = JSON.parse(readFileSync(new URL('../../../shared/vectors/stripe/object.checkout.session.json', import.meta.url)));
 const stripeEvent = (id, sessionId, reference, at) => ({
   id, object: 'event', type: 'checkout.session.completed', api_version: '2024-06-20',
-  created: Math.floor((now + at * DAY) / 1000), livemode: false, pending_webhooks: 0,
+  created: Math.floor((now + at * DAY) / 1000), livemode: true, pending_webhooks: 0,
   request: { id: null, idempotency_key: null },
   data: { object: { ...session, id: sessionId, mode: 'payment', status: 'complete', payment_status: 'paid',
-    client_reference_id: reference, customer: null, subscription: null, payment_link: 'plink_seed_maps',
+    livemode: true, client_reference_id: reference, customer: null, subscription: null, payment_link: 'plink_seed_maps',
     payment_intent: 'pi_' + sessionId } },
 });
 function webhook(source, eventId, payload, at, outcome, customer, error) {

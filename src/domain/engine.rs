@@ -73,7 +73,7 @@ impl PurchaseFacts {
 
     /// The status to show for this purchase at `now`: a period that ran out
     /// reads as expired even when the store has not said so yet.
-    fn effective_status(&self, now: DateTime<Utc>) -> PurchaseStatus {
+    pub fn effective_status(&self, now: DateTime<Utc>) -> PurchaseStatus {
         if self.revoked_at.is_some_and(|r| r <= now)
             && !matches!(
                 self.status,

@@ -1,14 +1,15 @@
-//! The plain sentence behind an entitlement: why it is active and until
-//! when, or why it is not. It reads the state the engine computed (and the
-//! purchase that state names); for a sandbox purchase the server ignores, it
-//! asks the engine what that purchase would have given. Nothing here decides
+//! The plain sentences behind an entitlement (why it is active and until
+//! when, or why it is not) and behind one purchase (what it grants now, or
+//! why it grants nothing). They read the state the engine computed (and the
+//! purchase that state names); for a sandbox purchase the server ignores, they
+//! ask the engine what that purchase would have given. Nothing here decides
 //! access on its own.
 
 use chrono::{DateTime, Utc};
 
 use super::{
-    Catalog, EntitlementState, Environment, PeriodType, PurchaseFacts, PurchaseStatus, Store,
-    compute,
+    Catalog, EntitlementState, Environment, PeriodType, PurchaseFacts, PurchaseStatus, Snapshot,
+    Store, compute,
 };
 
 /// The sentence for `state` (one entitlement of the snapshot that
@@ -30,10 +31,89 @@ pub fn explain(
             && p.environment == Environment::Sandbox
             && (e.is_active || state.status.is_none())
         {
-            return ignored_sandbox(e, p);
+            return ignored_sandbox(e, p, &Lead::Entitlement);
         }
     }
-    sentence(state, source)
+    sentence(state, source, &Lead::Entitlement)
+}
+
+/// The sentence for one purchase: which entitlements it grants now and until
+/// when, or why it grants nothing. The engine is asked about this purchase
+/// alone, so the answer is what the purchase itself gives, whichever source
+/// the customer's entitlements are reported from.
+pub fn explain_purchase(
+    catalog: &Catalog,
+    p: &PurchaseFacts,
+    now: DateTime<Utc>,
+    accept_sandbox: bool,
+) -> String {
+    let alone = std::slice::from_ref(p);
+    let from_it = |s: Snapshot| -> Vec<EntitlementState> {
+        s.entitlements
+            .into_iter()
+            .filter(|e| e.purchase_id == Some(p.id))
+            .collect()
+    };
+    let counted = from_it(compute(catalog, alone, now, accept_sandbox));
+    if let Some(state) = counted.first() {
+        let keys = key_list(&counted);
+        return sentence(state, Some(p), &Lead::Purchase { keys: &keys });
+    }
+    // The engine did not count it: either the server refuses it as a sandbox
+    // purchase, or the catalog maps it to nothing.
+    let with_sandbox = if accept_sandbox {
+        Vec::new()
+    } else {
+        from_it(compute(catalog, alone, now, true))
+    };
+    if let Some(state) = with_sandbox.first() {
+        let keys = key_list(&with_sandbox);
+        return ignored_sandbox(state, p, &Lead::Purchase { keys: &keys });
+    }
+    match p.store {
+        Store::Trial | Store::Promotional => format!(
+            "Grants nothing: {} is not an entitlement of the catalog.",
+            p.product_id
+        ),
+        s => format!(
+            "Grants nothing: the {} product {} is not in the catalog.",
+            store_name(s),
+            p.product_id
+        ),
+    }
+}
+
+/// How a sentence opens: an entitlement is active or not; a purchase
+/// grants its entitlements or nothing.
+enum Lead<'a> {
+    Entitlement,
+    Purchase { keys: &'a str },
+}
+
+impl Lead<'_> {
+    fn on(&self) -> String {
+        match self {
+            Lead::Entitlement => "Active".into(),
+            Lead::Purchase { keys } => format!("Grants {keys}"),
+        }
+    }
+
+    fn off(&self) -> &'static str {
+        match self {
+            Lead::Entitlement => "Not active",
+            Lead::Purchase { .. } => "Grants nothing",
+        }
+    }
+}
+
+/// `pro`, `pro and maps`, `pro, maps and sync`.
+fn key_list(states: &[EntitlementState]) -> String {
+    let keys: Vec<&str> = states.iter().map(|e| e.key.as_str()).collect();
+    match keys.split_last() {
+        None => String::new(),
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 /// `2026-12-30 14:05 UTC`.
@@ -85,14 +165,15 @@ fn label(state: &EntitlementState, source: Option<&PurchaseFacts>) -> String {
     }
 }
 
-fn sentence(state: &EntitlementState, source: Option<&PurchaseFacts>) -> String {
+fn sentence(state: &EntitlementState, source: Option<&PurchaseFacts>, lead: &Lead) -> String {
+    let off = lead.off();
     let Some(status) = state.status else {
-        return "Not active: no purchase, trial or grant has ever given this entitlement.".into();
+        return format!("{off}: no purchase, trial or grant has ever given this entitlement.");
     };
     let what = label(state, source);
     let store = source.map(|p| p.store).or(state.store);
     if state.is_active {
-        return active(state, source, status, store, &what);
+        return active(state, source, status, store, &what, lead);
     }
     let revoked_on = source
         .and_then(|p| p.revoked_at)
@@ -103,24 +184,24 @@ fn sentence(state: &EntitlementState, source: Option<&PurchaseFacts>) -> String 
         .map(|t| format!(" since {}", when(t)))
         .unwrap_or_default();
     match status {
-        PurchaseStatus::Refunded => format!("Not active: {what} was refunded{revoked_on}."),
+        PurchaseStatus::Refunded => format!("{off}: {what} was refunded{revoked_on}."),
         PurchaseStatus::Revoked => match store {
             Some(Store::Promotional | Store::Trial) => {
-                format!("Not active: {what} was revoked{revoked_on}.")
+                format!("{off}: {what} was revoked{revoked_on}.")
             }
             _ => format!(
-                "Not active: {what} was revoked{revoked_on} (by the store, or moved to another customer)."
+                "{off}: {what} was revoked{revoked_on} (by the store, or moved to another customer)."
             ),
         },
         PurchaseStatus::InBillingRetry => format!(
-            "Not active: {what} could not be renewed; the store is retrying the payment (billing retry{since})."
+            "{off}: {what} could not be renewed; the store is retrying the payment (billing retry{since})."
         ),
         PurchaseStatus::OnHold => format!(
-            "Not active: {what} is on account hold after a failed payment{since}; access returns when the payment method is fixed."
+            "{off}: {what} is on account hold after a failed payment{since}; access returns when the payment method is fixed."
         ),
-        PurchaseStatus::Paused => format!("Not active: {what} is paused by the customer{since}."),
+        PurchaseStatus::Paused => format!("{off}: {what} is paused by the customer{since}."),
         PurchaseStatus::Pending => {
-            format!("Not active: the payment for {what} is still pending.")
+            format!("{off}: the payment for {what} is still pending.")
         }
         // `Expired`, and any granting status whose time ran out (the engine
         // reports those as expired).
@@ -131,18 +212,18 @@ fn sentence(state: &EntitlementState, source: Option<&PurchaseFacts>) -> String 
                 .and_then(|p| p.grace_expires_at);
             match (store, grace_end, stored, period_end) {
                 (_, Some(g), _, _) => format!(
-                    "Not active: {what} could not be renewed and its grace period ended on {}.",
+                    "{off}: {what} could not be renewed and its grace period ended on {}.",
                     when(g)
                 ),
                 (Some(Store::Trial | Store::Promotional), _, _, Some(end)) => {
-                    format!("Not active: {what} ended on {}.", when(end))
+                    format!("{off}: {what} ended on {}.", when(end))
                 }
                 (_, _, Some(PurchaseStatus::Canceled), Some(end)) => format!(
-                    "Not active: {what} was canceled and its paid period ended on {}.",
+                    "{off}: {what} was canceled and its paid period ended on {}.",
                     when(end)
                 ),
-                (_, _, _, Some(end)) => format!("Not active: {what} expired on {}.", when(end)),
-                (_, _, _, None) => format!("Not active: {what} no longer gives access."),
+                (_, _, _, Some(end)) => format!("{off}: {what} expired on {}.", when(end)),
+                (_, _, _, None) => format!("{off}: {what} no longer gives access."),
             }
         }
     }
@@ -154,13 +235,15 @@ fn active(
     status: PurchaseStatus,
     store: Option<Store>,
     what: &str,
+    lead: &Lead,
 ) -> String {
+    let on = lead.on();
     let Some(end) = state.expires_at else {
         return match store {
-            Some(Store::Promotional) => "Active: the promotional grant has no end date.".into(),
-            _ => format!(
-                "Active: {what} gives access for life; it ends only if refunded or revoked."
-            ),
+            Some(Store::Promotional) => format!("{on}: the promotional grant has no end date."),
+            _ => {
+                format!("{on}: {what} gives access for life; it ends only if refunded or revoked.")
+            }
         };
     };
     let until = when(end);
@@ -172,21 +255,21 @@ fn active(
     let period = source.map(|p| p.period_type).or(state.period_type);
     match (store, status) {
         (Some(Store::Trial | Store::Promotional), _) => {
-            format!("Active: {what} runs until {until}; it does not renew.")
+            format!("{on}: {what} runs until {until}; it does not renew.")
         }
         (_, PurchaseStatus::Refunded | PurchaseStatus::Revoked) => format!(
-            "Active until {until}: {what} was {}, effective then.",
+            "{on} until {until}: {what} was {}, effective then.",
             status.as_str()
         ),
         (_, PurchaseStatus::InGracePeriod) => format!(
-            "Active in a grace period: {what} could not be renewed; access continues until {until} while the store retries the payment."
+            "{on} in a grace period: {what} could not be renewed; access continues until {until} while the store retries the payment."
         ),
         (_, PurchaseStatus::Canceled) => format!(
-            "Active: {what} was canceled; the paid period runs until {until}, then access ends."
+            "{on}: {what} was canceled; the paid period runs until {until}, then access ends."
         ),
         _ if status == PurchaseStatus::Trialing || period == Some(PeriodType::Trial) => {
             format!(
-                "Active: {what} is in its store free trial until {until}; {}.",
+                "{on}: {what} is in its store free trial until {until}; {}.",
                 if state.will_renew {
                     "it then renews as paid"
                 } else {
@@ -195,26 +278,33 @@ fn active(
             )
         }
         _ if period == Some(PeriodType::Intro) => {
-            format!("Active: {what} is at its introductory price until {until}; {renews}.")
+            format!("{on}: {what} is at its introductory price until {until}; {renews}.")
         }
-        _ => format!("Active: {what} is paid until {until}; {renews}."),
+        _ => format!("{on}: {what} is paid until {until}; {renews}."),
     }
 }
 
-/// Not active only because the server refuses sandbox purchases.
-fn ignored_sandbox(with_sandbox: &EntitlementState, p: &PurchaseFacts) -> String {
+/// Not counted only because the server refuses sandbox purchases.
+fn ignored_sandbox(with_sandbox: &EntitlementState, p: &PurchaseFacts, lead: &Lead) -> String {
+    const IGNORED: &str = "sandbox purchases are ignored in production (accept_sandbox = false)";
     let what = label(with_sandbox, Some(p));
-    if with_sandbox.is_active {
-        let until = with_sandbox
-            .expires_at
-            .map_or_else(|| "for life".to_string(), |t| format!("until {}", when(t)));
-        format!(
-            "Not active: {what} would give access {until}, but sandbox purchases are ignored in production (accept_sandbox = false)."
-        )
-    } else {
-        format!(
-            "Not active: only {what} was ever seen, and sandbox purchases are ignored in production (accept_sandbox = false)."
-        )
+    let off = lead.off();
+    let until = with_sandbox
+        .expires_at
+        .map_or_else(|| "for life".to_string(), |t| format!("until {}", when(t)));
+    match (lead, with_sandbox.is_active) {
+        (Lead::Entitlement, true) => {
+            format!("{off}: {what} would give access {until}, but {IGNORED}.")
+        }
+        (Lead::Entitlement, false) => {
+            format!("{off}: only {what} was ever seen, and {IGNORED}.")
+        }
+        (Lead::Purchase { keys }, true) => {
+            format!("{off}: {what} would grant {keys} {until}, but {IGNORED}.")
+        }
+        (Lead::Purchase { .. }, false) => {
+            format!("{off}: {IGNORED}, and {what} would not give access now anyway.")
+        }
     }
 }
 
@@ -231,10 +321,16 @@ mod tests {
 
     fn catalog() -> Catalog {
         Catalog::new(
-            vec![EntitlementDef {
-                key: "pro".into(),
-                description: None,
-            }],
+            vec![
+                EntitlementDef {
+                    key: "pro".into(),
+                    description: None,
+                },
+                EntitlementDef {
+                    key: "maps".into(),
+                    description: None,
+                },
+            ],
             vec![
                 ProductDef {
                     id: "pro_monthly".into(),
@@ -245,6 +341,16 @@ mod tests {
                     stripe_payment_link: None,
                     app_store_product_id: Some("com.x.pro.monthly".into()),
                     play_store_product_id: Some("pro_sub".into()),
+                },
+                ProductDef {
+                    id: "bundle".into(),
+                    entitlements: vec!["pro".into(), "maps".into()],
+                    kind: ProductKind::Subscription,
+                    display_name: None,
+                    stripe_price_id: None,
+                    stripe_payment_link: None,
+                    app_store_product_id: Some("com.x.bundle".into()),
+                    play_store_product_id: None,
                 },
                 ProductDef {
                     id: "life".into(),
@@ -620,5 +726,268 @@ mod tests {
         let (active, s) = say(&[p, prod], now, false);
         assert!(active);
         assert!(s.starts_with("Active: the App Store subscription"), "{s}");
+    }
+
+    /// One purchase's sentence at day `at_day`.
+    fn purchase_says(p: &PurchaseFacts, at_day: i64, sandbox: bool) -> String {
+        explain_purchase(&catalog(), p, t0() + Duration::days(at_day), sandbox)
+    }
+
+    #[track_caller]
+    fn expect_purchase(p: &PurchaseFacts, at_day: i64, want: &str) {
+        for sandbox in [true, false] {
+            assert_eq!(
+                purchase_says(p, at_day, sandbox),
+                want,
+                "accept_sandbox = {sandbox}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_purchase_says_what_it_grants_or_why_not() {
+        use PurchaseStatus::*;
+        expect_purchase(
+            &sub(Active),
+            1,
+            &format!(
+                "Grants pro: the App Store subscription com.x.pro.monthly is paid until {}; it will renew then.",
+                day(30)
+            ),
+        );
+        expect_purchase(
+            &sub(Active),
+            31,
+            &format!(
+                "Grants nothing: the App Store subscription com.x.pro.monthly expired on {}.",
+                day(30)
+            ),
+        );
+        expect_purchase(
+            &sub(Expired),
+            31,
+            &format!(
+                "Grants nothing: the App Store subscription com.x.pro.monthly expired on {}.",
+                day(30)
+            ),
+        );
+        let refunded = PurchaseFacts {
+            revoked_at: Some(t0() + Duration::days(5)),
+            ..sub(Refunded)
+        };
+        expect_purchase(
+            &refunded,
+            6,
+            &format!(
+                "Grants nothing: the App Store subscription com.x.pro.monthly was refunded on {}.",
+                day(5)
+            ),
+        );
+        expect_purchase(
+            &refunded,
+            4,
+            &format!(
+                "Grants pro until {}: the App Store subscription com.x.pro.monthly was refunded, effective then.",
+                day(5)
+            ),
+        );
+        let revoked = PurchaseFacts {
+            revoked_at: Some(t0() + Duration::days(5)),
+            ..sub(Revoked)
+        };
+        expect_purchase(
+            &revoked,
+            6,
+            &format!(
+                "Grants nothing: the App Store subscription com.x.pro.monthly was revoked on {} (by the store, or moved to another customer).",
+                day(5)
+            ),
+        );
+        expect_purchase(
+            &sub(Pending),
+            1,
+            "Grants nothing: the payment for the App Store subscription com.x.pro.monthly is still pending.",
+        );
+        let grace = PurchaseFacts {
+            grace_expires_at: Some(t0() + Duration::days(36)),
+            ..sub(InGracePeriod)
+        };
+        expect_purchase(
+            &grace,
+            32,
+            &format!(
+                "Grants pro in a grace period: the App Store subscription com.x.pro.monthly could not be renewed; access continues until {} while the store retries the payment.",
+                day(36)
+            ),
+        );
+        let life = PurchaseFacts {
+            store: Store::Stripe,
+            product_id: "price_life".into(),
+            expires_at: None,
+            auto_renew: false,
+            ..sub(Active)
+        };
+        expect_purchase(
+            &life,
+            400,
+            "Grants pro: the Stripe lifetime purchase price_life gives access for life; it ends only if refunded or revoked.",
+        );
+        let promo = PurchaseFacts {
+            store: Store::Promotional,
+            product_id: "maps".into(),
+            auto_renew: false,
+            expires_at: None,
+            ..sub(Active)
+        };
+        expect_purchase(
+            &promo,
+            1,
+            "Grants maps: the promotional grant has no end date.",
+        );
+        let trial = PurchaseFacts {
+            store: Store::Trial,
+            product_id: "pro".into(),
+            period_type: PeriodType::Trial,
+            auto_renew: false,
+            expires_at: Some(t0() + Duration::days(7)),
+            ..sub(Active)
+        };
+        expect_purchase(
+            &trial,
+            8,
+            &format!("Grants nothing: the free trial ended on {}.", day(7)),
+        );
+        let bundle = PurchaseFacts {
+            product_id: "com.x.bundle".into(),
+            ..sub(Canceled)
+        };
+        expect_purchase(
+            &bundle,
+            1,
+            &format!(
+                "Grants pro and maps: the App Store subscription com.x.bundle was canceled; the paid period runs until {}, then access ends.",
+                day(30)
+            ),
+        );
+    }
+
+    #[test]
+    fn a_purchase_of_a_product_the_catalog_does_not_map_grants_nothing() {
+        let unknown = PurchaseFacts {
+            product_id: "com.x.retired".into(),
+            ..sub(PurchaseStatus::Active)
+        };
+        expect_purchase(
+            &unknown,
+            1,
+            "Grants nothing: the App Store product com.x.retired is not in the catalog.",
+        );
+        // Sandbox or not, an unmapped product is the first thing to fix.
+        let sandbox = PurchaseFacts {
+            environment: Environment::Sandbox,
+            ..unknown
+        };
+        expect_purchase(
+            &sandbox,
+            1,
+            "Grants nothing: the App Store product com.x.retired is not in the catalog.",
+        );
+        let grant = PurchaseFacts {
+            store: Store::Promotional,
+            product_id: "gone".into(),
+            ..sub(PurchaseStatus::Active)
+        };
+        expect_purchase(
+            &grant,
+            1,
+            "Grants nothing: gone is not an entitlement of the catalog.",
+        );
+    }
+
+    #[test]
+    fn a_sandbox_purchase_grants_only_when_the_server_accepts_sandbox() {
+        let p = PurchaseFacts {
+            environment: Environment::Sandbox,
+            ..sub(PurchaseStatus::Active)
+        };
+        assert_eq!(
+            purchase_says(&p, 1, true),
+            format!(
+                "Grants pro: the App Store sandbox subscription com.x.pro.monthly is paid until {}; it will renew then.",
+                day(30)
+            )
+        );
+        assert_eq!(
+            purchase_says(&p, 1, false),
+            format!(
+                "Grants nothing: the App Store sandbox subscription com.x.pro.monthly would grant pro until {}, but sandbox purchases are ignored in production (accept_sandbox = false).",
+                day(30)
+            )
+        );
+        // Lapsed as well as refused.
+        assert_eq!(
+            purchase_says(&p, 40, false),
+            "Grants nothing: sandbox purchases are ignored in production (accept_sandbox = false), and the App Store sandbox subscription com.x.pro.monthly would not give access now anyway."
+        );
+        assert_eq!(
+            purchase_says(&p, 40, true),
+            format!(
+                "Grants nothing: the App Store sandbox subscription com.x.pro.monthly expired on {}.",
+                day(30)
+            )
+        );
+        let life = PurchaseFacts {
+            environment: Environment::Sandbox,
+            store: Store::Stripe,
+            product_id: "price_life".into(),
+            expires_at: None,
+            ..sub(PurchaseStatus::Active)
+        };
+        assert_eq!(
+            purchase_says(&life, 1, false),
+            "Grants nothing: the Stripe sandbox lifetime purchase price_life would grant pro for life, but sandbox purchases are ignored in production (accept_sandbox = false)."
+        );
+    }
+
+    /// A purchase that is an entitlement's only source reads the same as
+    /// the entitlement, bar the opening: one set of rules, one wording.
+    #[test]
+    fn a_sole_source_reads_as_its_entitlement() {
+        use PurchaseStatus::*;
+        for status in [
+            Active,
+            Trialing,
+            Canceled,
+            InGracePeriod,
+            InBillingRetry,
+            OnHold,
+            Paused,
+            Expired,
+            Refunded,
+            Revoked,
+            Pending,
+        ] {
+            let p = PurchaseFacts {
+                revoked_at: matches!(status, Refunded | Revoked).then(|| t0() + Duration::days(5)),
+                grace_expires_at: Some(t0() + Duration::days(36)),
+                ..sub(status)
+            };
+            for at_day in [1, 4, 6, 31, 33, 40] {
+                for sandbox in [true, false] {
+                    let (active, e) = say(
+                        std::slice::from_ref(&p),
+                        t0() + Duration::days(at_day),
+                        sandbox,
+                    );
+                    let s = purchase_says(&p, at_day, sandbox);
+                    let (lead, rest) = if active {
+                        ("Grants pro", e.strip_prefix("Active").unwrap())
+                    } else {
+                        ("Grants nothing", e.strip_prefix("Not active").unwrap())
+                    };
+                    assert_eq!(s, format!("{lead}{rest}"), "{status:?} at day {at_day}");
+                }
+            }
+        }
     }
 }

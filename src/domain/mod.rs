@@ -13,6 +13,6 @@ pub use catalog::{Catalog, EntitlementDef, ProductDef, ProductKind, TransferPoli
 pub use engine::{
     Access, Change, EntitlementState, PurchaseFacts, Snapshot, compute, diff, lapses,
 };
-pub use explain::explain;
+pub use explain::{explain, explain_purchase};
 pub use token::{TokenClaims, TokenState};
 pub use types::*;

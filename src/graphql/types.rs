@@ -373,8 +373,15 @@ impl Purchase {
     async fn environment(&self) -> Environment {
         self.facts.environment.into()
     }
+    /// The status as the store last reported it.
     async fn status(&self) -> PurchaseStatus {
         self.facts.status.into()
+    }
+    /// The status now, as the engine reads it: a period that ran out reads
+    /// as `EXPIRED`, and a revocation that took effect as `REVOKED`, even
+    /// before the store says so.
+    async fn effective_status(&self, ctx: &Context<'_>) -> PurchaseStatus {
+        self.facts.effective_status(core(ctx).now()).into()
     }
     async fn period_type(&self) -> PeriodType {
         self.facts.period_type.into()
@@ -402,6 +409,14 @@ impl Purchase {
     }
     async fn source_updated_at(&self) -> DateTime<Utc> {
         self.model.source_updated_at
+    }
+    /// What this purchase grants now and until when, or why it grants
+    /// nothing (expired, refunded, a sandbox purchase the server ignores, a
+    /// product not in the catalog, ...), in one plain sentence from the
+    /// rules that decide access (for support and the dashboard; not for parsing).
+    async fn explanation(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
+        guard(ctx, Action::ReadExplanation, &self.model.customer_id)?;
+        Ok(core(ctx).explain_purchase(&self.facts))
     }
 }
 

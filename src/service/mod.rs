@@ -146,6 +146,12 @@ impl Core {
         ))
     }
 
+    /// The plain sentence behind one purchase: what it grants now, or why
+    /// it grants nothing.
+    pub fn explain_purchase(&self, purchase: &crate::domain::PurchaseFacts) -> String {
+        crate::domain::explain_purchase(&self.catalog, purchase, self.now(), self.accept_sandbox)
+    }
+
     async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
         if let Some(c) = self.db.cache.get(customer_id) {
             return Ok(c);
