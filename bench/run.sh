@@ -2,7 +2,8 @@
 # Benchmark: release build, fresh SQLite file, 10,000 seeded customers, load
 # from a second process (wrk), 64 connections x 10 s per scenario. Prints a
 # table with ratios to GET /health from the same run and writes it to
-# bench/results.md.
+# bench/results.md. BENCH_BIN runs another build (to compare two commits in
+# one sitting) and BENCH_OUT writes its table elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -28,7 +29,7 @@ if [ -n "$missing" ]; then
 fi
 
 cargo build --release --quiet
-BIN="$PWD/target/release/entitle"
+BIN="${BENCH_BIN:-$PWD/target/release/entitle}"
 WORK="$(mktemp -d)"
 trap 'kill "${PID:-0}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -211,7 +212,7 @@ if [ -n "$REDIS_URL" ]; then
 fi
 
 cd - >/dev/null
-python3 - "$READY_MS" "$EVENTS_LINE" "$CONNS" "$DURATION" "$CUSTOMERS" "$ROWS" "$WEBHOOK_EVENTS" "$POOL" "$H" "$G" "$U" "$W" <<'PY' | tee bench/results.md
+python3 - "$READY_MS" "$EVENTS_LINE" "$CONNS" "$DURATION" "$CUSTOMERS" "$ROWS" "$WEBHOOK_EVENTS" "$POOL" "$H" "$G" "$U" "$W" <<'PY' | tee "${BENCH_OUT:-bench/results.md}"
 import sys, platform, os, datetime
 ready, events_line, conns, dur, customers, whrows, whevents, pool = sys.argv[1:9]
 rows = [r.split() for r in sys.argv[9:]]
