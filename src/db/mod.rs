@@ -277,12 +277,10 @@ impl FactsRow {
     }
 }
 
-pub async fn purchase_facts_of(
-    c: &impl ConnectionTrait,
-    customer_id: &str,
-) -> AppResult<Vec<PurchaseFacts>> {
+/// The purchases query selecting exactly the columns of [`FactsRow`].
+fn facts_query() -> sea_orm::Select<purchases::Entity> {
     use purchases::Column as P;
-    let rows = purchases::Entity::find()
+    purchases::Entity::find()
         .select_only()
         .columns([
             P::Id,
@@ -297,8 +295,15 @@ pub async fn purchase_facts_of(
             P::AutoRenew,
             P::RevokedAt,
         ])
-        .filter(P::CustomerId.eq(customer_id))
         .order_by_asc(P::Id)
+}
+
+pub async fn purchase_facts_of(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+) -> AppResult<Vec<PurchaseFacts>> {
+    let rows = facts_query()
+        .filter(purchases::Column::CustomerId.eq(customer_id))
         .into_model::<FactsRow>()
         .all(c)
         .await?;
@@ -311,31 +316,15 @@ pub async fn purchase_facts_of_many(
     c: &impl ConnectionTrait,
     customer_ids: &[String],
 ) -> AppResult<std::collections::HashMap<String, Vec<PurchaseFacts>>> {
-    use purchases::Column as P;
     #[derive(sea_orm::FromQueryResult)]
     struct Row {
         customer_id: String,
         #[sea_orm(nested)]
         facts: FactsRow,
     }
-    let rows = purchases::Entity::find()
-        .select_only()
-        .columns([
-            P::CustomerId,
-            P::Id,
-            P::Store,
-            P::ProductId,
-            P::Environment,
-            P::Status,
-            P::PeriodType,
-            P::PurchasedAt,
-            P::ExpiresAt,
-            P::GraceExpiresAt,
-            P::AutoRenew,
-            P::RevokedAt,
-        ])
-        .filter(P::CustomerId.is_in(customer_ids.iter().cloned()))
-        .order_by_asc(P::Id)
+    let rows = facts_query()
+        .column(purchases::Column::CustomerId)
+        .filter(purchases::Column::CustomerId.is_in(customer_ids.iter().cloned()))
         .into_model::<Row>()
         .all(c)
         .await?;
