@@ -102,7 +102,25 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        .layer(middleware::map_response(close_unread))
         .with_state(state)
+}
+
+/// A refused body (too large, too slow) is left unread on the socket, so the
+/// server will not reuse the connection. Saying so in the answer stops a
+/// keep-alive client from sending its next request down a connection that is
+/// about to close (it would see the connection drop mid-request).
+async fn close_unread(mut resp: axum::response::Response) -> axum::response::Response {
+    if matches!(
+        resp.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    ) {
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// A bound, running server. Dropping the handle does not stop it; send on

@@ -483,6 +483,14 @@ async fn transport_rules(b: Backend) {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // The body is left unread, so the answer says the connection closes and
+    // the client's next request (below) goes down a fresh one.
+    assert_eq!(
+        resp.headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap()),
+        Some("close")
+    );
     // Too deep.
     let mut deep = String::from("name");
     for _ in 0..20 {
