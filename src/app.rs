@@ -51,6 +51,8 @@ impl AppState {
             Duration::from_secs(config.auth.api_key_cache_secs),
         )?);
         let schema = graphql::build_schema(&config, core.clone());
+        let mut metrics = Metrics::default();
+        metrics.track_db(&core.db.stats);
         let limiter = crate::rate_limit::WriteLimiter::new(&config.rate_limit)?.map(Arc::new);
         Ok(AppState {
             limiter,
@@ -58,7 +60,7 @@ impl AppState {
             auth,
             schema,
             config: Arc::new(config),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(metrics),
             parse_cache: Arc::new(graphql::ParseCache::new()),
         })
     }

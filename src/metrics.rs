@@ -104,6 +104,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts the database's statements and committed write transactions.
+    pub fn track_db(&mut self, stats: &crate::db::DbStats) {
+        self.registry.register(
+            "db_statements",
+            "SQL statements run (BEGIN and COMMIT not included)",
+            stats.statements.clone(),
+        );
+        self.registry.register(
+            "db_write_transactions",
+            "Write transactions committed",
+            stats.write_commits.clone(),
+        );
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

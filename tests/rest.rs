@@ -116,6 +116,18 @@ async fn health_ready_metrics(b: Backend) {
         text.contains("entitle_http_request_duration_seconds_bucket"),
         "{text}"
     );
+    // The database's own counters: statements run (the readiness check ran
+    // some) and write transactions committed (creating the keys above).
+    let counter = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(counter("entitle_db_statements_total") > 0, "{text}");
+    assert!(counter("entitle_db_write_transactions_total") > 0, "{text}");
 
     // With the database gone, readiness says so and liveness does not care.
     app.state.core.db.conn.clone().close().await.unwrap();

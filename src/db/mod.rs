@@ -39,6 +39,15 @@ pub struct Db {
     /// Bumped after every commit, to wake the event relay and feed at once
     /// instead of at their next poll.
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Statements run and write transactions committed, for `/metrics` and
+    /// the benchmark's statements-per-event figure.
+    pub stats: DbStats,
+}
+
+#[derive(Clone, Default)]
+pub struct DbStats {
+    pub statements: prometheus_client::metrics::counter::Counter,
+    pub write_commits: prometheus_client::metrics::counter::Counter,
 }
 
 /// A write transaction: IMMEDIATE on SQLite (so a read-then-write never dies
@@ -54,6 +63,7 @@ pub struct WriteTxn {
     /// Devices (by `device_key`) it wrote.
     touched_devices: std::sync::Mutex<Vec<String>>,
     commits: Arc<tokio::sync::watch::Sender<u64>>,
+    write_commits: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -70,6 +80,7 @@ impl WriteTxn {
             .invalidate(self.touched.lock().expect("touched").iter());
         self.device_cache
             .invalidate(self.touched_devices.lock().expect("touched").iter());
+        self.write_commits.inc();
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
         Ok(())
     }
@@ -138,10 +149,16 @@ impl Db {
             });
         }
         // The URL may carry a password: never echo it.
-        let conn = Database::connect(opts)
+        let mut conn = Database::connect(opts)
             .await
             .context("cannot connect to the database (database_url)")?;
+        let stats = DbStats::default();
+        let statements = stats.statements.clone();
+        conn.set_metric_callback(move |_| {
+            statements.inc();
+        });
         Ok(Db {
+            stats,
             conn,
             cache: Arc::new(ReadCache::new(config.cache_ttl())),
             device_cache: Arc::new(ReadCache::new(config.cache_ttl())),
@@ -202,6 +219,7 @@ impl Db {
             touched: Default::default(),
             touched_devices: Default::default(),
             commits: self.commits.clone(),
+            write_commits: self.stats.write_commits.clone(),
         })
     }
 
