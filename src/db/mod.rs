@@ -154,8 +154,10 @@ impl Db {
             .context("cannot connect to the database (database_url)")?;
         let stats = DbStats::default();
         let statements = stats.statements.clone();
-        conn.set_metric_callback(move |_| {
+        conn.set_metric_callback(move |info| {
             statements.inc();
+            // The text only: bound values may be payloads or secrets.
+            tracing::trace!(target: "entitle::sql", sql = %info.statement.sql);
         });
         Ok(Db {
             stats,
