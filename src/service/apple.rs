@@ -1,7 +1,7 @@
 //! App Store use cases: a customer submits a purchase, Apple notifies us.
 
 use entities::{purchases, webhook_events};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+use sea_orm::EntityTrait;
 use serde_json::json;
 
 use super::{
@@ -247,6 +247,11 @@ impl Core {
         n: &Notification,
         claim: &Claim,
     ) -> AppResult<NotificationOutcome> {
+        // A redelivery costs one read, not an App Store API call (one that
+        // failed is processed again).
+        if matches!(claim, Claim::Live) && self.webhook_seen(Store::AppStore, &n.uuid).await? {
+            return Ok(NotificationOutcome::Duplicate);
+        }
         let verified = match n.verified().filter(|_| n.is_handled()) {
             None => None,
             Some(v) => match (apple.api(), v.transaction.transaction_id.clone()) {
@@ -271,44 +276,10 @@ impl Core {
 
         let now = self.now();
         let txn = self.db.write().await?;
-        if matches!(claim, Claim::Live) {
-            // A redelivery usually finds its row here (one that failed is
-            // processed again). This read also makes a SQLite connection
-            // notice schema changes made since it last looked, which the
-            // upsert below would otherwise trip over.
-            let seen = webhook_events::Entity::find()
-                .filter(webhook_events::Column::Source.eq(Store::AppStore.as_str()))
-                .filter(webhook_events::Column::EventId.eq(n.uuid.as_str()))
-                .one(&*txn)
-                .await?;
-            if seen.is_some_and(|r| r.outcome != webhook_log::FAILED) {
-                return Ok(NotificationOutcome::Duplicate);
-            }
-        }
         let unknown = match &vp {
             Some(vp) => self.is_unknown_product(&txn, vp).await?,
             None => false,
         };
-        // Claim first: a concurrent duplicate then waits on the dedupe row
-        // and finds it taken, instead of racing this one to the purchase.
-        let provisional = match &vp {
-            _ if unknown => NotificationOutcome::UnknownProduct,
-            Some(_) => NotificationOutcome::Applied,
-            None => NotificationOutcome::Ignored,
-        };
-        if !self
-            .claim_event(
-                &txn,
-                Store::AppStore,
-                &n.uuid,
-                &n.raw,
-                provisional.as_str(),
-                claim,
-            )
-            .await?
-        {
-            return Ok(NotificationOutcome::Duplicate);
-        }
         let (outcome, customer) = match &vp {
             _ if unknown => (NotificationOutcome::UnknownProduct, None),
             None => (NotificationOutcome::Ignored, None),
@@ -321,14 +292,22 @@ impl Core {
                 StoreApplied::Held { stale: false } => (NotificationOutcome::Held, None),
             },
         };
-        self.settle_event(
-            &txn,
-            Store::AppStore,
-            &n.uuid,
-            outcome.as_str(),
-            customer.as_deref(),
-        )
-        .await?;
+        if !self
+            .claim_event(
+                &txn,
+                Store::AppStore,
+                &n.uuid,
+                &n.raw,
+                outcome.as_str(),
+                customer.as_deref(),
+                claim,
+            )
+            .await?
+        {
+            // Another delivery or replay committed it first; dropping the
+            // transaction undoes this one's effect.
+            return Ok(NotificationOutcome::Duplicate);
+        }
         txn.commit().await?;
         tracing::info!(
             notification = %n.kind,

@@ -380,12 +380,7 @@ impl Core {
 
         // Spares Google a read for a redelivery; the claim below is what
         // actually guarantees once. A delivery that failed is processed again.
-        let seen = webhook_events::Entity::find()
-            .filter(webhook_events::Column::Source.eq(Store::PlayStore.as_str()))
-            .filter(webhook_events::Column::EventId.eq(event_id))
-            .one(&self.db.conn)
-            .await?;
-        if seen.is_some_and(|r| r.outcome != webhook_log::FAILED) {
+        if self.webhook_seen(Store::PlayStore, event_id).await? {
             return Ok(PushOutcome::Duplicate);
         }
         match self
@@ -479,6 +474,7 @@ impl Core {
                 event_id,
                 json,
                 outcome.as_str(),
+                customer.as_deref(),
                 claim,
             )
             .await?
@@ -486,14 +482,6 @@ impl Core {
             // A concurrent delivery won; dropping the transaction undoes ours.
             return Ok(PushOutcome::Duplicate);
         }
-        self.settle_event(
-            &txn,
-            Store::PlayStore,
-            event_id,
-            outcome.as_str(),
-            customer.as_deref(),
-        )
-        .await?;
         txn.commit().await?;
 
         if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)
@@ -635,7 +623,12 @@ impl Core {
         let txn = self.db.write().await?;
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
-        let outcome = store_outcome(self.apply_store_in(&txn, &purchase, now).await?);
+        let applied = self.apply_store_in(&txn, &purchase, now).await?;
+        let customer = match &applied {
+            StoreApplied::Applied(a) => Some(a.customer_id.clone()),
+            StoreApplied::Held { .. } => None,
+        };
+        let outcome = store_outcome(applied);
         let payload = json!({
             "voidedPurchase": {
                 "purchaseToken": v.purchase_token,
@@ -652,6 +645,7 @@ impl Core {
                 &event_id,
                 &payload,
                 outcome.as_str(),
+                customer.as_deref(),
                 now,
             )
             .await?

@@ -691,6 +691,7 @@ impl Core {
         event_id: &str,
         payload: &serde_json::Value,
         outcome: &str,
+        customer: Option<&str>,
         now: DateTime<Utc>,
     ) -> AppResult<bool> {
         let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
@@ -700,6 +701,7 @@ impl Core {
             payload: Set(payload.clone()),
             outcome: Set(outcome.to_string()),
             processed_at: Set(Some(now)),
+            customer_id: Set(customer.map(str::to_string)),
             ..Default::default()
         })
         .on_conflict_do_nothing_on([
@@ -713,7 +715,11 @@ impl Core {
         }
         // An earlier delivery failed (the store's API was down): this one
         // takes its row over. Conditional, so only one delivery does.
-        let res = webhook_events::Entity::update_many()
+        let mut q = webhook_events::Entity::update_many();
+        if let Some(c) = customer {
+            q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
+        }
+        let res = q
             .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
             .col_expr(
                 webhook_events::Column::Payload,
@@ -1086,6 +1092,7 @@ mod tests {
                 "evt_1",
                 &serde_json::json!({}),
                 "processed",
+                None,
                 now
             )
             .await
@@ -1099,6 +1106,7 @@ mod tests {
                     "evt_1",
                     &serde_json::json!({}),
                     "processed",
+                    None,
                     now
                 )
                 .await
@@ -1112,6 +1120,7 @@ mod tests {
                 "evt_1",
                 &serde_json::json!({}),
                 "processed",
+                None,
                 now
             )
             .await

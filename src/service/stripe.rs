@@ -133,7 +133,7 @@ impl Core {
         ev: &VerifiedEvent,
     ) -> AppResult<WebhookOutcome> {
         // A redelivery costs one read, not a Stripe API call.
-        if self.webhook_seen(&ev.id).await? {
+        if self.webhook_seen(Store::Stripe, &ev.id).await? {
             return Ok(WebhookOutcome::Duplicate);
         }
         match self.ingest_stripe_event(p, ev, &Claim::Live).await {
@@ -170,25 +170,6 @@ impl Core {
 
         let now = self.now();
         let txn = self.db.write().await?;
-        // Claimed before the effect, in the same transaction: a concurrent
-        // delivery of the same event waits on this row (PostgreSQL) or on the
-        // writer lock (SQLite), then sees it and changes nothing.
-        let expected = match &plan {
-            Plan::Record(o) => o,
-            Plan::Unmatched { outcome, .. } => outcome,
-            Plan::Bind { .. } => "bound",
-            Plan::Apply { .. } => "applied",
-            Plan::Refund { .. } => "refunded",
-            Plan::CountRenewal { .. } => "renewal_counted",
-            Plan::Dispute(_) => "disputed",
-        };
-        let expected: &str = expected;
-        if !self
-            .claim_event(&txn, Store::Stripe, &ev.id, &ev.payload, expected, claim)
-            .await?
-        {
-            return Ok(WebhookOutcome::Duplicate);
-        }
         let (outcome, customer) = match plan {
             Plan::Record(o) => (o, None),
             Plan::Unmatched { outcome, customer } => (outcome, customer),
@@ -230,8 +211,22 @@ impl Core {
                     .await?
             }
         };
-        self.settle_event(&txn, Store::Stripe, &ev.id, outcome, customer.as_deref())
-            .await?;
+        if !self
+            .claim_event(
+                &txn,
+                Store::Stripe,
+                &ev.id,
+                &ev.payload,
+                outcome,
+                customer.as_deref(),
+                claim,
+            )
+            .await?
+        {
+            // Another delivery or replay of this event committed first;
+            // dropping the transaction undoes this one's effect.
+            return Ok(WebhookOutcome::Duplicate);
+        }
         txn.commit().await?;
         if UNATTRIBUTED.contains(&outcome) {
             tracing::warn!(
@@ -244,16 +239,6 @@ impl Core {
             tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome, "stripe event");
         }
         Ok(WebhookOutcome::Processed(outcome))
-    }
-
-    /// Seen and processed: a row whose delivery failed is processed again.
-    async fn webhook_seen(&self, event_id: &str) -> AppResult<bool> {
-        Ok(webhook_events::Entity::find()
-            .filter(webhook_events::Column::Source.eq(Store::Stripe.as_str()))
-            .filter(webhook_events::Column::EventId.eq(event_id))
-            .one(&self.db.conn)
-            .await?
-            .is_some_and(|r| r.outcome != webhook_log::FAILED))
     }
 
     async fn plan_stripe_event(&self, p: &StripeProvider, ev: &VerifiedEvent) -> AppResult<Plan> {

@@ -7,7 +7,8 @@
 use chrono::{DateTime, Duration, Utc};
 use entities::webhook_events;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, TryInsertResult, sea_query::Expr,
+    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, TryInsertResult,
+    sea_query::Expr,
 };
 use serde_json::Value;
 
@@ -70,27 +71,39 @@ pub struct Overview {
 }
 
 impl Core {
-    /// Takes the notification's row in `txn` with a provisional outcome.
-    /// `false`: another delivery or replay has it; change nothing.
+    /// Takes the notification's row in `txn` with its final outcome and the
+    /// customer it touched, as the last statement of the transaction that
+    /// applied it: one claim order for every store and source. `false`:
+    /// another delivery or replay has it, and the caller drops the
+    /// transaction, undoing its effect. A concurrent duplicate meets this
+    /// row's unique key (PostgreSQL waits for the first to commit) or the
+    /// single writer (SQLite), so exactly one of them commits.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn claim_event(
         &self,
         txn: &WriteTxn,
         source: Store,
         event_id: &str,
         payload: &Value,
-        provisional: &str,
+        outcome: &str,
+        customer: Option<&str>,
         claim: &Claim,
     ) -> AppResult<bool> {
         // The transaction's own instant: the caller's clock, read now.
         let now = self.now();
         match claim {
             Claim::Live => {
-                self.claim_webhook(txn, source, event_id, payload, provisional, now)
+                self.claim_webhook(txn, source, event_id, payload, outcome, customer, now)
                     .await
             }
-            Claim::Replay { id, outcome } => {
-                let res = webhook_events::Entity::update_many()
-                    .col_expr(webhook_events::Column::Outcome, Expr::value(provisional))
+            Claim::Replay { id, outcome: was } => {
+                // The customer is kept when this run names none.
+                let mut q = webhook_events::Entity::update_many();
+                if let Some(c) = customer {
+                    q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
+                }
+                let res = q
+                    .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
                     .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
                     .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
                     .col_expr(
@@ -98,7 +111,7 @@ impl Core {
                         Expr::value(Option::<String>::None),
                     )
                     .filter(webhook_events::Column::Id.eq(*id))
-                    .filter(webhook_events::Column::Outcome.eq(outcome.as_str()))
+                    .filter(webhook_events::Column::Outcome.eq(was.as_str()))
                     .exec(&**txn)
                     .await?;
                 Ok(res.rows_affected > 0)
@@ -106,26 +119,18 @@ impl Core {
         }
     }
 
-    /// Records a claimed notification's final outcome and the customer it
-    /// touched (kept when the run names none).
-    pub(crate) async fn settle_event(
-        &self,
-        txn: &WriteTxn,
-        source: Store,
-        event_id: &str,
-        outcome: &str,
-        customer: Option<&str>,
-    ) -> AppResult<()> {
-        let mut q = webhook_events::Entity::update_many()
-            .col_expr(webhook_events::Column::Outcome, Expr::value(outcome));
-        if let Some(c) = customer {
-            q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
-        }
-        q.filter(webhook_events::Column::Source.eq(source.as_str()))
+    /// Seen and processed (a row whose delivery failed is processed again):
+    /// checked before any store API call, so a redelivery costs one read.
+    pub(crate) async fn webhook_seen(&self, source: Store, event_id: &str) -> AppResult<bool> {
+        Ok(webhook_events::Entity::find()
+            .filter(webhook_events::Column::Source.eq(source.as_str()))
             .filter(webhook_events::Column::EventId.eq(event_id))
-            .exec(&**txn)
-            .await?;
-        Ok(())
+            .select_only()
+            .column(webhook_events::Column::Outcome)
+            .into_tuple::<String>()
+            .one(&self.db.conn)
+            .await?
+            .is_some_and(|o| o != FAILED))
     }
 
     /// A verified notification whose processing failed because the store
