@@ -62,6 +62,9 @@ pub struct WriteTxn {
     touched: std::sync::Mutex<Vec<String>>,
     /// Devices (by `device_key`) it wrote.
     touched_devices: std::sync::Mutex<Vec<String>>,
+    /// Customers this transaction already made sure exist: customers are
+    /// never deleted, so asking again within it would change nothing.
+    ensured: std::sync::Mutex<std::collections::HashSet<String>>,
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     write_commits: prometheus_client::metrics::counter::Counter,
 }
@@ -220,6 +223,7 @@ impl Db {
             device_cache: self.device_cache.clone(),
             touched: Default::default(),
             touched_devices: Default::default(),
+            ensured: Default::default(),
             commits: self.commits.clone(),
             write_commits: self.stats.write_commits.clone(),
         })
@@ -407,6 +411,9 @@ pub async fn devices_by_rows(
 /// Creates the customer if absent; safe against concurrent creators.
 pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<bool> {
     txn.touch(id);
+    if !txn.ensured.lock().expect("ensured").insert(id.to_string()) {
+        return Ok(false);
+    }
     let c = &txn.txn;
     let res = customers::Entity::insert(customers::ActiveModel {
         id: Set(id.to_string()),
@@ -446,6 +453,19 @@ pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<custome
         q = q.lock_exclusive();
     }
     Ok(q.one(c).await?)
+}
+
+/// Holds the customer for the rest of the transaction without reading it:
+/// a row lock on PostgreSQL; on SQLite the single writer already holds
+/// everything, so no statement. Either way its cached reads are dropped
+/// once the transaction commits.
+pub async fn hold_customer(txn: &WriteTxn, id: &str) -> AppResult<()> {
+    if txn.txn.get_database_backend() == DbBackend::Postgres {
+        lock_customer(txn, id).await?;
+    } else {
+        txn.touch(id);
+    }
+    Ok(())
 }
 
 /// Serialises, on PostgreSQL, every transaction that applies one store

@@ -170,7 +170,7 @@ impl Core {
         let customer =
             db::lock_resolved_customer(&txn, customer_id.unwrap_or(device_id).as_str()).await?;
         self.ensure_customer_in(&txn, &customer, now).await?;
-        db::lock_customer(&txn, &customer).await?;
+        db::hold_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
         let device_secret = issue_secret.then(super::pairing::new_device_secret);
         let inserted = devices::Entity::insert(devices::ActiveModel {

@@ -222,8 +222,8 @@ impl Core {
             } else {
                 (&ids.1, &ids.0)
             };
-            db::lock_customer(&txn, a).await?;
-            db::lock_customer(&txn, b).await?;
+            db::hold_customer(&txn, a).await?;
+            db::hold_customer(&txn, b).await?;
             let again = (
                 db::resolve_customer(&*txn, &ids.0).await?,
                 db::resolve_customer(&*txn, &ids.1).await?,

@@ -302,7 +302,7 @@ impl Core {
         if held.is_empty() {
             return Ok(());
         }
-        db::lock_customer(txn, customer_id).await?;
+        db::hold_customer(txn, customer_id).await?;
         let (before, _) = self.state_before_write(&**txn, customer_id, now).await?;
         for h in held {
             let vp = from_held(h.state.clone())
@@ -503,7 +503,7 @@ impl Core {
         affected.extend(replaced.iter().map(|r| r.customer_id.clone()));
         let mut before = Vec::with_capacity(affected.len());
         for c in &affected {
-            db::lock_customer(txn, c).await?;
+            db::hold_customer(txn, c).await?;
             before.push((c.clone(), self.state_before_write(&**txn, c, now).await?.0));
         }
 
@@ -609,7 +609,8 @@ impl Core {
         };
         // A later token of this line that arrived first, held for want of
         // an owner: it continues the line now.
-        let successor = match stale {
+        // Only Play tokens replace one another (`linkedPurchaseToken`).
+        let successor = match stale || store != Store::PlayStore {
             true => None,
             false => {
                 held_purchases::Entity::find()

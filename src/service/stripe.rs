@@ -488,7 +488,7 @@ impl Core {
             .or(state.state().bound_customer.as_deref())
         {
             self.ensure_customer_in(txn, c, now).await?;
-            db::lock_customer(txn, c).await?;
+            db::hold_customer(txn, c).await?;
         }
         let existing = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
@@ -853,7 +853,7 @@ async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<Option<S
         return Ok(None);
     };
     // Locking the owner drops its cached reads once this commits.
-    db::lock_customer(txn, &p.customer_id).await?;
+    db::hold_customer(txn, &p.customer_id).await?;
     purchases::Entity::update_many()
         .col_expr(
             purchases::Column::RenewalCount,
