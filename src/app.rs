@@ -13,65 +13,28 @@ use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    auth::Authenticator,
     clock::{Clock, SystemClock},
     config::Config,
-    db::Db,
-    graphql::{self, EntitleSchema},
-    metrics::Metrics,
+    graphql::{self, GraphqlState},
     rest,
     service::Core,
 };
 
-#[derive(Clone)]
-pub struct AppState {
-    pub core: Arc<Core>,
-    pub auth: Arc<Authenticator>,
-    pub schema: EntitleSchema,
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub parse_cache: Arc<graphql::ParseCache>,
-    /// `None` when `rate_limit.enabled` is off.
-    pub limiter: Option<Arc<crate::rate_limit::WriteLimiter>>,
-}
-
-impl AppState {
-    pub async fn new(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
-        let db = Db::connect(&config).await?;
-        let core = Arc::new(Core::new(&config, db, clock)?);
-        core.tokens.start().await.map_err(anyhow::Error::from)?;
-        if let crate::service::tokens::KeySource::File(path) = &core.tokens.key_source {
-            tracing::warn!(
-                file = %path.display(),
-                "tokens.encryption_key is not set: signing keys are encrypted with a key kept in this file; keep it with the database, or set tokens.encryption_key"
-            );
-        }
-        let auth = Arc::new(Authenticator::new(
-            config.auth.jwt.as_ref(),
-            Duration::from_secs(config.auth.api_key_cache_secs),
-        )?);
-        let schema = graphql::build_schema(&config, core.clone());
-        let mut metrics = Metrics::default();
-        metrics.track_db(&core.db.stats);
-        let limiter = crate::rate_limit::WriteLimiter::new(&config.rate_limit)?.map(Arc::new);
-        Ok(AppState {
-            limiter,
-            core,
-            auth,
-            schema,
-            config: Arc::new(config),
-            metrics: Arc::new(metrics),
-            parse_cache: Arc::new(graphql::ParseCache::new()),
-        })
-    }
-}
+// Still named here, where it was first defined, for code that starts the app.
+pub use crate::state::AppState;
 
 pub fn router(state: AppState) -> Router {
     let limit = state.config.http.body_limit_bytes;
     let timeout = Duration::from_secs(state.config.http.request_timeout_secs);
+    let gql = GraphqlState::new(state.clone());
     // The answers a client may ask to have signed (`X-Entitle-Nonce`).
     let signed = Router::new()
-        .route("/graphql", post(graphql::post).get(graphql::get))
+        .route(
+            "/graphql",
+            post(graphql::post)
+                .get(graphql::get)
+                .with_state(gql.clone()),
+        )
         .route("/user", post(rest::garmin::user))
         .route(
             "/api/subscriptions/check/{customer_id}",
@@ -83,7 +46,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(signed)
-        .route("/graphql/ws", get(graphql::ws))
+        .route("/graphql/ws", get(graphql::ws).with_state(gql))
         .route("/webhooks/stripe", post(rest::webhooks::stripe::receive))
         .route("/webhooks/google", post(rest::webhooks::google::google))
         .route("/webhooks/apple", post(rest::webhooks::apple::notify))
@@ -96,7 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/playground/{file}", get(rest::playground::file))
         .fallback(rest::not_found)
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.metrics.clone(),
             crate::metrics::track,
         ))
         .layer(DefaultBodyLimit::max(limit))
@@ -240,7 +203,12 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
             wake.clone(),
         )
         .await?;
-    for relay in crate::events::relay::Relay::new(config, core.clone(), state.metrics.clone())? {
+    for relay in crate::events::relay::Relay::new(
+        config,
+        core.db.clone(),
+        core.clock.clone(),
+        state.metrics.clone(),
+    )? {
         relay.spawn(wake.clone());
     }
     crate::jobs::spawn_all(core.clone(), config);

@@ -870,7 +870,7 @@ impl Config {
                 // Deliveries are kept per URL: one URL has one key.
                 anyhow::bail!("invalid configuration: outbound.endpoints[{i}].url is listed twice");
             }
-            if crate::events::outbound::signing_key(&e.secret).is_none() {
+            if crate::keys::webhook_signing_key(e.secret.expose()).is_none() {
                 anyhow::bail!(
                     "invalid configuration: outbound.endpoints[{i}].secret must be `whsec_` followed by base64"
                 );
@@ -898,7 +898,7 @@ impl Config {
         }
         if let Some(k) = &t.encryption_key {
             // Never echo the value: it is the key to every signing key.
-            crate::service::tokens::parse_encryption_key(k)
+            crate::keys::encryption_key_bytes(k.expose())
                 .map_err(|e| anyhow::anyhow!("invalid configuration: tokens.encryption_key {e}"))?;
         }
         self.catalog()?;

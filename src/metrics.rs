@@ -1,6 +1,6 @@
 //! Prometheus metrics: request counts and latencies per route.
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     extract::{MatchedPath, Request, State},
@@ -12,8 +12,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, histogram::Histogram},
     registry::Registry,
 };
-
-use crate::app::AppState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -144,7 +142,7 @@ fn method_label(m: &axum::http::Method) -> &'static str {
     }
 }
 
-pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn track(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     // Unmatched paths share one label so scanners cannot blow up cardinality.
     let route = req
@@ -154,7 +152,6 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .unwrap_or_else(|| "unmatched".into());
     let method = method_label(req.method());
     let resp = next.run(req).await;
-    let m = &state.metrics;
     m.requests
         .get_or_create(&RouteLabels {
             method,

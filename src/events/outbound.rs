@@ -30,9 +30,10 @@ use sha2::Sha256;
 
 use super::EntitlementEvent;
 use crate::{
+    clock::Clock,
     config::{OutboundConfig, Secret},
+    db::Db,
     error::AppResult,
-    service::Core,
 };
 
 pub const JOB: &str = "outbound";
@@ -92,8 +93,7 @@ pub fn redacted(url: &str) -> String {
 
 /// The signing key of a `whsec_…` secret; `None` when it is malformed.
 pub fn signing_key(secret: &Secret) -> Option<Vec<u8>> {
-    let b64 = secret.expose().strip_prefix("whsec_")?;
-    STANDARD.decode(b64).ok().filter(|k| !k.is_empty())
+    crate::keys::webhook_signing_key(secret.expose())
 }
 
 /// The `webhook-signature` header value for one message.
@@ -114,7 +114,8 @@ struct Target {
 /// wait for the failed one's retry, so a dead endpoint costs one request per
 /// backoff step, not one per queued event.
 pub struct Dispatcher {
-    core: Arc<Core>,
+    db: Db,
+    clock: Arc<dyn Clock>,
     http: reqwest::Client,
     targets: Vec<Target>,
     disable_after: chrono::Duration,
@@ -149,7 +150,11 @@ impl Drop for InFlight {
 }
 
 impl Dispatcher {
-    pub fn new(core: Arc<Core>, config: &OutboundConfig) -> anyhow::Result<Dispatcher> {
+    pub fn new(
+        db: Db,
+        clock: Arc<dyn Clock>,
+        config: &OutboundConfig,
+    ) -> anyhow::Result<Dispatcher> {
         let timeout = Duration::from_secs(config.timeout_secs.max(1));
         let http = reqwest::Client::builder()
             // A redirect is an answer that is not 2xx: the endpoint is
@@ -175,7 +180,8 @@ impl Dispatcher {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Dispatcher {
-            core,
+            db,
+            clock,
             http,
             targets,
             disable_after: chrono::Duration::days(i64::from(config.disable_after_days)),
@@ -196,7 +202,7 @@ impl Dispatcher {
             .filter(endpoints::Column::Url.is_in(urls))
             .filter(endpoints::Column::DisabledAt.is_not_null())
             .into_tuple()
-            .all(&self.core.db.conn)
+            .all(&self.db.conn)
             .await?;
         let mut started = 0;
         for t in self.targets.iter().filter(|t| !disabled.contains(&t.url)) {
@@ -232,18 +238,18 @@ impl Dispatcher {
         });
         endpoints::Entity::insert_many(rows)
             .on_conflict_do_nothing_on([endpoints::Column::Url])
-            .exec_without_returning(&self.core.db.conn)
+            .exec_without_returning(&self.db.conn)
             .await?;
         self.endpoints_known.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     async fn serve_endpoint(&self, target: &Target, started: Instant) -> AppResult<usize> {
-        let db = &self.core.db.conn;
+        let db = &self.db.conn;
         let due = deliveries::Entity::find()
             .filter(deliveries::Column::EndpointUrl.eq(target.url.as_str()))
             .filter(deliveries::Column::DeliveredAt.is_null())
-            .filter(deliveries::Column::NextAttemptAt.lte(self.core.now()))
+            .filter(deliveries::Column::NextAttemptAt.lte(self.clock.now()))
             .order_by_asc(deliveries::Column::EventId)
             .order_by_asc(deliveries::Column::Id)
             .limit(BATCH)
@@ -266,11 +272,11 @@ impl Dispatcher {
             }
             let Some(ev) = events.get(&row.event_id) else {
                 // Not the endpoint's fault: retried on the row's own schedule.
-                self.record_failure(row, "event not in the change log", self.core.now())
+                self.record_failure(row, "event not in the change log", self.clock.now())
                     .await?;
                 continue;
             };
-            let now = self.core.now();
+            let now = self.clock.now();
             match self.post(target, ev, now).await {
                 Ok(()) => {
                     self.record_success(row, now).await?;
@@ -324,7 +330,7 @@ impl Dispatcher {
     }
 
     async fn record_success(&self, row: &deliveries::Model, now: DateTime<Utc>) -> AppResult<()> {
-        let db = &self.core.db.conn;
+        let db = &self.db.conn;
         deliveries::Entity::update_many()
             .col_expr(deliveries::Column::Attempts, Expr::value(row.attempts + 1))
             .col_expr(deliveries::Column::DeliveredAt, Expr::value(Some(now)))
@@ -358,7 +364,7 @@ impl Dispatcher {
             .col_expr(deliveries::Column::NextAttemptAt, Expr::value(retry_at))
             .col_expr(deliveries::Column::LastError, Expr::value(Some(reason)))
             .filter(deliveries::Column::Id.eq(row.id))
-            .exec(&self.core.db.conn)
+            .exec(&self.db.conn)
             .await?;
         Ok(retry_at)
     }
@@ -372,7 +378,7 @@ impl Dispatcher {
         now: DateTime<Utc>,
         retry_at: DateTime<Utc>,
     ) -> AppResult<()> {
-        let db = &self.core.db.conn;
+        let db = &self.db.conn;
         endpoints::Entity::update_many()
             .col_expr(endpoints::Column::FailingSince, Expr::value(Some(now)))
             .filter(endpoints::Column::Url.eq(target.url.as_str()))

@@ -17,10 +17,11 @@ use tokio::sync::watch;
 
 use super::EntitlementEvent;
 use crate::{
+    clock::Clock,
     config::Config,
+    db::Db,
     error::{AppError, AppResult},
     metrics::Metrics,
-    service::Core,
 };
 
 /// Constants shared by every replica: the PostgreSQL advisory locks that
@@ -30,7 +31,8 @@ const RELAY_LOCK: i64 = 0x656e_7469_746c_6501;
 const OUTBOUND_LOCK: i64 = 0x656e_7469_746c_6502;
 
 pub struct Relay {
-    core: Arc<Core>,
+    db: Db,
+    clock: Arc<dyn Clock>,
     sink: Sink,
     batch: u64,
     poll: Duration,
@@ -121,7 +123,8 @@ impl Relay {
     /// unpublished in the change log.
     pub fn new(
         config: &Config,
-        core: Arc<Core>,
+        db: Db,
+        clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Vec<Relay>> {
         let mut sinks = Vec::new();
@@ -146,7 +149,8 @@ impl Relay {
         Ok(sinks
             .into_iter()
             .map(|sink| Relay {
-                core: core.clone(),
+                db: db.clone(),
+                clock: clock.clone(),
                 sink,
                 batch: config.events.relay_batch.max(1),
                 poll: Duration::from_millis(config.events.relay_poll_ms.max(10)),
@@ -193,8 +197,7 @@ impl Relay {
 
     /// Hands one batch to the sink; returns how many rows it took.
     pub async fn publish_once(&mut self) -> AppResult<usize> {
-        let core = self.core.clone();
-        let db = &core.db;
+        let db = self.db.clone();
         match db.backend() {
             DbBackend::Postgres => {
                 let txn = db.conn.begin().await?;
@@ -268,7 +271,7 @@ impl Relay {
         match &mut self.sink {
             Sink::Redis(redis) => redis.publish(rows).await,
             Sink::Outbound(urls) => {
-                let business_now = self.core.now();
+                let business_now = self.clock.now();
                 let queued = rows.iter().flat_map(|r| {
                     urls.iter()
                         .map(move |url| outbound_deliveries::ActiveModel {

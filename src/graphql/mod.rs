@@ -23,11 +23,11 @@ use axum::{
 };
 
 use crate::{
-    app::AppState,
     config::Config,
     error::AppError,
-    rest::{LimitedBody, is_json},
+    rest::{BodyLimit, LimitedBody, is_json},
     service::Core,
+    state::AppState,
 };
 
 mod mutation;
@@ -55,6 +55,32 @@ pub fn build_schema(config: &Config, core: Arc<Core>) -> EntitleSchema {
         b = b.disable_introspection().disable_suggestions();
     }
     b.finish()
+}
+
+/// The GraphQL handlers' state: the shared state, the schema and its parse
+/// cache. The router builds it, so the shared state need not know GraphQL.
+#[derive(Clone)]
+pub struct GraphqlState {
+    pub app: AppState,
+    pub schema: EntitleSchema,
+    pub parse_cache: Arc<ParseCache>,
+}
+
+impl GraphqlState {
+    pub fn new(app: AppState) -> GraphqlState {
+        let schema = build_schema(&app.config, app.core.clone());
+        GraphqlState {
+            app,
+            schema,
+            parse_cache: Arc::new(ParseCache::new()),
+        }
+    }
+}
+
+impl BodyLimit for GraphqlState {
+    fn body_limit(&self) -> usize {
+        self.app.body_limit()
+    }
 }
 
 /// The SDL that `entitle export-schema` writes and `schema.graphql` holds.
@@ -192,18 +218,18 @@ fn is_request_error(resp: &async_graphql::Response) -> bool {
 }
 
 async fn execute(
-    state: &AppState,
+    state: &GraphqlState,
     headers: &HeaderMap,
     peer: Option<&ConnectInfo<SocketAddr>>,
     media: MediaType,
     mut request: async_graphql::Request,
 ) -> Response {
-    let principal = match state.auth.principal(&state.core, headers).await {
+    let principal = match state.app.auth.principal(&state.app.core, headers).await {
         Ok(p) => p,
         Err(e) => return media.refuse(e),
     };
     if let Some(doc) = state.parse_cache.get(&request.query) {
-        if let Some(limiter) = &state.limiter
+        if let Some(limiter) = &state.app.limiter
             && is_mutation(&doc, request.operation_name.as_deref())
             && let Err(e) = limiter.check(&principal, limiter.client_ip(headers, peer))
         {
@@ -222,7 +248,7 @@ async fn execute(
     }
     let mut out = CappedWriter {
         buf: Vec::with_capacity(128),
-        cap: state.config.graphql.max_response_bytes,
+        cap: state.app.config.graphql.max_response_bytes,
     };
     let (status, written) = if media == MediaType::GraphqlResponse && is_request_error(&resp) {
         (
@@ -323,7 +349,7 @@ impl std::io::Write for CappedWriter {
 }
 
 pub async fn post(
-    State(state): State<AppState>,
+    State(state): State<GraphqlState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
@@ -359,13 +385,13 @@ pub async fn post(
 
 /// GraphiQL without a query string; read-only queries with one.
 pub async fn get(
-    State(state): State<AppState>,
+    State(state): State<GraphqlState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Response {
     let Some(raw) = raw.filter(|q| !q.is_empty()) else {
-        if !state.config.graphql.graphiql {
+        if !state.app.config.graphql.graphiql {
             return AppError::NotFound("route").into_response();
         }
         return Html(

@@ -28,16 +28,18 @@ use axum::{
 };
 use serde_json::{Value, json};
 
+use super::GraphqlState;
 use super::init_headers;
-use crate::{app::AppState, auth::Principal, error::AppError};
+use crate::{auth::Principal, error::AppError};
 
 pub async fn ws(
-    State(state): State<AppState>,
+    State(state): State<GraphqlState>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let ip = state
+        .app
         .limiter
         .as_ref()
         .and_then(|l| l.client_ip(&headers, peer.as_ref().map(|p| &p.0)));
@@ -51,7 +53,7 @@ pub async fn ws(
     else {
         return (StatusCode::BAD_REQUEST, "unknown websocket subprotocol").into_response();
     };
-    let limit = state.config.http.body_limit_bytes;
+    let limit = state.app.config.http.body_limit_bytes;
     upgrade
         .protocols(async_graphql::http::ALL_WEBSOCKET_PROTOCOLS)
         .max_message_size(limit)
@@ -125,11 +127,11 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
 
 async fn serve(
     mut socket: WebSocket,
-    state: AppState,
+    state: GraphqlState,
     protocol: WebSocketProtocols,
     ip: Option<std::net::IpAddr>,
 ) {
-    let cfg = &state.config.graphql;
+    let cfg = &state.app.config.graphql;
     let max_subscriptions = cfg.ws_max_subscriptions;
     let init_deadline = tokio::time::sleep(Duration::from_secs(cfg.ws_init_timeout_secs.max(1)));
     let mut ping = tokio::time::interval(Duration::from_secs(cfg.ws_ping_interval_secs.max(1)));
@@ -140,7 +142,7 @@ async fn serve(
     // decides what reaches it.
     let (to_gql, from_loop) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
     let schema = state.schema.clone();
-    let auth_state = state.clone();
+    let auth_state = state.app.clone();
     // Who the socket authenticated as, for the write limits on mutations
     // sent over it.
     let principal_slot: Arc<Mutex<Option<Principal>>> = Default::default();
@@ -256,12 +258,12 @@ async fn serve(
 /// graphql-ws also carries queries and mutations: a mutation over a socket
 /// counts against the same write limits as one over HTTP.
 fn mutation_limited(
-    state: &AppState,
+    state: &GraphqlState,
     principal: &Mutex<Option<Principal>>,
     op: Option<&Operation>,
     ip: Option<std::net::IpAddr>,
 ) -> Result<(), AppError> {
-    let (Some(limiter), Some(op)) = (&state.limiter, op) else {
+    let (Some(limiter), Some(op)) = (&state.app.limiter, op) else {
         return Ok(());
     };
     let Some(doc) = state.parse_cache.get(&op.query) else {

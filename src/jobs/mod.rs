@@ -257,7 +257,11 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
         );
     }
     if !config.outbound.endpoints.is_empty() {
-        match crate::events::outbound::Dispatcher::new(core.clone(), &config.outbound) {
+        match crate::events::outbound::Dispatcher::new(
+            core.db.clone(),
+            core.clock.clone(),
+            &config.outbound,
+        ) {
             Ok(dispatcher) => {
                 let dispatcher = Arc::new(dispatcher);
                 spawn_leased(

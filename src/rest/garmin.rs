@@ -12,12 +12,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{Caller, LimitedBody};
 use crate::{
-    app::AppState,
     auth::Principal,
     domain::{ExternalId, Platform},
     error::{AppError, AppResult},
     policy::{Action, authorize},
     service::customers::Rebind,
+    state::AppState,
 };
 
 #[derive(Deserialize)]

@@ -6,7 +6,7 @@ use axum::{
     http::{header, request::Parts},
 };
 
-use crate::{app::AppState, auth::Principal, error::AppError};
+use crate::{auth::Principal, error::AppError, state::AppState};
 
 pub mod garmin;
 pub mod health;
@@ -34,11 +34,23 @@ impl FromRequestParts<AppState> for Caller {
 /// or not the client declared a length.
 pub struct LimitedBody(pub Bytes);
 
-impl FromRequest<AppState> for LimitedBody {
+/// A handler state that knows the configured body limit, so `LimitedBody`
+/// serves handlers of any state (GraphQL's as well as the shared one).
+pub trait BodyLimit {
+    fn body_limit(&self) -> usize;
+}
+
+impl BodyLimit for AppState {
+    fn body_limit(&self) -> usize {
+        self.config.http.body_limit_bytes
+    }
+}
+
+impl<S: BodyLimit + Send + Sync> FromRequest<S> for LimitedBody {
     type Rejection = AppError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, AppError> {
-        let limit = state.config.http.body_limit_bytes;
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let limit = state.body_limit();
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)

@@ -9,9 +9,9 @@ use serde::Serialize;
 
 use super::Caller;
 use crate::{
-    app::AppState,
     domain::{EntitlementState, ExternalId},
     error::{AppError, AppResult},
+    state::AppState,
 };
 
 #[derive(Serialize)]

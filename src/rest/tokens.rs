@@ -9,7 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use crate::{app::AppState, error::AppError, service::tokens::check_nonce};
+use crate::{error::AppError, service::tokens::check_nonce, state::AppState};
 
 pub const NONCE_HEADER: &str = "x-entitle-nonce";
 pub const SIGNATURE_HEADER: &str = "x-entitle-signature";

@@ -151,18 +151,19 @@ impl Core {
 
     /// Google never reinstates a refunded or revoked token (a new purchase
     /// gets a new token), so once we hold one as such, later reads keep
-    /// that status and its time, whatever else they update.
+    /// that status and its time, whatever else they update. That includes a
+    /// later read of the same refund: the voided-purchase notification and
+    /// the voided-purchases list report one void under different times (the
+    /// notification's own, the void's), and the second must not move it.
     async fn keep_play_refund(
         &self,
         txn: &WriteTxn,
         purchase: VerifiedPurchase,
     ) -> AppResult<VerifiedPurchase> {
-        if matches!(
+        let incoming_final = matches!(
             purchase.status,
             PurchaseStatus::Refunded | PurchaseStatus::Revoked
-        ) {
-            return Ok(purchase);
-        }
+        );
         let stored = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
             .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
@@ -182,6 +183,11 @@ impl Core {
         Ok(match stored {
             Some((status, revoked_at)) => match status.parse::<PurchaseStatus>() {
                 Ok(st @ (PurchaseStatus::Refunded | PurchaseStatus::Revoked)) => {
+                    let revoked_at = if incoming_final {
+                        revoked_at.or(purchase.revoked_at)
+                    } else {
+                        revoked_at
+                    };
                     play::keep_final(purchase, st, revoked_at)
                 }
                 _ => purchase,

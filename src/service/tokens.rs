@@ -57,22 +57,7 @@ impl fmt::Debug for EncryptionKey {
 
 /// 32 bytes as 64 hex digits or base64. The error never repeats the input.
 pub fn parse_encryption_key(s: &Secret) -> Result<EncryptionKey, &'static str> {
-    let t = s.expose().trim();
-    let bytes = Zeroizing::new(
-        if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
-            hex::decode(t).map_err(|_| "is not valid hex")?
-        } else {
-            STANDARD
-                .decode(t)
-                .or_else(|_| URL_SAFE_NO_PAD.decode(t.trim_end_matches('=')))
-                .map_err(|_| "must be 32 bytes as base64 or 64 hex digits")?
-        },
-    );
-    let arr: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| "must be exactly 32 bytes (base64 or 64 hex digits)")?;
-    Ok(EncryptionKey(Zeroizing::new(arr)))
+    crate::keys::encryption_key_bytes(s.expose()).map(EncryptionKey)
 }
 
 /// Where the encryption key came from, for the startup message.

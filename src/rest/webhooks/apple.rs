@@ -3,7 +3,7 @@
 use axum::{Json, extract::State};
 use serde_json::{Value, json};
 
-use crate::{app::AppState, error::AppError, rest::LimitedBody};
+use crate::{error::AppError, rest::LimitedBody, state::AppState};
 
 /// 200 once the notification and its effect are committed (or it was a
 /// duplicate); 400 for a bad signature, chain, bundle or environment; 5xx

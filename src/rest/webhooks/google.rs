@@ -8,7 +8,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use crate::{app::AppState, error::AppError, rest::LimitedBody};
+use crate::{error::AppError, rest::LimitedBody, state::AppState};
 
 pub async fn google(
     State(state): State<AppState>,

@@ -8,8 +8,8 @@ use axum::{
 use serde_json::{Value, json};
 
 use crate::{
-    app::AppState, domain::Store, error::AppResult, rest::LimitedBody,
-    service::stripe::WebhookOutcome,
+    domain::Store, error::AppResult, rest::LimitedBody, service::stripe::WebhookOutcome,
+    state::AppState,
 };
 
 pub async fn receive(
