@@ -31,6 +31,9 @@ pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 #[derive(Clone)]
 pub struct Db {
     pub conn: DatabaseConnection,
+    /// SQLite's write connection (see `connect_pool`); `None` on PostgreSQL,
+    /// where writers share the pool.
+    writer: Option<DatabaseConnection>,
     pub cache: Arc<ReadCache<CachedCustomer>>,
     pub device_cache: Arc<ReadCache<CachedDevice>>,
     /// SQLite has one writer at a time; queueing writers here, in-process,
@@ -151,19 +154,40 @@ impl Db {
                     .foreign_keys(true)
             });
         }
+        // SQLite: every write transaction runs on one connection of its own.
+        // A connection that sees another one's commit throws its whole page
+        // cache away, so writers taking turns over the pool's connections
+        // re-read and re-allocate every page they touch; the single writer
+        // keeps its cache warm (SQLite has one writer at a time anyway).
+        let mut writer_opts = opts.clone();
+        writer_opts.max_connections(1);
         // The URL may carry a password: never echo it.
         let mut conn = Database::connect(opts)
             .await
             .context("cannot connect to the database (database_url)")?;
         let stats = DbStats::default();
-        let statements = stats.statements.clone();
-        conn.set_metric_callback(move |info| {
-            statements.inc();
-            // The text only: bound values may be payloads or secrets.
-            tracing::trace!(target: "entitle::sql", sql = %info.statement.sql);
-        });
+        let count = |conn: &mut DatabaseConnection| {
+            let statements = stats.statements.clone();
+            conn.set_metric_callback(move |info| {
+                statements.inc();
+                // The text only: bound values may be payloads or secrets.
+                tracing::trace!(target: "entitle::sql", sql = %info.statement.sql);
+            });
+        };
+        count(&mut conn);
+        let writer = match sqlite && max_connections > 1 {
+            true => {
+                let mut w = Database::connect(writer_opts)
+                    .await
+                    .context("cannot connect to the database (database_url)")?;
+                count(&mut w);
+                Some(w)
+            }
+            false => None,
+        };
         Ok(Db {
             stats,
+            writer,
             conn,
             cache: Arc::new(ReadCache::new(config.cache_ttl())),
             device_cache: Arc::new(ReadCache::new(config.cache_ttl())),
@@ -210,7 +234,9 @@ impl Db {
             None => None,
         };
         let txn = self
-            .conn
+            .writer
+            .as_ref()
+            .unwrap_or(&self.conn)
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()
