@@ -16,6 +16,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::Config,
     graphql::{self, GraphqlState},
+    providers::{apple::Apple, google::GooglePlay, stripe::StripeProvider},
     rest,
     service::Core,
 };
@@ -47,9 +48,15 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(signed)
         .route("/graphql/ws", get(graphql::ws).with_state(gql))
-        .route("/webhooks/stripe", post(rest::webhooks::stripe::receive))
-        .route("/webhooks/google", post(rest::webhooks::google::google))
-        .route("/webhooks/apple", post(rest::webhooks::apple::notify))
+        .route(
+            "/webhooks/stripe",
+            post(rest::webhooks::receive::<StripeProvider>),
+        )
+        .route(
+            "/webhooks/google",
+            post(rest::webhooks::receive::<GooglePlay>),
+        )
+        .route("/webhooks/apple", post(rest::webhooks::receive::<Apple>))
         .route("/.well-known/jwks.json", get(rest::tokens::jwks))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))

@@ -11,6 +11,43 @@ use crate::domain::{Environment, PeriodType, PurchaseStatus, Store};
 pub mod apple;
 pub mod stripe;
 
+/// A store's delivery as the route received it: nothing in it is trusted
+/// until a [`Connector`] has verified it.
+#[derive(Clone, Copy)]
+pub struct Delivery<'a> {
+    pub body: &'a [u8],
+    /// The header the store authenticates with ([`Connector::AUTH_HEADER`]),
+    /// when sent.
+    pub auth: Option<&'a str>,
+}
+
+/// One store's way in: the only code that turns raw store input into a
+/// verified notification. Each store's `Notification` type has a private
+/// field, so nothing outside its provider can make one by hand; `service/`
+/// receives only what a connector verified (a signed delivery, or a row of
+/// the webhook log, where only verified notifications are recorded).
+pub trait Connector: Send + Sync + 'static {
+    const STORE: Store;
+    /// The request header carrying the store's proof (`None`: the proof is
+    /// in the body, as App Store notifications sign their payload).
+    const AUTH_HEADER: Option<&'static str>;
+    type Notification: Send + Sync;
+
+    /// Checks the delivery's proof (signature, certificate chain or OIDC
+    /// token), then parses and checks what it says (bundle, package).
+    fn verify(
+        &self,
+        delivery: Delivery<'_>,
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = crate::error::AppResult<Self::Notification>> + Send;
+
+    /// A notification read back from the webhook log, for a replay.
+    fn read_stored(
+        &self,
+        row: &entities::webhook_events::Model,
+    ) -> crate::error::AppResult<Self::Notification>;
+}
+
 /// A store purchase's state as read from a verified source (a signature we
 /// checked, or the store's own API). Only providers can make one.
 #[derive(Clone, Debug)]

@@ -182,37 +182,27 @@ impl Core {
         result
     }
 
-    /// `POST /webhooks/apple`: verifies an App Store Server Notification v2,
-    /// re-reads the purchase from Apple when the API is configured, and
-    /// applies it with its dedupe row in one transaction.
-    pub async fn apple_notification(
-        &self,
-        apple: &Apple,
-        body: &[u8],
-    ) -> AppResult<NotificationOutcome> {
-        #[derive(serde::Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Body {
-            signed_payload: String,
-        }
-        let body: Body = serde_json::from_slice(body)
-            .map_err(|_| AppError::bad_input("expected a JSON body with signedPayload"))?;
-        self.apple_signed_payload(apple, &body.signed_payload).await
-    }
-
-    /// Verifies and applies one notification's `signedPayload`, once per
-    /// notificationUUID, whether it came as a webhook or from Apple's
-    /// notification history.
+    /// Verifies and applies one notification's `signedPayload` from
+    /// Apple's notification history, once per notificationUUID.
     pub async fn apple_signed_payload(
         &self,
         apple: &Apple,
         signed_payload: &str,
     ) -> AppResult<NotificationOutcome> {
         let n = apple.verify_notification(signed_payload.trim())?;
-        match self
-            .ingest_apple_notification(apple, &n, &Claim::Live)
-            .await
-        {
+        self.apple_webhook(apple, &n).await
+    }
+
+    /// A verified App Store Server Notification v2 (`POST /webhooks/apple`,
+    /// or one from the notification history): re-reads the purchase from
+    /// Apple when the API is configured, and applies it with its dedupe row
+    /// in one transaction.
+    pub async fn apple_webhook(
+        &self,
+        apple: &Apple,
+        n: &Notification,
+    ) -> AppResult<NotificationOutcome> {
+        match self.ingest_apple_notification(apple, n, &Claim::Live).await {
             Err(e) => {
                 // Kept (verified), so the operator sees it; Apple retries.
                 self.record_failed_event(Store::AppStore, &n.uuid, &n.raw, None, &e)
@@ -233,7 +223,7 @@ impl Core {
             .apple
             .as_deref()
             .ok_or(AppError::NotConfigured("App Store"))?;
-        let n = apple.notification_from_stored(row)?;
+        let n = crate::providers::Connector::read_stored(apple, row)?;
         Ok(self.ingest_apple_notification(apple, &n, &claim).await?
             != NotificationOutcome::Duplicate)
     }

@@ -365,38 +365,33 @@ impl Core {
         Ok(applied)
     }
 
-    /// `POST /webhooks/google`: a Pub/Sub push of a developer notification.
-    /// Errors mean "not processed": Pub/Sub delivers again.
-    pub async fn handle_play_push(
-        &self,
-        authorization: Option<&str>,
-        body: &[u8],
-    ) -> AppResult<PushOutcome> {
+    /// A verified Pub/Sub push of a developer notification
+    /// (`POST /webhooks/google`). Errors mean "not processed": Pub/Sub
+    /// delivers again.
+    pub async fn play_webhook(&self, push: &play::VerifiedPush) -> AppResult<PushOutcome> {
         let google = self.google()?;
-        google.verify_push(authorization).await?;
-        let (envelope, n, json) =
-            rtdn::decode(body).map_err(|e| AppError::bad_input(e.message()))?;
-        if n.package_name != google.package_name {
-            return Err(AppError::bad_input("notification for another package"));
-        }
-        let event_time = n
-            .event_time()
-            .ok_or_else(|| AppError::bad_input("eventTimeMillis is missing or malformed"))?;
-        let event_id = envelope.message.message_id.as_str();
-
-        // Spares Google a read for a redelivery; the claim below is what
-        // actually guarantees once. A delivery that failed is processed again.
-        if self.webhook_seen(Store::PlayStore, event_id).await? {
+        // Spares Google a read for a redelivery; the claim is what actually
+        // guarantees once. A delivery that failed is processed again.
+        if self
+            .webhook_seen(Store::PlayStore, &push.message_id)
+            .await?
+        {
             return Ok(PushOutcome::Duplicate);
         }
         match self
-            .ingest_play_notification(google, event_id, &n, &json, event_time, &Claim::Live)
+            .ingest_play_notification(google, push, &Claim::Live)
             .await
         {
             Err(e) => {
                 // Kept (verified), so the operator sees it; Pub/Sub retries.
-                self.record_failed_event(Store::PlayStore, event_id, &json, None, &e)
-                    .await?;
+                self.record_failed_event(
+                    Store::PlayStore,
+                    &push.message_id,
+                    &push.payload,
+                    None,
+                    &e,
+                )
+                .await?;
                 Err(e)
             }
             ok => ok,
@@ -410,23 +405,8 @@ impl Core {
         claim: Claim,
     ) -> AppResult<bool> {
         let google = self.google()?;
-        if row.payload.get("voidedPurchase").is_some() {
-            return Err(AppError::bad_input(
-                "a voided-purchases entry is replayed by reconciliation, not here",
-            ));
-        }
-        let n = rtdn::from_stored(&row.payload)
-            .map_err(|_| AppError::bad_input("stored Play notification is malformed"))?;
-        if n.package_name != google.package_name {
-            return Err(AppError::bad_input("notification for another package"));
-        }
-        let event_time = n
-            .event_time()
-            .ok_or_else(|| AppError::bad_input("eventTimeMillis is missing or malformed"))?;
-        Ok(self
-            .ingest_play_notification(google, &row.event_id, &n, &row.payload, event_time, &claim)
-            .await?
-            != PushOutcome::Duplicate)
+        let push = crate::providers::Connector::read_stored(google, row)?;
+        Ok(self.ingest_play_notification(google, &push, &claim).await? != PushOutcome::Duplicate)
     }
 
     /// The one ingest path of a verified developer notification: re-read
@@ -435,13 +415,11 @@ impl Core {
     async fn ingest_play_notification(
         &self,
         google: &GooglePlay,
-        event_id: &str,
-        n: &DeveloperNotification,
-        json: &serde_json::Value,
-        event_time: chrono::DateTime<chrono::Utc>,
+        push: &play::VerifiedPush,
         claim: &Claim,
     ) -> AppResult<PushOutcome> {
-        let fetched = match self.read_notified(google, n, event_time).await {
+        let (event_id, n, json) = (push.message_id.as_str(), &push.notification, &push.payload);
+        let fetched = match self.read_notified(google, n, push.event_time).await {
             Ok(f) => f,
             Err(AppError::InvalidReceipt(_)) => Err(PushOutcome::UnknownPurchase),
             Err(e) => return Err(e),

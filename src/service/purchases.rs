@@ -685,6 +685,7 @@ impl Core {
     /// means it was seen before: acknowledge it and change nothing. Because
     /// the row commits with the effect, a failed apply leaves no row (or
     /// its `failed` row) and the store's retry is processed.
+    #[allow(clippy::too_many_arguments)] // the row's columns, each its own
     pub async fn claim_webhook(
         &self,
         txn: &WriteTxn,

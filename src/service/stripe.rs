@@ -108,21 +108,16 @@ fn checked_customer(raw: Option<String>, what: &str) -> AppResult<Option<String>
 }
 
 impl Core {
-    fn stripe(&self) -> AppResult<&Arc<StripeProvider>> {
+    pub(crate) fn stripe(&self) -> AppResult<&Arc<StripeProvider>> {
         self.stripe
             .as_ref()
             .ok_or(AppError::NotConfigured("Stripe"))
     }
 
-    /// `POST /webhooks/stripe`.
-    pub async fn handle_stripe_webhook(
-        &self,
-        signature: Option<&str>,
-        body: &[u8],
-    ) -> AppResult<WebhookOutcome> {
+    /// A verified Stripe delivery (`POST /webhooks/stripe`).
+    pub async fn stripe_webhook(&self, ev: &VerifiedEvent) -> AppResult<WebhookOutcome> {
         let p = self.stripe()?.clone();
-        let ev = p.verify_webhook(signature, body, self.now())?;
-        self.process_stripe_event(&p, &ev).await
+        self.process_stripe_event(&p, ev).await
     }
 
     /// Processes one trusted event (a verified webhook, or one the API
@@ -154,7 +149,7 @@ impl Core {
         claim: Claim,
     ) -> AppResult<bool> {
         let p = self.stripe()?.clone();
-        let ev = VerifiedEvent::from_stored(row)?;
+        let ev = crate::providers::Connector::read_stored(&*p, row)?;
         Ok(self.ingest_stripe_event(&p, &ev, &claim).await? != WebhookOutcome::Duplicate)
     }
 

@@ -396,3 +396,52 @@ impl Core {
         Ok(!held)
     }
 }
+
+/// A store whose verified notifications the service applies. Every store's
+/// webhook route is one generic handler over this: the store's connector
+/// verifies the delivery, then `ingest` applies it through the store's one
+/// ingest path (the same one reconciliation and replay take).
+pub trait Ingest: crate::providers::Connector {
+    /// This store's connector, when configured.
+    fn connector(core: &Core) -> AppResult<&Self>;
+    /// Applies a verified notification once; the outcome as recorded.
+    fn ingest(
+        core: &Core,
+        n: &Self::Notification,
+    ) -> impl std::future::Future<Output = AppResult<&'static str>> + Send;
+}
+
+impl Ingest for crate::providers::stripe::StripeProvider {
+    fn connector(core: &Core) -> AppResult<&Self> {
+        core.stripe().map(|p| &**p)
+    }
+    async fn ingest(core: &Core, ev: &Self::Notification) -> AppResult<&'static str> {
+        Ok(match core.stripe_webhook(ev).await? {
+            super::stripe::WebhookOutcome::Processed(o) => o,
+            super::stripe::WebhookOutcome::Duplicate => "duplicate",
+        })
+    }
+}
+
+impl Ingest for crate::providers::apple::Apple {
+    fn connector(core: &Core) -> AppResult<&Self> {
+        core.apple
+            .as_deref()
+            .ok_or(AppError::NotConfigured("App Store"))
+    }
+    async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<&'static str> {
+        let apple = Self::connector(core)?;
+        Ok(core.apple_webhook(apple, n).await?.as_str())
+    }
+}
+
+impl Ingest for crate::providers::google::GooglePlay {
+    fn connector(core: &Core) -> AppResult<&Self> {
+        core.google
+            .as_deref()
+            .ok_or(AppError::NotConfigured("Google Play"))
+    }
+    async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<&'static str> {
+        Ok(core.play_webhook(push).await?.as_str())
+    }
+}

@@ -68,6 +68,9 @@ pub struct Apple {
 }
 
 /// A verified notification, with its transaction and renewal info verified too.
+// A private field, not `#[non_exhaustive]`: that would still let the rest
+// of this crate (`service/` included) build one by hand.
+#[allow(clippy::manual_non_exhaustive)]
 pub struct Notification {
     pub uuid: String,
     pub kind: String,
@@ -78,6 +81,8 @@ pub struct Notification {
     pub status: Option<Status>,
     /// The decoded payload, for the webhook record.
     pub raw: serde_json::Value,
+    /// Only this provider makes one, after verifying it.
+    _verified: (),
 }
 
 /// A verified transaction with what we know of its renewal.
@@ -258,7 +263,7 @@ impl Apple {
     /// A notification from the webhook log. Only verified notifications
     /// are recorded there, decoded (their transaction and renewal info
     /// verified too), so the stored row is Apple's word as it arrived.
-    pub fn notification_from_stored(
+    fn notification_from_stored(
         &self,
         row: &entities::webhook_events::Model,
     ) -> AppResult<Notification> {
@@ -321,7 +326,33 @@ fn notification_of(
             status: data.and_then(|d| d.status.clone()),
             transaction,
             renewal,
+            _verified: (),
         }
+    }
+}
+
+impl super::Connector for Apple {
+    const STORE: Store = Store::AppStore;
+    const AUTH_HEADER: Option<&'static str> = None;
+    type Notification = Notification;
+
+    async fn verify(
+        &self,
+        delivery: super::Delivery<'_>,
+        _now: DateTime<Utc>,
+    ) -> AppResult<Notification> {
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body {
+            signed_payload: String,
+        }
+        let body: Body = serde_json::from_slice(delivery.body)
+            .map_err(|_| AppError::bad_input("expected a JSON body with signedPayload"))?;
+        self.verify_notification(body.signed_payload.trim())
+    }
+
+    fn read_stored(&self, row: &entities::webhook_events::Model) -> AppResult<Notification> {
+        self.notification_from_stored(row)
     }
 }
 

@@ -77,7 +77,7 @@ impl VerifiedEvent {
     /// An event from the webhook log. Only verified events are recorded
     /// there (a signed delivery or the API's answer), so the stored row is
     /// as trustworthy as when it arrived.
-    pub fn from_stored(row: &entities::webhook_events::Model) -> AppResult<VerifiedEvent> {
+    fn from_stored(row: &entities::webhook_events::Model) -> AppResult<VerifiedEvent> {
         if row.source != crate::domain::Store::Stripe.as_str() {
             return Err(malformed("event"));
         }
@@ -346,5 +346,23 @@ impl StripeProvider {
         charge: &Value,
     ) -> Option<VerifiedPurchase> {
         map::refunded_state(purchase, refunded_at, charge).map(VerifiedPurchase::new)
+    }
+}
+
+impl super::Connector for StripeProvider {
+    const STORE: crate::domain::Store = crate::domain::Store::Stripe;
+    const AUTH_HEADER: Option<&'static str> = Some("stripe-signature");
+    type Notification = VerifiedEvent;
+
+    async fn verify(
+        &self,
+        delivery: super::Delivery<'_>,
+        now: DateTime<Utc>,
+    ) -> AppResult<VerifiedEvent> {
+        self.verify_webhook(delivery.auth, delivery.body, now)
+    }
+
+    fn read_stored(&self, row: &entities::webhook_events::Model) -> AppResult<VerifiedEvent> {
+        VerifiedEvent::from_stored(row)
     }
 }
