@@ -4,6 +4,7 @@
 mod catalog;
 mod engine;
 mod explain;
+pub mod rules;
 mod token;
 pub mod tokens;
 mod types;

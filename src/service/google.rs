@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     db::WriteTxn,
+    domain::rules,
     domain::{ProductDef, ProductKind, PurchaseStatus, Store, webhook_log},
     error::{AppError, AppResult},
     providers::VerifiedPurchase,
@@ -160,10 +161,6 @@ impl Core {
         txn: &WriteTxn,
         purchase: VerifiedPurchase,
     ) -> AppResult<VerifiedPurchase> {
-        let incoming_final = matches!(
-            purchase.status,
-            PurchaseStatus::Refunded | PurchaseStatus::Revoked
-        );
         let stored = purchases::Entity::find()
             .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
             .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
@@ -182,12 +179,13 @@ impl Core {
         };
         Ok(match stored {
             Some((status, revoked_at)) => match status.parse::<PurchaseStatus>() {
-                Ok(st @ (PurchaseStatus::Refunded | PurchaseStatus::Revoked)) => {
-                    let revoked_at = if incoming_final {
-                        revoked_at.or(purchase.revoked_at)
-                    } else {
-                        revoked_at
+                Ok(st) if rules::is_final(st) => {
+                    let incoming = rules::Version {
+                        status: purchase.status,
+                        source_updated_at: purchase.source_updated_at,
+                        revoked_at: purchase.revoked_at,
                     };
+                    let revoked_at = rules::kept_revocation(revoked_at, incoming);
                     play::keep_final(purchase, st, revoked_at)
                 }
                 _ => purchase,

@@ -16,7 +16,7 @@ use sea_orm::{
 use super::Core;
 use crate::{
     db::{self, WriteTxn},
-    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff, tokens},
+    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff, rules, tokens},
     error::{AppError, AppResult},
     providers::{PurchaseState, VerifiedPurchase, from_held},
 };
@@ -57,8 +57,9 @@ pub struct Applied {
     pub stale: bool,
 }
 
+/// A stored status as the rules read it (an unknown one is not final).
 fn is_final(status: &str) -> bool {
-    status == PurchaseStatus::Refunded.as_str() || status == PurchaseStatus::Revoked.as_str()
+    status.parse::<PurchaseStatus>().is_ok_and(rules::is_final)
 }
 
 /// Whether `incoming` is older than the held state `h`.
@@ -102,13 +103,21 @@ fn is_stale(
     stored_revoked_at: Option<DateTime<Utc>>,
     incoming: &PurchaseState,
 ) -> bool {
-    stored_updated_at > incoming.source_updated_at
-        || (is_final(stored_status)
-            && !matches!(
-                incoming.status,
-                PurchaseStatus::Refunded | PurchaseStatus::Revoked
-            )
-            && stored_revoked_at.is_some_and(|r| incoming.source_updated_at <= r))
+    let stored = rules::Version {
+        // An unknown stored status orders by time alone.
+        status: stored_status.parse().unwrap_or(PurchaseStatus::Active),
+        source_updated_at: stored_updated_at,
+        revoked_at: stored_revoked_at,
+    };
+    rules::is_stale(stored, version_of(incoming))
+}
+
+fn version_of(p: &PurchaseState) -> rules::Version {
+    rules::Version {
+        status: p.status,
+        source_updated_at: p.source_updated_at,
+        revoked_at: p.revoked_at,
+    }
 }
 
 impl Submitter<'_> {

@@ -493,9 +493,9 @@ impl Core {
         // A refund or a chargeback stands until Stripe reports a period
         // paid after it.
         if let Some(e) = &existing
-            && (e.status == PurchaseStatus::Refunded.as_str()
-                || e.status == PurchaseStatus::Revoked.as_str())
-            && state.state().expires_at <= e.expires_at
+            && e.status.parse().is_ok_and(|st| {
+                crate::domain::rules::refund_stands(st, e.expires_at, state.state().expires_at)
+            })
         {
             return Ok(("refund_stands", Some(e.customer_id.clone())));
         }
