@@ -26,10 +26,9 @@ BACKENDS="${BENCH_BACKENDS:-sqlite postgres}"
 POSTGRES_URL="${BENCH_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 PROFILE="${BENCH_PROFILE:-release}"
 STRIPE_EVENTS="${BENCH_WEBHOOK_EVENTS:-30000}"
-# An App Store notification is about 20 kB (three signatures, each with the
-# certificate chain): fewer are prepared, and the report says if they ran out.
-APPLE_EVENTS="${BENCH_APPLE_EVENTS:-20000}"
-GOOGLE_EVENTS="${BENCH_GOOGLE_EVENTS:-30000}"
+# The report says when a load ran out of events (it then sent duplicates).
+APPLE_EVENTS="${BENCH_APPLE_EVENTS:-$STRIPE_EVENTS}"
+GOOGLE_EVENTS="${BENCH_GOOGLE_EVENTS:-$STRIPE_EVENTS}"
 WEBHOOK_CUSTOMERS=1000
 WEBHOOK_SECRET="whsec_bench_0123456789"
 VECTORS="$ROOT/../shared/vectors"
@@ -86,8 +85,8 @@ LUA
 cp "$WORK/report.lua" "$WORK/health.lua"
 
 # Signed deliveries, `<header value>\t<body>` a line, replayed once each:
-# thread k sends lines k, k + THREADS, ..., read as it goes (App Store files
-# run to hundreds of MB). Past the end of the file it starts again and
+# thread k sends lines k, k + THREADS, ..., read as it goes (an App Store
+# file runs to hundreds of MB). Past the end of the file it starts again and
 # counts a wrap, which the report flags (those are duplicates).
 replay_script() { # file route header
   cat > "$WORK/replay-$(basename "$1").lua" <<LUA

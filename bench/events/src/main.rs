@@ -23,6 +23,10 @@ use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header, jwk::Jwk};
+use p256::{
+    ecdsa::{Signature, SigningKey, signature::Signer},
+    pkcs8::DecodePrivateKey,
+};
 use serde_json::{Value, json};
 
 const APPLE_BUNDLE: &str = "com.example";
@@ -131,6 +135,12 @@ jwks_uri = {jwks}
 
 // ------------------------------------------------------------------ Apple
 
+/// The DER inside a one-block PEM text.
+fn pem_body(pem: &str) -> anyhow::Result<Vec<u8>> {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    Ok(STANDARD.decode(b64)?)
+}
+
 /// A certificate as an `x5c` entry: standard base64 of its DER.
 fn x5c_of_pem(p: &Path) -> anyhow::Result<String> {
     Ok(read(p)?
@@ -143,7 +153,7 @@ fn x5c_of_pem(p: &Path) -> anyhow::Result<String> {
 
 struct AppleSigner {
     header: String,
-    key: EncodingKey,
+    key: SigningKey,
 }
 
 impl AppleSigner {
@@ -155,18 +165,20 @@ impl AppleSigner {
         ];
         Ok(AppleSigner {
             header: URL_SAFE_NO_PAD.encode(json!({ "alg": "ES256", "x5c": chain }).to_string()),
-            key: EncodingKey::from_ec_pem(read(leaf_key)?.as_bytes())?,
+            key: SigningKey::from_pkcs8_der(&pem_body(&read(leaf_key)?)?)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", leaf_key.display()))?,
         })
     }
 
-    fn sign(&self, payload: &Value) -> anyhow::Result<String> {
+    /// ES256 as JWS has it: the signature is r and s, 32 bytes each.
+    fn sign(&self, payload: &Value) -> String {
         let msg = format!(
             "{}.{}",
             self.header,
             URL_SAFE_NO_PAD.encode(payload.to_string())
         );
-        let sig = jsonwebtoken::crypto::sign(msg.as_bytes(), &self.key, Algorithm::ES256)?;
-        Ok(format!("{msg}.{sig}"))
+        let sig: Signature = self.key.sign(msg.as_bytes());
+        format!("{msg}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
     }
 }
 
@@ -183,77 +195,110 @@ fn apple(
     let signer = AppleSigner::new(certs, leaf_key)?;
     let now = now_ms();
     let base = now - count as i64;
+    write_lines(out, count, |n| apple_line(&signer, now, base, n, customers))
+}
+
+/// Lines `0..count` in order, made on every core: signing is most of the work.
+fn write_lines(out: &Path, count: u64, line: impl Fn(u64) -> String + Sync) -> anyhow::Result<()> {
+    const BLOCK: u64 = 4096;
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let mut f = BufWriter::new(File::create(out)?);
-    for n in 0..count {
-        let c = customer(n, customers);
-        let signed = base + n as i64;
-        let token = entitle::domain::tokens::account_token(&c).to_string();
-        let id = format!("{}", 2_000_000_000 + n);
-        let mut tx = json!({
-            "transactionId": id,
-            "bundleId": APPLE_BUNDLE,
-            "purchaseDate": now - 3_600_000,
-            "quantity": 1,
-            "appAccountToken": token,
-            "inAppOwnershipType": "PURCHASED",
-            "signedDate": signed,
-            "environment": "Production",
-            "transactionReason": "PURCHASE",
-            "storefront": "USA",
-            "storefrontId": "143441",
-            "price": 4990,
-            "currency": "USD",
+    for start in (0..count).step_by(BLOCK as usize) {
+        let end = (start + BLOCK).min(count);
+        let parts: Vec<Vec<String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let line = &line;
+                    s.spawn(move || {
+                        (start..end)
+                            .skip(w as usize)
+                            .step_by(workers as usize)
+                            .map(line)
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a generator thread panicked"))
+                .collect()
         });
-        let mut data = json!({
-            "appAppleId": APPLE_APP_ID,
-            "bundleId": APPLE_BUNDLE,
-            "bundleVersion": "1.0",
-            "environment": "Production",
-        });
-        let kind = if n % 2 == 0 {
-            tx["originalTransactionId"] = json!(id);
-            tx["originalPurchaseDate"] = json!(now - 3_600_000);
-            tx["productId"] = json!(APPLE_LIFETIME);
-            tx["type"] = json!("Non-Consumable");
-            "ONE_TIME_CHARGE"
-        } else {
-            let original = format!("{}", 1_000_000_000 + n % customers);
-            tx["originalTransactionId"] = json!(original);
-            tx["originalPurchaseDate"] = json!(now - 30 * DAY_MS);
-            tx["productId"] = json!(APPLE_MONTHLY);
-            tx["type"] = json!("Auto-Renewable Subscription");
-            tx["expiresDate"] = json!(now + 30 * DAY_MS);
-            tx["webOrderLineItemId"] = json!(format!("{id}0"));
-            tx["subscriptionGroupIdentifier"] = json!("21000000");
-            tx["transactionReason"] = json!("RENEWAL");
-            let renewal = json!({
-                "originalTransactionId": original,
-                "autoRenewProductId": APPLE_MONTHLY,
-                "productId": APPLE_MONTHLY,
-                "autoRenewStatus": 1,
-                "isInBillingRetryPeriod": false,
-                "signedDate": signed,
-                "environment": "Production",
-                "recentSubscriptionStartDate": now - 30 * DAY_MS,
-                "appAccountToken": token,
-            });
-            data["signedRenewalInfo"] = json!(signer.sign(&renewal)?);
-            data["status"] = json!(1);
-            "DID_RENEW"
-        };
-        data["signedTransactionInfo"] = json!(signer.sign(&tx)?);
-        let notification = json!({
-            "notificationType": kind,
-            "notificationUUID": format!("00000000-0000-4000-8000-{n:012}"),
-            "data": data,
-            "version": "2.0",
-            "signedDate": signed,
-        });
-        let body = json!({ "signedPayload": signer.sign(&notification)? });
-        writeln!(f, "\t{body}")?;
+        for i in 0..(end - start) {
+            let part = &parts[(i % workers) as usize];
+            writeln!(f, "{}", part[(i / workers) as usize])?;
+        }
     }
     f.flush()?;
     Ok(())
+}
+
+fn apple_line(signer: &AppleSigner, now: i64, base: i64, n: u64, customers: u64) -> String {
+    let c = customer(n, customers);
+    let signed = base + n as i64;
+    let token = entitle::domain::tokens::account_token(&c).to_string();
+    let id = format!("{}", 2_000_000_000 + n);
+    let mut tx = json!({
+        "transactionId": id,
+        "bundleId": APPLE_BUNDLE,
+        "purchaseDate": now - 3_600_000,
+        "quantity": 1,
+        "appAccountToken": token,
+        "inAppOwnershipType": "PURCHASED",
+        "signedDate": signed,
+        "environment": "Production",
+        "transactionReason": "PURCHASE",
+        "storefront": "USA",
+        "storefrontId": "143441",
+        "price": 4990,
+        "currency": "USD",
+    });
+    let mut data = json!({
+        "appAppleId": APPLE_APP_ID,
+        "bundleId": APPLE_BUNDLE,
+        "bundleVersion": "1.0",
+        "environment": "Production",
+    });
+    let kind = if n.is_multiple_of(2) {
+        tx["originalTransactionId"] = json!(id);
+        tx["originalPurchaseDate"] = json!(now - 3_600_000);
+        tx["productId"] = json!(APPLE_LIFETIME);
+        tx["type"] = json!("Non-Consumable");
+        "ONE_TIME_CHARGE"
+    } else {
+        let original = format!("{}", 1_000_000_000 + n % customers);
+        tx["originalTransactionId"] = json!(original);
+        tx["originalPurchaseDate"] = json!(now - 30 * DAY_MS);
+        tx["productId"] = json!(APPLE_MONTHLY);
+        tx["type"] = json!("Auto-Renewable Subscription");
+        tx["expiresDate"] = json!(now + 30 * DAY_MS);
+        tx["webOrderLineItemId"] = json!(format!("{id}0"));
+        tx["subscriptionGroupIdentifier"] = json!("21000000");
+        tx["transactionReason"] = json!("RENEWAL");
+        let renewal = json!({
+            "originalTransactionId": original,
+            "autoRenewProductId": APPLE_MONTHLY,
+            "productId": APPLE_MONTHLY,
+            "autoRenewStatus": 1,
+            "isInBillingRetryPeriod": false,
+            "signedDate": signed,
+            "environment": "Production",
+            "recentSubscriptionStartDate": now - 30 * DAY_MS,
+            "appAccountToken": token,
+        });
+        data["signedRenewalInfo"] = json!(signer.sign(&renewal));
+        data["status"] = json!(1);
+        "DID_RENEW"
+    };
+    data["signedTransactionInfo"] = json!(signer.sign(&tx));
+    let notification = json!({
+        "notificationType": kind,
+        "notificationUUID": format!("00000000-0000-4000-8000-{n:012}"),
+        "data": data,
+        "version": "2.0",
+        "signedDate": signed,
+    });
+    let body = json!({ "signedPayload": signer.sign(&notification) });
+    format!("\t{body}")
 }
 
 // ------------------------------------------------------------ Google Play
@@ -282,7 +327,7 @@ fn google(key: &Path, out: &Path, count: u64, customers: u64) -> anyhow::Result<
     for n in 0..count {
         let c = customer(n, customers);
         let at = (base + n as i64).to_string();
-        let note = if n % 2 == 0 {
+        let note = if n.is_multiple_of(2) {
             json!({
                 "version": "1.0", "packageName": PLAY_PACKAGE, "eventTimeMillis": at,
                 "oneTimeProductNotification": { "version": "1.0", "notificationType": 1,
