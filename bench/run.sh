@@ -349,12 +349,10 @@ PY
     redis-cli -u "$REDIS_URL" DEL "$stream" >/dev/null
     echo "EVENTS $BACKEND $logged $xlen$lat" >> "$RESULTS"
   fi
-  # The server logs at warn: every line is a warning or an error.
-  echo "LOGWARN $BACKEND $(grep -c . "$DIR/server.log" || true)" >> "$RESULTS"
-  if [ -s "$DIR/server.log" ]; then
-    echo "server log ($BACKEND), most frequent lines:"
-    sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[^ ]* *//' "$DIR/server.log" | sort | uniq -c | sort -rn | head -5
-  fi
+  # The server logs at warn: every line is a warning or an error. The most
+  # frequent ones go to the report, without colours and timestamps.
+  sed -e 's/\x1b\[[0-9;]*m//g' -e 's/^[^ ]* *//' "$DIR/server.log" | sort | uniq -c | sort -rn | head -5 |
+    sed "s/^ */LOG $BACKEND /" >> "$RESULTS" || true
 
   kill "$PID"; wait "$PID" 2>/dev/null || true
   PID=""
