@@ -12,6 +12,9 @@
 # afterwards), BENCH_PROFILE=dev checks the scenarios with the development
 # build (its figures are not comparable).
 set -euo pipefail
+# Paths given by the caller are relative to where it stands.
+[ -z "${BENCH_BIN:-}" ] || BENCH_BIN="$(realpath "$BENCH_BIN")"
+[ -z "${BENCH_OUT:-}" ] || BENCH_OUT="$(realpath -m "$BENCH_OUT")"
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
@@ -366,4 +369,4 @@ PY
 for b in $BACKENDS; do run_backend "$b"; done
 
 python3 "$ROOT/bench/report.py" "$RESULTS" "$PROFILE" "$CONNS" "$DURATION" "$CUSTOMERS" "$WEBHOOK_CUSTOMERS" \
-  "$(redacted "$POSTGRES_URL")" | tee "${BENCH_OUT:-bench/results.md}"
+  "$(redacted "$POSTGRES_URL")" | tee "${BENCH_OUT:-$ROOT/bench/results.md}"
