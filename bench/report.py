@@ -54,6 +54,7 @@ def outcomes(before, after, store):
 
 
 rows, stores, ready, idle, events, logs, skips, versions = {}, {}, {}, {}, {}, {}, [], {}
+load = "?"
 for line in open(results):
     kind, *f = line.split()
     if kind == "ROW":
@@ -74,6 +75,8 @@ for line in open(results):
         logs.setdefault(f[0], []).append((int(f[1]), line.split(None, 3)[3].strip()))
     elif kind == "VERSION":
         versions[f[0]] = f[1]
+    elif kind == "LOAD":
+        load = " ".join(f)
     elif kind == "SKIP":
         skips.append(line.split(None, 2)[2].strip())
 
@@ -89,7 +92,7 @@ for b in rows:
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
       f"{platform.machine()}, {build}, {customers} customers, {conns} client connections x {dur} per "
       f"scenario, wrk -t2 on the same machine; {' and '.join(where)}. Each backend has its own "
-      f"server process and its own GET /health figure.\n")
+      f"server process and its own GET /health figure. Load average (1, 5, 15 min) as the run began: {load}.\n")
 for s in skips:
     print(f"{s}\n")
 

@@ -61,7 +61,8 @@ BIN="${BENCH_BIN:-$OUTDIR/entitle}"
 GEN="$OUTDIR/bench-events"
 WORK="$(mktemp -d)"
 RESULTS="$WORK/results.txt"
-: > "$RESULTS"
+# Other work on the machine moves every figure; the report shows how much there was.
+echo "LOAD $(cut -d' ' -f1-3 /proc/loadavg)" > "$RESULTS"
 PG_DB=""
 cleanup() {
   # Never `kill 0`: that would be this script's whole process group.
