@@ -88,13 +88,16 @@ for b in rows:
     if b == "sqlite":
         where.append(f"SQLite (a fresh file, pool of {pool})")
     else:
-        where.append(f"PostgreSQL {versions.get(b, '')} (a fresh database on {pg_at}, same machine, pool of {pool})")
+        host = "on this machine" if pg_at == "local" else "on another host"
+        where.append(f"PostgreSQL {versions.get(b, '')} (a fresh database, {host}, pool of {pool})")
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
       f"{platform.machine()}, {build}, {customers} customers, {conns} client connections x {dur} per "
       f"scenario, wrk -t2 on the same machine; {' and '.join(where)}. Each backend has its own "
       f"server process and its own GET /health figure. Load average (1, 5, 15 min) as the run began: {load}.\n")
 for s in skips:
     print(f"{s}\n")
+if not rows:
+    sys.exit(0)
 
 for b, rs in rows.items():
     base = next(r["rps"] for r in rs if r["name"] == "health")
