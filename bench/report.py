@@ -92,7 +92,7 @@ for b in rows:
         where.append(f"PostgreSQL {versions.get(b, '')} (a fresh database, {host}, pool of {pool})")
 print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} cores, "
       f"{platform.machine()}, {build}, {customers} customers, {conns} client connections x {dur} per "
-      f"scenario, wrk -t2 on the same machine; {' and '.join(where)}. Each backend has its own "
+      f"scenario, wrk -t2 on the same machine; {' and '.join(where) or 'no backend ran'}. Each backend has its own "
       f"server process and its own GET /health figure. Load average (1, 5, 15 min) as the run began: {load}.\n")
 for s in skips:
     print(f"{s}\n")
