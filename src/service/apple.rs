@@ -76,6 +76,13 @@ impl NotificationOutcome {
 }
 
 impl Core {
+    /// The App Store connector, when configured.
+    pub(crate) fn apple(&self) -> AppResult<&Apple> {
+        self.apple
+            .as_deref()
+            .ok_or(AppError::NotConfigured("App Store"))
+    }
+
     async fn resolve_app_store(
         &self,
         apple: &Apple,
@@ -128,10 +135,7 @@ impl Core {
         original_transaction_id: &str,
         environment: crate::domain::Environment,
     ) -> AppResult<&'static str> {
-        let apple = self
-            .apple
-            .as_deref()
-            .ok_or(AppError::NotConfigured("App Store"))?;
+        let apple = self.apple()?;
         let v = apple
             .reread(original_transaction_id, Some(environment))
             .await?;
@@ -219,10 +223,7 @@ impl Core {
         row: &webhook_events::Model,
         claim: Claim,
     ) -> AppResult<bool> {
-        let apple = self
-            .apple
-            .as_deref()
-            .ok_or(AppError::NotConfigured("App Store"))?;
+        let apple = self.apple()?;
         let n = crate::providers::Connector::read_stored(apple, row)?;
         Ok(self.ingest_apple_notification(apple, &n, &claim).await?
             != NotificationOutcome::Duplicate)

@@ -111,7 +111,7 @@ fn bare(product_id: &str) -> &str {
 }
 
 impl Core {
-    fn google(&self) -> AppResult<&GooglePlay> {
+    pub(crate) fn google(&self) -> AppResult<&GooglePlay> {
         self.google
             .as_deref()
             .ok_or(AppError::NotConfigured("Google Play"))

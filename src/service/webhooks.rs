@@ -425,21 +425,16 @@ impl Ingest for crate::providers::stripe::StripeProvider {
 
 impl Ingest for crate::providers::apple::Apple {
     fn connector(core: &Core) -> AppResult<&Self> {
-        core.apple
-            .as_deref()
-            .ok_or(AppError::NotConfigured("App Store"))
+        core.apple()
     }
     async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<&'static str> {
-        let apple = Self::connector(core)?;
-        Ok(core.apple_webhook(apple, n).await?.as_str())
+        Ok(core.apple_webhook(core.apple()?, n).await?.as_str())
     }
 }
 
 impl Ingest for crate::providers::google::GooglePlay {
     fn connector(core: &Core) -> AppResult<&Self> {
-        core.google
-            .as_deref()
-            .ok_or(AppError::NotConfigured("Google Play"))
+        core.google()
     }
     async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<&'static str> {
         Ok(core.play_webhook(push).await?.as_str())
