@@ -7,6 +7,7 @@ use axum::{
     extract::DefaultBodyLimit,
     http::StatusCode,
     middleware,
+    response::IntoResponse,
     routing::{get, post},
 };
 use tokio::net::TcpListener;
@@ -45,9 +46,9 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             rest::tokens::sign_answers,
         ));
-    Router::new()
+    // The routes that write: each request runs to its end on its own.
+    let writes = Router::new()
         .merge(signed)
-        .route("/graphql/ws", get(graphql::ws).with_state(gql))
         .route(
             "/webhooks/stripe",
             post(rest::webhooks::receive::<StripeProvider>),
@@ -57,6 +58,10 @@ pub fn router(state: AppState) -> Router {
             post(rest::webhooks::receive::<GooglePlay>),
         )
         .route("/webhooks/apple", post(rest::webhooks::receive::<Apple>))
+        .route_layer(middleware::from_fn(run_to_end));
+    Router::new()
+        .merge(writes)
+        .route("/graphql/ws", get(graphql::ws).with_state(gql))
         .route("/.well-known/jwks.json", get(rest::tokens::jwks))
         .route("/health", get(rest::health::health))
         .route("/ready", get(rest::health::ready))
@@ -76,6 +81,25 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(middleware::map_response(close_unread))
         .with_state(state)
+}
+
+/// hyper drops a handler's future when its client goes away (or the request
+/// timeout fires), which may be between BEGIN and COMMIT: the transaction is
+/// then rolled back behind the caller's back (PostgreSQL logs a COMMIT or
+/// ROLLBACK with no transaction in progress), and work a store or a device
+/// was told nothing about is lost and done again at the next delivery. A
+/// request that may write therefore runs in a task of its own and finishes
+/// whether or not anyone still waits for its answer.
+async fn run_to_end(
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        // Keeps a handler's panic what it was without the task.
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
 }
 
 /// A refused body (too large, too slow) is left unread on the socket, so the
@@ -220,7 +244,12 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     }
     crate::jobs::spawn_all(core.clone(), config);
     spawn_last_seen_writer(core.clone());
-    // Replicas on PostgreSQL keep entries a second: nothing to gain there.
+    if config.is_postgres() {
+        core.db
+            .spawn_cache_listener(config.database_url.expose().to_string());
+    }
+    // A replica's cache starts off until its listener is in place: warming
+    // it would race that.
     if !config.is_postgres() && config.cache_warm > 0 && !config.cache_ttl().is_zero() {
         let core = core.clone();
         let limit = config.cache_warm;

@@ -74,9 +74,10 @@ pub struct Config {
     /// Connections in the pool (SQLite readers share it with the writer).
     pub database_max_connections: u32,
     /// How long (ms) a customer's purchases may be served from memory.
-    /// Writes through this process invalidate at once; this bounds how late
-    /// writes by other replicas are seen. 0 turns the cache off. Unset: 60 s
-    /// on SQLite (one server process), 1 s on PostgreSQL (replicas).
+    /// Writes through any server invalidate at once (on PostgreSQL other
+    /// replicas hear of them when they commit); this bounds how late writes
+    /// made behind every server's back are seen. 0 turns the cache off.
+    /// Unset: 60 s.
     pub cache_ttl_ms: Option<u64>,
     /// On SQLite, how many of the most recent customers (and devices) are
     /// read into the cache at start, in the background, so a restart under
@@ -914,8 +915,7 @@ impl Config {
     }
 
     pub fn cache_ttl(&self) -> std::time::Duration {
-        let default = if self.is_postgres() { 1_000 } else { 60_000 };
-        std::time::Duration::from_millis(self.cache_ttl_ms.unwrap_or(default))
+        std::time::Duration::from_millis(self.cache_ttl_ms.unwrap_or(60_000))
     }
 
     pub fn is_postgres(&self) -> bool {

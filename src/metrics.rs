@@ -114,6 +114,11 @@ impl Metrics {
             "Write transactions committed",
             stats.write_commits.clone(),
         );
+        self.registry.register(
+            "read_cache_listening",
+            "PostgreSQL: 1 while this replica hears other replicas' writes (its read cache is on), 0 while not; always 1 on SQLite",
+            stats.cache_listening.clone(),
+        );
     }
 
     pub fn render(&self) -> String {

@@ -7,8 +7,12 @@
 //! epoch per shard stops a read that started before the commit from filling
 //! the cache with what it saw. The epoch is per shard, not global, so a
 //! steady stream of writes (devices checking in, webhooks) does not keep
-//! every other customer's reads from being cached. Writes by other
-//! processes (replicas, the CLI) are seen within the TTL.
+//! every other customer's reads from being cached. On PostgreSQL every
+//! write transaction also announces what it wrote (NOTIFY, delivered only
+//! once it commits), and each replica drops those entries when it hears it;
+//! while a replica is not listening its cache is off, so it cannot serve
+//! what it was not told about. Writes behind every server's back (SQL by
+//! hand) are seen within the TTL.
 
 use std::{
     collections::HashMap,
@@ -46,6 +50,9 @@ pub fn device_key(platform: &str, device_id: &str) -> String {
 
 pub struct ReadCache<V> {
     ttl: Duration,
+    /// Whether entries may be served and kept: off while a replica cannot
+    /// hear other replicas' writes.
+    live: std::sync::atomic::AtomicBool,
     hasher: RandomState,
     shards: Vec<Shard<V>>,
 }
@@ -69,6 +76,7 @@ impl<V: Clone> ReadCache<V> {
     pub fn new(ttl: Duration) -> Self {
         ReadCache {
             ttl,
+            live: std::sync::atomic::AtomicBool::new(true),
             hasher: RandomState::new(),
             shards: (0..SHARDS)
                 .map(|_| Shard {
@@ -84,7 +92,7 @@ impl<V: Clone> ReadCache<V> {
     }
 
     pub fn get(&self, id: &str) -> Option<V> {
-        if self.ttl.is_zero() {
+        if self.ttl.is_zero() || !self.live.load(Ordering::SeqCst) {
             return None;
         }
         let shard = self.shards[self.shard_of(id)]
@@ -126,7 +134,7 @@ impl<V: Clone> ReadCache<V> {
     /// Stores what a read saw, unless a write to `id`'s shard committed
     /// since `epoch` (taken for `id`: an epoch of another shard drops the fill).
     pub fn fill(&self, id: &str, epoch: Epoch, value: V) {
-        if self.ttl.is_zero() {
+        if self.ttl.is_zero() || !self.live.load(Ordering::SeqCst) {
             return;
         }
         let index = self.shard_of(id);
@@ -152,6 +160,21 @@ impl<V: Clone> ReadCache<V> {
             let shard = &self.shards[self.shard_of(id)];
             shard.epoch.fetch_add(1, Ordering::SeqCst);
             shard.entries.lock().expect("cache shard").remove(id);
+        }
+    }
+
+    /// Drops every entry and turns the cache on or off. Every epoch moves
+    /// first, so a read that began before cannot fill what it saw.
+    pub fn reset(&self, live: bool) {
+        if !live {
+            self.live.store(false, Ordering::SeqCst);
+        }
+        for shard in &self.shards {
+            shard.epoch.fetch_add(1, Ordering::SeqCst);
+            shard.entries.lock().expect("cache shard").clear();
+        }
+        if live {
+            self.live.store(true, Ordering::SeqCst);
         }
     }
 
@@ -211,6 +234,22 @@ mod tests {
         // An epoch taken for another shard never fills.
         c.fill(&a, e, entry());
         assert!(c.get(&a).is_none());
+    }
+
+    #[test]
+    fn a_reset_drops_entries_and_racing_fills_and_can_turn_the_cache_off() {
+        let c: ReadCache<CachedCustomer> = ReadCache::new(Duration::from_secs(60));
+        c.fill("a", c.epoch("a"), entry());
+        let before = c.epoch("b");
+        c.reset(false);
+        assert!(c.get("a").is_none());
+        c.fill("a", c.epoch("a"), entry());
+        assert!(c.get("a").is_none(), "off: nothing is kept");
+        c.reset(true);
+        c.fill("b", before, entry());
+        assert!(c.get("b").is_none(), "a read from before the reset");
+        c.fill("a", c.epoch("a"), entry());
+        assert!(c.get("a").is_some());
     }
 
     #[test]

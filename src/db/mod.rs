@@ -45,12 +45,47 @@ pub struct Db {
     /// Statements run and write transactions committed, for `/metrics` and
     /// the benchmark's statements-per-event figure.
     pub stats: DbStats,
+    /// PostgreSQL: marks this process's cache notices, so its listener skips
+    /// its own (already applied at commit).
+    listener_id: Option<Arc<str>>,
+}
+
+/// Drops what another replica's write changed.
+fn apply_cache_notice(
+    me: &str,
+    payload: &str,
+    cache: &ReadCache<CachedCustomer>,
+    devices: &ReadCache<CachedDevice>,
+) {
+    #[derive(serde::Deserialize)]
+    struct Notice {
+        from: String,
+        #[serde(default)]
+        all: bool,
+        #[serde(default)]
+        customers: Vec<String>,
+        #[serde(default)]
+        devices: Vec<String>,
+    }
+    match serde_json::from_str::<Notice>(payload) {
+        Ok(n) if n.from == me => {}
+        Ok(n) if !n.all => {
+            cache.invalidate(n.customers.iter());
+            devices.invalidate(n.devices.iter());
+        }
+        // "all", or a notice this version cannot read: drop everything.
+        _ => {
+            cache.reset(true);
+            devices.reset(true);
+        }
+    }
 }
 
 #[derive(Clone, Default)]
 pub struct DbStats {
     pub statements: prometheus_client::metrics::counter::Counter,
     pub write_commits: prometheus_client::metrics::counter::Counter,
+    pub cache_listening: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// A write transaction: IMMEDIATE on SQLite (so a read-then-write never dies
@@ -70,6 +105,8 @@ pub struct WriteTxn {
     ensured: std::sync::Mutex<std::collections::HashSet<String>>,
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     write_commits: prometheus_client::metrics::counter::Counter,
+    /// PostgreSQL: this process's mark on the cache notifications it sends.
+    notify_as: Option<Arc<str>>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -81,6 +118,23 @@ impl std::ops::Deref for WriteTxn {
 
 impl WriteTxn {
     pub async fn commit(self) -> AppResult<()> {
+        if let Some(me) = &self.notify_as {
+            let payload = {
+                let customers = self.touched.lock().expect("touched");
+                let devices = self.touched_devices.lock().expect("touched");
+                cache_notice(me, &customers, &devices)
+            };
+            if let Some(payload) = payload {
+                // Delivered to the listeners only if and when this commits.
+                self.txn
+                    .execute_raw(sea_orm::Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        "SELECT pg_notify($1, $2)",
+                        [CACHE_CHANNEL.into(), payload.into()],
+                    ))
+                    .await?;
+            }
+        }
         self.txn.commit().await?;
         self.cache
             .invalidate(self.touched.lock().expect("touched").iter());
@@ -105,6 +159,25 @@ impl WriteTxn {
             .expect("touched")
             .push(customer_id.to_string());
     }
+}
+
+/// The PostgreSQL channel on which write transactions name what they wrote.
+const CACHE_CHANNEL: &str = "entitle_cache";
+/// NOTIFY payloads must stay under 8000 bytes; a bigger write says "all".
+const NOTICE_LIMIT: usize = 7900;
+
+/// What a write transaction tells other replicas to drop from their read
+/// caches: `None` when it wrote nothing cached.
+fn cache_notice(me: &str, customers: &[String], devices: &[String]) -> Option<String> {
+    if customers.is_empty() && devices.is_empty() {
+        return None;
+    }
+    let notice = serde_json::json!({ "from": me, "customers": customers, "devices": devices });
+    let text = notice.to_string();
+    Some(match text.len() > NOTICE_LIMIT {
+        true => serde_json::json!({ "from": me, "all": true }).to_string(),
+        false => text,
+    })
 }
 
 /// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
@@ -185,12 +258,31 @@ impl Db {
             }
             false => None,
         };
+        let postgres = !sqlite;
+        let (cache, device_cache) = (
+            Arc::new(ReadCache::new(config.cache_ttl())),
+            Arc::new(ReadCache::new(config.cache_ttl())),
+        );
+        if postgres {
+            // Until its listener is in place a replica cannot tell what
+            // others wrote.
+            cache.reset(false);
+            device_cache.reset(false);
+        } else {
+            stats.cache_listening.set(1);
+        }
         Ok(Db {
+            listener_id: postgres.then(|| {
+                use rand::RngCore;
+                let mut b = [0u8; 8];
+                rand::rng().fill_bytes(&mut b);
+                Arc::from(hex::encode(b))
+            }),
             stats,
             writer,
             conn,
-            cache: Arc::new(ReadCache::new(config.cache_ttl())),
-            device_cache: Arc::new(ReadCache::new(config.cache_ttl())),
+            cache,
+            device_cache,
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
             commits: Arc::new(tokio::sync::watch::channel(0).0),
         })
@@ -252,7 +344,56 @@ impl Db {
             ensured: Default::default(),
             commits: self.commits.clone(),
             write_commits: self.stats.write_commits.clone(),
+            notify_as: self.listener_id.clone(),
         })
+    }
+
+    /// PostgreSQL: listens for other replicas' cache notices for as long as
+    /// the process runs. The caches stay off until the first LISTEN is in
+    /// place, and go off again (emptied) whenever the connection is lost, as
+    /// notices sent meanwhile are lost with it.
+    pub fn spawn_cache_listener(&self, url: String) {
+        let Some(me) = self.listener_id.clone() else {
+            return;
+        };
+        let (cache, devices) = (self.cache.clone(), self.device_cache.clone());
+        let listening = self.stats.cache_listening.clone();
+        tokio::spawn(async move {
+            use sea_orm::sqlx::postgres::PgListener;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let mut listener = match PgListener::connect(&url).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "read cache listener: cannot connect; cache off");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(CACHE_CHANNEL).await {
+                    tracing::warn!(error = %e, "read cache listener: LISTEN failed; cache off");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                backoff = Duration::from_millis(100);
+                // Whatever was written before the LISTEN was never heard.
+                cache.reset(true);
+                devices.reset(true);
+                listening.set(1);
+                loop {
+                    match listener.try_recv().await {
+                        Ok(Some(n)) => apply_cache_notice(&me, n.payload(), &cache, &devices),
+                        // The connection was lost: so may notices have been.
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                listening.set(0);
+                cache.reset(false);
+                devices.reset(false);
+                tracing::warn!("read cache listener: connection lost; cache off until it is back");
+            }
+        });
     }
 
     pub async fn ping(&self) -> bool {
