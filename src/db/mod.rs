@@ -25,8 +25,15 @@ use crate::{
 };
 
 mod cache;
+pub mod customer;
+pub mod held_purchase;
+pub mod purchase;
+pub mod receipt;
+pub mod webhook_claim;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
+/// What services take a connection or transaction as, without naming the ORM.
+pub use sea_orm::ConnectionTrait as Conn;
 
 #[derive(Clone)]
 pub struct Db {
