@@ -26,6 +26,7 @@ use crate::{
 
 mod cache;
 pub mod customer;
+pub mod device;
 pub mod held_purchase;
 pub mod purchase;
 pub mod receipt;
