@@ -24,6 +24,7 @@ use crate::{
     error::{AppError, AppResult},
 };
 
+pub mod api_key;
 mod cache;
 pub mod customer;
 pub mod device;
