@@ -31,6 +31,7 @@ pub mod device;
 pub mod held_purchase;
 pub mod purchase;
 pub mod receipt;
+pub mod signing_key;
 pub mod webhook_claim;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
