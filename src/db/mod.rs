@@ -29,6 +29,7 @@ mod cache;
 pub mod customer;
 pub mod device;
 pub mod held_purchase;
+pub mod outbound_endpoint;
 pub mod purchase;
 pub mod receipt;
 pub mod signing_key;
