@@ -24,9 +24,20 @@ use crate::{
     error::{AppError, AppResult},
 };
 
+pub mod api_key;
 mod cache;
+pub mod customer;
+pub mod device;
+pub mod held_purchase;
+pub mod outbound_endpoint;
+pub mod purchase;
+pub mod receipt;
+pub mod signing_key;
+pub mod webhook_claim;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
+/// What services take a connection or transaction as, without naming the ORM.
+pub use sea_orm::ConnectionTrait as Conn;
 
 #[derive(Clone)]
 pub struct Db {

@@ -3,15 +3,12 @@
 
 use entities::api_keys;
 use rand::RngCore;
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, Condition, EntityTrait, IntoActiveModel,
-    QueryFilter,
-};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::Core;
 use crate::{
+    db,
     domain::ApiKeyRole,
     error::{AppError, AppResult},
 };
@@ -56,37 +53,28 @@ impl Core {
         let key = format!("{KEY_PREFIX}{}", random_hex(32));
         let prefix = key[..PREFIX_LEN].to_string();
         let id = format!("key_{}", random_hex(8));
-        api_keys::ActiveModel {
-            id: Set(id.clone()),
-            name: Set(name.to_string()),
-            role: Set(role.as_str().into()),
-            prefix: Set(prefix.clone()),
-            hash: Set(hash_key(&key)),
-            created_at: Set(self.now()),
-            revoked_at: Set(None),
-        }
-        .insert(&self.db.conn)
-        .await?;
+        let row = api_keys::Model {
+            id: id.clone(),
+            name: name.to_string(),
+            role: role.as_str().into(),
+            prefix: prefix.clone(),
+            hash: hash_key(&key),
+            created_at: self.now(),
+            revoked_at: None,
+        };
+        db::api_key::insert(&self.db.conn, row).await?;
         Ok(CreatedKey { id, key, prefix })
     }
 
     /// Revokes by id or prefix; revoking twice is not an error.
     pub async fn revoke_api_key(&self, id_or_prefix: &str) -> AppResult<api_keys::Model> {
-        let row = api_keys::Entity::find()
-            .filter(
-                Condition::any()
-                    .add(api_keys::Column::Id.eq(id_or_prefix))
-                    .add(api_keys::Column::Prefix.eq(id_or_prefix)),
-            )
-            .one(&self.db.conn)
+        let row = db::api_key::find_by_id_or_prefix(&self.db.conn, id_or_prefix)
             .await?
             .ok_or(AppError::NotFound("api key"))?;
         if row.revoked_at.is_some() {
             return Ok(row);
         }
-        let mut am = row.into_active_model();
-        am.revoked_at = Set(Some(self.now()));
-        Ok(am.update(&self.db.conn).await?)
+        db::api_key::mark_revoked(&self.db.conn, row, self.now()).await
     }
 
     /// The key's identity, or `None` for an unknown, malformed or revoked key.
@@ -94,11 +82,7 @@ impl Core {
         let Some(prefix) = key_prefix(key) else {
             return Ok(None);
         };
-        let Some(row) = api_keys::Entity::find()
-            .filter(api_keys::Column::Prefix.eq(prefix))
-            .one(&self.db.conn)
-            .await?
-        else {
+        let Some(row) = db::api_key::find_by_prefix(&self.db.conn, prefix).await? else {
             return Ok(None);
         };
         let presented = hash_key(key);

@@ -1,13 +1,9 @@
 use chrono::{DateTime, Duration, Utc};
-use entities::{customers, devices, purchases};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    TryInsertResult, sea_query::OnConflict,
-};
+use entities::{customers, devices};
 
 use super::Core;
 use crate::{
-    db,
+    db::{self, purchase::PurchaseFields},
     domain::{Environment, ExternalId, PeriodType, Platform, PurchaseStatus, Snapshot, Store},
     error::{AppError, AppResult},
 };
@@ -50,25 +46,25 @@ fn granted_by_us(
     period_type: PeriodType,
     expires_at: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
-) -> purchases::ActiveModel {
-    purchases::ActiveModel {
-        customer_id: Set(customer_id.to_string()),
-        store: Set(store.as_str().into()),
-        store_purchase_id: Set(own_purchase_key(store, customer_id, entitlement)),
-        product_id: Set(entitlement.to_string()),
-        environment: Set(Environment::Production.as_str().into()),
-        status: Set(PurchaseStatus::Active.as_str().into()),
-        period_type: Set(period_type.as_str().into()),
-        purchased_at: Set(now),
-        expires_at: Set(expires_at),
-        grace_expires_at: Set(None),
-        auto_renew: Set(false),
-        canceled_at: Set(None),
-        revoked_at: Set(None),
-        renewal_count: Set(0),
-        source_updated_at: Set(now),
-        raw: Set(None),
-        ..Default::default()
+) -> PurchaseFields {
+    PurchaseFields {
+        customer_id: customer_id.to_string(),
+        store: store.as_str().into(),
+        store_purchase_id: own_purchase_key(store, customer_id, entitlement),
+        product_id: entitlement.to_string(),
+        environment: Environment::Production.as_str().into(),
+        status: PurchaseStatus::Active.as_str().into(),
+        period_type: period_type.as_str().into(),
+        purchased_at: now,
+        expires_at,
+        grace_expires_at: None,
+        auto_renew: false,
+        canceled_at: None,
+        revoked_at: None,
+        renewal_count: 0,
+        source_updated_at: now,
+        raw: None,
+        order_id: None,
     }
 }
 
@@ -115,16 +111,7 @@ impl Core {
         for chunk in pending.chunks(SEEN_FLUSH_CHUNK) {
             let txn = self.db.write().await?;
             for (id, at) in chunk {
-                let r = devices::Entity::update_many()
-                    .col_expr(
-                        devices::Column::LastSeenAt,
-                        sea_orm::sea_query::Expr::value(*at),
-                    )
-                    .filter(devices::Column::Id.eq(*id))
-                    .filter(devices::Column::LastSeenAt.lt(*at))
-                    .exec(&*txn)
-                    .await?;
-                written += r.rows_affected as usize;
+                written += db::device::advance_last_seen(&*txn, *id, *at).await? as usize;
             }
             txn.commit().await?;
         }
@@ -173,19 +160,18 @@ impl Core {
         db::hold_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
         let device_secret = issue_secret.then(super::pairing::new_device_secret);
-        let inserted = devices::Entity::insert(devices::ActiveModel {
-            platform: Set(platform.as_str().to_string()),
-            device_id: Set(device_id.as_str().to_string()),
-            customer_id: Set(customer.clone()),
-            first_seen_at: Set(now),
-            last_seen_at: Set(now),
-            secret_hash: Set(device_secret.as_deref().map(super::pairing::hash_secret)),
-            ..Default::default()
-        })
-        .on_conflict_do_nothing_on([devices::Column::Platform, devices::Column::DeviceId])
-        .exec_without_returning(&*txn)
+        let inserted = db::device::insert_if_new(
+            &*txn,
+            db::device::NewDevice {
+                platform: platform.as_str(),
+                device_id: device_id.as_str(),
+                customer_id: &customer,
+                seen_at: now,
+                secret_hash: device_secret.as_deref().map(super::pairing::hash_secret),
+            },
+        )
         .await?;
-        if !matches!(inserted, TryInsertResult::Inserted(n) if n > 0) {
+        if !inserted {
             // Another request registered it first; it owns the first sight.
             drop(txn);
             let device = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str())
@@ -200,20 +186,15 @@ impl Core {
 
         let (before, _) = self.state_before_write(&*txn, &customer, now).await?;
         if let Some(trial) = &self.trial {
-            purchases::Entity::insert(granted_by_us(
+            let row = granted_by_us(
                 &customer,
                 Store::Trial,
                 &trial.entitlement,
                 PeriodType::Trial,
                 Some(now + Duration::days(i64::from(trial.days))),
                 now,
-            ))
-            .on_conflict_do_nothing_on([
-                purchases::Column::Store,
-                purchases::Column::StorePurchaseId,
-            ])
-            .exec_without_returning(&*txn)
-            .await?;
+            );
+            db::purchase::add_trial(&*txn, row).await?;
         }
         let snapshot = self
             .record_transition(&*txn, &customer, &before, now)
@@ -310,12 +291,7 @@ impl Core {
             if owes_secret {
                 device_secret = super::pairing::issue_missing_secret(&txn, device.id).await?;
             }
-            let mut am = device.into_active_model();
-            am.last_seen_at = Set(now);
-            if let Some(c) = rebind {
-                am.customer_id = Set(c);
-            }
-            let device = am.update(&*txn).await?;
+            let device = db::device::check_in(&*txn, device, now, rebind).await?;
             txn.commit().await?;
             device
         } else {
@@ -334,7 +310,7 @@ impl Core {
     /// The customer an id names, following a merge to the account.
     pub async fn find_customer(&self, id: &str) -> AppResult<Option<customers::Model>> {
         let id = db::resolve_customer(&self.db.conn, id).await?;
-        Ok(customers::Entity::find_by_id(id).one(&self.db.conn).await?)
+        db::customer::find(&self.db.conn, &id).await
     }
 
     /// Grants a promotional entitlement until `expires_at` (`None`: lifetime).
@@ -368,20 +344,7 @@ impl Core {
             expires_at,
             now,
         );
-        purchases::Entity::insert(row)
-            .on_conflict(
-                OnConflict::columns([purchases::Column::Store, purchases::Column::StorePurchaseId])
-                    .update_columns([
-                        purchases::Column::Status,
-                        purchases::Column::PurchasedAt,
-                        purchases::Column::ExpiresAt,
-                        purchases::Column::RevokedAt,
-                        purchases::Column::SourceUpdatedAt,
-                    ])
-                    .to_owned(),
-            )
-            .exec_without_returning(&*txn)
-            .await?;
+        db::purchase::put_grant(&*txn, row).await?;
         let after = self
             .record_transition(&*txn, customer_id, &before, now)
             .await?;
@@ -402,23 +365,12 @@ impl Core {
         db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
-        let grant = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::Promotional.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(own_purchase_key(
-                Store::Promotional,
-                customer_id,
-                entitlement,
-            )))
-            .filter(purchases::Column::RevokedAt.is_null())
-            .one(&*txn)
+        let key = own_purchase_key(Store::Promotional, customer_id, entitlement);
+        let grant = db::purchase::find_live_grant(&*txn, &key)
             .await?
             .ok_or(AppError::NotFound("grant"))?;
         let (before, _) = self.state_before_write(&*txn, customer_id, now).await?;
-        let mut am = grant.into_active_model();
-        am.status = Set(PurchaseStatus::Revoked.as_str().into());
-        am.revoked_at = Set(Some(now));
-        am.source_updated_at = Set(now);
-        am.update(&*txn).await?;
+        db::purchase::revoke(&*txn, grant, now).await?;
         let after = self
             .record_transition(&*txn, customer_id, &before, now)
             .await?;

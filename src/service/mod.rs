@@ -5,12 +5,11 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use entities::customers as customer_rows;
-use sea_orm::{ConnectionTrait, EntityTrait};
 
 use crate::{
     clock::Clock,
     config::Config,
-    db::{self, CachedCustomer, Db},
+    db::{self, CachedCustomer, Conn, Db},
     domain::{Catalog, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
     error::AppResult,
 };
@@ -93,7 +92,7 @@ impl Core {
     /// when the caller is about to change them).
     pub async fn snapshot_in(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         customer_id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Snapshot> {
@@ -168,9 +167,7 @@ impl Core {
                     return Ok(cached);
                 }
                 let epoch = self.db.cache.epoch(&c.id);
-                let again = customer_rows::Entity::find_by_id(c.id.clone())
-                    .one(&self.db.conn)
-                    .await?;
+                let again = db::customer::find(&self.db.conn, &c.id).await?;
                 (again, epoch)
             }
             other => (other, epoch),
@@ -238,7 +235,7 @@ impl Core {
     /// first. Returns how many such rows were written.
     pub async fn state_before_write(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         customer_id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<(Snapshot, usize)> {
@@ -266,7 +263,7 @@ impl Core {
     /// and the state now visible in `c`; returns the new state.
     pub async fn record_transition(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         customer_id: &str,
         before: &Snapshot,
         now: DateTime<Utc>,

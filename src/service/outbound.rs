@@ -1,12 +1,12 @@
 //! Operator actions on outbound webhook endpoints: their state, and
 //! re-enabling one that was disabled after failing for too long.
 
-use chrono::{DateTime, Utc};
-use entities::{outbound_deliveries as deliveries, outbound_endpoints as endpoints};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
-
 use super::Core;
-use crate::error::{AppError, AppResult};
+use crate::{
+    db,
+    error::{AppError, AppResult},
+};
+use chrono::{DateTime, Utc};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointState {
@@ -33,17 +33,9 @@ impl EndpointState {
 impl Core {
     /// Every configured endpoint, and every one the database still knows.
     pub async fn outbound_status(&self, configured: &[String]) -> AppResult<Vec<EndpointState>> {
-        let db = &self.db.conn;
-        let rows = endpoints::Entity::find().all(db).await?;
-        let pending: Vec<(String, i64)> = deliveries::Entity::find()
-            .select_only()
-            .column(deliveries::Column::EndpointUrl)
-            .column_as(deliveries::Column::Id.count(), "n")
-            .filter(deliveries::Column::DeliveredAt.is_null())
-            .group_by(deliveries::Column::EndpointUrl)
-            .into_tuple()
-            .all(db)
-            .await?;
+        let conn = &self.db.conn;
+        let rows = db::outbound_endpoint::all(conn).await?;
+        let pending = db::outbound_endpoint::pending_by_url(conn).await?;
         // Every endpoint the configuration or the database knows, once, by URL.
         let urls: std::collections::BTreeSet<&String> = configured
             .iter()
@@ -72,29 +64,13 @@ impl Core {
     /// Re-enables an endpoint and makes its undelivered rows due now, with
     /// a fresh failure window; returns how many rows that is.
     pub async fn enable_outbound_endpoint(&self, url: &str) -> AppResult<u64> {
-        let db = &self.db.conn;
+        let conn = &self.db.conn;
         let now = self.now();
-        let endpoint = endpoints::Entity::update_many()
-            .col_expr(
-                endpoints::Column::DisabledAt,
-                Expr::value(None::<DateTime<Utc>>),
-            )
-            .col_expr(
-                endpoints::Column::FailingSince,
-                Expr::value(None::<DateTime<Utc>>),
-            )
-            .filter(endpoints::Column::Url.eq(url))
-            .exec(db)
-            .await?;
-        let due = deliveries::Entity::update_many()
-            .col_expr(deliveries::Column::NextAttemptAt, Expr::value(now))
-            .filter(deliveries::Column::EndpointUrl.eq(url))
-            .filter(deliveries::Column::DeliveredAt.is_null())
-            .exec(db)
-            .await?;
-        if endpoint.rows_affected == 0 && due.rows_affected == 0 {
+        let endpoint = db::outbound_endpoint::clear_failure(conn, url).await?;
+        let due = db::outbound_endpoint::make_due(conn, url, now).await?;
+        if endpoint == 0 && due == 0 {
             return Err(AppError::NotFound("outbound endpoint"));
         }
-        Ok(due.rows_affected)
+        Ok(due)
     }
 }

@@ -6,12 +6,8 @@
 //! account and leaves the old id as an alias of it.
 
 use chrono::{DateTime, Duration, Utc};
-use entities::{customer_aliases, customers, devices, pairing_codes, purchases, receipts};
+use entities::{devices, pairing_codes, purchases};
 use rand::{Rng, RngCore};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
-    sea_query::Expr,
-};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -66,16 +62,9 @@ pub(super) async fn issue_missing_secret(
     device_row_id: i64,
 ) -> AppResult<Option<String>> {
     let secret = new_device_secret();
-    let res = devices::Entity::update_many()
-        .col_expr(
-            devices::Column::SecretHash,
-            Expr::value(hash_secret(&secret)),
-        )
-        .filter(devices::Column::Id.eq(device_row_id))
-        .filter(devices::Column::SecretHash.is_null())
-        .exec(&**txn)
-        .await?;
-    Ok((res.rows_affected == 1).then_some(secret))
+    let stored =
+        db::device::set_secret_if_missing(&**txn, device_row_id, hash_secret(&secret)).await?;
+    Ok(stored.then_some(secret))
 }
 
 pub struct IssuedCode {
@@ -125,21 +114,8 @@ impl Core {
         let code = new_pairing_code();
         let expires_at = now + PAIRING_CODE_TTL;
         let txn = self.db.write().await?;
-        pairing_codes::Entity::delete_many()
-            .filter(pairing_codes::Column::Platform.eq(device.platform.as_str()))
-            .filter(pairing_codes::Column::DeviceId.eq(device.device_id.as_str()))
-            .exec(&*txn)
-            .await?;
-        pairing_codes::ActiveModel {
-            code_hash: Set(hash_secret(&code)),
-            platform: Set(device.platform.clone()),
-            device_id: Set(device.device_id.clone()),
-            created_at: Set(now),
-            expires_at: Set(expires_at),
-            used_at: Set(None),
-        }
-        .insert(&*txn)
-        .await?;
+        db::device::drop_pairing_codes(&*txn, &device.platform, &device.device_id).await?;
+        db::device::add_pairing_code(&*txn, hash_secret(&code), device, now, expires_at).await?;
         txn.commit().await?;
         Ok(Some(IssuedCode { code, expires_at }))
     }
@@ -155,14 +131,12 @@ impl Core {
         let code_hash = hash_secret(&code);
         // Guesses are answered from a read, without queueing for the writer.
         let live = |r: &pairing_codes::Model| r.used_at.is_none() && r.expires_at > now;
-        pairing_codes::Entity::find_by_id(code_hash.clone())
-            .one(&self.db.conn)
+        db::device::find_pairing_code(&self.db.conn, &code_hash)
             .await?
             .filter(live)
             .ok_or(AppError::InvalidPairingCode)?;
         let txn = self.db.write().await?;
-        let row = pairing_codes::Entity::find_by_id(code_hash.clone())
-            .one(&*txn)
+        let row = db::device::find_pairing_code(&*txn, &code_hash)
             .await?
             .filter(live)
             .ok_or(AppError::InvalidPairingCode)?;
@@ -182,13 +156,7 @@ impl Core {
             return Err(AppError::DeviceAlreadyPaired);
         }
         // Single use even against a concurrent redemption of the same code.
-        let used = pairing_codes::Entity::update_many()
-            .col_expr(pairing_codes::Column::UsedAt, Expr::value(now))
-            .filter(pairing_codes::Column::CodeHash.eq(code_hash))
-            .filter(pairing_codes::Column::UsedAt.is_null())
-            .exec(&*txn)
-            .await?;
-        if used.rows_affected != 1 {
+        if !db::device::use_pairing_code(&*txn, &code_hash, now).await? {
             return Err(AppError::InvalidPairingCode);
         }
         let snapshot = if from == into {
@@ -246,8 +214,7 @@ impl Core {
             ));
         }
         for id in [&from, &into] {
-            customers::Entity::find_by_id(id.clone())
-                .one(&*txn)
+            db::customer::find(&*txn, id)
                 .await?
                 .ok_or(AppError::NotFound("customer"))?;
         }
@@ -293,60 +260,28 @@ impl Core {
             };
             if let Some(loser) = loser {
                 // First, to free the key for the winner.
-                let mut am = loser.clone().into_active_model();
-                am.store_purchase_id = Set(format!("{key}:merged:{}", loser.id));
-                if loser.revoked_at.is_none() && loser.expires_at.is_none_or(|e| e > now) {
-                    am.status = Set(PurchaseStatus::Expired.as_str().into());
-                    am.expires_at = Set(Some(now));
-                    am.auto_renew = Set(false);
-                }
-                am.source_updated_at = Set(now);
-                am.update(&**txn).await?;
+                let set_aside = format!("{key}:merged:{}", loser.id);
+                let still_grants =
+                    loser.revoked_at.is_none() && loser.expires_at.is_none_or(|e| e > now);
+                let end = still_grants.then_some(now);
+                db::purchase::set_aside_merged(&**txn, loser, set_aside, end, now).await?;
             }
             if winner.store_purchase_id != key {
-                let mut am = winner.into_active_model();
-                am.store_purchase_id = Set(key);
-                am.update(&**txn).await?;
+                db::purchase::rekey(&**txn, winner, key).await?;
             }
         }
-        purchases::Entity::update_many()
-            .col_expr(purchases::Column::CustomerId, Expr::value(into))
-            .filter(purchases::Column::CustomerId.eq(from))
-            .exec(&**txn)
-            .await?;
+        db::purchase::move_all(&**txn, from, into).await?;
         for d in db::devices_of(&**txn, from).await? {
             txn.touch_device(&d.platform, &d.device_id);
         }
-        devices::Entity::update_many()
-            .col_expr(devices::Column::CustomerId, Expr::value(into))
-            .filter(devices::Column::CustomerId.eq(from))
-            .exec(&**txn)
-            .await?;
-        receipts::Entity::update_many()
-            .col_expr(receipts::Column::CustomerId, Expr::value(into))
-            .filter(receipts::Column::CustomerId.eq(from))
-            .exec(&**txn)
-            .await?;
+        db::device::move_all(&**txn, from, into).await?;
+        db::receipt::move_all(&**txn, from, into).await?;
         // Aliases stay one hop: those naming `from` now name `into`.
-        customer_aliases::Entity::update_many()
-            .col_expr(customer_aliases::Column::CustomerId, Expr::value(into))
-            .filter(customer_aliases::Column::CustomerId.eq(from))
-            .exec(&**txn)
-            .await?;
-        customer_aliases::ActiveModel {
-            alias_id: Set(from.to_string()),
-            customer_id: Set(into.to_string()),
-            merged_at: Set(now),
-        }
-        .insert(&**txn)
-        .await?;
+        db::customer::move_aliases(&**txn, from, into).await?;
+        db::customer::add_alias(&**txn, from, into, now).await?;
         // Attributes `into` lacks (its Stripe customer, for one) come along.
-        let from_row = customers::Entity::find_by_id(from.to_string())
-            .one(&**txn)
-            .await?;
-        let into_row = customers::Entity::find_by_id(into.to_string())
-            .one(&**txn)
-            .await?;
+        let from_row = db::customer::find(&**txn, from).await?;
+        let into_row = db::customer::find(&**txn, into).await?;
         if let (Some(f), Some(i)) = (from_row, into_row)
             && let (Some(fa), Some(ia)) = (f.attributes.as_object(), i.attributes.as_object())
             && fa.keys().any(|k| !ia.contains_key(k))
@@ -355,9 +290,7 @@ impl Core {
             for (k, v) in fa {
                 merged.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            let mut am = i.into_active_model();
-            am.attributes = Set(serde_json::Value::Object(merged));
-            am.update(&**txn).await?;
+            db::customer::set_attributes(&**txn, i, serde_json::Value::Object(merged)).await?;
         }
 
         let after_from = self.snapshot_in(&**txn, from, now).await?;

@@ -4,18 +4,11 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use entities::{
-    account_tokens, customers, held_purchases, purchase_aliases, purchase_transactions, purchases,
-    receipts, webhook_events,
-};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TryInsertResult, sea_query::Expr,
-};
+use entities::{held_purchases, purchases};
 
 use super::Core;
 use crate::{
-    db::{self, WriteTxn},
+    db::{self, Conn, WriteTxn, held_purchase::HeldState, purchase::PurchaseFields},
     domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff, rules, tokens},
     error::{AppError, AppResult},
     providers::{PurchaseState, VerifiedPurchase, from_held},
@@ -168,7 +161,7 @@ impl Core {
     /// the account-token index; Play and Stripe ids may be the customer id.
     async fn resolve_binding(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         store: Store,
         key: &str,
         submitter: Option<&str>,
@@ -180,18 +173,12 @@ impl Core {
             return Ok(Binding::Customer(key.to_string()));
         }
         if let Ok(t) = uuid::Uuid::parse_str(key)
-            && let Some(row) = account_tokens::Entity::find_by_id(t.hyphenated().to_string())
-                .one(c)
-                .await?
+            && let Some(owner) =
+                db::customer::account_token_owner(c, &t.hyphenated().to_string()).await?
         {
-            return Ok(Binding::Customer(row.customer_id));
+            return Ok(Binding::Customer(owner));
         }
-        if store != Store::AppStore
-            && customers::Entity::find_by_id(key.to_string())
-                .one(c)
-                .await?
-                .is_some()
-        {
+        if store != Store::AppStore && db::customer::find(c, key).await?.is_some() {
             return Ok(Binding::Customer(key.to_string()));
         }
         Ok(Binding::Unknown)
@@ -201,79 +188,41 @@ impl Core {
     /// later token of it superseded it with.
     async fn find_line(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         store: Store,
         id: &str,
     ) -> AppResult<Option<(purchases::Model, bool)>> {
-        if let Some(p) = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(store.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(id))
-            .one(c)
-            .await?
-        {
+        if let Some(p) = db::purchase::find_by_store_id(c, store.as_str(), id).await? {
             return Ok(Some((p, false)));
         }
-        let Some(alias) = purchase_aliases::Entity::find()
-            .filter(purchase_aliases::Column::Store.eq(store.as_str()))
-            .filter(purchase_aliases::Column::StorePurchaseId.eq(id))
-            .one(c)
-            .await?
-        else {
+        let Some(line) = db::purchase::replaced_by(c, store.as_str(), id).await? else {
             return Ok(None);
         };
-        Ok(purchases::Entity::find_by_id(alias.purchase_id)
-            .one(c)
-            .await?
-            .map(|p| (p, true)))
+        Ok(db::purchase::find(c, line).await?.map(|p| (p, true)))
     }
 
     async fn find_held(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         store: Store,
         id: &str,
     ) -> AppResult<Option<held_purchases::Model>> {
-        Ok(held_purchases::Entity::find()
-            .filter(held_purchases::Column::Store.eq(store.as_str()))
-            .filter(held_purchases::Column::StorePurchaseId.eq(id))
-            .one(c)
-            .await?)
+        db::held_purchase::find(c, store.as_str(), id).await
     }
 
     /// Renewals of an App Store purchase: the distinct transactions seen
     /// for its original transaction, less the first. `None` for other
     /// stores or a state without a transaction id.
-    async fn count_renewals(
-        &self,
-        c: &impl ConnectionTrait,
-        vp: &PurchaseState,
-    ) -> AppResult<Option<i32>> {
+    async fn count_renewals(&self, c: &impl Conn, vp: &PurchaseState) -> AppResult<Option<i32>> {
         if vp.renewal_count.is_some() {
             return Ok(vp.renewal_count);
         }
         let (Store::AppStore, Some(tx)) = (vp.store, vp.transaction_id.as_deref()) else {
             return Ok(None);
         };
-        purchase_transactions::Entity::insert(purchase_transactions::ActiveModel {
-            store: Set(vp.store.as_str().into()),
-            store_purchase_id: Set(vp.store_purchase_id.clone()),
-            transaction_id: Set(tx.to_string()),
-            ..Default::default()
-        })
-        .on_conflict_do_nothing_on([
-            purchase_transactions::Column::Store,
-            purchase_transactions::Column::StorePurchaseId,
-            purchase_transactions::Column::TransactionId,
-        ])
-        .exec_without_returning(c)
-        .await?;
-        let seen = purchase_transactions::Entity::find()
-            .filter(purchase_transactions::Column::Store.eq(vp.store.as_str()))
-            .filter(
-                purchase_transactions::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()),
-            )
-            .count(c)
-            .await?;
+        db::purchase::record_transaction(c, vp.store.as_str(), &vp.store_purchase_id, tx).await?;
+        let seen =
+            db::purchase::transactions_seen(c, vp.store.as_str(), &vp.store_purchase_id).await?;
         Ok(Some(
             i32::try_from(seen.saturating_sub(1)).unwrap_or(i32::MAX),
         ))
@@ -304,10 +253,7 @@ impl Core {
             .map(|t| t.hyphenated().to_string())
             .collect();
         keys.push(customer_id.to_string());
-        let held = held_purchases::Entity::find()
-            .filter(held_purchases::Column::BoundKey.is_in(keys))
-            .all(&**txn)
-            .await?;
+        let held = db::held_purchase::bound_to_any(&**txn, keys).await?;
         if held.is_empty() {
             return Ok(());
         }
@@ -317,9 +263,7 @@ impl Core {
             let vp = from_held(h.state.clone())
                 .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
             db::lock_store_purchase(&**txn, vp.store.as_str(), &vp.store_purchase_id).await?;
-            held_purchases::Entity::delete_by_id(h.id)
-                .exec(&**txn)
-                .await?;
+            db::held_purchase::release(&**txn, h.id).await?;
             if self
                 .find_line(&**txn, vp.store, &vp.store_purchase_id)
                 .await?
@@ -327,9 +271,8 @@ impl Core {
             {
                 continue;
             }
-            let mut am = <purchases::ActiveModel as Default>::default();
-            self.fill(&mut am, &vp, customer_id, vp.renewal_count.unwrap_or(0));
-            am.insert(&**txn).await?;
+            let row = self.fields(&vp, customer_id, vp.renewal_count.unwrap_or(0));
+            db::purchase::insert(&**txn, row).await?;
         }
         self.record_transition(&**txn, customer_id, &before, now)
             .await?;
@@ -355,37 +298,28 @@ impl Core {
         state.renewal_count = renewal_count.or(state.renewal_count);
         let json = serde_json::to_value(&state)
             .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase: {e}")))?;
+        let held_state = HeldState {
+            bound_key: key,
+            replaces: vp.replaces.clone(),
+            state: json,
+            source_updated_at: vp.source_updated_at,
+        };
         match held {
-            Some(h) => {
-                let mut am = h.into_active_model();
-                am.state = Set(json);
-                am.bound_key = Set(key);
-                am.replaces = Set(vp.replaces.clone());
-                am.source_updated_at = Set(vp.source_updated_at);
-                am.update(&**txn).await?;
-            }
+            Some(h) => db::held_purchase::overwrite(&**txn, h, held_state).await?,
             None => {
-                held_purchases::ActiveModel {
-                    store: Set(vp.store.as_str().into()),
-                    store_purchase_id: Set(vp.store_purchase_id.clone()),
-                    bound_key: Set(key),
-                    replaces: Set(vp.replaces.clone()),
-                    state: Set(json),
-                    source_updated_at: Set(vp.source_updated_at),
-                    held_at: Set(now),
-                    ..Default::default()
-                }
-                .insert(&**txn)
-                .await?;
+                db::held_purchase::insert(
+                    &**txn,
+                    vp.store.as_str(),
+                    &vp.store_purchase_id,
+                    held_state,
+                    now,
+                )
+                .await?
             }
         }
         // An unowned token this one replaced is this purchase now.
         if let Some(r) = vp.replaces.as_deref() {
-            held_purchases::Entity::delete_many()
-                .filter(held_purchases::Column::Store.eq(vp.store.as_str()))
-                .filter(held_purchases::Column::StorePurchaseId.eq(r))
-                .exec(&**txn)
-                .await?;
+            db::held_purchase::release_store_id(&**txn, vp.store.as_str(), r).await?;
         }
         Ok(StoreApplied::Held { stale: false })
     }
@@ -478,9 +412,7 @@ impl Core {
         // refund is not undone by submitting the transaction from before it.
         let claimed = match held {
             Some(h) => {
-                held_purchases::Entity::delete_by_id(h.id)
-                    .exec(&**txn)
-                    .await?;
+                db::held_purchase::release(&**txn, h.id).await?;
                 let hv = from_held(h.state.clone()).map_err(|e| {
                     AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id))
                 })?;
@@ -495,10 +427,7 @@ impl Core {
         // A separate row of the replaced token (stored before lines were
         // collapsed): it stops granting now.
         let replaced = match replaces {
-            Some(r) if !switching => purchases::Entity::find()
-                .filter(purchases::Column::Store.eq(store.as_str()))
-                .filter(purchases::Column::StorePurchaseId.eq(r))
-                .one(&**txn)
+            Some(r) if !switching => db::purchase::find_by_store_id(&**txn, store.as_str(), r)
                 .await?
                 .filter(|p| existing.as_ref().is_none_or(|e| e.id != p.id)),
             _ => None,
@@ -529,27 +458,18 @@ impl Core {
             Some(e) if stale => {
                 let id = e.id;
                 if e.customer_id != owner {
-                    let mut am = e.into_active_model();
-                    am.customer_id = Set(owner.clone());
-                    am.update(&**txn).await?;
+                    db::purchase::move_to(&**txn, e, &owner).await?;
                 }
                 id
             }
             Some(e) => {
                 let renewal_count = vp.renewal_count.or(counted).unwrap_or(e.renewal_count);
-                let mut am = e.into_active_model();
-                self.fill(&mut am, vp, &owner, renewal_count);
-                am.update(&**txn).await?.id
+                let row = self.fields(vp, &owner, renewal_count);
+                db::purchase::overwrite(&**txn, e, row).await?.id
             }
             None => {
-                let mut am = <purchases::ActiveModel as Default>::default();
-                self.fill(
-                    &mut am,
-                    vp,
-                    &owner,
-                    vp.renewal_count.or(counted).unwrap_or(0),
-                );
-                am.insert(&**txn).await?.id
+                let row = self.fields(vp, &owner, vp.renewal_count.or(counted).unwrap_or(0));
+                db::purchase::insert(&**txn, row).await?.id
             }
         };
 
@@ -557,12 +477,7 @@ impl Core {
             .filter(|r| !is_final(&r.status) && r.status != PurchaseStatus::Expired.as_str())
         {
             let end = r.expires_at.map_or(now, |e| e.min(now));
-            let mut am = r.into_active_model();
-            am.status = Set(PurchaseStatus::Expired.as_str().into());
-            am.expires_at = Set(Some(end));
-            am.auto_renew = Set(false);
-            am.source_updated_at = Set(vp.source_updated_at);
-            am.update(&**txn).await?;
+            db::purchase::expire_superseded(&**txn, r, end, vp.source_updated_at).await?;
         } else {
             // Tokens this line replaced name it from now on, so a late
             // message about one of them changes nothing.
@@ -570,23 +485,8 @@ impl Core {
                 if t == vp.store_purchase_id {
                     continue;
                 }
-                purchase_aliases::Entity::insert(purchase_aliases::ActiveModel {
-                    store: Set(store.as_str().into()),
-                    store_purchase_id: Set(t.clone()),
-                    purchase_id: Set(purchase_id),
-                    ..Default::default()
-                })
-                .on_conflict_do_nothing_on([
-                    purchase_aliases::Column::Store,
-                    purchase_aliases::Column::StorePurchaseId,
-                ])
-                .exec_without_returning(&**txn)
-                .await?;
-                held_purchases::Entity::delete_many()
-                    .filter(held_purchases::Column::Store.eq(store.as_str()))
-                    .filter(held_purchases::Column::StorePurchaseId.eq(t.as_str()))
-                    .exec(&**txn)
-                    .await?;
+                db::purchase::add_replaced_id(&**txn, store.as_str(), &t, purchase_id).await?;
+                db::held_purchase::release_store_id(&**txn, store.as_str(), &t).await?;
             }
         }
 
@@ -622,19 +522,14 @@ impl Core {
         let successor = match stale || store != Store::PlayStore {
             true => None,
             false => {
-                held_purchases::Entity::find()
-                    .filter(held_purchases::Column::Store.eq(store.as_str()))
-                    .filter(held_purchases::Column::Replaces.eq(vp.store_purchase_id.as_str()))
-                    .one(&**txn)
+                db::held_purchase::successor_of(&**txn, store.as_str(), &vp.store_purchase_id)
                     .await?
             }
         };
         if let Some(h) = successor {
             let next = from_held(h.state.clone())
                 .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
-            held_purchases::Entity::delete_by_id(h.id)
-                .exec(&**txn)
-                .await?;
+            db::held_purchase::release(&**txn, h.id).await?;
             if let StoreApplied::Applied(a) =
                 Box::pin(self.apply_inner(txn, &next, Submitter::Store, false, now)).await?
             {
@@ -647,32 +542,27 @@ impl Core {
         Ok(StoreApplied::Applied(applied))
     }
 
-    fn fill(
-        &self,
-        am: &mut purchases::ActiveModel,
-        vp: &VerifiedPurchase,
-        owner: &str,
-        renewal_count: i32,
-    ) {
-        am.customer_id = Set(owner.to_string());
-        am.store = Set(vp.store.as_str().into());
-        am.store_purchase_id = Set(vp.store_purchase_id.clone());
-        am.product_id = Set(vp.product_id.clone());
-        am.environment = Set(vp.environment.as_str().into());
-        am.status = Set(vp.status.as_str().into());
-        am.period_type = Set(vp.period_type.as_str().into());
-        am.purchased_at = Set(vp.purchased_at);
-        am.expires_at = Set(vp.expires_at);
-        am.grace_expires_at = Set(vp.grace_expires_at);
-        am.auto_renew = Set(vp.auto_renew);
-        am.canceled_at = Set(vp.canceled_at);
-        am.revoked_at = Set(vp.revoked_at);
-        am.renewal_count = Set(renewal_count);
-        am.source_updated_at = Set(vp.source_updated_at);
-        am.raw = Set(Some(vp.raw.clone()));
-        // Kept once known: a later payload without it does not erase it.
-        if let Some(order) = crate::providers::order_id(vp) {
-            am.order_id = Set(Some(order));
+    /// The purchase row a verified state makes for `owner`.
+    fn fields(&self, vp: &VerifiedPurchase, owner: &str, renewal_count: i32) -> PurchaseFields {
+        PurchaseFields {
+            customer_id: owner.to_string(),
+            store: vp.store.as_str().into(),
+            store_purchase_id: vp.store_purchase_id.clone(),
+            product_id: vp.product_id.clone(),
+            environment: vp.environment.as_str().into(),
+            status: vp.status.as_str().into(),
+            period_type: vp.period_type.as_str().into(),
+            purchased_at: vp.purchased_at,
+            expires_at: vp.expires_at,
+            grace_expires_at: vp.grace_expires_at,
+            auto_renew: vp.auto_renew,
+            canceled_at: vp.canceled_at,
+            revoked_at: vp.revoked_at,
+            renewal_count,
+            source_updated_at: vp.source_updated_at,
+            raw: Some(vp.raw.clone()),
+            // Kept once known: a later payload without it does not erase it.
+            order_id: crate::providers::order_id(vp),
         }
     }
 
@@ -705,48 +595,20 @@ impl Core {
         customer: Option<&str>,
         now: DateTime<Utc>,
     ) -> AppResult<bool> {
-        let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
-            source: Set(source.as_str().into()),
-            event_id: Set(event_id.to_string()),
-            received_at: Set(now),
-            payload: Set(payload.clone()),
-            outcome: Set(outcome.to_string()),
-            processed_at: Set(Some(now)),
-            customer_id: Set(customer.map(str::to_string)),
-            ..Default::default()
-        })
-        .on_conflict_do_nothing_on([
-            webhook_events::Column::Source,
-            webhook_events::Column::EventId,
-        ])
-        .exec_without_returning(&**txn)
-        .await?;
-        if matches!(res, TryInsertResult::Inserted(n) if n > 0) {
+        let claim = db::webhook_claim::Claim {
+            source: source.as_str(),
+            event_id,
+            payload,
+            outcome,
+            customer_id: customer,
+            at: now,
+        };
+        if db::webhook_claim::insert_new(&**txn, claim).await? {
             return Ok(true);
         }
         // An earlier delivery failed (the store's API was down): this one
-        // takes its row over. Conditional, so only one delivery does.
-        let mut q = webhook_events::Entity::update_many();
-        if let Some(c) = customer {
-            q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
-        }
-        let res = q
-            .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
-            .col_expr(
-                webhook_events::Column::Payload,
-                Expr::value(payload.clone()),
-            )
-            .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
-            .col_expr(
-                webhook_events::Column::Error,
-                Expr::value(Option::<String>::None),
-            )
-            .filter(webhook_events::Column::Source.eq(source.as_str()))
-            .filter(webhook_events::Column::EventId.eq(event_id))
-            .filter(webhook_events::Column::Outcome.eq(crate::domain::webhook_log::FAILED))
-            .exec(&**txn)
-            .await?;
-        Ok(res.rows_affected > 0)
+        // takes its row over.
+        db::webhook_claim::take_over_failed(&**txn, claim).await
     }
 
     /// Stores a purchase submission before it is verified (the audit trail),
@@ -765,16 +627,7 @@ impl Core {
         let cap = self.receipts.max_unverified_per_customer.max(1);
         let customer_id = db::resolve_customer(&self.db.conn, customer_id).await?;
         let txn = self.db.write().await?;
-        let unverified: Vec<(i64, String)> = receipts::Entity::find()
-            .select_only()
-            .column(receipts::Column::Id)
-            .column(receipts::Column::Outcome)
-            .filter(receipts::Column::CustomerId.eq(customer_id.as_str()))
-            .filter(receipts::Column::Outcome.is_in(["pending", "invalid"]))
-            .order_by_desc(receipts::Column::Id)
-            .into_tuple()
-            .all(&*txn)
-            .await?;
+        let unverified = db::receipt::unverified_of(&*txn, &customer_id).await?;
         if unverified.len() as u64 >= cap {
             // Keep the newest cap - 1 so the new one fits.
             let drop: Vec<i64> = unverified
@@ -789,25 +642,13 @@ impl Core {
                     retry_after_secs: 10,
                 });
             }
-            receipts::Entity::delete_many()
-                .filter(receipts::Column::Id.is_in(drop))
-                .exec(&*txn)
+            db::receipt::delete(&*txn, drop).await?;
+        }
+        let id =
+            db::receipt::insert_pending(&*txn, customer_id, store.as_str(), payload, self.now())
                 .await?;
-        }
-        let row = receipts::ActiveModel {
-            customer_id: Set(customer_id),
-            store: Set(store.as_str().into()),
-            payload: Set(payload),
-            received_at: Set(self.now()),
-            outcome: Set("pending".into()),
-            error: Set(None),
-            purchase_id: Set(None),
-            ..Default::default()
-        }
-        .insert(&*txn)
-        .await?;
         txn.commit().await?;
-        Ok(row.id)
+        Ok(id)
     }
 
     /// A failed submission: marked invalid with its reason. When its
@@ -822,16 +663,13 @@ impl Core {
         reason: &str,
     ) -> AppResult<()> {
         if self.find_customer(customer_id).await?.is_none()
-            && let Some(row) = receipts::Entity::find_by_id(receipt_id)
-                .one(&self.db.conn)
-                .await?
+            && let Some(row) = db::receipt::find(&self.db.conn, receipt_id).await?
         {
-            receipts::ActiveModel {
-                id: Set(receipt_id),
-                payload: Set(bounded_payload(row.payload, 0)),
-                ..Default::default()
-            }
-            .update(&self.db.conn)
+            db::receipt::replace_payload(
+                &self.db.conn,
+                receipt_id,
+                bounded_payload(row.payload, 0),
+            )
             .await?;
         }
         self.finish_receipt(&self.db.conn, receipt_id, Err(reason))
@@ -842,7 +680,7 @@ impl Core {
     /// safe to show the operator).
     pub async fn finish_receipt(
         &self,
-        c: &impl ConnectionTrait,
+        c: &impl Conn,
         receipt_id: i64,
         outcome: Result<i64, &str>,
     ) -> AppResult<()> {
@@ -850,16 +688,7 @@ impl Core {
             Ok(pid) => ("valid", None, Some(pid)),
             Err(e) => ("invalid", Some(e.to_string()), None),
         };
-        receipts::ActiveModel {
-            id: Set(receipt_id),
-            outcome: Set(outcome.into()),
-            error: Set(error),
-            purchase_id: Set(purchase_id),
-            ..Default::default()
-        }
-        .update(c)
-        .await?;
-        Ok(())
+        db::receipt::finish(c, receipt_id, outcome, error, purchase_id).await
     }
 }
 
@@ -868,7 +697,6 @@ mod tests {
     use std::sync::Arc;
 
     use chrono::Duration;
-    use sea_orm::{EntityTrait, PaginatorTrait};
 
     use super::*;
     use crate::{
@@ -984,13 +812,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(kinds(&core, "alice").await, vec!["granted", "refunded"]);
-        assert_eq!(
-            purchases::Entity::find()
-                .count(&core.db.conn)
-                .await
-                .unwrap(),
-            1
-        );
+        assert_eq!(db::purchase::count_all(&core.db.conn).await.unwrap(), 1);
     }
 
     #[tokio::test]

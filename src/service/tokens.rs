@@ -27,9 +27,6 @@ use base64::{
 };
 use chrono::{DateTime, Duration, Utc};
 use entities::signing_keys;
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, EntityTrait, QueryFilter, sea_query::Expr,
-};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -37,7 +34,7 @@ use zeroize::Zeroizing;
 use crate::{
     clock::Clock,
     config::{Config, Secret, TokenAlgorithm, TokensConfig},
-    db::Db,
+    db::{self, Db},
     domain::{Snapshot, TokenState},
     error::{AppError, AppResult},
 };
@@ -535,21 +532,17 @@ impl Tokens {
         Ok(signer)
     }
 
-    fn new_row(
-        &self,
-        alg: TokenAlgorithm,
-        active_from: DateTime<Utc>,
-    ) -> signing_keys::ActiveModel {
+    fn new_row(&self, alg: TokenAlgorithm, active_from: DateTime<Utc>) -> signing_keys::Model {
         let signer = Signer::generate(alg);
         let sealed = self.enc.seal(&signer.kid, &signer.secret());
-        signing_keys::ActiveModel {
-            kid: Set(signer.kid.clone()),
-            algorithm: Set(alg.as_str().into()),
-            public_jwk: Set(signer.public_jwk().to_string()),
-            private_key: Set(sealed),
-            created_at: Set(active_from),
-            retired_at: Set(None),
-            verify_until: Set(None),
+        signing_keys::Model {
+            kid: signer.kid.clone(),
+            algorithm: alg.as_str().into(),
+            public_jwk: signer.public_jwk().to_string(),
+            private_key: sealed,
+            created_at: active_from,
+            retired_at: None,
+            verify_until: None,
         }
     }
 
@@ -561,24 +554,10 @@ impl Tokens {
     ) -> AppResult<signing_keys::Model> {
         let row = self.new_row(alg, active_from);
         let txn = self.db.write().await?;
-        signing_keys::Entity::update_many()
-            .col_expr(signing_keys::Column::RetiredAt, Expr::value(active_from))
-            .filter(
-                Condition::any()
-                    .add(signing_keys::Column::RetiredAt.is_null())
-                    .add(signing_keys::Column::RetiredAt.gt(active_from)),
-            )
-            .exec(&*txn)
-            .await?;
-        signing_keys::Entity::insert(row.clone())
-            .exec_without_returning(&*txn)
-            .await?;
-        let kid = match row.kid {
-            Set(k) => k,
-            _ => unreachable!("set above"),
-        };
-        let model = signing_keys::Entity::find_by_id(kid)
-            .one(&*txn)
+        let kid = row.kid.clone();
+        db::signing_key::retire_all_from(&*txn, active_from).await?;
+        db::signing_key::insert(&*txn, row).await?;
+        let model = db::signing_key::find(&*txn, &kid)
             .await?
             .ok_or_else(|| AppError::Internal(anyhow::anyhow!("signing key vanished")))?;
         txn.commit().await?;
@@ -600,7 +579,7 @@ impl Tokens {
     }
 
     pub async fn list(&self) -> AppResult<Vec<KeyInfo>> {
-        let mut rows = signing_keys::Entity::find().all(&self.db.conn).await?;
+        let mut rows = db::signing_key::all(&self.db.conn).await?;
         rows.sort_by_key(|r| r.created_at);
         Ok(rows.iter().map(KeyInfo::from).collect())
     }
@@ -608,7 +587,7 @@ impl Tokens {
     async fn load(&self) -> AppResult<Arc<Keyring>> {
         for _ in 0..4 {
             let now = self.clock.now();
-            let rows = signing_keys::Entity::find().all(&self.db.conn).await?;
+            let rows = db::signing_key::all(&self.db.conn).await?;
             let signs_at = |k: &signing_keys::Model| {
                 k.created_at <= now && k.retired_at.is_none_or(|r| r > now)
             };
@@ -630,12 +609,7 @@ impl Tokens {
                 .collect();
             if !losers.is_empty() {
                 let txn = self.db.write().await?;
-                signing_keys::Entity::update_many()
-                    .col_expr(signing_keys::Column::RetiredAt, Expr::value(now))
-                    .filter(signing_keys::Column::Kid.is_in(losers))
-                    .filter(signing_keys::Column::RetiredAt.is_null())
-                    .exec(&*txn)
-                    .await?;
+                db::signing_key::retire(&*txn, losers, now).await?;
                 txn.commit().await?;
                 continue;
             }
@@ -649,23 +623,11 @@ impl Tokens {
             let verify_until = sign_until + self.offline() + Duration::seconds(1);
             if current.verify_until.is_none_or(|v| v < verify_until) {
                 let txn = self.db.write().await?;
-                let res = signing_keys::Entity::update_many()
-                    .col_expr(signing_keys::Column::VerifyUntil, Expr::value(verify_until))
-                    .filter(signing_keys::Column::Kid.eq(current.kid.clone()))
-                    .filter(
-                        Condition::any()
-                            .add(signing_keys::Column::RetiredAt.is_null())
-                            .add(signing_keys::Column::RetiredAt.gt(now)),
-                    )
-                    .filter(
-                        Condition::any()
-                            .add(signing_keys::Column::VerifyUntil.is_null())
-                            .add(signing_keys::Column::VerifyUntil.lt(verify_until)),
-                    )
-                    .exec(&*txn)
-                    .await?;
+                let extended =
+                    db::signing_key::extend_verify_until(&*txn, &current.kid, now, verify_until)
+                        .await?;
                 txn.commit().await?;
-                if res.rows_affected == 0 {
+                if extended == 0 {
                     // Retired meanwhile, or another replica leased further:
                     // read again and decide on what is there.
                     continue;

@@ -1,0 +1,302 @@
+//! Writes and lookups of purchase rows, the store ids a purchase line
+//! replaced (`purchase_aliases`), and the App Store transactions a
+//! purchase's renewals are counted from.
+
+use chrono::{DateTime, Utc};
+use entities::{purchase_aliases, purchase_transactions, purchases};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, IntoActiveModel,
+    PaginatorTrait, QueryFilter, sea_query::Expr, sea_query::OnConflict,
+};
+
+use crate::{
+    domain::{PurchaseStatus, Store},
+    error::AppResult,
+};
+
+/// Every column a purchase's state sets: a verified store state, or access
+/// this server gives itself (a trial, a promotional grant).
+#[derive(Clone, Debug)]
+pub struct PurchaseFields {
+    pub customer_id: String,
+    pub store: String,
+    pub store_purchase_id: String,
+    pub product_id: String,
+    pub environment: String,
+    pub status: String,
+    pub period_type: String,
+    pub purchased_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub grace_expires_at: Option<DateTime<Utc>>,
+    pub auto_renew: bool,
+    pub canceled_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub renewal_count: i32,
+    pub source_updated_at: DateTime<Utc>,
+    pub raw: Option<serde_json::Value>,
+    /// Written only when known: a later payload without it does not erase it.
+    pub order_id: Option<String>,
+}
+
+fn fill(am: &mut purchases::ActiveModel, f: PurchaseFields) {
+    am.customer_id = Set(f.customer_id);
+    am.store = Set(f.store);
+    am.store_purchase_id = Set(f.store_purchase_id);
+    am.product_id = Set(f.product_id);
+    am.environment = Set(f.environment);
+    am.status = Set(f.status);
+    am.period_type = Set(f.period_type);
+    am.purchased_at = Set(f.purchased_at);
+    am.expires_at = Set(f.expires_at);
+    am.grace_expires_at = Set(f.grace_expires_at);
+    am.auto_renew = Set(f.auto_renew);
+    am.canceled_at = Set(f.canceled_at);
+    am.revoked_at = Set(f.revoked_at);
+    am.renewal_count = Set(f.renewal_count);
+    am.source_updated_at = Set(f.source_updated_at);
+    am.raw = Set(f.raw);
+    if let Some(order) = f.order_id {
+        am.order_id = Set(Some(order));
+    }
+}
+
+/// A new purchase row.
+pub async fn insert(c: &impl ConnectionTrait, f: PurchaseFields) -> AppResult<purchases::Model> {
+    let mut am = <purchases::ActiveModel as Default>::default();
+    fill(&mut am, f);
+    Ok(am.insert(c).await?)
+}
+
+/// Replaces the state a purchase row holds.
+pub async fn overwrite(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    f: PurchaseFields,
+) -> AppResult<purchases::Model> {
+    let mut am = row.into_active_model();
+    fill(&mut am, f);
+    Ok(am.update(c).await?)
+}
+
+/// Gives the purchase to another customer, its state unchanged.
+pub async fn move_to(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    customer_id: &str,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.customer_id = Set(customer_id.to_string());
+    am.update(c).await?;
+    Ok(())
+}
+
+/// Ends a purchase its replacement superseded: expired at `end`, renewing no more.
+pub async fn expire_superseded(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    end: DateTime<Utc>,
+    source_updated_at: DateTime<Utc>,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.status = Set(PurchaseStatus::Expired.as_str().into());
+    am.expires_at = Set(Some(end));
+    am.auto_renew = Set(false);
+    am.source_updated_at = Set(source_updated_at);
+    am.update(c).await?;
+    Ok(())
+}
+
+/// The row of one store purchase, by the store's own id for it.
+pub async fn find_by_store_id(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+) -> AppResult<Option<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(store))
+        .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
+        .one(c)
+        .await?)
+}
+
+pub async fn find(c: &impl ConnectionTrait, id: i64) -> AppResult<Option<purchases::Model>> {
+    Ok(purchases::Entity::find_by_id(id).one(c).await?)
+}
+
+/// How many purchase rows there are, of every customer.
+pub async fn count_all(c: &impl ConnectionTrait) -> AppResult<u64> {
+    Ok(purchases::Entity::find().count(c).await?)
+}
+
+/// The purchase line a store id was replaced by, when it was.
+pub async fn replaced_by(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+) -> AppResult<Option<i64>> {
+    Ok(purchase_aliases::Entity::find()
+        .filter(purchase_aliases::Column::Store.eq(store))
+        .filter(purchase_aliases::Column::StorePurchaseId.eq(store_purchase_id))
+        .one(c)
+        .await?
+        .map(|a| a.purchase_id))
+}
+
+/// Records that a store id now names the purchase line `purchase_id`; a
+/// store id recorded before keeps the line it named.
+pub async fn add_replaced_id(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+    purchase_id: i64,
+) -> AppResult<()> {
+    purchase_aliases::Entity::insert(purchase_aliases::ActiveModel {
+        store: Set(store.into()),
+        store_purchase_id: Set(store_purchase_id.to_string()),
+        purchase_id: Set(purchase_id),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([
+        purchase_aliases::Column::Store,
+        purchase_aliases::Column::StorePurchaseId,
+    ])
+    .exec_without_returning(c)
+    .await?;
+    Ok(())
+}
+
+/// Notes a store transaction of a purchase; one seen before is not counted twice.
+pub async fn record_transaction(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+    transaction_id: &str,
+) -> AppResult<()> {
+    purchase_transactions::Entity::insert(purchase_transactions::ActiveModel {
+        store: Set(store.into()),
+        store_purchase_id: Set(store_purchase_id.to_string()),
+        transaction_id: Set(transaction_id.to_string()),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([
+        purchase_transactions::Column::Store,
+        purchase_transactions::Column::StorePurchaseId,
+        purchase_transactions::Column::TransactionId,
+    ])
+    .exec_without_returning(c)
+    .await?;
+    Ok(())
+}
+
+/// How many distinct store transactions a purchase has had.
+pub async fn transactions_seen(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+) -> AppResult<u64> {
+    Ok(purchase_transactions::Entity::find()
+        .filter(purchase_transactions::Column::Store.eq(store))
+        .filter(purchase_transactions::Column::StorePurchaseId.eq(store_purchase_id))
+        .count(c)
+        .await?)
+}
+
+/// Starts a trial unless its row exists: the key names one per customer
+/// and entitlement, so no reinstall or race starts it twice.
+pub async fn add_trial(c: &impl ConnectionTrait, f: PurchaseFields) -> AppResult<()> {
+    let mut am = <purchases::ActiveModel as Default>::default();
+    fill(&mut am, f);
+    purchases::Entity::insert(am)
+        .on_conflict_do_nothing_on([purchases::Column::Store, purchases::Column::StorePurchaseId])
+        .exec_without_returning(c)
+        .await?;
+    Ok(())
+}
+
+/// Writes a promotional grant; one given before takes this one's term.
+pub async fn put_grant(c: &impl ConnectionTrait, f: PurchaseFields) -> AppResult<()> {
+    let mut am = <purchases::ActiveModel as Default>::default();
+    fill(&mut am, f);
+    purchases::Entity::insert(am)
+        .on_conflict(
+            OnConflict::columns([purchases::Column::Store, purchases::Column::StorePurchaseId])
+                .update_columns([
+                    purchases::Column::Status,
+                    purchases::Column::PurchasedAt,
+                    purchases::Column::ExpiresAt,
+                    purchases::Column::RevokedAt,
+                    purchases::Column::SourceUpdatedAt,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(c)
+        .await?;
+    Ok(())
+}
+
+/// The promotional grant a key names, unless it was revoked.
+pub async fn find_live_grant(
+    c: &impl ConnectionTrait,
+    store_purchase_id: &str,
+) -> AppResult<Option<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(Store::Promotional.as_str()))
+        .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
+        .filter(purchases::Column::RevokedAt.is_null())
+        .one(c)
+        .await?)
+}
+
+/// Revokes a purchase from `at` on.
+pub async fn revoke(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.status = Set(PurchaseStatus::Revoked.as_str().into());
+    am.revoked_at = Set(Some(at));
+    am.source_updated_at = Set(at);
+    am.update(c).await?;
+    Ok(())
+}
+
+/// Sets aside the own-store row that lost to another in a merge: under a
+/// key of its own, so the winner can take the shared one, and ended at
+/// `end` when it still granted.
+pub async fn set_aside_merged(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    key: String,
+    end: Option<DateTime<Utc>>,
+    at: DateTime<Utc>,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.store_purchase_id = Set(key);
+    if let Some(end) = end {
+        am.status = Set(PurchaseStatus::Expired.as_str().into());
+        am.expires_at = Set(Some(end));
+        am.auto_renew = Set(false);
+    }
+    am.source_updated_at = Set(at);
+    am.update(c).await?;
+    Ok(())
+}
+
+/// Gives a row another store purchase id.
+pub async fn rekey(c: &impl ConnectionTrait, row: purchases::Model, key: String) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.store_purchase_id = Set(key);
+    am.update(c).await?;
+    Ok(())
+}
+
+/// Gives every purchase of `from` to `into`.
+pub async fn move_all(c: &impl ConnectionTrait, from: &str, into: &str) -> AppResult<()> {
+    purchases::Entity::update_many()
+        .col_expr(purchases::Column::CustomerId, Expr::value(into))
+        .filter(purchases::Column::CustomerId.eq(from))
+        .exec(c)
+        .await?;
+    Ok(())
+}
