@@ -11,9 +11,9 @@ use entities::{
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
+    ColumnTrait, ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
+    TransactionTrait, TryInsertResult,
     sea_query::{Expr, ExprTrait, LikeExpr},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -25,8 +25,10 @@ use crate::{
 };
 
 mod cache;
+pub mod jobs;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
+pub use sea_orm::ConnectionTrait;
 
 #[derive(Clone)]
 pub struct Db {
