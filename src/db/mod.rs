@@ -25,6 +25,8 @@ use crate::{
 };
 
 mod cache;
+pub mod change_log;
+pub mod delivery_queue;
 pub mod jobs;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
