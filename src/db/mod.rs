@@ -28,6 +28,7 @@ mod cache;
 pub mod change_log;
 pub mod delivery_queue;
 pub mod jobs;
+pub mod store_purchases;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 pub use sea_orm::ConnectionTrait;
