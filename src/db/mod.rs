@@ -11,9 +11,9 @@ use entities::{
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{
     ActiveValue::Set,
-    ColumnTrait, ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait, TryInsertResult,
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
     sea_query::{Expr, ExprTrait, LikeExpr},
 };
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -31,7 +31,8 @@ pub mod jobs;
 pub mod store_purchases;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
-pub use sea_orm::ConnectionTrait;
+/// What services take a connection or transaction as, without naming the ORM.
+pub use sea_orm::ConnectionTrait as Conn;
 
 #[derive(Clone)]
 pub struct Db {

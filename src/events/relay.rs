@@ -15,7 +15,7 @@ use crate::{
     clock::Clock,
     config::Config,
     db::{
-        self, ConnectionTrait, Db,
+        self, Conn, Db,
         change_log::{Outlet, Turn},
     },
     error::{AppError, AppResult},
@@ -224,7 +224,7 @@ impl Relay {
         }
     }
 
-    async fn unpublished(&self, c: &impl ConnectionTrait) -> AppResult<Vec<EntitlementEvent>> {
+    async fn unpublished(&self, c: &impl Conn) -> AppResult<Vec<EntitlementEvent>> {
         Ok(db::change_log::untaken(c, self.sink.outlet(), self.batch)
             .await?
             .iter()
@@ -234,7 +234,7 @@ impl Relay {
 
     /// Redis: publishes the rows. Outbound: queues their deliveries on `c`,
     /// in the transaction that marks them.
-    async fn send(&mut self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
+    async fn send(&mut self, c: &impl Conn, rows: &[EntitlementEvent]) -> AppResult<()> {
         match &mut self.sink {
             Sink::Redis(redis) => redis.publish(rows).await,
             Sink::Outbound(urls) => {
@@ -244,7 +244,7 @@ impl Relay {
         }
     }
 
-    async fn mark(&self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
+    async fn mark(&self, c: &impl Conn, rows: &[EntitlementEvent]) -> AppResult<()> {
         let ids: Vec<i64> = rows.iter().map(|r| r.seq).collect();
         db::change_log::mark_taken(c, self.sink.outlet(), ids, Utc::now()).await
     }
