@@ -26,13 +26,17 @@ use crate::{
 
 pub mod api_key;
 mod cache;
+pub mod change_log;
 pub mod customer;
+pub mod delivery_queue;
 pub mod device;
 pub mod held_purchase;
+pub mod jobs;
 pub mod outbound_endpoint;
 pub mod purchase;
 pub mod receipt;
 pub mod signing_key;
+pub mod store_purchases;
 pub mod webhook_claim;
 pub mod webhook_log;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
@@ -392,12 +396,9 @@ impl Db {
                 cache.reset(true);
                 devices.reset(true);
                 listening.set(1);
-                loop {
-                    match listener.try_recv().await {
-                        Ok(Some(n)) => apply_cache_notice(&me, n.payload(), &cache, &devices),
-                        // The connection was lost: so may notices have been.
-                        Ok(None) | Err(_) => break,
-                    }
+                // Ends when the connection is lost: so may notices have been.
+                while let Ok(Some(n)) = listener.try_recv().await {
+                    apply_cache_notice(&me, n.payload(), &cache, &devices);
                 }
                 listening.set(0);
                 cache.reset(false);

@@ -4,11 +4,14 @@
 use chrono::{DateTime, Utc};
 use entities::webhook_events;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    Statement, Value,
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Statement, TryInsertResult, Value, sea_query::Expr,
 };
 
-use crate::error::AppResult;
+use crate::{
+    domain::{Store, webhook_log::FAILED},
+    error::AppResult,
+};
 
 /// What to list.
 #[derive(Clone, Debug, Default)]
@@ -62,6 +65,137 @@ pub async fn webhook_events_of(
         .limit(limit)
         .all(c)
         .await?)
+}
+
+/// One stored notification by row id.
+pub async fn webhook_event(
+    c: &impl ConnectionTrait,
+    id: i64,
+) -> AppResult<Option<webhook_events::Model>> {
+    Ok(webhook_events::Entity::find_by_id(id).one(c).await?)
+}
+
+/// One stored notification by the store's own event id.
+pub async fn webhook_event_by_source(
+    c: &impl ConnectionTrait,
+    source: Store,
+    event_id: &str,
+) -> AppResult<Option<webhook_events::Model>> {
+    Ok(webhook_events::Entity::find()
+        .filter(webhook_events::Column::Source.eq(source.as_str()))
+        .filter(webhook_events::Column::EventId.eq(event_id))
+        .one(c)
+        .await?)
+}
+
+/// The recorded outcome of a store's event, reading that column only.
+pub async fn outcome_of(
+    c: &impl ConnectionTrait,
+    source: Store,
+    event_id: &str,
+) -> AppResult<Option<String>> {
+    Ok(webhook_events::Entity::find()
+        .filter(webhook_events::Column::Source.eq(source.as_str()))
+        .filter(webhook_events::Column::EventId.eq(event_id))
+        .select_only()
+        .column(webhook_events::Column::Outcome)
+        .into_tuple::<String>()
+        .one(c)
+        .await?)
+}
+
+/// Takes the row `id` for a replay, only while its outcome is still `was`:
+/// sets the new outcome, clears the error, stamps it replayed and processed
+/// at `now`, and sets its customer when one is given. False when the row
+/// had moved on.
+pub async fn claim_for_replay(
+    c: &impl ConnectionTrait,
+    id: i64,
+    was: &str,
+    outcome: &str,
+    customer: Option<&str>,
+    now: DateTime<Utc>,
+) -> AppResult<bool> {
+    let mut q = webhook_events::Entity::update_many();
+    if let Some(customer) = customer {
+        q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(customer));
+    }
+    let res = q
+        .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
+        .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
+        .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
+        .col_expr(
+            webhook_events::Column::Error,
+            Expr::value(Option::<String>::None),
+        )
+        .filter(webhook_events::Column::Id.eq(id))
+        .filter(webhook_events::Column::Outcome.eq(was))
+        .exec(c)
+        .await?;
+    Ok(res.rows_affected > 0)
+}
+
+/// Records a verified event as failed with `error`, received at `now` and
+/// not processed; a row already failed gets the latest error, and a row
+/// with any other outcome is left alone.
+pub async fn record_failed(
+    c: &impl ConnectionTrait,
+    source: Store,
+    event_id: &str,
+    payload: &serde_json::Value,
+    customer: Option<&str>,
+    error: &str,
+    now: DateTime<Utc>,
+) -> AppResult<()> {
+    let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
+        source: Set(source.as_str().into()),
+        event_id: Set(event_id.to_string()),
+        received_at: Set(now),
+        payload: Set(payload.clone()),
+        outcome: Set(FAILED.into()),
+        // Not processed: retention keeps the payload for the replay.
+        processed_at: Set(None),
+        customer_id: Set(customer.map(str::to_string)),
+        error: Set(Some(error.to_string())),
+        replayed_at: Set(None),
+        ..Default::default()
+    })
+    .on_conflict_do_nothing_on([
+        webhook_events::Column::Source,
+        webhook_events::Column::EventId,
+    ])
+    .exec_without_returning(c)
+    .await?;
+    if !matches!(res, TryInsertResult::Inserted(n) if n > 0) {
+        webhook_events::Entity::update_many()
+            .col_expr(webhook_events::Column::Error, Expr::value(error))
+            .filter(webhook_events::Column::Source.eq(source.as_str()))
+            .filter(webhook_events::Column::EventId.eq(event_id))
+            .filter(webhook_events::Column::Outcome.eq(FAILED))
+            .exec(c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Marks the row `id` failed with `error` after a replay at `now`, only
+/// while its outcome is still `was`.
+pub async fn mark_replay_failed(
+    c: &impl ConnectionTrait,
+    id: i64,
+    was: &str,
+    error: &str,
+    now: DateTime<Utc>,
+) -> AppResult<()> {
+    webhook_events::Entity::update_many()
+        .col_expr(webhook_events::Column::Outcome, Expr::value(FAILED))
+        .col_expr(webhook_events::Column::Error, Expr::value(error))
+        .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
+        .filter(webhook_events::Column::Id.eq(id))
+        .filter(webhook_events::Column::Outcome.eq(was))
+        .exec(c)
+        .await?;
+    Ok(())
 }
 
 /// Customers with access now, per store, and the states worth watching.

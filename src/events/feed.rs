@@ -8,12 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use entities::entitlement_events::{self, Column};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use entities::entitlement_events;
 use tokio::sync::{broadcast, watch};
 
 use super::EntitlementEvent;
-use crate::{db::Db, error::AppResult};
+use crate::{
+    db::{self, Db, change_log::Span},
+    error::AppResult,
+};
 
 /// How long a gap in the ids is waited for. On PostgreSQL ids are taken at
 /// insert and become visible at commit, so a lower id can appear after a
@@ -88,13 +90,7 @@ struct Tail {
 
 impl Tail {
     async fn reposition(&mut self, db: &Db) -> AppResult<()> {
-        let max: Option<i64> = entitlement_events::Entity::find()
-            .select_only()
-            .column_as(entitlement_events::Column::Id.max(), "max")
-            .into_tuple::<Option<i64>>()
-            .one(&db.conn)
-            .await?
-            .flatten();
+        let max = db::change_log::last_id(&db.conn).await?;
         self.last = Some(max.unwrap_or(0));
         self.gaps.clear();
         Ok(())
@@ -121,13 +117,21 @@ impl Tail {
         // them out of a page.
         if !gaps.is_empty() {
             let wanted: Vec<i64> = gaps.keys().take(PAGE as usize).copied().collect();
-            for row in rows(db, listening, Column::Id.is_in(wanted), None).await? {
+            for row in rows(db, listening, Span::Ids(wanted)).await? {
                 gaps.remove(&row.id);
                 out.push(row);
             }
         }
         loop {
-            let page = rows(db, listening, Column::Id.gt(last), Some(PAGE)).await?;
+            let page = rows(
+                db,
+                listening,
+                Span::After {
+                    id: last,
+                    limit: PAGE,
+                },
+            )
+            .await?;
             let now = Instant::now();
             for row in &page {
                 // A jump far ahead (a sequence skipped after a crash) is not
@@ -169,19 +173,9 @@ struct Seen {
     model: Option<entitlement_events::Model>,
 }
 
-async fn rows(
-    db: &Db,
-    whole: bool,
-    filter: sea_orm::sea_query::SimpleExpr,
-    limit: Option<u64>,
-) -> AppResult<Vec<Seen>> {
-    let query = entitlement_events::Entity::find()
-        .filter(filter)
-        .order_by_asc(Column::Id)
-        .limit(limit);
+async fn rows(db: &Db, whole: bool, span: Span) -> AppResult<Vec<Seen>> {
     Ok(if whole {
-        query
-            .all(&db.conn)
+        db::change_log::rows_in(&db.conn, span)
             .await?
             .into_iter()
             .map(|m| Seen {
@@ -190,11 +184,7 @@ async fn rows(
             })
             .collect()
     } else {
-        query
-            .select_only()
-            .column(Column::Id)
-            .into_tuple::<i64>()
-            .all(&db.conn)
+        db::change_log::ids_in(&db.conn, span)
             .await?
             .into_iter()
             .map(|id| Seen { id, model: None })

@@ -17,14 +17,8 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::{DateTime, SecondsFormat, Utc};
-use entities::{
-    entitlement_events, outbound_deliveries as deliveries, outbound_endpoints as endpoints,
-};
+use entities::outbound_deliveries as deliveries;
 use hmac::{Hmac, Mac};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::Expr,
-};
 use serde::Serialize;
 use sha2::Sha256;
 
@@ -32,7 +26,7 @@ use super::EntitlementEvent;
 use crate::{
     clock::Clock,
     config::{OutboundConfig, Secret},
-    db::Db,
+    db::{Db, delivery_queue},
     error::AppResult,
 };
 
@@ -196,14 +190,7 @@ impl Dispatcher {
     pub async fn run_once(self: &Arc<Self>) -> AppResult<usize> {
         self.ensure_endpoint_rows().await?;
         let urls: Vec<String> = self.targets.iter().map(|t| t.url.clone()).collect();
-        let disabled: Vec<String> = endpoints::Entity::find()
-            .select_only()
-            .column(endpoints::Column::Url)
-            .filter(endpoints::Column::Url.is_in(urls))
-            .filter(endpoints::Column::DisabledAt.is_not_null())
-            .into_tuple()
-            .all(&self.db.conn)
-            .await?;
+        let disabled = delivery_queue::disabled_endpoints(&self.db.conn, urls).await?;
         let mut started = 0;
         for t in self.targets.iter().filter(|t| !disabled.contains(&t.url)) {
             let Some(guard) = InFlight::claim(self, &t.url) else {
@@ -230,40 +217,22 @@ impl Dispatcher {
         if self.endpoints_known.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let rows = self.targets.iter().map(|t| endpoints::ActiveModel {
-            url: Set(t.url.clone()),
-            failing_since: Set(None),
-            disabled_at: Set(None),
-            last_success_at: Set(None),
-        });
-        endpoints::Entity::insert_many(rows)
-            .on_conflict_do_nothing_on([endpoints::Column::Url])
-            .exec_without_returning(&self.db.conn)
-            .await?;
+        let urls: Vec<String> = self.targets.iter().map(|t| t.url.clone()).collect();
+        delivery_queue::ensure_endpoints(&self.db.conn, &urls).await?;
         self.endpoints_known.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     async fn serve_endpoint(&self, target: &Target, started: Instant) -> AppResult<usize> {
         let db = &self.db.conn;
-        let due = deliveries::Entity::find()
-            .filter(deliveries::Column::EndpointUrl.eq(target.url.as_str()))
-            .filter(deliveries::Column::DeliveredAt.is_null())
-            .filter(deliveries::Column::NextAttemptAt.lte(self.clock.now()))
-            .order_by_asc(deliveries::Column::EventId)
-            .order_by_asc(deliveries::Column::Id)
-            .limit(BATCH)
-            .all(db)
-            .await?;
+        let due = delivery_queue::due(db, &target.url, self.clock.now(), BATCH).await?;
         if due.is_empty() {
             return Ok(0);
         }
-        let events: HashMap<i64, EntitlementEvent> = entitlement_events::Entity::find()
-            .filter(entitlement_events::Column::Id.is_in(due.iter().map(|d| d.event_id)))
-            .all(db)
+        let events: HashMap<i64, EntitlementEvent> = delivery_queue::events_of(db, &due)
             .await?
             .iter()
-            .map(|m| (m.id, EntitlementEvent::from(m)))
+            .map(|(id, m)| (*id, EntitlementEvent::from(m)))
             .collect();
         let mut delivered = 0;
         for row in &due {
@@ -330,24 +299,7 @@ impl Dispatcher {
     }
 
     async fn record_success(&self, row: &deliveries::Model, now: DateTime<Utc>) -> AppResult<()> {
-        let db = &self.db.conn;
-        deliveries::Entity::update_many()
-            .col_expr(deliveries::Column::Attempts, Expr::value(row.attempts + 1))
-            .col_expr(deliveries::Column::DeliveredAt, Expr::value(Some(now)))
-            .col_expr(deliveries::Column::LastError, Expr::value(None::<String>))
-            .filter(deliveries::Column::Id.eq(row.id))
-            .exec(db)
-            .await?;
-        endpoints::Entity::update_many()
-            .col_expr(
-                endpoints::Column::FailingSince,
-                Expr::value(None::<DateTime<Utc>>),
-            )
-            .col_expr(endpoints::Column::LastSuccessAt, Expr::value(Some(now)))
-            .filter(endpoints::Column::Url.eq(row.endpoint_url.as_str()))
-            .exec(db)
-            .await?;
-        Ok(())
+        delivery_queue::record_delivered(&self.db.conn, row, row.attempts + 1, now).await
     }
 
     /// Counts the attempt and schedules the next; returns when it is due.
@@ -359,12 +311,7 @@ impl Dispatcher {
     ) -> AppResult<DateTime<Utc>> {
         let attempts = row.attempts + 1;
         let retry_at = now + backoff(attempts);
-        deliveries::Entity::update_many()
-            .col_expr(deliveries::Column::Attempts, Expr::value(attempts))
-            .col_expr(deliveries::Column::NextAttemptAt, Expr::value(retry_at))
-            .col_expr(deliveries::Column::LastError, Expr::value(Some(reason)))
-            .filter(deliveries::Column::Id.eq(row.id))
-            .exec(&self.db.conn)
+        delivery_queue::record_attempt_failed(&self.db.conn, row.id, attempts, reason, retry_at)
             .await?;
         Ok(retry_at)
     }
@@ -378,29 +325,16 @@ impl Dispatcher {
         now: DateTime<Utc>,
         retry_at: DateTime<Utc>,
     ) -> AppResult<()> {
-        let db = &self.db.conn;
-        endpoints::Entity::update_many()
-            .col_expr(endpoints::Column::FailingSince, Expr::value(Some(now)))
-            .filter(endpoints::Column::Url.eq(target.url.as_str()))
-            .filter(endpoints::Column::FailingSince.is_null())
-            .exec(db)
-            .await?;
-        deliveries::Entity::update_many()
-            .col_expr(deliveries::Column::NextAttemptAt, Expr::value(retry_at))
-            .filter(deliveries::Column::EndpointUrl.eq(target.url.as_str()))
-            .filter(deliveries::Column::DeliveredAt.is_null())
-            .filter(deliveries::Column::NextAttemptAt.lte(now))
-            .filter(deliveries::Column::Id.ne(failed_row))
-            .exec(db)
-            .await?;
-        let disabled = endpoints::Entity::update_many()
-            .col_expr(endpoints::Column::DisabledAt, Expr::value(Some(now)))
-            .filter(endpoints::Column::Url.eq(target.url.as_str()))
-            .filter(endpoints::Column::DisabledAt.is_null())
-            .filter(endpoints::Column::FailingSince.lte(now - self.disable_after))
-            .exec(db)
-            .await?;
-        if disabled.rows_affected > 0 {
+        let disabled = delivery_queue::record_endpoint_failed(
+            &self.db.conn,
+            &target.url,
+            failed_row,
+            now,
+            retry_at,
+            now - self.disable_after,
+        )
+        .await?;
+        if disabled {
             tracing::warn!(
                 endpoint = %redacted(&target.url),
                 days = self.disable_after.num_days(),

@@ -8,27 +8,19 @@
 use std::{sync::Arc, time::Duration};
 
 use chrono::Utc;
-use entities::{entitlement_events, outbound_deliveries};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Statement, TransactionTrait, sea_query::Expr,
-};
 use tokio::sync::watch;
 
 use super::EntitlementEvent;
 use crate::{
     clock::Clock,
     config::Config,
-    db::Db,
+    db::{
+        self, Conn, Db,
+        change_log::{Outlet, Turn},
+    },
     error::{AppError, AppResult},
     metrics::Metrics,
 };
-
-/// Constants shared by every replica: the PostgreSQL advisory locks that
-/// let one relay per sink at a time take rows, so rows leave in order and
-/// never twice concurrently.
-const RELAY_LOCK: i64 = 0x656e_7469_746c_6501;
-const OUTBOUND_LOCK: i64 = 0x656e_7469_746c_6502;
 
 pub struct Relay {
     db: Db,
@@ -46,18 +38,10 @@ enum Sink {
 }
 
 impl Sink {
-    /// The column that records this sink has taken a row.
-    fn column(&self) -> entitlement_events::Column {
+    fn outlet(&self) -> Outlet {
         match self {
-            Sink::Redis(_) => entitlement_events::Column::PublishedAt,
-            Sink::Outbound(_) => entitlement_events::Column::OutboundQueuedAt,
-        }
-    }
-
-    fn lock(&self) -> i64 {
-        match self {
-            Sink::Redis(_) => RELAY_LOCK,
-            Sink::Outbound(_) => OUTBOUND_LOCK,
+            Sink::Redis(_) => Outlet::Stream,
+            Sink::Outbound(_) => Outlet::OutboundQueue,
         }
     }
 
@@ -198,23 +182,10 @@ impl Relay {
     /// Hands one batch to the sink; returns how many rows it took.
     pub async fn publish_once(&mut self) -> AppResult<usize> {
         let db = self.db.clone();
-        match db.backend() {
-            DbBackend::Postgres => {
-                let txn = db.conn.begin().await?;
-                let locked = txn
-                    .query_one_raw(Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        "SELECT pg_try_advisory_xact_lock($1) AS locked",
-                        [self.sink.lock().into()],
-                    ))
-                    .await?
-                    .map(|r| r.try_get::<bool>("", "locked"))
-                    .transpose()?
-                    .unwrap_or(false);
-                if !locked {
-                    // Another replica is feeding this sink.
-                    return Ok(0);
-                }
+        match db::change_log::take_turn(&db, self.sink.outlet()).await? {
+            // Another replica is feeding this sink.
+            Turn::Busy => Ok(0),
+            Turn::Held(txn) => {
                 let rows = self.unpublished(&txn).await?;
                 if rows.is_empty() {
                     return Ok(0);
@@ -224,7 +195,7 @@ impl Relay {
                 txn.commit().await?;
                 Ok(rows.len())
             }
-            _ => match &self.sink {
+            Turn::Alone => match &self.sink {
                 Sink::Redis(_) => {
                     // One process owns a SQLite file: no lock to take, and
                     // the writer gate is not held across the Redis round trip.
@@ -253,12 +224,8 @@ impl Relay {
         }
     }
 
-    async fn unpublished(&self, c: &impl ConnectionTrait) -> AppResult<Vec<EntitlementEvent>> {
-        Ok(entitlement_events::Entity::find()
-            .filter(self.sink.column().is_null())
-            .order_by_asc(entitlement_events::Column::Id)
-            .limit(self.batch)
-            .all(c)
+    async fn unpublished(&self, c: &impl Conn) -> AppResult<Vec<EntitlementEvent>> {
+        Ok(db::change_log::untaken(c, self.sink.outlet(), self.batch)
             .await?
             .iter()
             .map(EntitlementEvent::from)
@@ -267,43 +234,18 @@ impl Relay {
 
     /// Redis: publishes the rows. Outbound: queues their deliveries on `c`,
     /// in the transaction that marks them.
-    async fn send(&mut self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
+    async fn send(&mut self, c: &impl Conn, rows: &[EntitlementEvent]) -> AppResult<()> {
         match &mut self.sink {
             Sink::Redis(redis) => redis.publish(rows).await,
             Sink::Outbound(urls) => {
-                let business_now = self.clock.now();
-                let queued = rows.iter().flat_map(|r| {
-                    urls.iter()
-                        .map(move |url| outbound_deliveries::ActiveModel {
-                            event_id: Set(r.seq),
-                            endpoint_url: Set(url.clone()),
-                            attempts: Set(0),
-                            next_attempt_at: Set(business_now),
-                            delivered_at: Set(None),
-                            last_error: Set(None),
-                            created_at: Set(business_now),
-                            ..Default::default()
-                        })
-                });
-                outbound_deliveries::Entity::insert_many(queued)
-                    .on_conflict_do_nothing_on([
-                        outbound_deliveries::Column::EventId,
-                        outbound_deliveries::Column::EndpointUrl,
-                    ])
-                    .exec_without_returning(c)
-                    .await?;
-                Ok(())
+                let ids: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+                db::change_log::queue_deliveries(c, &ids, urls, self.clock.now()).await
             }
         }
     }
 
-    async fn mark(&self, c: &impl ConnectionTrait, rows: &[EntitlementEvent]) -> AppResult<()> {
+    async fn mark(&self, c: &impl Conn, rows: &[EntitlementEvent]) -> AppResult<()> {
         let ids: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        entitlement_events::Entity::update_many()
-            .col_expr(self.sink.column(), Expr::value(Utc::now()))
-            .filter(entitlement_events::Column::Id.is_in(ids))
-            .exec(c)
-            .await?;
-        Ok(())
+        db::change_log::mark_taken(c, self.sink.outlet(), ids, Utc::now()).await
     }
 }

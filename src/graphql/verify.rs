@@ -1,8 +1,6 @@
 //! `verifyPurchase`: one mutation for every store; the input names the store.
 
 use async_graphql::{Context, ID, InputObject, OneofObject, SimpleObject};
-use entities::purchases;
-use sea_orm::EntityTrait;
 
 use super::{
     query::principal,
@@ -10,6 +8,7 @@ use super::{
 };
 use crate::{
     auth::Principal,
+    db::store_purchases,
     domain::ExternalId,
     error::AppError,
     policy::{Action, authorize},
@@ -135,10 +134,8 @@ pub async fn verify_purchase(
         .find_customer(&applied.customer_id)
         .await?
         .ok_or(AppError::NotFound("customer"))?;
-    let purchase = purchases::Entity::find_by_id(applied.purchase_id)
-        .one(&core.db.conn)
-        .await
-        .map_err(AppError::from)?
+    let purchase = store_purchases::purchase(&core.db.conn, applied.purchase_id)
+        .await?
         .map(Purchase::from_model)
         .transpose()?;
     Ok(VerifyPurchasePayload {

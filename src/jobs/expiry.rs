@@ -3,10 +3,6 @@
 //! reaching its end) gets its `expired` change-log row within one interval.
 
 use chrono::{DateTime, Duration, Utc};
-use entities::purchases;
-use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, sea_query::ExprTrait,
-};
 
 use crate::{db, error::AppResult, service::Core};
 
@@ -26,20 +22,7 @@ pub async fn sweep(core: &Core) -> AppResult<usize> {
         .map_or(DateTime::<Utc>::UNIX_EPOCH, |t| {
             t.with_timezone(&Utc) - OVERLAP
         });
-    let ended_between = |col: purchases::Column| col.gt(since).and(col.lte(now));
-    let customers: Vec<String> = purchases::Entity::find()
-        .select_only()
-        .column(purchases::Column::CustomerId)
-        .distinct()
-        .filter(
-            Condition::any()
-                .add(ended_between(purchases::Column::ExpiresAt))
-                .add(ended_between(purchases::Column::GraceExpiresAt))
-                .add(ended_between(purchases::Column::RevokedAt)),
-        )
-        .into_tuple()
-        .all(&core.db.conn)
-        .await?;
+    let customers = db::jobs::customers_with_ends_between(&core.db.conn, since, now).await?;
     let mut written = 0;
     for customer in customers {
         written += core.log_lapses(&customer, now).await?;

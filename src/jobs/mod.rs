@@ -3,18 +3,20 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use chrono::{DateTime, Utc};
-use entities::{job_cursors, job_leases};
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, sea_query::Expr,
-};
+use chrono::Utc;
 
-use crate::{db::Db, error::AppResult};
+use crate::{
+    db::{self, Db},
+    error::AppResult,
+};
 
 pub mod expiry;
 pub mod reconcile;
 pub mod refresh;
 pub mod retention;
+
+// A job's saved position, where callers outside the jobs look for it.
+pub use crate::db::jobs::{read_cursor, write_cursor};
 
 /// Leases in the `job_leases` table. They are timed by the system clock, not
 /// the business clock: they measure whether a process is alive.
@@ -46,73 +48,13 @@ impl Leases {
     pub async fn try_acquire(&self, name: &str, ttl: Duration) -> AppResult<bool> {
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::hours(1));
-        job_leases::Entity::insert(job_leases::ActiveModel {
-            name: Set(name.to_string()),
-            holder: Set(String::new()),
-            expires_at: Set(DateTime::<Utc>::UNIX_EPOCH),
-        })
-        .on_conflict_do_nothing_on([job_leases::Column::Name])
-        .exec_without_returning(&self.db.conn)
-        .await?;
-        // One conditional UPDATE: PostgreSQL re-checks the condition against
-        // a concurrent winner's row, SQLite has one writer; either way at
-        // most one caller sees a row changed.
-        let res = job_leases::Entity::update_many()
-            .col_expr(job_leases::Column::Holder, Expr::value(self.holder.clone()))
-            .col_expr(job_leases::Column::ExpiresAt, Expr::value(until))
-            .filter(job_leases::Column::Name.eq(name))
-            .filter(
-                sea_orm::Condition::any()
-                    .add(job_leases::Column::Holder.eq(self.holder.clone()))
-                    .add(job_leases::Column::ExpiresAt.lt(now)),
-            )
-            .exec(&self.db.conn)
-            .await?;
-        Ok(res.rows_affected == 1)
+        db::jobs::try_take_lease(&self.db.conn, name, &self.holder, now, until).await
     }
 
     /// Gives the lease up (on shutdown), so another replica can take it at once.
     pub async fn release(&self, name: &str) -> AppResult<()> {
-        job_leases::Entity::update_many()
-            .col_expr(
-                job_leases::Column::ExpiresAt,
-                Expr::value(DateTime::<Utc>::UNIX_EPOCH),
-            )
-            .filter(job_leases::Column::Name.eq(name))
-            .filter(job_leases::Column::Holder.eq(self.holder.clone()))
-            .exec(&self.db.conn)
-            .await?;
-        Ok(())
+        db::jobs::release_lease(&self.db.conn, name, &self.holder).await
     }
-}
-
-/// A job's saved position, `None` before its first run.
-pub async fn read_cursor(c: &impl ConnectionTrait, name: &str) -> AppResult<Option<String>> {
-    Ok(job_cursors::Entity::find_by_id(name.to_string())
-        .one(c)
-        .await?
-        .map(|m| m.value))
-}
-
-pub async fn write_cursor(
-    c: &impl ConnectionTrait,
-    name: &str,
-    value: &str,
-    now: DateTime<Utc>,
-) -> AppResult<()> {
-    job_cursors::Entity::insert(job_cursors::ActiveModel {
-        name: Set(name.to_string()),
-        value: Set(value.to_string()),
-        updated_at: Set(now),
-    })
-    .on_conflict(
-        sea_orm::sea_query::OnConflict::column(job_cursors::Column::Name)
-            .update_columns([job_cursors::Column::Value, job_cursors::Column::UpdatedAt])
-            .to_owned(),
-    )
-    .exec_without_returning(c)
-    .await?;
-    Ok(())
 }
 
 /// Runs `run` every `every` while this process holds the lease `name`.

@@ -4,15 +4,11 @@
 //! even when its webhook never comes.
 
 use chrono::{DateTime, Duration, Utc};
-use entities::{purchase_checks, purchases};
-use sea_orm::{
-    ActiveValue::Set,
-    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{ExprTrait, OnConflict, Query},
-};
+use entities::purchases;
 
 use crate::{
     config::JobsConfig,
+    db::{self, jobs::RefreshDue},
     domain::{Environment, PurchaseStatus, Store},
     error::{AppError, AppResult},
     service::Core,
@@ -90,55 +86,36 @@ async fn due(
     let ahead = now + secs(cfg.refresh_ahead_secs);
     let from = now - LOOKBACK;
     let checked_since = now - secs(cfg.refresh_every_secs);
-    let ends_in_window = |c: purchases::Column| c.gte(from).and(c.lte(ahead));
     // Canceled purchases too: a lost un-cancel would otherwise end them.
     let by_period_end = [
-        PurchaseStatus::Active.as_str(),
-        PurchaseStatus::Trialing.as_str(),
-        PurchaseStatus::Canceled.as_str(),
-        PurchaseStatus::InGracePeriod.as_str(),
-        PurchaseStatus::InBillingRetry.as_str(),
+        PurchaseStatus::Active,
+        PurchaseStatus::Trialing,
+        PurchaseStatus::Canceled,
+        PurchaseStatus::InGracePeriod,
+        PurchaseStatus::InBillingRetry,
     ];
     // Their end is the store's (a retry succeeding, a hold or pause
     // lifting) and no date of ours says when: asked every
     // `refresh_every_secs` for as long as the store may still settle them.
     let until_settled = [
-        PurchaseStatus::InBillingRetry.as_str(),
-        PurchaseStatus::OnHold.as_str(),
-        PurchaseStatus::Paused.as_str(),
+        PurchaseStatus::InBillingRetry,
+        PurchaseStatus::OnHold,
+        PurchaseStatus::Paused,
     ];
-    Ok(purchases::Entity::find()
-        .filter(purchases::Column::Store.is_in(stores.iter().map(|s| s.as_str())))
-        .filter(
-            Condition::any()
-                .add(
-                    Condition::all()
-                        .add(purchases::Column::Status.is_in(by_period_end))
-                        .add(
-                            Condition::any()
-                                .add(ends_in_window(purchases::Column::ExpiresAt))
-                                .add(ends_in_window(purchases::Column::GraceExpiresAt)),
-                        ),
-                )
-                .add(
-                    Condition::all()
-                        .add(purchases::Column::Status.is_in(until_settled))
-                        .add(purchases::Column::ExpiresAt.gte(now - SETTLE_WINDOW)),
-                ),
-        )
-        .filter(
-            purchases::Column::Id.not_in_subquery(
-                Query::select()
-                    .column(purchase_checks::Column::PurchaseId)
-                    .from(purchase_checks::Entity)
-                    .and_where(purchase_checks::Column::CheckedAt.gt(checked_since))
-                    .to_owned(),
-            ),
-        )
-        .order_by_asc(purchases::Column::ExpiresAt)
-        .limit(BATCH)
-        .all(&core.db.conn)
-        .await?)
+    db::jobs::due_for_refresh(
+        &core.db.conn,
+        &RefreshDue {
+            stores,
+            by_period_end: &by_period_end,
+            ends_from: from,
+            ends_until: ahead,
+            until_settled: &until_settled,
+            settle_from: now - SETTLE_WINDOW,
+            checked_since,
+        },
+        BATCH,
+    )
+    .await
 }
 
 /// A configured number of seconds, at most ten years.
@@ -170,20 +147,5 @@ async fn refresh_one(core: &Core, p: &purchases::Model) -> AppResult<&'static st
 }
 
 async fn record(core: &Core, purchase_id: i64, outcome: &str, now: DateTime<Utc>) -> AppResult<()> {
-    purchase_checks::Entity::insert(purchase_checks::ActiveModel {
-        purchase_id: Set(purchase_id),
-        checked_at: Set(now),
-        outcome: Set(outcome.chars().take(256).collect()),
-    })
-    .on_conflict(
-        OnConflict::column(purchase_checks::Column::PurchaseId)
-            .update_columns([
-                purchase_checks::Column::CheckedAt,
-                purchase_checks::Column::Outcome,
-            ])
-            .to_owned(),
-    )
-    .exec_without_returning(&core.db.conn)
-    .await?;
-    Ok(())
+    db::jobs::record_check(&core.db.conn, purchase_id, outcome, now).await
 }

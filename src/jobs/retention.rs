@@ -4,10 +4,8 @@
 //! (source, event id) is what recognises a store's late redelivery.
 
 use chrono::Duration;
-use entities::{receipts, webhook_events};
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
 
-use crate::{config::RetentionConfig, error::AppResult, service::Core};
+use crate::{config::RetentionConfig, db, error::AppResult, service::Core};
 
 pub const JOB: &str = "retention";
 
@@ -28,12 +26,7 @@ pub async fn run(core: &Core, cfg: &RetentionConfig) -> AppResult<Swept> {
     let mut swept = Swept::default();
     if cfg.invalid_receipt_days > 0 {
         let cutoff = now - Duration::days(i64::from(cfg.invalid_receipt_days));
-        swept.receipts_deleted = receipts::Entity::delete_many()
-            .filter(receipts::Column::Outcome.is_in(["invalid", "pending"]))
-            .filter(receipts::Column::ReceivedAt.lt(cutoff))
-            .exec(&core.db.conn)
-            .await?
-            .rows_affected;
+        swept.receipts_deleted = db::jobs::delete_unused_receipts(&core.db.conn, cutoff).await?;
     }
     if cfg.webhook_payload_days > 0 {
         let cutoff = now - Duration::days(i64::from(cfg.webhook_payload_days));
@@ -44,13 +37,8 @@ pub async fn run(core: &Core, cfg: &RetentionConfig) -> AppResult<Swept> {
             .await?
             .and_then(|v| chrono::DateTime::parse_from_rfc3339(&v).ok())
             .map(|t| t.with_timezone(&chrono::Utc));
-        let mut q = webhook_events::Entity::update_many()
-            .col_expr(webhook_events::Column::Payload, Expr::value(cleared()))
-            .filter(webhook_events::Column::ProcessedAt.lt(cutoff));
-        if let Some(since) = since {
-            q = q.filter(webhook_events::Column::ProcessedAt.gte(since));
-        }
-        swept.webhook_payloads_cleared = q.exec(&core.db.conn).await?.rows_affected;
+        swept.webhook_payloads_cleared =
+            db::jobs::clear_webhook_payloads(&core.db.conn, cleared(), since, cutoff).await?;
         super::write_cursor(&core.db.conn, JOB, &cutoff.to_rfc3339(), now).await?;
     }
     if swept != Swept::default() {

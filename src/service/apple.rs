@@ -1,7 +1,6 @@
 //! App Store use cases: a customer submits a purchase, Apple notifies us.
 
 use entities::{purchases, webhook_events};
-use sea_orm::EntityTrait;
 use serde_json::json;
 
 use super::{
@@ -10,6 +9,7 @@ use super::{
     webhooks::Claim,
 };
 use crate::{
+    db::store_purchases,
     domain::{Store, webhook_log},
     error::{AppError, AppResult},
     providers::{
@@ -168,8 +168,7 @@ impl Core {
                 .await?;
             self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
                 .await?;
-            let model = purchases::Entity::find_by_id(applied.purchase_id)
-                .one(&*txn)
+            let model = store_purchases::purchase(&*txn, applied.purchase_id)
                 .await?
                 .ok_or(AppError::NotFound("purchase"))?;
             txn.commit().await?;

@@ -10,10 +10,7 @@
 //! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
 //! within the three days. A successful acknowledgement marks `raw` so.
 
-use entities::{held_purchases, purchases, webhook_events};
-use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter,
-};
+use entities::webhook_events;
 use serde_json::json;
 
 use super::{
@@ -22,7 +19,7 @@ use super::{
     webhooks::Claim,
 };
 use crate::{
-    db::WriteTxn,
+    db::{self, WriteTxn, store_purchases},
     domain::rules,
     domain::{ProductDef, ProductKind, PurchaseStatus, Store, webhook_log},
     error::{AppError, AppResult},
@@ -161,19 +158,11 @@ impl Core {
         txn: &WriteTxn,
         purchase: VerifiedPurchase,
     ) -> AppResult<VerifiedPurchase> {
-        let stored = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()))
-            .one(&**txn)
-            .await?;
+        let token = purchase.store_purchase_id.as_str();
+        let stored = store_purchases::store_purchase(&**txn, Store::PlayStore, token).await?;
         let stored = match stored {
             Some(s) => Some((s.status, s.revoked_at)),
-            None => held_purchases::Entity::find()
-                .filter(held_purchases::Column::Store.eq(Store::PlayStore.as_str()))
-                .filter(
-                    held_purchases::Column::StorePurchaseId.eq(purchase.store_purchase_id.as_str()),
-                )
-                .one(&**txn)
+            None => store_purchases::held_purchase(&**txn, Store::PlayStore, token)
                 .await?
                 .and_then(|h| play::held_final(&h.state)),
         };
@@ -216,11 +205,7 @@ impl Core {
     /// the sweep skips it. `raw` is audit data: no change-log row.
     async fn mark_play_acknowledged(&self, token: &str) -> AppResult<()> {
         let txn = self.db.write().await?;
-        let row = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(token))
-            .one(&*txn)
-            .await?;
+        let row = store_purchases::store_purchase(&*txn, Store::PlayStore, token).await?;
         if let Some(row) = row
             && let Some(mut raw) = row.raw.clone()
             && let Some(obj) = raw.as_object_mut()
@@ -234,9 +219,7 @@ impl Core {
                 json!("ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED")
             };
             obj.insert("acknowledgementState".into(), acked);
-            let mut am = row.into_active_model();
-            am.raw = Set(Some(raw));
-            am.update(&*txn).await?;
+            store_purchases::replace_raw(&*txn, row, raw).await?;
         }
         txn.commit().await
     }
@@ -249,17 +232,18 @@ impl Core {
             return Ok(0);
         };
         let since = self.now() - chrono::Duration::days(3);
-        let rows = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
-            .filter(purchases::Column::PurchasedAt.gte(since))
-            .filter(purchases::Column::Status.is_in([
-                PurchaseStatus::Active.as_str(),
-                PurchaseStatus::Trialing.as_str(),
-                PurchaseStatus::Canceled.as_str(),
-                PurchaseStatus::InGracePeriod.as_str(),
-            ]))
-            .all(&self.db.conn)
-            .await?;
+        let rows = store_purchases::purchases_since(
+            &self.db.conn,
+            Store::PlayStore,
+            since,
+            &[
+                PurchaseStatus::Active,
+                PurchaseStatus::Trialing,
+                PurchaseStatus::Canceled,
+                PurchaseStatus::InGracePeriod,
+            ],
+        )
+        .await?;
         let mut done = 0;
         for p in rows.iter().filter(|p| {
             p.raw.as_ref().is_some_and(|r| {
@@ -531,24 +515,17 @@ impl Core {
     ) -> AppResult<Result<Fetched, PushOutcome>> {
         let now = self.now();
         // What we know of it: a stored purchase, or one held for its owner.
-        let stored = match purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::PlayStore.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(token))
-            .one(&self.db.conn)
-            .await?
-        {
-            Some(p) => Some((p.product_id, p.expires_at.is_some())),
-            None => held_purchases::Entity::find()
-                .filter(held_purchases::Column::Store.eq(Store::PlayStore.as_str()))
-                .filter(held_purchases::Column::StorePurchaseId.eq(token))
-                .one(&self.db.conn)
-                .await?
-                .and_then(|h| {
-                    let product = h.state.get("product_id")?.as_str()?.to_string();
-                    let is_sub = h.state.get("expires_at").is_some_and(|e| !e.is_null());
-                    Some((product, is_sub))
-                }),
-        };
+        let stored =
+            match store_purchases::store_purchase(&self.db.conn, Store::PlayStore, token).await? {
+                Some(p) => Some((p.product_id, p.expires_at.is_some())),
+                None => store_purchases::held_purchase(&self.db.conn, Store::PlayStore, token)
+                    .await?
+                    .and_then(|h| {
+                        let product = h.state.get("product_id")?.as_str()?.to_string();
+                        let is_sub = h.state.get("expires_at").is_some_and(|e| !e.is_null());
+                        Some((product, is_sub))
+                    }),
+            };
         let is_sub = match (product_type, &stored) {
             (Some(1), _) => true,
             (Some(2), _) => false,
@@ -583,11 +560,9 @@ impl Core {
         v: &play::VoidedPurchase,
     ) -> AppResult<PushOutcome> {
         let event_id = voided_event_id(v);
-        let seen = webhook_events::Entity::find()
-            .filter(webhook_events::Column::Source.eq(Store::PlayStore.as_str()))
-            .filter(webhook_events::Column::EventId.eq(event_id.as_str()))
-            .one(&self.db.conn)
-            .await?;
+        let seen =
+            db::webhook_log::webhook_event_by_source(&self.db.conn, Store::PlayStore, &event_id)
+                .await?;
         if seen.is_some() {
             return Ok(PushOutcome::Duplicate);
         }

@@ -9,20 +9,14 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use entities::{customers, purchases, webhook_events};
-use sea_orm::{
-    ActiveModelTrait,
-    ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryFilter,
-    sea_query::{Expr, ExprTrait},
-};
+use entities::webhook_events;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
 
 use super::{Core, purchases::Submitter, webhooks::Claim};
 use crate::{
-    db::{self, WriteTxn},
+    db::{self, WriteTxn, store_purchases},
     domain::{ExternalId, ProductKind, PurchaseStatus, Store, webhook_log},
     error::{AppError, AppResult},
     providers::stripe::{
@@ -485,11 +479,12 @@ impl Core {
             self.ensure_customer_in(txn, c, now).await?;
             db::hold_customer(txn, c).await?;
         }
-        let existing = purchases::Entity::find()
-            .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
-            .filter(purchases::Column::StorePurchaseId.eq(state.state().store_purchase_id.as_str()))
-            .one(&**txn)
-            .await?;
+        let existing = store_purchases::store_purchase(
+            &**txn,
+            Store::Stripe,
+            &state.state().store_purchase_id,
+        )
+        .await?;
         // A refund or a chargeback stands until Stripe reports a period
         // paid after it.
         if let Some(e) = &existing
@@ -518,7 +513,7 @@ impl Core {
             Some(c) => Some(c),
             None if existing.is_none() && state.state().bound_customer.is_none() => {
                 match &state.stripe_customer {
-                    Some(sc) => customer_by_stripe_id_in(&**txn, sc).await?,
+                    Some(sc) => store_purchases::customer_of_stripe_customer(&**txn, sc).await?,
                     None => None,
                 }
             }
@@ -559,7 +554,7 @@ impl Core {
             ("latest_invoice", provider::id_of(charge.get("invoice"))),
         ] {
             if let Some(v) = value {
-                found = find_by_raw(&**txn, key, &v).await?;
+                found = store_purchases::stripe_purchase_by_raw(&**txn, key, &v).await?;
                 if found.is_some() {
                     break;
                 }
@@ -595,7 +590,7 @@ impl Core {
             ("latest_invoice", &d.invoice),
         ] {
             if let Some(v) = value {
-                found = find_by_raw(&**txn, key, v).await?;
+                found = store_purchases::stripe_purchase_by_raw(&**txn, key, v).await?;
                 if found.is_some() {
                     break;
                 }
@@ -604,11 +599,7 @@ impl Core {
         if found.is_none()
             && let Some(sub) = &d.subscription
         {
-            found = purchases::Entity::find()
-                .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
-                .filter(purchases::Column::StorePurchaseId.eq(sub.as_str()))
-                .one(&**txn)
-                .await?;
+            found = store_purchases::store_purchase(&**txn, Store::Stripe, sub).await?;
         }
         let Some(purchase) = found else {
             return Ok(("unmatched_dispute", None));
@@ -677,14 +668,20 @@ impl Core {
 
     /// Whether a one-time purchase was paid by this PaymentIntent.
     async fn has_purchase_with(&self, payment_intent: &str) -> AppResult<bool> {
-        Ok(find_by_raw(&self.db.conn, "payment_intent", payment_intent)
+        Ok(
+            store_purchases::stripe_purchase_by_raw(
+                &self.db.conn,
+                "payment_intent",
+                payment_intent,
+            )
             .await?
-            .is_some())
+            .is_some(),
+        )
     }
 
     /// Our customer whose Stripe customer id is `stripe_customer`.
     pub async fn customer_by_stripe_id(&self, stripe_customer: &str) -> AppResult<Option<String>> {
-        customer_by_stripe_id_in(&self.db.conn, stripe_customer).await
+        store_purchases::customer_of_stripe_customer(&self.db.conn, stripe_customer).await
     }
 
     async fn stripe_customer_of(&self, customer_id: &str) -> AppResult<Option<String>> {
@@ -770,33 +767,6 @@ fn check_url(name: &str, u: &str) -> AppResult<()> {
     }
 }
 
-async fn customer_by_stripe_id_in(
-    c: &impl ConnectionTrait,
-    stripe_customer: &str,
-) -> AppResult<Option<String>> {
-    Ok(customers::Entity::find()
-        .filter(customers::Column::StripeCustomerId.eq(stripe_customer))
-        .one(c)
-        .await?
-        .map(|c| c.id))
-}
-
-async fn find_by_raw(
-    c: &impl ConnectionTrait,
-    key: &'static str,
-    value: &str,
-) -> AppResult<Option<purchases::Model>> {
-    let expr = match c.get_database_backend() {
-        DbBackend::Postgres => format!("raw->>'{key}' = $1"),
-        _ => format!("json_extract(raw, '$.{key}') = ?"),
-    };
-    Ok(purchases::Entity::find()
-        .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
-        .filter(Expr::cust_with_values(expr, [value]))
-        .one(c)
-        .await?)
-}
-
 /// Remembers the Stripe customer `customer_id` pays as (and the e-mail
 /// Stripe reported, when it did), both indexed for lookups and search.
 async fn remember_stripe_customer(
@@ -805,10 +775,7 @@ async fn remember_stripe_customer(
     stripe_customer: &str,
     email: Option<&str>,
 ) -> AppResult<()> {
-    let Some(c) = customers::Entity::find_by_id(customer_id.to_string())
-        .one(&**txn)
-        .await?
-    else {
+    let Some(c) = store_purchases::customer_row(&**txn, customer_id).await? else {
         return Ok(());
     };
     let email = email.map(|e| e.trim().to_lowercase());
@@ -826,36 +793,18 @@ async fn remember_stripe_customer(
         attrs = Value::Object(Default::default());
     }
     attrs[STRIPE_CUSTOMER_ATTR] = Value::String(stripe_customer.to_string());
-    let mut am = c.into_active_model();
-    am.attributes = Set(attrs);
-    am.stripe_customer_id = Set(Some(stripe_customer.to_string()));
-    if email.is_some() {
-        am.email = Set(email);
-    }
-    am.update(&**txn).await?;
-    Ok(())
+    store_purchases::save_stripe_customer(&**txn, c, attrs, stripe_customer, email).await
 }
 
 /// Counts one more paid renewal on the subscription we hold, returning its
 /// owner; `None` when we hold none by that id.
 async fn count_renewal(txn: &WriteTxn, subscription: &str) -> AppResult<Option<String>> {
-    let Some(p) = purchases::Entity::find()
-        .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
-        .filter(purchases::Column::StorePurchaseId.eq(subscription))
-        .one(&**txn)
-        .await?
+    let Some(p) = store_purchases::store_purchase(&**txn, Store::Stripe, subscription).await?
     else {
         return Ok(None);
     };
     // Locking the owner drops its cached reads once this commits.
     db::hold_customer(txn, &p.customer_id).await?;
-    purchases::Entity::update_many()
-        .col_expr(
-            purchases::Column::RenewalCount,
-            Expr::col(purchases::Column::RenewalCount).add(1),
-        )
-        .filter(purchases::Column::Id.eq(p.id))
-        .exec(&**txn)
-        .await?;
+    store_purchases::add_renewal(&**txn, p.id).await?;
     Ok(Some(p.customer_id))
 }

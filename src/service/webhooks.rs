@@ -6,10 +6,6 @@
 
 use chrono::{DateTime, Duration, Utc};
 use entities::webhook_events;
-use sea_orm::{
-    ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect, TryInsertResult,
-    sea_query::Expr,
-};
 use serde_json::Value;
 
 use super::Core;
@@ -98,23 +94,7 @@ impl Core {
             }
             Claim::Replay { id, outcome: was } => {
                 // The customer is kept when this run names none.
-                let mut q = webhook_events::Entity::update_many();
-                if let Some(c) = customer {
-                    q = q.col_expr(webhook_events::Column::CustomerId, Expr::value(c));
-                }
-                let res = q
-                    .col_expr(webhook_events::Column::Outcome, Expr::value(outcome))
-                    .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
-                    .col_expr(webhook_events::Column::ProcessedAt, Expr::value(now))
-                    .col_expr(
-                        webhook_events::Column::Error,
-                        Expr::value(Option::<String>::None),
-                    )
-                    .filter(webhook_events::Column::Id.eq(*id))
-                    .filter(webhook_events::Column::Outcome.eq(was.as_str()))
-                    .exec(&**txn)
-                    .await?;
-                Ok(res.rows_affected > 0)
+                db::webhook_log::claim_for_replay(&**txn, *id, was, outcome, customer, now).await
             }
         }
     }
@@ -122,13 +102,7 @@ impl Core {
     /// Seen and processed (a row whose delivery failed is processed again):
     /// checked before any store API call, so a redelivery costs one read.
     pub(crate) async fn webhook_seen(&self, source: Store, event_id: &str) -> AppResult<bool> {
-        Ok(webhook_events::Entity::find()
-            .filter(webhook_events::Column::Source.eq(source.as_str()))
-            .filter(webhook_events::Column::EventId.eq(event_id))
-            .select_only()
-            .column(webhook_events::Column::Outcome)
-            .into_tuple::<String>()
-            .one(&self.db.conn)
+        Ok(db::webhook_log::outcome_of(&self.db.conn, source, event_id)
             .await?
             .is_some_and(|o| o != FAILED))
     }
@@ -150,42 +124,22 @@ impl Core {
         }
         let now = self.now();
         let txn = self.db.write().await?;
-        let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
-            source: Set(source.as_str().into()),
-            event_id: Set(event_id.to_string()),
-            received_at: Set(now),
-            payload: Set(payload.clone()),
-            outcome: Set(FAILED.into()),
-            // Not processed: retention keeps the payload for the replay.
-            processed_at: Set(None),
-            customer_id: Set(customer.map(str::to_string)),
-            error: Set(Some(err.message())),
-            replayed_at: Set(None),
-            ..Default::default()
-        })
-        .on_conflict_do_nothing_on([
-            webhook_events::Column::Source,
-            webhook_events::Column::EventId,
-        ])
-        .exec_without_returning(&*txn)
+        db::webhook_log::record_failed(
+            &*txn,
+            source,
+            event_id,
+            payload,
+            customer,
+            &err.message(),
+            now,
+        )
         .await?;
-        if !matches!(res, TryInsertResult::Inserted(n) if n > 0) {
-            // Failed again (a redelivery or a replay): the latest reason.
-            webhook_events::Entity::update_many()
-                .col_expr(webhook_events::Column::Error, Expr::value(err.message()))
-                .filter(webhook_events::Column::Source.eq(source.as_str()))
-                .filter(webhook_events::Column::EventId.eq(event_id))
-                .filter(webhook_events::Column::Outcome.eq(FAILED))
-                .exec(&*txn)
-                .await?;
-        }
         txn.commit().await?;
         Ok(())
     }
 
     pub async fn webhook_event(&self, id: i64) -> AppResult<webhook_events::Model> {
-        webhook_events::Entity::find_by_id(id)
-            .one(&self.db.conn)
+        db::webhook_log::webhook_event(&self.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))
     }
@@ -203,8 +157,7 @@ impl Core {
     /// An event that already applied (any outcome but the replayable ones)
     /// changes nothing; two concurrent replays apply it once.
     pub async fn replay_webhook_event(&self, id: i64) -> AppResult<Replayed> {
-        let row = webhook_events::Entity::find_by_id(id)
-            .one(&self.db.conn)
+        let row = db::webhook_log::webhook_event(&self.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))?;
         let unchanged = |row: &webhook_events::Model| Replayed {
@@ -252,8 +205,7 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
-        let now_row = webhook_events::Entity::find_by_id(id)
-            .one(&self.db.conn)
+        let now_row = db::webhook_log::webhook_event(&self.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))?;
         Ok(Replayed {
@@ -266,14 +218,7 @@ impl Core {
 
     async fn mark_failed(&self, id: i64, outcome: &str, err: &AppError) -> AppResult<()> {
         let txn = self.db.write().await?;
-        webhook_events::Entity::update_many()
-            .col_expr(webhook_events::Column::Outcome, Expr::value(FAILED))
-            .col_expr(webhook_events::Column::Error, Expr::value(err.message()))
-            .col_expr(webhook_events::Column::ReplayedAt, Expr::value(self.now()))
-            .filter(webhook_events::Column::Id.eq(id))
-            .filter(webhook_events::Column::Outcome.eq(outcome))
-            .exec(&*txn)
-            .await?;
+        db::webhook_log::mark_replay_failed(&*txn, id, outcome, &err.message(), self.now()).await?;
         txn.commit().await
     }
 
@@ -378,19 +323,10 @@ impl Core {
         {
             return Ok(false);
         }
-        let held = entities::purchases::Entity::find()
-            .filter(entities::purchases::Column::Store.eq(vp.store.as_str()))
-            .filter(entities::purchases::Column::StorePurchaseId.eq(vp.store_purchase_id.as_str()))
-            .one(&**txn)
+        let held = db::store_purchases::store_purchase(&**txn, vp.store, &vp.store_purchase_id)
             .await?
             .is_some()
-            || entities::held_purchases::Entity::find()
-                .filter(entities::held_purchases::Column::Store.eq(vp.store.as_str()))
-                .filter(
-                    entities::held_purchases::Column::StorePurchaseId
-                        .eq(vp.store_purchase_id.as_str()),
-                )
-                .one(&**txn)
+            || db::store_purchases::held_purchase(&**txn, vp.store, &vp.store_purchase_id)
                 .await?
                 .is_some();
         Ok(!held)

@@ -1,0 +1,148 @@
+//! Lookups and small writes of the store ingest paths (Stripe, App Store,
+//! Google Play): purchases by their store's id, purchases held for an owner
+//! not known yet, and the Stripe customer a customer pays as.
+
+use chrono::{DateTime, Utc};
+use entities::{customers, held_purchases, purchases};
+use sea_orm::{
+    ActiveModelTrait,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, IntoActiveModel, QueryFilter,
+    sea_query::{Expr, ExprTrait},
+};
+use serde_json::Value;
+
+use crate::{
+    domain::{PurchaseStatus, Store},
+    error::AppResult,
+};
+
+/// A purchase by its row id.
+pub async fn purchase(c: &impl ConnectionTrait, id: i64) -> AppResult<Option<purchases::Model>> {
+    Ok(purchases::Entity::find_by_id(id).one(c).await?)
+}
+
+/// The purchase we hold under the store's own id.
+pub async fn store_purchase(
+    c: &impl ConnectionTrait,
+    store: Store,
+    store_purchase_id: &str,
+) -> AppResult<Option<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(store.as_str()))
+        .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
+        .one(c)
+        .await?)
+}
+
+/// A purchase held, under the store's own id, for an owner not known yet.
+pub async fn held_purchase(
+    c: &impl ConnectionTrait,
+    store: Store,
+    store_purchase_id: &str,
+) -> AppResult<Option<held_purchases::Model>> {
+    Ok(held_purchases::Entity::find()
+        .filter(held_purchases::Column::Store.eq(store.as_str()))
+        .filter(held_purchases::Column::StorePurchaseId.eq(store_purchase_id))
+        .one(c)
+        .await?)
+}
+
+/// The store's purchases made since `since` that are in one of `statuses`.
+pub async fn purchases_since(
+    c: &impl ConnectionTrait,
+    store: Store,
+    since: DateTime<Utc>,
+    statuses: &[PurchaseStatus],
+) -> AppResult<Vec<purchases::Model>> {
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(store.as_str()))
+        .filter(purchases::Column::PurchasedAt.gte(since))
+        .filter(purchases::Column::Status.is_in(statuses.iter().map(|s| s.as_str())))
+        .all(c)
+        .await?)
+}
+
+/// Replaces the purchase's stored store payload; nothing else changes.
+pub async fn replace_raw(
+    c: &impl ConnectionTrait,
+    row: purchases::Model,
+    raw: Value,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.raw = Set(Some(raw));
+    am.update(c).await?;
+    Ok(())
+}
+
+/// A Stripe purchase whose stored payload has `value` at its top-level
+/// `key` (`payment_intent`, `latest_invoice`).
+pub async fn stripe_purchase_by_raw(
+    c: &impl ConnectionTrait,
+    key: &'static str,
+    value: &str,
+) -> AppResult<Option<purchases::Model>> {
+    let expr = match c.get_database_backend() {
+        DbBackend::Postgres => format!("raw->>'{key}' = $1"),
+        _ => format!("json_extract(raw, '$.{key}') = ?"),
+    };
+    Ok(purchases::Entity::find()
+        .filter(purchases::Column::Store.eq(Store::Stripe.as_str()))
+        .filter(Expr::cust_with_values(expr, [value]))
+        .one(c)
+        .await?)
+}
+
+/// Counts one more renewal on the purchase `id`.
+pub async fn add_renewal(c: &impl ConnectionTrait, id: i64) -> AppResult<()> {
+    purchases::Entity::update_many()
+        .col_expr(
+            purchases::Column::RenewalCount,
+            Expr::col(purchases::Column::RenewalCount).add(1),
+        )
+        .filter(purchases::Column::Id.eq(id))
+        .exec(c)
+        .await?;
+    Ok(())
+}
+
+/// Our customer whose Stripe customer id is `stripe_customer`.
+pub async fn customer_of_stripe_customer(
+    c: &impl ConnectionTrait,
+    stripe_customer: &str,
+) -> AppResult<Option<String>> {
+    Ok(customers::Entity::find()
+        .filter(customers::Column::StripeCustomerId.eq(stripe_customer))
+        .one(c)
+        .await?
+        .map(|c| c.id))
+}
+
+/// The customer row, as read before binding it to a Stripe customer.
+pub async fn customer_row(
+    c: &impl ConnectionTrait,
+    customer_id: &str,
+) -> AppResult<Option<customers::Model>> {
+    Ok(customers::Entity::find_by_id(customer_id.to_string())
+        .one(c)
+        .await?)
+}
+
+/// Saves the customer's attributes and Stripe customer id, and the e-mail
+/// when one is given (a customer keeps the one it has otherwise).
+pub async fn save_stripe_customer(
+    c: &impl ConnectionTrait,
+    row: customers::Model,
+    attributes: Value,
+    stripe_customer: &str,
+    email: Option<String>,
+) -> AppResult<()> {
+    let mut am = row.into_active_model();
+    am.attributes = Set(attributes);
+    am.stripe_customer_id = Set(Some(stripe_customer.to_string()));
+    if email.is_some() {
+        am.email = Set(email);
+    }
+    am.update(c).await?;
+    Ok(())
+}
