@@ -606,6 +606,93 @@ fn domain_depends_on_no_other_module_and_no_framework() {
     );
 }
 
+/// Storage sits behind `db/` (DESIGN §2): no other module builds a query.
+/// Entity rows may travel as plain data, but naming SeaORM, an entity's
+/// `Entity`, `ActiveModel` or `Column` outside `db/` is a query built
+/// somewhere it should not be. `error.rs` maps the database's error into the
+/// one error type, which is its job.
+#[test]
+fn only_db_builds_queries() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut found = Vec::new();
+    let mut scanned = 0;
+    for file in files {
+        let rel = file.strip_prefix(&src).unwrap();
+        if rel.starts_with("db") || rel == Path::new("error.rs") {
+            continue;
+        }
+        scanned += 1;
+        let text = std::fs::read_to_string(&file).unwrap();
+        found.extend(
+            query_builder_uses(&text)
+                .into_iter()
+                .map(|(line, what)| format!("src/{}:{line}: {what}", rel.display())),
+        );
+    }
+    assert!(scanned > 20, "only {scanned} files outside db/ were read");
+    assert!(
+        found.is_empty(),
+        "queries built outside db/ (add a repository function there):\n{}",
+        found.join("\n")
+    );
+}
+
+/// Where a source names SeaORM or an entity's query-building types.
+fn query_builder_uses(src: &str) -> Vec<(usize, String)> {
+    let toks = lex(src);
+    let mut out = Vec::new();
+    for (i, t) in toks.iter().enumerate() {
+        match ident(Some(t)) {
+            Some("sea_orm") => out.push((t.line, "sea_orm".to_string())),
+            Some("entities")
+                if toks.get(i + 1).is_some_and(|t| t.tok == Tok::PathSep)
+                    && toks.get(i + 3).is_some_and(|t| t.tok == Tok::PathSep) =>
+            {
+                let table = ident(toks.get(i + 2)).unwrap_or("?");
+                let mut names = vec![ident(toks.get(i + 4))];
+                // `entities::purchases::{Column, Entity}`
+                if punct(toks.get(i + 4), '{') {
+                    let end = skip_group(&toks, i + 4, '{', '}');
+                    names = toks[i + 5..end].iter().map(|t| ident(Some(t))).collect();
+                }
+                for name in names.into_iter().flatten() {
+                    if matches!(name, "Entity" | "ActiveModel" | "Column" | "Relation") {
+                        out.push((t.line, format!("entities::{table}::{name}")));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn the_query_guard_sees_sea_orm_and_entity_queries() {
+    let code = r#"
+use sea_orm::EntityTrait;
+use entities::purchases::{self, Column, Model};
+fn f() { entities::customers::Entity::find(); }
+fn g(m: entities::purchases::Model) -> &'static str { "sea_orm::x" }
+// sea_orm::Comment
+"#;
+    let found: Vec<String> = query_builder_uses(code)
+        .into_iter()
+        .map(|(l, w)| format!("{l}:{w}"))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "2:sea_orm",
+            "3:entities::purchases::Column",
+            "4:entities::customers::Entity"
+        ]
+    );
+}
+
 /// The reader sees what it must, or its passing would mean nothing.
 #[test]
 fn the_reader_finds_paths_in_every_form_and_skips_test_code() {
