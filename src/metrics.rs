@@ -93,11 +93,15 @@ impl Default for Metrics {
 
 impl Metrics {
     /// One store notification acknowledged with `outcome`.
-    pub fn webhook(&self, store: crate::domain::Store, outcome: &'static str) {
+    pub fn webhook(
+        &self,
+        store: crate::domain::Store,
+        outcome: crate::domain::webhook_log::WebhookOutcome,
+    ) {
         self.webhooks
             .get_or_create(&WebhookLabels {
                 store: store.as_str(),
-                outcome,
+                outcome: outcome.as_str(),
             })
             .inc();
     }

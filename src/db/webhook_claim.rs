@@ -8,7 +8,7 @@ use sea_orm::{
     sea_query::Expr,
 };
 
-use crate::error::AppResult;
+use crate::{domain::webhook_log::WebhookOutcome, error::AppResult};
 
 /// One notification's row as its delivery writes it.
 #[derive(Clone, Copy, Debug)]
@@ -63,7 +63,7 @@ pub async fn take_over_failed(c: &impl ConnectionTrait, claim: Claim<'_>) -> App
         )
         .filter(webhook_events::Column::Source.eq(claim.source))
         .filter(webhook_events::Column::EventId.eq(claim.event_id))
-        .filter(webhook_events::Column::Outcome.eq(crate::domain::webhook_log::FAILED))
+        .filter(webhook_events::Column::Outcome.eq(WebhookOutcome::Failed.as_str()))
         .exec(c)
         .await?;
     Ok(res.rows_affected > 0)

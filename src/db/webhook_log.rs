@@ -9,7 +9,7 @@ use sea_orm::{
 };
 
 use crate::{
-    domain::{Store, webhook_log::FAILED},
+    domain::{Store, webhook_log::WebhookOutcome},
     error::AppResult,
 };
 
@@ -152,7 +152,7 @@ pub async fn record_failed(
         event_id: Set(event_id.to_string()),
         received_at: Set(now),
         payload: Set(payload.clone()),
-        outcome: Set(FAILED.into()),
+        outcome: Set(WebhookOutcome::Failed.as_str().into()),
         // Not processed: retention keeps the payload for the replay.
         processed_at: Set(None),
         customer_id: Set(customer.map(str::to_string)),
@@ -171,7 +171,7 @@ pub async fn record_failed(
             .col_expr(webhook_events::Column::Error, Expr::value(error))
             .filter(webhook_events::Column::Source.eq(source.as_str()))
             .filter(webhook_events::Column::EventId.eq(event_id))
-            .filter(webhook_events::Column::Outcome.eq(FAILED))
+            .filter(webhook_events::Column::Outcome.eq(WebhookOutcome::Failed.as_str()))
             .exec(c)
             .await?;
     }
@@ -188,7 +188,10 @@ pub async fn mark_replay_failed(
     now: DateTime<Utc>,
 ) -> AppResult<()> {
     webhook_events::Entity::update_many()
-        .col_expr(webhook_events::Column::Outcome, Expr::value(FAILED))
+        .col_expr(
+            webhook_events::Column::Outcome,
+            Expr::value(WebhookOutcome::Failed.as_str()),
+        )
         .col_expr(webhook_events::Column::Error, Expr::value(error))
         .col_expr(webhook_events::Column::ReplayedAt, Expr::value(now))
         .filter(webhook_events::Column::Id.eq(id))

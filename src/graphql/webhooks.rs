@@ -160,9 +160,8 @@ pub fn filter(
     }
     match replayable {
         Some(true) if outcomes.is_empty() => {
-            outcomes = webhook_log::REPLAYABLE
-                .iter()
-                .map(|s| s.to_string())
+            outcomes = webhook_log::replayable_names()
+                .map(str::to_string)
                 .collect();
         }
         Some(true) => outcomes.retain(|o| webhook_log::is_replayable(o)),

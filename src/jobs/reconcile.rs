@@ -15,8 +15,9 @@ use chrono::{DateTime, Duration, Utc};
 
 use crate::{
     config::ReconcileConfig,
+    domain::webhook_log::WebhookOutcome,
     error::{AppError, AppResult},
-    service::{Core, apple::NotificationOutcome, google::PushOutcome, stripe::WebhookOutcome},
+    service::Core,
 };
 
 pub const JOB: &str = "reconcile";
@@ -221,8 +222,10 @@ async fn stripe(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppRe
         counts.seen += 1;
         match core.process_stripe_event(&p, ev).await {
             Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
-            Ok(WebhookOutcome::Processed("applied" | "bound" | "refunded")) => counts.applied += 1,
-            Ok(WebhookOutcome::Processed(_)) => counts.skipped += 1,
+            Ok(WebhookOutcome::Applied | WebhookOutcome::Bound | WebhookOutcome::Refunded) => {
+                counts.applied += 1
+            }
+            Ok(_) => counts.skipped += 1,
             Err(e) if event_error(&e) => {
                 tracing::warn!(event = %ev.id, error = e.message(), "Stripe event skipped");
                 counts.skipped += 1;
@@ -251,8 +254,8 @@ async fn apple(
         for signed in payloads {
             counts.seen += 1;
             match core.apple_signed_payload(&apple, &signed).await {
-                Ok(NotificationOutcome::Duplicate) => counts.duplicates += 1,
-                Ok(NotificationOutcome::Applied) => counts.applied += 1,
+                Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
+                Ok(WebhookOutcome::Applied) => counts.applied += 1,
                 Ok(_) => counts.skipped += 1,
                 Err(e) if event_error(&e) => {
                     tracing::warn!(error = e.message(), "App Store notification skipped");
@@ -283,8 +286,8 @@ async fn google(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppRe
         for v in &page.purchases {
             counts.seen += 1;
             match core.apply_play_voided(&google, v).await {
-                Ok(PushOutcome::Duplicate) => counts.duplicates += 1,
-                Ok(PushOutcome::Applied) => counts.applied += 1,
+                Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
+                Ok(WebhookOutcome::Applied) => counts.applied += 1,
                 Ok(_) => counts.skipped += 1,
                 Err(e) if event_error(&e) => {
                     tracing::warn!(error = e.message(), "Play voided purchase skipped");

@@ -9,7 +9,7 @@ use entities::purchases;
 use crate::{
     config::JobsConfig,
     db::{self, jobs::RefreshDue},
-    domain::{Environment, PurchaseStatus, Store},
+    domain::{Environment, PurchaseStatus, Store, webhook_log::WebhookOutcome},
     error::{AppError, AppResult},
     service::Core,
 };
@@ -127,7 +127,7 @@ fn secs(n: u64) -> Duration {
         .map_or(ten_years, |d| std::cmp::min(d, ten_years))
 }
 
-async fn refresh_one(core: &Core, p: &purchases::Model) -> AppResult<&'static str> {
+async fn refresh_one(core: &Core, p: &purchases::Model) -> AppResult<WebhookOutcome> {
     match p.store.parse::<Store>() {
         Ok(Store::Stripe) => core.refresh_stripe_purchase(&p.store_purchase_id).await,
         Ok(Store::AppStore) => {

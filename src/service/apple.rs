@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     db::store_purchases,
-    domain::{Store, webhook_log},
+    domain::{Store, webhook_log::WebhookOutcome},
     error::{AppError, AppResult},
     providers::{
         VerifiedPurchase,
@@ -35,42 +35,6 @@ impl AppStoreSubmission {
             AppStoreSubmission::SignedTransaction(s) => json!({ "signedTransaction": s }),
             AppStoreSubmission::TransactionId(s) => json!({ "transactionId": s }),
             AppStoreSubmission::AppReceipt(s) => json!({ "appReceipt": s }),
-        }
-    }
-}
-
-/// What became of a notification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum NotificationOutcome {
-    Applied,
-    /// Older than the state we hold; recorded, changed nothing.
-    Stale,
-    /// A type that changes no purchase (TEST, summaries, …); recorded.
-    Ignored,
-    /// About a purchase no customer here owns or is named by: held for the
-    /// first one its appAccountToken names, or who submits it.
-    Held,
-    /// Seen before; nothing recorded or changed.
-    Duplicate,
-    /// For a product the catalog does not map: recorded for a replay once
-    /// it does; no purchase stored.
-    UnknownProduct,
-}
-
-/// What a scheduled re-read of an App Store purchase did.
-pub fn applied_outcome(a: &Applied) -> &'static str {
-    if a.stale { "stale" } else { "applied" }
-}
-
-impl NotificationOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotificationOutcome::Applied => "applied",
-            NotificationOutcome::Stale => "stale",
-            NotificationOutcome::Ignored => "ignored",
-            NotificationOutcome::Held => "held",
-            NotificationOutcome::Duplicate => "duplicate",
-            NotificationOutcome::UnknownProduct => webhook_log::UNKNOWN_PRODUCT,
         }
     }
 }
@@ -134,7 +98,7 @@ impl Core {
         &self,
         original_transaction_id: &str,
         environment: crate::domain::Environment,
-    ) -> AppResult<&'static str> {
+    ) -> AppResult<WebhookOutcome> {
         let apple = self.apple()?;
         let v = apple
             .reread(original_transaction_id, Some(environment))
@@ -145,7 +109,7 @@ impl Core {
             .apply_purchase_in(&txn, &vp, Submitter::Store, self.now())
             .await?;
         txn.commit().await?;
-        Ok(applied_outcome(&applied))
+        Ok(WebhookOutcome::applied(applied.stale))
     }
 
     /// `verifyPurchase` for the App Store: records the submission, verifies
@@ -191,7 +155,7 @@ impl Core {
         &self,
         apple: &Apple,
         signed_payload: &str,
-    ) -> AppResult<NotificationOutcome> {
+    ) -> AppResult<WebhookOutcome> {
         let n = apple.verify_notification(signed_payload.trim())?;
         self.apple_webhook(apple, &n).await
     }
@@ -204,7 +168,7 @@ impl Core {
         &self,
         apple: &Apple,
         n: &Notification,
-    ) -> AppResult<NotificationOutcome> {
+    ) -> AppResult<WebhookOutcome> {
         match self.ingest_apple_notification(apple, n, &Claim::Live).await {
             Err(e) => {
                 // Kept (verified), so the operator sees it; Apple retries.
@@ -224,8 +188,7 @@ impl Core {
     ) -> AppResult<bool> {
         let apple = self.apple()?;
         let n = crate::providers::Connector::read_stored(apple, row)?;
-        Ok(self.ingest_apple_notification(apple, &n, &claim).await?
-            != NotificationOutcome::Duplicate)
+        Ok(self.ingest_apple_notification(apple, &n, &claim).await? != WebhookOutcome::Duplicate)
     }
 
     /// The one ingest path of a verified App Store notification: re-read
@@ -236,11 +199,11 @@ impl Core {
         apple: &Apple,
         n: &Notification,
         claim: &Claim,
-    ) -> AppResult<NotificationOutcome> {
+    ) -> AppResult<WebhookOutcome> {
         // A redelivery costs one read, not an App Store API call (one that
         // failed is processed again).
         if matches!(claim, Claim::Live) && self.webhook_seen(Store::AppStore, &n.uuid).await? {
-            return Ok(NotificationOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         let verified = match n.verified().filter(|_| n.is_handled()) {
             None => None,
@@ -271,15 +234,13 @@ impl Core {
             None => false,
         };
         let (outcome, customer) = match &vp {
-            _ if unknown => (NotificationOutcome::UnknownProduct, None),
-            None => (NotificationOutcome::Ignored, None),
+            _ if unknown => (WebhookOutcome::UnknownProduct, None),
+            None => (WebhookOutcome::Ignored, None),
             Some(vp) => match self.apply_store_in(&txn, vp, now).await? {
-                StoreApplied::Applied(a) if a.stale => {
-                    (NotificationOutcome::Stale, Some(a.customer_id))
-                }
-                StoreApplied::Applied(a) => (NotificationOutcome::Applied, Some(a.customer_id)),
-                StoreApplied::Held { stale: true } => (NotificationOutcome::Stale, None),
-                StoreApplied::Held { stale: false } => (NotificationOutcome::Held, None),
+                StoreApplied::Applied(a) if a.stale => (WebhookOutcome::Stale, Some(a.customer_id)),
+                StoreApplied::Applied(a) => (WebhookOutcome::Applied, Some(a.customer_id)),
+                StoreApplied::Held { stale: true } => (WebhookOutcome::Stale, None),
+                StoreApplied::Held { stale: false } => (WebhookOutcome::Held, None),
             },
         };
         if !self
@@ -288,7 +249,7 @@ impl Core {
                 Store::AppStore,
                 &n.uuid,
                 &n.raw,
-                outcome.as_str(),
+                outcome,
                 customer.as_deref(),
                 claim,
             )
@@ -296,7 +257,7 @@ impl Core {
         {
             // Another delivery or replay committed it first; dropping the
             // transaction undoes this one's effect.
-            return Ok(NotificationOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;
         tracing::info!(

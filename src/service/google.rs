@@ -21,7 +21,7 @@ use super::{
 use crate::{
     db::{self, WriteTxn, store_purchases},
     domain::rules,
-    domain::{ProductDef, ProductKind, PurchaseStatus, Store, webhook_log},
+    domain::{ProductDef, ProductKind, PurchaseStatus, Store, webhook_log::WebhookOutcome},
     error::{AppError, AppResult},
     providers::VerifiedPurchase,
     providers::google::{
@@ -62,43 +62,6 @@ impl PlaySubmission {
                 signed_data,
                 signature,
             } => json!({ "signedData": signed_data, "signature": signature }),
-        }
-    }
-}
-
-/// What became of a push.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PushOutcome {
-    Applied,
-    Duplicate,
-    Test,
-    /// A refund of a purchase neither stored nor held here.
-    Unattributed,
-    /// No customer here owns it or is named by its obfuscated account id:
-    /// held for the first one who is, or who submits it.
-    Held,
-    /// Google no longer knows the purchase.
-    UnknownPurchase,
-    /// Older than what is stored; recorded, nothing changed.
-    Stale,
-    Ignored,
-    /// For a product the catalog does not map: recorded for a replay once
-    /// it does; no purchase stored, not acknowledged.
-    UnknownProduct,
-}
-
-impl PushOutcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PushOutcome::Applied => "applied",
-            PushOutcome::Duplicate => "duplicate",
-            PushOutcome::Test => "test",
-            PushOutcome::Unattributed => "unattributed",
-            PushOutcome::Held => "held",
-            PushOutcome::UnknownPurchase => "unknown_purchase",
-            PushOutcome::Stale => "stale",
-            PushOutcome::Ignored => "ignored",
-            PushOutcome::UnknownProduct => webhook_log::UNKNOWN_PRODUCT,
         }
     }
 }
@@ -350,7 +313,7 @@ impl Core {
     /// A verified Pub/Sub push of a developer notification
     /// (`POST /webhooks/google`). Errors mean "not processed": Pub/Sub
     /// delivers again.
-    pub async fn play_webhook(&self, push: &play::VerifiedPush) -> AppResult<PushOutcome> {
+    pub async fn play_webhook(&self, push: &play::VerifiedPush) -> AppResult<WebhookOutcome> {
         let google = self.google()?;
         // Spares Google a read for a redelivery; the claim is what actually
         // guarantees once. A delivery that failed is processed again.
@@ -358,7 +321,7 @@ impl Core {
             .webhook_seen(Store::PlayStore, &push.message_id)
             .await?
         {
-            return Ok(PushOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         match self
             .ingest_play_notification(google, push, &Claim::Live)
@@ -388,7 +351,10 @@ impl Core {
     ) -> AppResult<bool> {
         let google = self.google()?;
         let push = crate::providers::Connector::read_stored(google, row)?;
-        Ok(self.ingest_play_notification(google, &push, &claim).await? != PushOutcome::Duplicate)
+        Ok(
+            self.ingest_play_notification(google, &push, &claim).await?
+                != WebhookOutcome::Duplicate,
+        )
     }
 
     /// The one ingest path of a verified developer notification: re-read
@@ -399,11 +365,11 @@ impl Core {
         google: &GooglePlay,
         push: &play::VerifiedPush,
         claim: &Claim,
-    ) -> AppResult<PushOutcome> {
+    ) -> AppResult<WebhookOutcome> {
         let (event_id, n, json) = (push.message_id.as_str(), &push.notification, &push.payload);
         let fetched = match self.read_notified(google, n, push.event_time).await {
             Ok(f) => f,
-            Err(AppError::InvalidReceipt(_)) => Err(PushOutcome::UnknownPurchase),
+            Err(AppError::InvalidReceipt(_)) => Err(WebhookOutcome::UnknownPurchase),
             Err(e) => return Err(e),
         };
 
@@ -422,7 +388,7 @@ impl Core {
         let (outcome, customer) = match &fetched {
             Err(o) => (*o, None),
             Ok(purchase) if self.is_unknown_product(&txn, purchase).await? => {
-                (PushOutcome::UnknownProduct, None)
+                (WebhookOutcome::UnknownProduct, None)
             }
             Ok(purchase) => {
                 let applied = self.apply_store_in(&txn, purchase, now).await?;
@@ -439,19 +405,19 @@ impl Core {
                 Store::PlayStore,
                 event_id,
                 json,
-                outcome.as_str(),
+                outcome,
                 customer.as_deref(),
                 claim,
             )
             .await?
         {
             // A concurrent delivery won; dropping the transaction undoes ours.
-            return Ok(PushOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;
 
         if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)
-            && matches!(outcome, PushOutcome::Applied | PushOutcome::Stale)
+            && matches!(outcome, WebhookOutcome::Applied | WebhookOutcome::Stale)
         {
             self.acknowledge_play(google, kind, &purchase.store_purchase_id)
                 .await;
@@ -466,7 +432,7 @@ impl Core {
         google: &GooglePlay,
         n: &DeveloperNotification,
         event_time: chrono::DateTime<chrono::Utc>,
-    ) -> AppResult<Result<Fetched, PushOutcome>> {
+    ) -> AppResult<Result<Fetched, WebhookOutcome>> {
         if let Some(s) = &n.subscription_notification {
             let now = self.now();
             let f = google
@@ -497,9 +463,9 @@ impl Core {
                 .await;
         }
         if n.test_notification.is_some() {
-            return Ok(Err(PushOutcome::Test));
+            return Ok(Err(WebhookOutcome::Test));
         }
-        Ok(Err(PushOutcome::Ignored))
+        Ok(Err(WebhookOutcome::Ignored))
     }
 
     /// Re-reads a voided purchase we hold and turns it into a refund as of
@@ -512,7 +478,7 @@ impl Core {
         product_type: Option<i32>,
         refund_type: Option<i32>,
         voided_at: chrono::DateTime<chrono::Utc>,
-    ) -> AppResult<Result<Fetched, PushOutcome>> {
+    ) -> AppResult<Result<Fetched, WebhookOutcome>> {
         let now = self.now();
         // What we know of it: a stored purchase, or one held for its owner.
         let stored =
@@ -532,7 +498,7 @@ impl Core {
             (_, Some((_, is_sub))) => *is_sub,
             // A refund of a purchase nobody here ever had, of a kind we
             // cannot tell.
-            (_, None) => return Ok(Err(PushOutcome::Unattributed)),
+            (_, None) => return Ok(Err(WebhookOutcome::Unattributed)),
         };
         let f = match (is_sub, &stored) {
             // Google still tells whose it is: held for them if need be.
@@ -541,7 +507,7 @@ impl Core {
                 google.fetch_product(bare(product_id), token, now).await?
             }
             // A one-time product is read by its id, which the refund omits.
-            (false, None) => return Ok(Err(PushOutcome::Unattributed)),
+            (false, None) => return Ok(Err(WebhookOutcome::Unattributed)),
         };
         let f = play::stamped(f, voided_at);
         // A partial refund of a multi-quantity product leaves the rest.
@@ -558,13 +524,13 @@ impl Core {
         &self,
         google: &GooglePlay,
         v: &play::VoidedPurchase,
-    ) -> AppResult<PushOutcome> {
+    ) -> AppResult<WebhookOutcome> {
         let event_id = voided_event_id(v);
         let seen =
             db::webhook_log::webhook_event_by_source(&self.db.conn, Store::PlayStore, &event_id)
                 .await?;
         if seen.is_some() {
-            return Ok(PushOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         let fetched = match self
             .read_voided(google, &v.purchase_token, None, v.refund_type, v.voided_at)
@@ -574,7 +540,7 @@ impl Core {
             // Not ours, or Google no longer knows it: nothing to record, so
             // a later run may still apply it once the purchase is submitted.
             Ok(Err(o)) => return Ok(o),
-            Err(AppError::InvalidReceipt(_)) => return Ok(PushOutcome::UnknownPurchase),
+            Err(AppError::InvalidReceipt(_)) => return Ok(WebhookOutcome::UnknownPurchase),
             Err(e) => return Err(e),
         };
         let txn = self.db.write().await?;
@@ -607,7 +573,7 @@ impl Core {
             )
             .await?
         {
-            return Ok(PushOutcome::Duplicate);
+            return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;
         Ok(outcome)
@@ -615,7 +581,7 @@ impl Core {
 
     /// Re-reads a Play subscription we hold and applies it (the refresh
     /// scheduler).
-    pub async fn refresh_play_purchase(&self, token: &str) -> AppResult<&'static str> {
+    pub async fn refresh_play_purchase(&self, token: &str) -> AppResult<WebhookOutcome> {
         let google = self.google()?;
         let fetched = google.fetch_subscription(token, None, self.now()).await?;
         let txn = self.db.write().await?;
@@ -629,16 +595,16 @@ impl Core {
         if ack.0 {
             self.acknowledge_play(google, &ack.1, token).await;
         }
-        Ok(if applied.stale { "stale" } else { "applied" })
+        Ok(WebhookOutcome::applied(applied.stale))
     }
 }
 
-fn store_outcome(a: StoreApplied) -> PushOutcome {
+fn store_outcome(a: StoreApplied) -> WebhookOutcome {
     match a {
-        StoreApplied::Applied(a) if a.stale => PushOutcome::Stale,
-        StoreApplied::Applied(_) => PushOutcome::Applied,
-        StoreApplied::Held { stale: true } => PushOutcome::Stale,
-        StoreApplied::Held { stale: false } => PushOutcome::Held,
+        StoreApplied::Applied(a) if a.stale => WebhookOutcome::Stale,
+        StoreApplied::Applied(_) => WebhookOutcome::Applied,
+        StoreApplied::Held { stale: true } => WebhookOutcome::Stale,
+        StoreApplied::Held { stale: false } => WebhookOutcome::Held,
     }
 }
 

@@ -17,7 +17,7 @@ use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
 use super::{Core, purchases::Submitter, webhooks::Claim};
 use crate::{
     db::{self, WriteTxn, store_purchases},
-    domain::{ExternalId, ProductKind, PurchaseStatus, Store, webhook_log},
+    domain::{ExternalId, ProductKind, PurchaseStatus, Store, webhook_log::WebhookOutcome},
     error::{AppError, AppResult},
     providers::stripe::{
         self as provider, CheckoutRequest, StripeProvider, StripeState, VerifiedEvent,
@@ -53,11 +53,11 @@ enum Plan {
         refunded_at: DateTime<Utc>,
     },
     /// Recorded and acknowledged with this outcome; no state change.
-    Record(&'static str),
+    Record(WebhookOutcome),
     /// A paid event we could not attribute (`unknown_product`,
     /// `no_customer`), with the customer it names if any; kept for a replay.
     Unmatched {
-        outcome: &'static str,
+        outcome: WebhookOutcome,
         customer: Option<String>,
     },
 }
@@ -77,19 +77,15 @@ struct DisputeFacts {
 
 /// Outcomes that acknowledge a paid event we could not attribute: kept with
 /// the verified payload for a replay, and logged.
-const UNATTRIBUTED: &[&str] = &[
-    "unmatched",
-    "unmatched_refund",
-    "unmatched_dispute",
-    webhook_log::UNKNOWN_PRODUCT,
-    webhook_log::NO_CUSTOMER,
-];
-
-/// The outcome of one delivery, for logs and tests.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WebhookOutcome {
-    Processed(&'static str),
-    Duplicate,
+fn unattributed(outcome: WebhookOutcome) -> bool {
+    matches!(
+        outcome,
+        WebhookOutcome::Unmatched
+            | WebhookOutcome::UnmatchedRefund
+            | WebhookOutcome::UnmatchedDispute
+            | WebhookOutcome::UnknownProduct
+            | WebhookOutcome::NoCustomer
+    )
 }
 
 fn checked_customer(raw: Option<String>, what: &str) -> AppResult<Option<String>> {
@@ -171,7 +167,7 @@ impl Core {
                 self.ensure_customer_in(&txn, &customer, now).await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer, email.as_deref())
                     .await?;
-                ("bound", Some(customer))
+                (WebhookOutcome::Bound, Some(customer))
             }
             Plan::Apply {
                 state,
@@ -181,14 +177,14 @@ impl Core {
                 let (o, who) = self.apply_stripe_state(&txn, *state, customer, now).await?;
                 match renewal_of {
                     Some(sub) if count_renewal(&txn, &sub).await?.is_some() => (o, who),
-                    Some(_) => ("unmatched", who),
+                    Some(_) => (WebhookOutcome::Unmatched, who),
                     None => (o, who),
                 }
             }
             Plan::CountRenewal { subscription } => {
                 match count_renewal(&txn, &subscription).await? {
-                    Some(who) => ("renewal_counted", Some(who)),
-                    None => ("unmatched", None),
+                    Some(who) => (WebhookOutcome::RenewalCounted, Some(who)),
+                    None => (WebhookOutcome::Unmatched, None),
                 }
             }
             Plan::Dispute(d) => self.apply_dispute(&txn, p, &d, now).await?,
@@ -217,17 +213,17 @@ impl Core {
             return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;
-        if UNATTRIBUTED.contains(&outcome) {
+        if unattributed(outcome) {
             tracing::warn!(
                 event = %ev.id,
                 kind = %ev.kind,
-                outcome,
+                outcome = outcome.as_str(),
                 "Stripe event names no purchase, product or customer we know; recorded for replay"
             );
         } else {
-            tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome, "stripe event");
+            tracing::debug!(event = %ev.id, kind = %ev.kind, source = ?ev.source(), outcome = outcome.as_str(), "stripe event");
         }
-        Ok(WebhookOutcome::Processed(outcome))
+        Ok(outcome)
     }
 
     async fn plan_stripe_event(&self, p: &StripeProvider, ev: &VerifiedEvent) -> AppResult<Plan> {
@@ -244,7 +240,7 @@ impl Core {
                 )?;
                 if matches!(session.payment_status, CheckoutSessionPaymentStatus::Unpaid) {
                     // An asynchronous payment; `async_payment_succeeded` follows.
-                    return Ok(Plan::Record("awaiting_payment"));
+                    return Ok(Plan::Record(WebhookOutcome::AwaitingPayment));
                 }
                 let stripe_customer = session.customer.as_ref().map(|c| c.id().to_string());
                 match session.mode {
@@ -252,7 +248,7 @@ impl Core {
                         let Some(sub_id) =
                             session.subscription.as_ref().map(|s| s.id().to_string())
                         else {
-                            return Ok(Plan::Record("no_subscription"));
+                            return Ok(Plan::Record(WebhookOutcome::NoSubscription));
                         };
                         match p.subscription_state(&sub_id, None, now).await? {
                             Some(mut state) => {
@@ -271,7 +267,7 @@ impl Core {
                                     stripe_customer,
                                     email: provider::session_email(&session),
                                 },
-                                _ => Plan::Record("unmatched"),
+                                _ => Plan::Record(WebhookOutcome::Unmatched),
                             }),
                         }
                     }
@@ -284,12 +280,12 @@ impl Core {
                             self.stripe_session_product(&session, price.as_deref(), p)
                         else {
                             return Ok(Plan::Unmatched {
-                                outcome: webhook_log::UNKNOWN_PRODUCT,
+                                outcome: WebhookOutcome::UnknownProduct,
                                 customer,
                             });
                         };
                         if kind == ProductKind::Subscription {
-                            return Ok(Plan::Record("not_lifetime"));
+                            return Ok(Plan::Record(WebhookOutcome::NotLifetime));
                         }
                         let customer = match customer {
                             Some(c) => Some(c),
@@ -300,7 +296,7 @@ impl Core {
                         };
                         let Some(customer) = customer else {
                             return Ok(Plan::Unmatched {
-                                outcome: webhook_log::NO_CUSTOMER,
+                                outcome: WebhookOutcome::NoCustomer,
                                 customer: None,
                             });
                         };
@@ -315,10 +311,12 @@ impl Core {
                             renewal_of: None,
                         })
                     }
-                    _ => Ok(Plan::Record("ignored")),
+                    _ => Ok(Plan::Record(WebhookOutcome::Ignored)),
                 }
             }
-            "checkout.session.async_payment_failed" => Ok(Plan::Record("payment_failed")),
+            "checkout.session.async_payment_failed" => {
+                Ok(Plan::Record(WebhookOutcome::PaymentFailed))
+            }
             "customer.subscription.created"
             | "customer.subscription.updated"
             | "customer.subscription.deleted"
@@ -335,12 +333,12 @@ impl Core {
                         customer,
                         renewal_of: None,
                     }),
-                    None => Ok(Plan::Record("unknown_status")),
+                    None => Ok(Plan::Record(WebhookOutcome::UnknownStatus)),
                 }
             }
             "invoice.paid" | "invoice.payment_failed" => {
                 let Some(sub_id) = provider::invoice_subscription(&ev.object) else {
-                    return Ok(Plan::Record("not_subscription"));
+                    return Ok(Plan::Record(WebhookOutcome::NotSubscription));
                 };
                 // A renewal is a paid invoice of a new billing cycle; the
                 // first invoice is the purchase itself.
@@ -354,7 +352,7 @@ impl Core {
                             subscription: sub_id,
                         }
                     } else {
-                        Plan::Record("hint_without_api")
+                        Plan::Record(WebhookOutcome::HintWithoutApi)
                     });
                 }
                 match p.subscription_state(&sub_id, None, now).await? {
@@ -363,7 +361,7 @@ impl Core {
                         state: Box::new(state),
                         renewal_of: renewal.then_some(sub_id),
                     }),
-                    None => Ok(Plan::Record("unknown_status")),
+                    None => Ok(Plan::Record(WebhookOutcome::UnknownStatus)),
                 }
             }
             "charge.dispute.created" | "charge.dispute.closed" => {
@@ -417,7 +415,7 @@ impl Core {
             }
             "charge.refunded" => {
                 if ev.object.get("refunded").and_then(Value::as_bool) != Some(true) {
-                    return Ok(Plan::Record("partial_refund"));
+                    return Ok(Plan::Record(WebhookOutcome::PartialRefund));
                 }
                 let refunded_at = ev
                     .object
@@ -443,18 +441,21 @@ impl Core {
                     refunded_at,
                 })
             }
-            _ => Ok(Plan::Record("ignored")),
+            _ => Ok(Plan::Record(WebhookOutcome::Ignored)),
         }
     }
 
     /// Re-reads a Stripe subscription we hold and applies what the API
     /// says (the refresh scheduler). Returns the outcome to record.
-    pub async fn refresh_stripe_purchase(&self, subscription_id: &str) -> AppResult<&'static str> {
+    pub async fn refresh_stripe_purchase(
+        &self,
+        subscription_id: &str,
+    ) -> AppResult<WebhookOutcome> {
         let p = self.stripe()?.clone();
         p.require_api()?;
         let now = self.now();
         let Some(state) = p.subscription_state(subscription_id, None, now).await? else {
-            return Ok("unknown_status");
+            return Ok(WebhookOutcome::UnknownStatus);
         };
         let txn = self.db.write().await?;
         let (outcome, _) = self.apply_stripe_state(&txn, state, None, now).await?;
@@ -468,7 +469,7 @@ impl Core {
         state: StripeState,
         customer: Option<String>,
         now: DateTime<Utc>,
-    ) -> AppResult<(&'static str, Option<String>)> {
+    ) -> AppResult<(WebhookOutcome, Option<String>)> {
         // Two events about one new subscription (checkout completed and
         // subscription created arrive together) would both insert it; holding
         // the named customer's lock first makes the second see the first.
@@ -492,7 +493,7 @@ impl Core {
                 crate::domain::rules::refund_stands(st, e.expires_at, state.state().expires_at)
             })
         {
-            return Ok(("refund_stands", Some(e.customer_id.clone())));
+            return Ok((WebhookOutcome::RefundStands, Some(e.customer_id.clone())));
         }
         // A Stripe subscription never comes back once it has ended, so an
         // ended one ignores other states even with an equal (one-second)
@@ -507,7 +508,7 @@ impl Core {
             && ended(e.raw.as_ref())
             && !ended(Some(&state.state().raw))
         {
-            return Ok(("already_ended", Some(e.customer_id.clone())));
+            return Ok((WebhookOutcome::AlreadyEnded, Some(e.customer_id.clone())));
         }
         let customer = match customer {
             Some(c) => Some(c),
@@ -522,7 +523,7 @@ impl Core {
         if existing.is_none() && customer.is_none() && state.state().bound_customer.is_none() {
             // Whose it is arrives with `checkout.session.completed`, which
             // re-reads the subscription.
-            return Ok(("unmatched", None));
+            return Ok((WebhookOutcome::Unmatched, None));
         }
         let stripe_customer = state.stripe_customer.clone();
         let email = state.email.clone();
@@ -533,7 +534,7 @@ impl Core {
         if let Some(sc) = stripe_customer {
             remember_stripe_customer(txn, &applied.customer_id, &sc, email.as_deref()).await?;
         }
-        let outcome = if applied.stale { "stale" } else { "applied" };
+        let outcome = WebhookOutcome::applied(applied.stale);
         Ok((outcome, Some(applied.customer_id)))
     }
 
@@ -544,7 +545,7 @@ impl Core {
         charge: &Value,
         refunded_at: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> AppResult<(&'static str, Option<String>)> {
+    ) -> AppResult<(WebhookOutcome, Option<String>)> {
         let mut found = None;
         for (key, value) in [
             (
@@ -561,18 +562,18 @@ impl Core {
             }
         }
         let Some(purchase) = found else {
-            return Ok(("unmatched_refund", None));
+            return Ok((WebhookOutcome::UnmatchedRefund, None));
         };
         let who = Some(purchase.customer_id.clone());
         if purchase.status == PurchaseStatus::Refunded.as_str() {
-            return Ok(("already_refunded", who));
+            return Ok((WebhookOutcome::AlreadyRefunded, who));
         }
         let Some(vp) = p.refunded(&purchase, refunded_at, charge) else {
-            return Ok(("unmatched_refund", who));
+            return Ok((WebhookOutcome::UnmatchedRefund, who));
         };
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
-        Ok(("refunded", who))
+        Ok((WebhookOutcome::Refunded, who))
     }
 
     /// A chargeback: opened, access goes; won, it comes back as it was;
@@ -583,7 +584,7 @@ impl Core {
         p: &StripeProvider,
         d: &DisputeFacts,
         now: DateTime<Utc>,
-    ) -> AppResult<(&'static str, Option<String>)> {
+    ) -> AppResult<(WebhookOutcome, Option<String>)> {
         let mut found = None;
         for (key, value) in [
             ("payment_intent", &d.payment_intent),
@@ -602,11 +603,11 @@ impl Core {
             found = store_purchases::store_purchase(&**txn, Store::Stripe, sub).await?;
         }
         let Some(purchase) = found else {
-            return Ok(("unmatched_dispute", None));
+            return Ok((WebhookOutcome::UnmatchedDispute, None));
         };
         let who = Some(purchase.customer_id.clone());
         if purchase.status == PurchaseStatus::Refunded.as_str() {
-            return Ok(("already_refunded", who));
+            return Ok((WebhookOutcome::AlreadyRefunded, who));
         }
         let revoked_by_dispute = purchase.status == PurchaseStatus::Revoked.as_str()
             && purchase
@@ -618,15 +619,22 @@ impl Core {
         let won = d.closed && matches!(d.status.as_str(), "won" | "warning_closed");
         let (vp, outcome) = if won {
             if !revoked_by_dispute {
-                return Ok(("dispute_won", who));
+                return Ok((WebhookOutcome::DisputeWon, who));
             }
-            (p.dispute_won(&purchase, d.at, &d.dispute), "dispute_won")
+            (
+                p.dispute_won(&purchase, d.at, &d.dispute),
+                WebhookOutcome::DisputeWon,
+            )
         } else {
-            let outcome = if d.closed { "dispute_lost" } else { "disputed" };
+            let outcome = if d.closed {
+                WebhookOutcome::DisputeLost
+            } else {
+                WebhookOutcome::Disputed
+            };
             (p.disputed(&purchase, d.at, &d.dispute), outcome)
         };
         let Some(vp) = vp else {
-            return Ok(("unmatched_dispute", who));
+            return Ok((WebhookOutcome::UnmatchedDispute, who));
         };
         self.apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;

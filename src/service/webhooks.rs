@@ -16,7 +16,7 @@ use crate::{
     },
     domain::{
         Store,
-        webhook_log::{self as log, FAILED},
+        webhook_log::{self as log, WebhookOutcome},
     },
     error::{AppError, AppResult},
 };
@@ -81,12 +81,13 @@ impl Core {
         source: Store,
         event_id: &str,
         payload: &Value,
-        outcome: &str,
+        outcome: WebhookOutcome,
         customer: Option<&str>,
         claim: &Claim,
     ) -> AppResult<bool> {
         // The transaction's own instant: the caller's clock, read now.
         let now = self.now();
+        let outcome = outcome.as_str();
         match claim {
             Claim::Live => {
                 self.claim_webhook(txn, source, event_id, payload, outcome, customer, now)
@@ -104,7 +105,7 @@ impl Core {
     pub(crate) async fn webhook_seen(&self, source: Store, event_id: &str) -> AppResult<bool> {
         Ok(db::webhook_log::outcome_of(&self.db.conn, source, event_id)
             .await?
-            .is_some_and(|o| o != FAILED))
+            .is_some_and(|o| o != WebhookOutcome::Failed.as_str()))
     }
 
     /// A verified notification whose processing failed because the store
@@ -231,13 +232,13 @@ impl Core {
         since: Option<DateTime<Utc>>,
     ) -> AppResult<ReplaySummary> {
         let wanted: Vec<String> = if outcomes.is_empty() {
-            log::REPLAYABLE.iter().map(|s| s.to_string()).collect()
+            log::replayable_names().map(str::to_string).collect()
         } else {
             for o in outcomes {
                 if !log::is_replayable(o) {
                     return Err(AppError::bad_input(format!(
                         "`{o}` is not a replayable outcome (replayable: {})",
-                        log::REPLAYABLE.join(", ")
+                        log::replayable_names().collect::<Vec<_>>().join(", ")
                     )));
                 }
             }
@@ -262,7 +263,7 @@ impl Core {
         for id in ids {
             s.considered += 1;
             match self.replay_webhook_event(id).await {
-                Ok(r) if r.outcome == FAILED => s.failed += 1,
+                Ok(r) if r.outcome == WebhookOutcome::Failed.as_str() => s.failed += 1,
                 Ok(r) if !r.ran => s.skipped += 1,
                 Ok(r) if log::is_replayable(&r.outcome) => s.unchanged += 1,
                 Ok(_) => s.resolved += 1,
@@ -344,18 +345,15 @@ pub trait Ingest: crate::providers::Connector {
     fn ingest(
         core: &Core,
         n: &Self::Notification,
-    ) -> impl std::future::Future<Output = AppResult<&'static str>> + Send;
+    ) -> impl std::future::Future<Output = AppResult<WebhookOutcome>> + Send;
 }
 
 impl Ingest for crate::providers::stripe::StripeProvider {
     fn connector(core: &Core) -> AppResult<&Self> {
         core.stripe().map(|p| &**p)
     }
-    async fn ingest(core: &Core, ev: &Self::Notification) -> AppResult<&'static str> {
-        Ok(match core.stripe_webhook(ev).await? {
-            super::stripe::WebhookOutcome::Processed(o) => o,
-            super::stripe::WebhookOutcome::Duplicate => "duplicate",
-        })
+    async fn ingest(core: &Core, ev: &Self::Notification) -> AppResult<WebhookOutcome> {
+        core.stripe_webhook(ev).await
     }
 }
 
@@ -363,8 +361,8 @@ impl Ingest for crate::providers::apple::Apple {
     fn connector(core: &Core) -> AppResult<&Self> {
         core.apple()
     }
-    async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<&'static str> {
-        Ok(core.apple_webhook(core.apple()?, n).await?.as_str())
+    async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<WebhookOutcome> {
+        core.apple_webhook(core.apple()?, n).await
     }
 }
 
@@ -372,7 +370,7 @@ impl Ingest for crate::providers::google::GooglePlay {
     fn connector(core: &Core) -> AppResult<&Self> {
         core.google()
     }
-    async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<&'static str> {
-        Ok(core.play_webhook(push).await?.as_str())
+    async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<WebhookOutcome> {
+        core.play_webhook(push).await
     }
 }

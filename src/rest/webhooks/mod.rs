@@ -30,5 +30,7 @@ pub async fn receive<C: Ingest>(
         .await?;
     let outcome = C::ingest(core, &n).await?;
     state.metrics.webhook(C::STORE, outcome);
-    Ok(Json(json!({ "received": true, "outcome": outcome })))
+    Ok(Json(
+        json!({ "received": true, "outcome": outcome.as_str() }),
+    ))
 }
