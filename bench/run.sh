@@ -56,7 +56,7 @@ fi
 # One build for both: the event generator is a workspace member with the
 # server's dependencies, so it compiles in seconds on top of the server.
 cargo build --profile "$PROFILE" --quiet -p entitle -p bench-events
-OUTDIR="$ROOT/target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
+OUTDIR="${CARGO_TARGET_DIR:-$ROOT/target}/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")"
 BIN="${BENCH_BIN:-$OUTDIR/entitle}"
 GEN="$OUTDIR/bench-events"
 WORK="$(mktemp -d)"
