@@ -244,25 +244,35 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     }
     crate::jobs::spawn_all(core.clone(), config);
     spawn_last_seen_writer(core.clone());
+    let warm = config.cache_warm > 0 && !config.cache_ttl().is_zero();
     if config.is_postgres() {
-        core.db
+        let mut live = core
+            .db
             .spawn_cache_listener(config.database_url.expose().to_string());
-    }
-    // A replica's cache starts off until its listener is in place: warming
-    // it would race that.
-    if !config.is_postgres() && config.cache_warm > 0 && !config.cache_ttl().is_zero() {
-        let core = core.clone();
-        let limit = config.cache_warm;
-        tokio::spawn(async move {
-            match core.warm_caches(limit).await {
-                Ok((customers, devices)) => {
-                    tracing::debug!(customers, devices, "read cache warmed")
+        // A replica's cache is off until its listener is in place, and
+        // comes back empty after the listener's connection is lost: warming
+        // it each time it comes on (not before, which would race the
+        // notices) spares every first request a database read.
+        if warm {
+            let (core, limit) = (core.clone(), config.cache_warm);
+            tokio::spawn(async move {
+                while live.changed().await.is_ok() {
+                    warm_caches(&core, limit).await;
                 }
-                Err(e) => tracing::warn!(error = e.for_log(), "read cache not warmed"),
-            }
-        });
+            });
+        }
+    } else if warm {
+        let (core, limit) = (core.clone(), config.cache_warm);
+        tokio::spawn(async move { warm_caches(&core, limit).await });
     }
     Ok(())
+}
+
+async fn warm_caches(core: &Core, limit: u64) {
+    match core.warm_caches(limit).await {
+        Ok((customers, devices)) => tracing::debug!(customers, devices, "read cache warmed"),
+        Err(e) => tracing::warn!(error = e.for_log(), "read cache not warmed"),
+    }
 }
 
 /// How often buffered device check-ins are written.

@@ -79,9 +79,10 @@ pub struct Config {
     /// made behind every server's back are seen. 0 turns the cache off.
     /// Unset: 60 s.
     pub cache_ttl_ms: Option<u64>,
-    /// On SQLite, how many of the most recent customers (and devices) are
-    /// read into the cache at start, in the background, so a restart under
-    /// load does not send every first request to the database. 0: none.
+    /// How many of the most recent customers (and devices) are read into
+    /// the cache at start, in the background, so a restart under load does
+    /// not send every first request to the database (on PostgreSQL, each
+    /// time the replica's cache comes on). 0: none.
     pub cache_warm: u64,
     /// Log filter in `tracing` syntax.
     pub log: String,

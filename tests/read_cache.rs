@@ -108,6 +108,34 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
     }
 }
 
+/// The server warms its cache by itself after a restart: on PostgreSQL once
+/// its listener is in place, with no request needed.
+async fn restart_warms_the_cache_unasked(b: Backend) {
+    let first = spawn(b.clone()).await;
+    let client = first.key(ApiKeyRole::Client).await;
+    for i in 0..10 {
+        let (s, body) = first.post_user(&client, &format!("unasked-{i}")).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let app = respawn(&first, |c| c.cache_warm = 1000).await;
+    let core = &app.state.core;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while core.db.cache.get("unasked-4").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cache was not warmed after the restart"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        core.db
+            .device_cache
+            .get(&entitle::db::device_key("garmin", "unasked-4"))
+            .is_some(),
+        "device cached"
+    );
+}
+
 /// A known device's check-in time is written by the background writer, not
 /// by the request, and never moves backwards.
 async fn check_ins_are_written_in_the_background(b: Backend) {
@@ -162,5 +190,6 @@ async fn check_ins_are_written_in_the_background(b: Backend) {
 
 on_all_backends!(
     restart_warms_the_cache_and_writes_still_show,
+    restart_warms_the_cache_unasked,
     check_ins_are_written_in_the_background,
 );

@@ -420,10 +420,12 @@ impl Db {
     /// PostgreSQL: listens for other replicas' cache notices for as long as
     /// the process runs. The caches stay off until the first LISTEN is in
     /// place, and go off again (emptied) whenever the connection is lost, as
-    /// notices sent meanwhile are lost with it.
-    pub fn spawn_cache_listener(&self, url: String) {
+    /// notices sent meanwhile are lost with it. The returned receiver
+    /// changes each time the caches come on (empty), so they can be warmed.
+    pub fn spawn_cache_listener(&self, url: String) -> tokio::sync::watch::Receiver<u64> {
+        let (live_tx, live_rx) = tokio::sync::watch::channel(0u64);
         let Some(me) = self.listener_id.clone() else {
-            return;
+            return live_rx;
         };
         let (cache, devices) = (self.cache.clone(), self.device_cache.clone());
         let listening = self.stats.cache_listening.clone();
@@ -450,6 +452,7 @@ impl Db {
                 cache.reset(true);
                 devices.reset(true);
                 listening.set(1);
+                live_tx.send_modify(|n| *n += 1);
                 // Ends when the connection is lost: so may notices have been.
                 while let Ok(Some(n)) = listener.try_recv().await {
                     apply_cache_notice(&me, n.payload(), &cache, &devices);
@@ -460,6 +463,7 @@ impl Db {
                 tracing::warn!("read cache listener: connection lost; cache off until it is back");
             }
         });
+        live_rx
     }
 
     pub async fn ping(&self) -> bool {
