@@ -10,7 +10,7 @@ use crate::{
     clock::Clock,
     config::Config,
     db::{self, CachedCustomer, Conn, Db},
-    domain::{Catalog, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
+    domain::{Catalog, PurchaseFacts, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
     error::AppResult,
 };
 
@@ -147,7 +147,7 @@ impl Core {
 
     /// The plain sentence behind one purchase: what it grants now, or why
     /// it grants nothing.
-    pub fn explain_purchase(&self, purchase: &crate::domain::PurchaseFacts) -> String {
+    pub fn explain_purchase(&self, purchase: &PurchaseFacts) -> String {
         crate::domain::explain_purchase(&self.catalog, purchase, self.now(), self.accept_sandbox)
     }
 
@@ -239,6 +239,18 @@ impl Core {
         customer_id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<(Snapshot, usize)> {
+        let (snapshot, _, written) = self.facts_before_write(c, customer_id, now).await?;
+        Ok((snapshot, written))
+    }
+
+    /// [`Self::state_before_write`], with the purchase facts it was
+    /// computed from, for a write that can tell what it changes in them.
+    pub async fn facts_before_write(
+        &self,
+        c: &impl Conn,
+        customer_id: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<(Snapshot, Vec<PurchaseFacts>, usize)> {
         let facts = db::purchase_facts_of(c, customer_id).await?;
         let snapshot = compute(&self.catalog, &facts, now, self.accept_sandbox);
         let mut logged = std::collections::HashMap::new();
@@ -256,7 +268,7 @@ impl Core {
         let rows =
             crate::domain::lapses(&snapshot, &facts, |k| logged.get(k).cloned().flatten(), now);
         db::record_dated_changes(c, customer_id, &rows).await?;
-        Ok((snapshot, rows.len()))
+        Ok((snapshot, facts, rows.len()))
     }
 
     /// Writes one change-log row per entitlement that moved between `before`

@@ -9,7 +9,9 @@ use entities::{held_purchases, purchases};
 use super::Core;
 use crate::{
     db::{self, Conn, WriteTxn, held_purchase::HeldState, purchase::PurchaseFields},
-    domain::{EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, diff, rules, tokens},
+    domain::{
+        EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, compute, diff, rules, tokens,
+    },
     error::{AppError, AppResult},
     providers::{PurchaseState, VerifiedPurchase, from_held},
 };
@@ -440,9 +442,18 @@ impl Core {
         affected.extend(previous_owner.iter().cloned());
         affected.extend(replaced.iter().map(|r| r.customer_id.clone()));
         let mut before = Vec::with_capacity(affected.len());
+        // When this write touches one customer's one purchase row, the state
+        // after it follows from the facts before and that row, without
+        // reading them again.
+        let mut derive_after = affected.len() == 1 && replaced.is_none() && !switching;
+        let mut owner_facts = Vec::new();
         for c in &affected {
             db::hold_customer(txn, c).await?;
-            before.push((c.clone(), self.state_before_write(&**txn, c, now).await?.0));
+            let (snapshot, facts, _) = self.facts_before_write(&**txn, c, now).await?;
+            if derive_after {
+                owner_facts = facts;
+            }
+            before.push((c.clone(), snapshot));
         }
 
         let stale = superseded
@@ -454,24 +465,40 @@ impl Core {
             .as_ref()
             .filter(|_| switching)
             .map(|e| e.store_purchase_id.clone());
-        let purchase_id = match existing {
+        let (purchase_id, written) = match existing {
             Some(e) if stale => {
                 let id = e.id;
                 if e.customer_id != owner {
+                    // Not reached when deriving (two customers), but a move
+                    // changes the facts all the same.
+                    derive_after = false;
                     db::purchase::move_to(&**txn, e, &owner).await?;
                 }
-                id
+                (id, None)
             }
             Some(e) => {
                 let renewal_count = vp.renewal_count.or(counted).unwrap_or(e.renewal_count);
                 let row = self.fields(vp, &owner, renewal_count);
-                db::purchase::overwrite(&**txn, e, row).await?.id
+                let row = db::purchase::overwrite(&**txn, e, row).await?;
+                (row.id, Some(row))
             }
             None => {
                 let row = self.fields(vp, &owner, vp.renewal_count.or(counted).unwrap_or(0));
-                db::purchase::insert(&**txn, row).await?.id
+                let row = db::purchase::insert(&**txn, row).await?;
+                (row.id, Some(row))
             }
         };
+        if derive_after && let Some(row) = &written {
+            let f = db::purchase_facts(row)?;
+            match owner_facts.iter_mut().find(|x| x.id == f.id) {
+                Some(x) => *x = f,
+                None => {
+                    owner_facts.push(f);
+                    // In the order a read would give.
+                    owner_facts.sort_by_key(|x| x.id);
+                }
+            }
+        }
 
         if let Some(r) = replaced
             .filter(|r| !is_final(&r.status) && r.status != PurchaseStatus::Expired.as_str())
@@ -492,7 +519,17 @@ impl Core {
 
         let mut owner_snapshot = None;
         for (c, b) in before {
-            let after = self.snapshot_in(&**txn, &c, now).await?;
+            let after = if derive_after {
+                if cfg!(debug_assertions) {
+                    // Development and test builds check the derivation
+                    // against the database on every write.
+                    let read = db::purchase_facts_of(&**txn, &c).await?;
+                    assert_eq!(owner_facts, read, "facts derived after a write");
+                }
+                compute(&self.catalog, &owner_facts, now, self.accept_sandbox)
+            } else {
+                self.snapshot_in(&**txn, &c, now).await?
+            };
             let mut changes = diff(&b, &after);
             if Some(&c) == previous_owner.as_ref() && c != owner {
                 // What the previous owner lost, it lost to the transfer.
