@@ -28,11 +28,7 @@ pub async fn store_purchase(
     store: Store,
     store_purchase_id: &str,
 ) -> AppResult<Option<purchases::Model>> {
-    Ok(purchases::Entity::find()
-        .filter(purchases::Column::Store.eq(store.as_str()))
-        .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
-        .one(c)
-        .await?)
+    super::purchase::find_by_store_id(c, store.as_str(), store_purchase_id).await
 }
 
 /// A purchase held, under the store's own id, for an owner not known yet.

@@ -137,7 +137,25 @@ impl Core {
         submitter: Submitter<'_>,
         now: DateTime<Utc>,
     ) -> AppResult<Applied> {
-        match self.apply_inner(txn, vp, submitter, false, now).await? {
+        self.apply_prefetched_in(txn, vp, submitter, None, now)
+            .await
+    }
+
+    /// [`Self::apply_purchase_in`] for a caller that already read, in this
+    /// transaction and after [`db::lock_store_purchase`], the row stored
+    /// under the purchase's own store id (`Some(None)`: none is).
+    pub async fn apply_prefetched_in(
+        &self,
+        txn: &WriteTxn,
+        vp: &VerifiedPurchase,
+        submitter: Submitter<'_>,
+        prefetched: Option<Option<purchases::Model>>,
+        now: DateTime<Utc>,
+    ) -> AppResult<Applied> {
+        match self
+            .apply_inner(txn, vp, submitter, false, prefetched, now)
+            .await?
+        {
             StoreApplied::Applied(a) => Ok(a),
             StoreApplied::Held { .. } => Err(AppError::Internal(anyhow::anyhow!(
                 "purchase held though holding was not asked for"
@@ -155,7 +173,8 @@ impl Core {
         vp: &VerifiedPurchase,
         now: DateTime<Utc>,
     ) -> AppResult<StoreApplied> {
-        self.apply_inner(txn, vp, Submitter::Store, true, now).await
+        self.apply_inner(txn, vp, Submitter::Store, true, None, now)
+            .await
     }
 
     /// The customer the store binding `key` names. The submitter comes
@@ -197,6 +216,17 @@ impl Core {
         if let Some(p) = db::purchase::find_by_store_id(c, store.as_str(), id).await? {
             return Ok(Some((p, false)));
         }
+        self.find_replaced_line(c, store, id).await
+    }
+
+    /// The line a later token of `id` superseded it with, when no row is
+    /// stored under `id` itself.
+    async fn find_replaced_line(
+        &self,
+        c: &impl Conn,
+        store: Store,
+        id: &str,
+    ) -> AppResult<Option<(purchases::Model, bool)>> {
         let Some(line) = db::purchase::replaced_by(c, store.as_str(), id).await? else {
             return Ok(None);
         };
@@ -332,6 +362,7 @@ impl Core {
         vp: &VerifiedPurchase,
         submitter: Submitter<'_>,
         may_hold: bool,
+        prefetched: Option<Option<purchases::Model>>,
         now: DateTime<Utc>,
     ) -> AppResult<StoreApplied> {
         let store = vp.store;
@@ -343,7 +374,23 @@ impl Core {
         if let Some(r) = replaces {
             db::lock_store_purchase(&**txn, store.as_str(), r).await?;
         }
-        let mut line = self.find_line(&**txn, store, &vp.store_purchase_id).await?;
+        if cfg!(debug_assertions)
+            && let Some(p) = &prefetched
+        {
+            // Development and test builds check the caller's read.
+            let read =
+                db::purchase::find_by_store_id(&**txn, store.as_str(), &vp.store_purchase_id)
+                    .await?;
+            assert_eq!(p, &read, "row read before the application");
+        }
+        let mut line = match prefetched {
+            Some(Some(p)) => Some((p, false)),
+            Some(None) => {
+                self.find_replaced_line(&**txn, store, &vp.store_purchase_id)
+                    .await?
+            }
+            None => self.find_line(&**txn, store, &vp.store_purchase_id).await?,
+        };
         // An older token of this purchase line, now replaced.
         let superseded = line.as_ref().is_some_and(|(_, s)| *s);
         // A new token of a line we hold (upgrade, downgrade, resubscribe):
@@ -568,7 +615,7 @@ impl Core {
                 .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
             db::held_purchase::release(&**txn, h.id).await?;
             if let StoreApplied::Applied(a) =
-                Box::pin(self.apply_inner(txn, &next, Submitter::Store, false, now)).await?
+                Box::pin(self.apply_inner(txn, &next, Submitter::Store, false, None, now)).await?
             {
                 return Ok(StoreApplied::Applied(Applied {
                     stale: applied.stale,

@@ -480,6 +480,14 @@ impl Core {
             self.ensure_customer_in(txn, c, now).await?;
             db::hold_customer(txn, c).await?;
         }
+        // Locked before it is read, so the application below can take this
+        // read as its own.
+        db::lock_store_purchase(
+            &**txn,
+            Store::Stripe.as_str(),
+            &state.state().store_purchase_id,
+        )
+        .await?;
         let existing = store_purchases::store_purchase(
             &**txn,
             Store::Stripe,
@@ -529,7 +537,7 @@ impl Core {
         let email = state.email.clone();
         let vp = state.bind(customer);
         let applied = self
-            .apply_purchase_in(txn, &vp, Submitter::Store, now)
+            .apply_prefetched_in(txn, &vp, Submitter::Store, Some(existing), now)
             .await?;
         if let Some(sc) = stripe_customer {
             remember_stripe_customer(txn, &applied.customer_id, &sc, email.as_deref()).await?;
