@@ -50,8 +50,14 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
         let (s, body) = first.post_user(&client, &format!("warm-{i}")).await;
         assert_eq!(s, StatusCode::OK, "{body}");
     }
-    let app = respawn(&first, |_| {}).await;
+    let app = respawn(&first, |c| c.cache_warm = 0).await;
     let core = &app.state.core;
+    // On PostgreSQL the cache comes on (empty) once the listener is in place.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while core.db.stats.cache_listening.get() != 1 {
+        assert!(std::time::Instant::now() < deadline, "cache never came on");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let (customers, devices) = core
         .warm_caches(20)
         .await
@@ -120,7 +126,9 @@ async fn restart_warms_the_cache_unasked(b: Backend) {
     let app = respawn(&first, |c| c.cache_warm = 1000).await;
     let core = &app.state.core;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while core.db.cache.get("unasked-4").is_none() {
+    let device = entitle::db::device_key("garmin", "unasked-4");
+    // Customers are warmed first, then devices.
+    while core.db.cache.get("unasked-4").is_none() || core.db.device_cache.get(&device).is_none() {
         assert!(
             std::time::Instant::now() < deadline,
             "the cache was not warmed after the restart"
