@@ -58,15 +58,15 @@ impl Feed {
         tail.reposition(&db).await?;
         tokio::spawn(async move {
             loop {
+                let began = tokio::time::Instant::now();
                 if let Err(e) = tail.step(&db, &tx).await {
                     tracing::warn!(
                         error = e.for_log(),
                         "event feed: cannot read the change log"
                     );
                 }
-                tokio::select! {
-                    r = wake.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(poll) => {}
+                if !super::next_turn(&mut wake, poll, began).await {
+                    return;
                 }
             }
         });

@@ -11,6 +11,30 @@ pub mod feed;
 pub mod outbound;
 pub mod relay;
 
+/// The shortest time between two reads of the change log by one tail (the
+/// relay's sinks, the subscribers' feed) when local commits wake it.
+const WAKE_GAP: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Waits for a local commit, or `poll` for rows other replicas wrote; then,
+/// when the tail's last read began less than [`WAKE_GAP`] ago, for the rest
+/// of the gap. Under a burst of commits a tail reads once per gap rather
+/// than once per commit (each read is a statement on a reader), and a
+/// change still leaves within the gap. `false`: the process is stopping.
+async fn next_turn(
+    wake: &mut tokio::sync::watch::Receiver<u64>,
+    poll: std::time::Duration,
+    last_read: tokio::time::Instant,
+) -> bool {
+    tokio::select! {
+        r = wake.changed() => if r.is_err() { return false },
+        _ = tokio::time::sleep(poll) => {}
+    }
+    tokio::time::sleep_until(last_read + WAKE_GAP).await;
+    // Commits during the gap are covered by the read that follows.
+    wake.borrow_and_update();
+    true
+}
+
 /// The published form of one change-log row (DESIGN §5). Statuses are the
 /// access level, `ACTIVE` or `EXPIRED`; `oldStatus` is null for a first
 /// grant; `reason` is the store status behind the change.

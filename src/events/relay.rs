@@ -149,6 +149,7 @@ impl Relay {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
+                let began = tokio::time::Instant::now();
                 match self.publish_once().await {
                     Ok(n) => {
                         if matches!(self.sink, Sink::Redis(_)) {
@@ -171,9 +172,8 @@ impl Relay {
                         continue;
                     }
                 }
-                tokio::select! {
-                    r = wake.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(self.poll) => {}
+                if !super::next_turn(&mut wake, self.poll, began).await {
+                    return;
                 }
             }
         });
