@@ -246,9 +246,7 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     spawn_last_seen_writer(core.clone());
     let warm = config.cache_warm > 0 && !config.cache_ttl().is_zero();
     if config.is_postgres() {
-        let mut live = core
-            .db
-            .spawn_cache_listener(config.database_url.expose().to_string());
+        let mut live = core.db.spawn_cache_listener(config.database_connect_url());
         // A replica's cache is off until its listener is in place, and
         // comes back empty after the listener's connection is lost: warming
         // it each time it comes on (not before, which would race the

@@ -265,8 +265,7 @@ impl Db {
     }
 
     async fn connect_pool(config: &Config, max_connections: u32) -> anyhow::Result<Db> {
-        let url = config.database_url.expose();
-        let mut opts = ConnectOptions::new(url.to_string());
+        let mut opts = ConnectOptions::new(config.database_connect_url());
         opts.max_connections(max_connections)
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
