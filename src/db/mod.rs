@@ -63,6 +63,34 @@ pub struct Db {
     /// PostgreSQL: marks this process's cache notices, so its listener skips
     /// its own (already applied at commit).
     listener_id: Option<Arc<str>>,
+    /// Customers known to exist (see [`KnownCustomers`]).
+    known: Arc<KnownCustomers>,
+}
+
+/// Customer ids seen committed. Customers are never deleted (a merge
+/// leaves the merged-away row in place), so once one is known to exist it
+/// exists for good, in every replica: a write that must make sure of a
+/// known customer needs no statement for it. Bounded: forgotten wholesale
+/// when full, which costs only the statements it saved.
+#[derive(Default)]
+pub struct KnownCustomers(std::sync::Mutex<std::collections::HashSet<Box<str>>>);
+
+impl KnownCustomers {
+    const CAPACITY: usize = 16_384;
+
+    fn contains(&self, id: &str) -> bool {
+        self.0.lock().expect("known customers").contains(id)
+    }
+
+    fn extend(&self, ids: impl IntoIterator<Item = String>) {
+        let mut known = self.0.lock().expect("known customers");
+        for id in ids {
+            if known.len() >= Self::CAPACITY {
+                known.clear();
+            }
+            known.insert(id.into_boxed_str());
+        }
+    }
 }
 
 /// Drops what another replica's write changed.
@@ -118,10 +146,15 @@ pub struct WriteTxn {
     /// Customers this transaction already made sure exist: customers are
     /// never deleted, so asking again within it would change nothing.
     ensured: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// PostgreSQL: customer rows and store purchases this transaction holds
+    /// locked; a lock is held to the end, so taking it again is a no-op
+    /// round trip saved.
+    locked: std::sync::Mutex<std::collections::HashSet<String>>,
     commits: Arc<tokio::sync::watch::Sender<u64>>,
     write_commits: prometheus_client::metrics::counter::Counter,
     /// PostgreSQL: this process's mark on the cache notifications it sends.
     notify_as: Option<Arc<str>>,
+    known: Arc<KnownCustomers>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -157,6 +190,9 @@ impl WriteTxn {
             .invalidate(self.touched_devices.lock().expect("touched").iter());
         self.write_commits.inc();
         self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        // Only now: a rolled-back insert made nobody exist.
+        self.known
+            .extend(std::mem::take(&mut *self.ensured.lock().expect("ensured")));
         Ok(())
     }
 
@@ -166,6 +202,11 @@ impl WriteTxn {
             .lock()
             .expect("touched")
             .push(device_key(platform, device_id));
+    }
+
+    /// True the first time this transaction asks for the lock `key`.
+    fn first_lock(&self, key: String) -> bool {
+        self.locked.lock().expect("locked").insert(key)
     }
 
     fn touch(&self, customer_id: &str) {
@@ -353,6 +394,7 @@ impl Db {
             device_cache,
             write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
             commits: Arc::new(tokio::sync::watch::channel(0).0),
+            known: Default::default(),
         })
     }
 
@@ -410,9 +452,11 @@ impl Db {
             touched: Default::default(),
             touched_devices: Default::default(),
             ensured: Default::default(),
+            locked: Default::default(),
             commits: self.commits.clone(),
             write_commits: self.stats.write_commits.clone(),
             notify_as: self.listener_id.clone(),
+            known: self.known.clone(),
         })
     }
 
@@ -644,10 +688,11 @@ pub async fn devices_by_rows(
         .await?)
 }
 
-/// Creates the customer if absent; safe against concurrent creators.
+/// Creates the customer if absent; safe against concurrent creators. A
+/// customer this process has seen committed costs no statement.
 pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<bool> {
     txn.touch(id);
-    if !txn.ensured.lock().expect("ensured").insert(id.to_string()) {
+    if txn.known.contains(id) || !txn.ensured.lock().expect("ensured").insert(id.to_string()) {
         return Ok(false);
     }
     let c = &txn.txn;
@@ -686,6 +731,7 @@ pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<custome
     let c = &txn.txn;
     let mut q = customers::Entity::find_by_id(id.to_string());
     if c.get_database_backend() == DbBackend::Postgres {
+        txn.first_lock(format!("customer:{id}"));
         q = q.lock_exclusive();
     }
     Ok(q.one(c).await?)
@@ -696,7 +742,10 @@ pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<custome
 /// everything, so no statement. Either way its cached reads are dropped
 /// once the transaction commits.
 pub async fn hold_customer(txn: &WriteTxn, id: &str) -> AppResult<()> {
-    if txn.txn.get_database_backend() == DbBackend::Postgres {
+    if txn.txn.get_database_backend() == DbBackend::Postgres
+        && txn.first_lock(format!("customer:{id}"))
+    {
+        // (A failed statement ends the transaction: no later ask follows.)
         lock_customer(txn, id).await?;
     } else {
         txn.touch(id);
@@ -709,11 +758,14 @@ pub async fn hold_customer(txn: &WriteTxn, id: &str) -> AppResult<()> {
 /// lock alone would let two first sightings both try to insert it. (SQLite's
 /// single writer already serialises them.)
 pub async fn lock_store_purchase(
-    c: &impl ConnectionTrait,
+    txn: &WriteTxn,
     store: &str,
     store_purchase_id: &str,
 ) -> AppResult<()> {
-    if c.get_database_backend() == DbBackend::Postgres {
+    let c = &txn.txn;
+    if c.get_database_backend() == DbBackend::Postgres
+        && txn.first_lock(format!("purchase:{store}:{store_purchase_id}"))
+    {
         c.execute_raw(sea_orm::Statement::from_sql_and_values(
             DbBackend::Postgres,
             "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
@@ -779,7 +831,7 @@ pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String>
     let mut current = resolved.to_string();
     // Aliases are one hop and never form a cycle; the bound is a guard.
     for _ in 0..4 {
-        lock_customer(txn, &current).await?;
+        hold_customer(txn, &current).await?;
         let again = resolve_customer(&txn.txn, &current).await?;
         if again == current {
             return Ok(current);
@@ -1026,5 +1078,195 @@ mod tests {
         let writer = cache_size(&*txn).await;
         assert_ne!(writer, reader);
         assert_eq!(writer, -2000, "SQLite's default");
+    }
+
+    /// A fresh database on each backend the tests have: SQLite always,
+    /// PostgreSQL when `ENTITLE_TEST_POSTGRES_URL` names a server.
+    async fn fresh_dbs(dir: &std::path::Path) -> Vec<Db> {
+        let mut urls = vec![format!("sqlite://{}?mode=rwc", dir.join("t.db").display())];
+        if let Ok(pg) = std::env::var("ENTITLE_TEST_POSTGRES_URL") {
+            let name = format!("entitle_t_{:016x}", rand::random::<u64>());
+            let admin = Database::connect(pg.as_str()).await.unwrap();
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let mut url = url::Url::parse(&pg).unwrap();
+            url.set_path(&name);
+            urls.push(url.to_string());
+        }
+        let mut dbs = Vec::new();
+        for u in urls {
+            let mut config = Config::default();
+            config.database_url = crate::config::Secret::new(u);
+            dbs.push(Db::connect(&config).await.unwrap());
+        }
+        dbs
+    }
+
+    fn statements(db: &Db) -> u64 {
+        db.stats.statements.get()
+    }
+
+    /// A customer becomes known once its creation commits; a known one
+    /// costs no statement, one rolled back is created again.
+    #[tokio::test]
+    async fn a_customer_is_known_once_its_creation_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            assert!(ensure_customer(&txn, "c1", now).await.unwrap());
+            drop(txn);
+            let txn = db.write().await.unwrap();
+            assert!(
+                ensure_customer(&txn, "c1", now).await.unwrap(),
+                "the first insert was rolled back"
+            );
+            txn.commit().await.unwrap();
+            let txn = db.write().await.unwrap();
+            let before = statements(&db);
+            assert!(!ensure_customer(&txn, "c1", now).await.unwrap());
+            assert_eq!(statements(&db), before, "{:?}", db.backend());
+            txn.commit().await.unwrap();
+        }
+    }
+
+    /// Locks a transaction already holds are not asked for again (on
+    /// SQLite the single writer holds everything: none are asked for).
+    #[tokio::test]
+    async fn a_transaction_takes_each_lock_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c2", Utc::now()).await.unwrap();
+            txn.commit().await.unwrap();
+            let txn = db.write().await.unwrap();
+            let before = statements(&db);
+            for _ in 0..2 {
+                hold_customer(&txn, "c2").await.unwrap();
+                lock_store_purchase(&txn, "stripe", "sub_1").await.unwrap();
+            }
+            let held = statements(&db) - before;
+            assert_eq!(lock_canonical(&txn, "c2").await.unwrap(), "c2");
+            let after_canonical = statements(&db) - before;
+            lock_customer(&txn, "c2").await.unwrap();
+            hold_customer(&txn, "c2").await.unwrap();
+            let total = statements(&db) - before;
+            txn.commit().await.unwrap();
+            match db.backend() {
+                DbBackend::Postgres => {
+                    assert_eq!(held, 2, "one customer lock, one purchase lock");
+                    // Resolving again under the lock still reads the alias.
+                    assert_eq!(after_canonical, 3);
+                    // A read is always made; holding again is not.
+                    assert_eq!(total, 4);
+                }
+                _ => {
+                    assert_eq!(held, 0);
+                    assert_eq!(after_canonical, 0);
+                    assert_eq!(total, 1, "the read");
+                }
+            }
+        }
+    }
+
+    /// The one-statement lookup of a store id reads what the separate
+    /// reads do, in each state a store id can be in.
+    #[tokio::test]
+    async fn a_store_id_lookup_reads_row_alias_hold_and_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            for c in ["owner", "merged", "into"] {
+                ensure_customer(&txn, c, now).await.unwrap();
+            }
+            customer::add_alias(&*txn, "merged", "into", now)
+                .await
+                .unwrap();
+            let row = purchase::insert(
+                &*txn,
+                purchase::PurchaseFields {
+                    customer_id: "owner".into(),
+                    store: "play_store".into(),
+                    store_purchase_id: "tok-new".into(),
+                    product_id: "p".into(),
+                    environment: "production".into(),
+                    status: "active".into(),
+                    period_type: "normal".into(),
+                    purchased_at: now,
+                    expires_at: None,
+                    grace_expires_at: None,
+                    auto_renew: true,
+                    canceled_at: None,
+                    revoked_at: None,
+                    renewal_count: 0,
+                    source_updated_at: now,
+                    raw: Some(serde_json::json!({"k": "v"})),
+                    order_id: None,
+                },
+            )
+            .await
+            .unwrap();
+            purchase::add_replaced_id(&*txn, "play_store", "tok-old", row.id)
+                .await
+                .unwrap();
+            held_purchase::insert(
+                &*txn,
+                "play_store",
+                "tok-held",
+                held_purchase::HeldState {
+                    bound_key: None,
+                    replaces: None,
+                    state: serde_json::json!({}),
+                    source_updated_at: now,
+                },
+                now,
+            )
+            .await
+            .unwrap();
+            let look = |id: &'static str, bound: Option<&'static str>| {
+                let txn = &txn;
+                async move {
+                    purchase::lookup_store_id(&**txn, "play_store", id, bound)
+                        .await
+                        .unwrap()
+                }
+            };
+            let found = look("tok-new", Some("owner")).await;
+            assert_eq!(found.row.as_ref(), Some(&row));
+            assert_eq!((found.replaced_by, found.held), (None, false));
+            assert_eq!(found.resolved("owner"), Some("owner"));
+            assert_eq!(found.resolved("someone"), None);
+
+            let old = look("tok-old", None).await;
+            assert_eq!(
+                (old.row, old.replaced_by, old.held),
+                (None, Some(row.id), false)
+            );
+            assert_eq!(old.bound, None);
+
+            let held = look("tok-held", Some("merged")).await;
+            assert_eq!(
+                (&held.row, held.replaced_by, held.held),
+                (&None, None, true)
+            );
+            assert_eq!(held.resolved("merged"), Some("into"));
+
+            let none = look("tok-none", Some("nobody")).await;
+            assert_eq!(
+                (&none.row, none.replaced_by, none.held),
+                (&None, None, false)
+            );
+            assert_eq!(none.resolved("nobody"), Some("nobody"));
+            // Another store's id is another purchase.
+            let other = purchase::lookup_store_id(&*txn, "app_store", "tok-new", None)
+                .await
+                .unwrap();
+            assert_eq!((other.row, other.held), (None, false));
+            txn.commit().await.unwrap();
+        }
     }
 }

@@ -119,6 +119,73 @@ pub async fn find_by_store_id(
         .await?)
 }
 
+/// Where a store id stands, read in one statement (it is on every store
+/// message's path): the row stored under it, the line a later token of it
+/// was merged into, whether a purchase under it is held for an owner not
+/// known yet, and what the customer id its store binding names resolves to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreIdLookup {
+    pub row: Option<purchases::Model>,
+    pub replaced_by: Option<i64>,
+    pub held: bool,
+    /// `(bound, resolved)`: the customer `bound` names after following a
+    /// merge (itself when it was not merged).
+    pub bound: Option<(String, String)>,
+}
+
+impl StoreIdLookup {
+    /// What `bound` resolves to, when it is the id this lookup resolved.
+    pub fn resolved(&self, id: &str) -> Option<&str> {
+        self.bound
+            .as_ref()
+            .filter(|(b, _)| b == id)
+            .map(|(_, r)| r.as_str())
+    }
+}
+
+pub async fn lookup_store_id(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+    bound: Option<&str>,
+) -> AppResult<StoreIdLookup> {
+    // One row whether or not a purchase is stored under the id. `$n`
+    // placeholders read the same on both backends.
+    const SQL: &str = "SELECT p.*, \
+        (SELECT a.purchase_id FROM purchase_aliases a \
+          WHERE a.store = $1 AND a.store_purchase_id = $2) AS lookup_replaced_by, \
+        EXISTS (SELECT 1 FROM held_purchases h \
+          WHERE h.store = $1 AND h.store_purchase_id = $2) AS lookup_held, \
+        (SELECT ca.customer_id FROM customer_aliases ca WHERE ca.alias_id = $3) AS lookup_alias \
+        FROM (SELECT 1 AS one) k \
+        LEFT JOIN purchases p ON p.store = $1 AND p.store_purchase_id = $2";
+    let row = c
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            c.get_database_backend(),
+            SQL,
+            [
+                store.into(),
+                store_purchase_id.into(),
+                bound.map(str::to_string).into(),
+            ],
+        ))
+        .await?
+        .ok_or_else(|| crate::error::AppError::Internal(anyhow::anyhow!("lookup gave no row")))?;
+    let present = row.try_get::<Option<i64>>("", "id")?.is_some();
+    let alias: Option<String> = row.try_get("", "lookup_alias")?;
+    Ok(StoreIdLookup {
+        row: match present {
+            true => {
+                Some(<purchases::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?)
+            }
+            false => None,
+        },
+        replaced_by: row.try_get("", "lookup_replaced_by")?,
+        held: row.try_get("", "lookup_held")?,
+        bound: bound.map(|b| (b.to_string(), alias.unwrap_or_else(|| b.to_string()))),
+    })
+}
+
 pub async fn find(c: &impl ConnectionTrait, id: i64) -> AppResult<Option<purchases::Model>> {
     Ok(purchases::Entity::find_by_id(id).one(c).await?)
 }

@@ -141,15 +141,15 @@ impl Core {
             .await
     }
 
-    /// [`Self::apply_purchase_in`] for a caller that already read, in this
-    /// transaction and after [`db::lock_store_purchase`], the row stored
-    /// under the purchase's own store id (`Some(None)`: none is).
+    /// [`Self::apply_purchase_in`] for a caller that already looked up, in
+    /// this transaction and after [`db::lock_store_purchase`], the
+    /// purchase's own store id.
     pub async fn apply_prefetched_in(
         &self,
         txn: &WriteTxn,
         vp: &VerifiedPurchase,
         submitter: Submitter<'_>,
-        prefetched: Option<Option<purchases::Model>>,
+        prefetched: Option<db::purchase::StoreIdLookup>,
         now: DateTime<Utc>,
     ) -> AppResult<Applied> {
         match self
@@ -294,7 +294,7 @@ impl Core {
         for h in held {
             let vp = from_held(h.state.clone())
                 .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
-            db::lock_store_purchase(&**txn, vp.store.as_str(), &vp.store_purchase_id).await?;
+            db::lock_store_purchase(txn, vp.store.as_str(), &vp.store_purchase_id).await?;
             db::held_purchase::release(&**txn, h.id).await?;
             if self
                 .find_line(&**txn, vp.store, &vp.store_purchase_id)
@@ -362,34 +362,49 @@ impl Core {
         vp: &VerifiedPurchase,
         submitter: Submitter<'_>,
         may_hold: bool,
-        prefetched: Option<Option<purchases::Model>>,
+        prefetched: Option<db::purchase::StoreIdLookup>,
         now: DateTime<Utc>,
     ) -> AppResult<StoreApplied> {
         let store = vp.store;
-        db::lock_store_purchase(&**txn, store.as_str(), &vp.store_purchase_id).await?;
+        db::lock_store_purchase(txn, store.as_str(), &vp.store_purchase_id).await?;
         let replaces = vp
             .replaces
             .as_deref()
             .filter(|r| *r != vp.store_purchase_id);
         if let Some(r) = replaces {
-            db::lock_store_purchase(&**txn, store.as_str(), r).await?;
+            db::lock_store_purchase(txn, store.as_str(), r).await?;
         }
-        if cfg!(debug_assertions)
-            && let Some(p) = &prefetched
-        {
-            // Development and test builds check the caller's read.
-            let read =
-                db::purchase::find_by_store_id(&**txn, store.as_str(), &vp.store_purchase_id)
-                    .await?;
-            assert_eq!(p, &read, "row read before the application");
-        }
-        let mut line = match prefetched {
-            Some(Some(p)) => Some((p, false)),
-            Some(None) => {
-                self.find_replaced_line(&**txn, store, &vp.store_purchase_id)
-                    .await?
+        let lookup = match prefetched {
+            Some(l) => l,
+            None => {
+                db::purchase::lookup_store_id(
+                    &**txn,
+                    store.as_str(),
+                    &vp.store_purchase_id,
+                    vp.bound_customer.as_deref(),
+                )
+                .await?
             }
-            None => self.find_line(&**txn, store, &vp.store_purchase_id).await?,
+        };
+        if cfg!(debug_assertions) {
+            // Development and test builds check the one-statement lookup
+            // (and a caller's) against the separate reads it stands for.
+            let id = &vp.store_purchase_id;
+            let read = db::purchase::StoreIdLookup {
+                row: db::purchase::find_by_store_id(&**txn, store.as_str(), id).await?,
+                replaced_by: db::purchase::replaced_by(&**txn, store.as_str(), id).await?,
+                held: self.find_held(&**txn, store, id).await?.is_some(),
+                bound: match &lookup.bound {
+                    Some((b, _)) => Some((b.clone(), db::resolve_customer(&**txn, b).await?)),
+                    None => None,
+                },
+            };
+            assert_eq!(lookup, read, "store id lookup");
+        }
+        let mut line = match (&lookup.row, lookup.replaced_by) {
+            (Some(p), _) => Some((p.clone(), false)),
+            (None, Some(id)) => db::purchase::find(&**txn, id).await?.map(|p| (p, true)),
+            (None, None) => None,
         };
         // An older token of this purchase line, now replaced.
         let superseded = line.as_ref().is_some_and(|(_, s)| *s);
@@ -405,8 +420,8 @@ impl Core {
         }
         let existing = line.map(|(p, _)| p);
         let held = match &existing {
-            None => self.find_held(&**txn, store, &vp.store_purchase_id).await?,
-            Some(_) => None,
+            None if lookup.held => self.find_held(&**txn, store, &vp.store_purchase_id).await?,
+            _ => None,
         };
         let key = vp
             .bound_customer
@@ -446,7 +461,10 @@ impl Core {
             }
             Submitter::Store => match (&previous_owner, &binding) {
                 (Some(o), _) => o.clone(),
-                (None, Some(Binding::Customer(x))) => db::resolve_customer(&**txn, x).await?,
+                (None, Some(Binding::Customer(x))) => match lookup.resolved(x) {
+                    Some(r) => r.to_string(),
+                    None => db::resolve_customer(&**txn, x).await?,
+                },
                 (None, _) if may_hold && store != Store::Stripe => {
                     return self.hold_in(txn, vp, held, key, now).await;
                 }

@@ -483,17 +483,23 @@ impl Core {
         // Locked before it is read, so the application below can take this
         // read as its own.
         db::lock_store_purchase(
-            &**txn,
+            txn,
             Store::Stripe.as_str(),
             &state.state().store_purchase_id,
         )
         .await?;
-        let existing = store_purchases::store_purchase(
+        let lookup = db::purchase::lookup_store_id(
             &**txn,
-            Store::Stripe,
+            Store::Stripe.as_str(),
             &state.state().store_purchase_id,
+            state
+                .state()
+                .bound_customer
+                .as_deref()
+                .or(customer.as_deref()),
         )
         .await?;
+        let existing = lookup.row.clone();
         // A refund or a chargeback stands until Stripe reports a period
         // paid after it.
         if let Some(e) = &existing
@@ -537,7 +543,7 @@ impl Core {
         let email = state.email.clone();
         let vp = state.bind(customer);
         let applied = self
-            .apply_prefetched_in(txn, &vp, Submitter::Store, Some(existing), now)
+            .apply_prefetched_in(txn, &vp, Submitter::Store, Some(lookup), now)
             .await?;
         if let Some(sc) = stripe_customer {
             remember_stripe_customer(txn, &applied.customer_id, &sc, email.as_deref()).await?;
