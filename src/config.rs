@@ -71,8 +71,10 @@ pub struct Config {
     /// `sqlite://…` (default) or `postgres://…`. `DATABASE_URL` is honoured too.
     pub database_url: Secret,
     pub bind: SocketAddr,
-    /// Connections in the pool (SQLite readers share it with the writer).
-    pub database_max_connections: u32,
+    /// Connections in the pool: on SQLite the readers (the one writer has
+    /// its own), on PostgreSQL readers and writers alike. Unset: see
+    /// [`Config::max_connections`].
+    pub database_max_connections: Option<u32>,
     /// How long (ms) a customer's purchases may be served from memory.
     /// Writes through any server invalidate at once (on PostgreSQL other
     /// replicas hear of them when they commit); this bounds how late writes
@@ -663,7 +665,7 @@ impl Default for Config {
         Config {
             database_url: Secret::new("sqlite://entitle.db?mode=rwc"),
             bind: "127.0.0.1:8088".parse().expect("static address"),
-            database_max_connections: 8,
+            database_max_connections: None,
             cache_ttl_ms: None,
             cache_warm: 20_000,
             log: "info".into(),
@@ -919,6 +921,22 @@ impl Config {
         std::time::Duration::from_millis(self.cache_ttl_ms.unwrap_or(60_000))
     }
 
+    /// The pool's size. By default, on SQLite, two readers per core, 4 to
+    /// 8: a read is CPU work on this machine, and each connection keeps its
+    /// own page and statement caches (four more readers held ~7 MB more at
+    /// the benchmark's peak for no more reads). On PostgreSQL, 8; replicas
+    /// under write load want more.
+    pub fn max_connections(&self) -> u32 {
+        if let Some(n) = self.database_max_connections {
+            return n;
+        }
+        if self.is_postgres() {
+            return 8;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        u32::try_from(cores * 2).unwrap_or(u32::MAX).clamp(4, 8)
+    }
+
     pub fn is_postgres(&self) -> bool {
         !self.database_url.expose().starts_with("sqlite:")
     }
@@ -965,6 +983,20 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_defaults_to_two_sqlite_readers_per_core_and_8_on_postgres() {
+        let mut cfg = Config::default();
+        let cores = std::thread::available_parallelism().unwrap().get() as u32;
+        assert_eq!(cfg.max_connections(), (cores * 2).clamp(4, 8));
+        cfg.database_url = Secret::new("postgres://127.0.0.1/db");
+        assert_eq!(cfg.max_connections(), 8);
+        for url in ["postgres://127.0.0.1/db", "sqlite://x.db?mode=rwc"] {
+            cfg.database_url = Secret::new(url);
+            cfg.database_max_connections = Some(3);
+            assert_eq!(cfg.max_connections(), 3);
+        }
+    }
 
     #[test]
     fn loopback_postgres_connects_without_tls_unless_asked() {

@@ -302,7 +302,7 @@ impl Db {
     }
 
     pub async fn connect_only(config: &Config) -> anyhow::Result<Db> {
-        Self::connect_pool(config, config.database_max_connections).await
+        Self::connect_pool(config, config.max_connections()).await
     }
 
     async fn connect_pool(config: &Config, max_connections: u32) -> anyhow::Result<Db> {

@@ -57,7 +57,7 @@ macro_rules! on_all_backends {
 pub fn test_config() -> Config {
     let mut c = Config::default();
     c.bind = "127.0.0.1:0".parse().unwrap();
-    c.database_max_connections = 8;
+    c.database_max_connections = Some(8);
     c.catalog.entitlements = vec![
         EntitlementDef {
             key: "pro".into(),
