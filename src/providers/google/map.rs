@@ -131,7 +131,7 @@ pub(super) fn subscription(
     raw: serde_json::Value,
     read_at: DateTime<Utc>,
 ) -> Result<Mapped, GoogleError> {
-    let sub: SubscriptionV2 = serde_json::from_value(raw.clone())
+    let sub = SubscriptionV2::deserialize(&raw)
         .map_err(|e| GoogleError::Malformed(format!("SubscriptionPurchaseV2: {e}")))?;
     // Items of one purchase share a state; the one lasting longest decides
     // how long it grants.
@@ -272,7 +272,7 @@ pub(super) fn product(
     raw: serde_json::Value,
     read_at: DateTime<Utc>,
 ) -> Result<Mapped, GoogleError> {
-    let p: ProductPurchase = serde_json::from_value(raw.clone())
+    let p = ProductPurchase::deserialize(&raw)
         .map_err(|e| GoogleError::Malformed(format!("ProductPurchase: {e}")))?;
     let status = match p.purchase_state {
         Some(0) => PurchaseStatus::Active,

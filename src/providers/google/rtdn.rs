@@ -101,15 +101,14 @@ pub fn decode(
         .map_err(|_| DecodeError::NotBase64)?;
     let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|_| DecodeError::NotJson)?;
-    let n: DeveloperNotification =
-        serde_json::from_value(json.clone()).map_err(|_| DecodeError::NotJson)?;
+    let n = DeveloperNotification::deserialize(&json).map_err(|_| DecodeError::NotJson)?;
     Ok((env, n, json))
 }
 
 /// A developer notification from the webhook log, where it was recorded
 /// decoded after its push was verified.
 pub fn from_stored(json: &serde_json::Value) -> Result<DeveloperNotification, DecodeError> {
-    serde_json::from_value(json.clone()).map_err(|_| DecodeError::NotJson)
+    DeveloperNotification::deserialize(json).map_err(|_| DecodeError::NotJson)
 }
 
 impl DeveloperNotification {

@@ -85,8 +85,8 @@ impl VerifiedEvent {
     }
 
     fn parse(payload: Value, source: EventSource) -> AppResult<VerifiedEvent> {
-        let env: Envelope =
-            serde_json::from_value(payload.clone()).map_err(|_| malformed("event"))?;
+        // Read through a reference: only the object is copied out.
+        let env = Envelope::deserialize(&payload).map_err(|_| malformed("event"))?;
         if env.id.is_empty() || env.id.len() > 255 {
             return Err(malformed("event"));
         }
