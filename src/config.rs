@@ -1023,6 +1023,9 @@ mod tests {
             "postgres://db.internal:5432/db",
             "postgres://10.0.0.5/db",
             "sqlite://entitle.db?mode=rwc",
+            // Not a URL the parser reads: handed on untouched, for the
+            // driver to refuse with its own message.
+            "postgres://127.0.0.1:notaport/db",
         ] {
             assert_eq!(with(kept), kept);
         }
