@@ -115,7 +115,7 @@ impl Metrics {
         );
         self.registry.register(
             "db_write_transactions",
-            "Write transactions committed",
+            "Write transactions committed (on SQLite one commit may hold a batch of writers)",
             stats.write_commits.clone(),
         );
         self.registry.register(

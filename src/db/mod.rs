@@ -13,10 +13,9 @@ use sea_orm::{
     ActiveValue::Set,
     ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
     DatabaseTransaction, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    SqliteTransactionMode, TransactionOptions, TransactionTrait, TryInsertResult,
+    TransactionTrait, TryInsertResult,
     sea_query::{Expr, ExprTrait, LikeExpr},
 };
-use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::{
     config::Config,
@@ -39,6 +38,7 @@ pub mod signing_key;
 pub mod store_purchases;
 pub mod webhook_claim;
 pub mod webhook_log;
+mod writer;
 pub use cache::{CachedCustomer, CachedDevice, ReadCache, device_key};
 /// What services take a connection or transaction as, without naming the ORM.
 pub use sea_orm::ConnectionTrait as Conn;
@@ -46,14 +46,15 @@ pub use sea_orm::ConnectionTrait as Conn;
 #[derive(Clone)]
 pub struct Db {
     pub conn: DatabaseConnection,
-    /// SQLite's write connection (see `connect_pool`); `None` on PostgreSQL,
-    /// where writers share the pool.
-    writer: Option<DatabaseConnection>,
+    /// SQLite's writer (see `connect_pool` and [`writer`]); `None` on
+    /// PostgreSQL, where writers share the pool. SQLite has one writer at a
+    /// time; queueing writers in process is cheaper and fairer than letting
+    /// them spin on the busy handler.
+    writer: Option<Arc<writer::Writer>>,
     pub cache: Arc<ReadCache<CachedCustomer>>,
     pub device_cache: Arc<ReadCache<CachedDevice>>,
-    /// SQLite has one writer at a time; queueing writers here, in-process,
-    /// is cheaper and fairer than letting them spin on the busy handler.
-    write_gate: Option<Arc<Mutex<()>>>,
+    /// What every commit changes in the process (caches, known customers).
+    after: Arc<writer::AfterCommit>,
     /// Bumped after every commit, to wake the event relay and feed at once
     /// instead of at their next poll.
     pub commits: Arc<tokio::sync::watch::Sender<u64>>,
@@ -63,8 +64,6 @@ pub struct Db {
     /// PostgreSQL: marks this process's cache notices, so its listener skips
     /// its own (already applied at commit).
     listener_id: Option<Arc<str>>,
-    /// Customers known to exist (see [`KnownCustomers`]).
-    known: Arc<KnownCustomers>,
 }
 
 /// Customer ids seen committed. Customers are never deleted (a merge
@@ -131,13 +130,11 @@ pub struct DbStats {
     pub cache_listening: prometheus_client::metrics::gauge::Gauge,
 }
 
-/// A write transaction: IMMEDIATE on SQLite (so a read-then-write never dies
-/// with SQLITE_BUSY_SNAPSHOT), holding the in-process writer gate.
+/// A write transaction. On SQLite it holds the writer's turn: a transaction
+/// of its own or a savepoint in a batch (see [`writer`]).
 pub struct WriteTxn {
     txn: DatabaseTransaction,
-    _gate: Option<OwnedMutexGuard<()>>,
-    cache: Arc<ReadCache<CachedCustomer>>,
-    device_cache: Arc<ReadCache<CachedDevice>>,
+    turn: Option<(Arc<writer::Writer>, writer::Turn)>,
     /// Customers this transaction locked or created: their cached reads are
     /// dropped once it commits.
     touched: std::sync::Mutex<Vec<String>>,
@@ -150,11 +147,9 @@ pub struct WriteTxn {
     /// locked; a lock is held to the end, so taking it again is a no-op
     /// round trip saved.
     locked: std::sync::Mutex<std::collections::HashSet<String>>,
-    commits: Arc<tokio::sync::watch::Sender<u64>>,
-    write_commits: prometheus_client::metrics::counter::Counter,
     /// PostgreSQL: this process's mark on the cache notifications it sends.
     notify_as: Option<Arc<str>>,
-    known: Arc<KnownCustomers>,
+    after: Arc<writer::AfterCommit>,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -183,17 +178,34 @@ impl WriteTxn {
                     .await?;
             }
         }
-        self.txn.commit().await?;
-        self.cache
-            .invalidate(self.touched.lock().expect("touched").iter());
-        self.device_cache
-            .invalidate(self.touched_devices.lock().expect("touched").iter());
-        self.write_commits.inc();
-        self.commits.send_modify(|n| *n = n.wrapping_add(1));
-        // Only now: a rolled-back insert made nobody exist.
-        self.known
-            .extend(std::mem::take(&mut *self.ensured.lock().expect("ensured")));
-        Ok(())
+        let effects = writer::Effects {
+            customers: std::mem::take(&mut *self.touched.lock().expect("touched")),
+            devices: std::mem::take(&mut *self.touched_devices.lock().expect("touched")),
+            ensured: std::mem::take(&mut *self.ensured.lock().expect("ensured"))
+                .into_iter()
+                .collect(),
+        };
+        match self.turn {
+            Some((writer, turn)) => writer.commit(self.txn, turn, effects).await,
+            None => {
+                self.txn.commit().await?;
+                self.after.apply(effects);
+                Ok(())
+            }
+        }
+    }
+
+    /// Undoes this transaction's writes. Use it, rather than dropping the
+    /// transaction, when what the caller answers next rests on a write it
+    /// found in its way (a row another writer inserted first): on SQLite
+    /// that writer may share this one's commit, still to come, and this
+    /// returns only once it is made. (On PostgreSQL such a conflict is only
+    /// seen once the other transaction committed.)
+    pub async fn abandon(self) -> AppResult<()> {
+        match self.turn {
+            Some((writer, turn)) => writer.abandon(self.txn, turn).await,
+            None => Ok(self.txn.rollback().await?),
+        }
     }
 
     /// Records that this transaction writes the device row.
@@ -261,6 +273,10 @@ fn cache_notice(me: &str, customers: &[String], devices: &[String]) -> Option<St
     })
 }
 
+/// How long a pooled connection may sit idle before the pool checks it is
+/// still alive on handing it out.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
+
 /// The advisory lock key migrations take on PostgreSQL ("entitle" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0065_6e74_6974_6c65;
 
@@ -311,6 +327,12 @@ impl Db {
             .min_connections(1)
             .connect_timeout(Duration::from_secs(10))
             .acquire_timeout(Duration::from_secs(10))
+            // The pool pinged every connection it handed out: one more round
+            // trip (a network one on PostgreSQL, a hop to the connection's
+            // thread on SQLite) before every read and every transaction. Only
+            // a connection left idle long enough for a server or a firewall to
+            // have dropped it is worth asking first.
+            .test_before_acquire_if_idle_for(IDLE_BEFORE_PING)
             .sqlx_logging(false);
         let sqlite = !config.is_postgres();
         if sqlite {
@@ -357,21 +379,35 @@ impl Db {
             });
         };
         count(&mut conn);
-        let writer = match sqlite && max_connections > 1 {
-            true => {
-                let mut w = Database::connect(writer_opts)
-                    .await
-                    .context("cannot connect to the database (database_url)")?;
-                count(&mut w);
-                Some(w)
-            }
-            false => None,
-        };
         let postgres = !sqlite;
         let (cache, device_cache) = (
             Arc::new(ReadCache::new(config.cache_ttl())),
             Arc::new(ReadCache::new(config.cache_ttl())),
         );
+        let commits = Arc::new(tokio::sync::watch::channel(0).0);
+        let after = Arc::new(writer::AfterCommit {
+            cache: cache.clone(),
+            device_cache: device_cache.clone(),
+            commits: commits.clone(),
+            write_commits: stats.write_commits.clone(),
+            known: Default::default(),
+        });
+        let writer = match (sqlite, max_connections > 1) {
+            (true, true) => {
+                let mut w = Database::connect(writer_opts)
+                    .await
+                    .context("cannot connect to the database (database_url)")?;
+                count(&mut w);
+                Some(Arc::new(writer::Writer::new(w, true, after.clone())))
+            }
+            // The pool's one connection: a batch left open would hold it.
+            (true, false) => Some(Arc::new(writer::Writer::new(
+                conn.clone(),
+                false,
+                after.clone(),
+            ))),
+            (false, _) => None,
+        };
         if postgres {
             // Until its listener is in place a replica cannot tell what
             // others wrote.
@@ -392,9 +428,8 @@ impl Db {
             conn,
             cache,
             device_cache,
-            write_gate: sqlite.then(|| Arc::new(Mutex::new(()))),
-            commits: Arc::new(tokio::sync::watch::channel(0).0),
-            known: Default::default(),
+            commits,
+            after,
         })
     }
 
@@ -431,32 +466,22 @@ impl Db {
     }
 
     pub async fn write(&self) -> AppResult<WriteTxn> {
-        let gate = match &self.write_gate {
-            Some(g) => Some(g.clone().lock_owned().await),
-            None => None,
+        let (txn, turn) = match &self.writer {
+            Some(w) => {
+                let (txn, turn) = w.begin().await?;
+                (txn, Some((w.clone(), turn)))
+            }
+            None => (self.conn.begin().await?, None),
         };
-        let txn = self
-            .writer
-            .as_ref()
-            .unwrap_or(&self.conn)
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..Default::default()
-            })
-            .await?;
         Ok(WriteTxn {
             txn,
-            _gate: gate,
-            cache: self.cache.clone(),
-            device_cache: self.device_cache.clone(),
+            turn,
             touched: Default::default(),
             touched_devices: Default::default(),
             ensured: Default::default(),
             locked: Default::default(),
-            commits: self.commits.clone(),
-            write_commits: self.stats.write_commits.clone(),
             notify_as: self.listener_id.clone(),
-            known: self.known.clone(),
+            after: self.after.clone(),
         })
     }
 
@@ -692,7 +717,8 @@ pub async fn devices_by_rows(
 /// customer this process has seen committed costs no statement.
 pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> AppResult<bool> {
     txn.touch(id);
-    if txn.known.contains(id) || !txn.ensured.lock().expect("ensured").insert(id.to_string()) {
+    if txn.after.known.contains(id) || !txn.ensured.lock().expect("ensured").insert(id.to_string())
+    {
         return Ok(false);
     }
     let c = &txn.txn;

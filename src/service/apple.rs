@@ -202,7 +202,11 @@ impl Core {
     ) -> AppResult<WebhookOutcome> {
         // A redelivery costs one read, not an App Store API call (one that
         // failed is processed again).
-        if matches!(claim, Claim::Live) && self.webhook_seen(Store::AppStore, &n.uuid).await? {
+        if matches!(claim, Claim::Live)
+            && self
+                .webhook_seen(Store::AppStore, &n.uuid, apple.api().is_some())
+                .await?
+        {
             return Ok(WebhookOutcome::Duplicate);
         }
         let verified = match n.verified().filter(|_| n.is_handled()) {
@@ -255,8 +259,9 @@ impl Core {
             )
             .await?
         {
-            // Another delivery or replay committed it first; dropping the
-            // transaction undoes this one's effect.
+            // Another delivery or replay came first: this one's effect is
+            // undone, and the answer waits for the first's commit.
+            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;

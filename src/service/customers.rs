@@ -173,7 +173,8 @@ impl Core {
         .await?;
         if !inserted {
             // Another request registered it first; it owns the first sight.
-            drop(txn);
+            // Read once that registration is committed.
+            txn.abandon().await?;
             let device = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str())
                 .await?
                 .ok_or_else(|| {

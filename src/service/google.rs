@@ -318,7 +318,7 @@ impl Core {
         // Spares Google a read for a redelivery; the claim is what actually
         // guarantees once. A delivery that failed is processed again.
         if self
-            .webhook_seen(Store::PlayStore, &push.message_id)
+            .webhook_seen(Store::PlayStore, &push.message_id, true)
             .await?
         {
             return Ok(WebhookOutcome::Duplicate);
@@ -411,7 +411,9 @@ impl Core {
             )
             .await?
         {
-            // A concurrent delivery won; dropping the transaction undoes ours.
+            // A concurrent delivery won: ours is undone, and the answer
+            // waits for the winner's commit.
+            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;
@@ -573,6 +575,7 @@ impl Core {
             )
             .await?
         {
+            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;

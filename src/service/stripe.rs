@@ -118,7 +118,10 @@ impl Core {
         ev: &VerifiedEvent,
     ) -> AppResult<WebhookOutcome> {
         // A redelivery costs one read, not a Stripe API call.
-        if self.webhook_seen(Store::Stripe, &ev.id).await? {
+        if self
+            .webhook_seen(Store::Stripe, &ev.id, p.api().is_some())
+            .await?
+        {
             return Ok(WebhookOutcome::Duplicate);
         }
         match self.ingest_stripe_event(p, ev, &Claim::Live).await {
@@ -208,8 +211,10 @@ impl Core {
             )
             .await?
         {
-            // Another delivery or replay of this event committed first;
-            // dropping the transaction undoes this one's effect.
+            // Another delivery or replay of this event came first: this
+            // one's effect is undone, and the answer waits for the first's
+            // commit.
+            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
         txn.commit().await?;

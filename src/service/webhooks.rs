@@ -101,8 +101,19 @@ impl Core {
     }
 
     /// Seen and processed (a row whose delivery failed is processed again):
-    /// checked before any store API call, so a redelivery costs one read.
-    pub(crate) async fn webhook_seen(&self, source: Store, event_id: &str) -> AppResult<bool> {
+    /// checked before a store API call, so a redelivery costs one read
+    /// instead. When processing calls no store API (`store_call` false) the
+    /// read saves nothing: the claim in the applying transaction finds the
+    /// duplicate all the same and undoes its effect, so it is skipped.
+    pub(crate) async fn webhook_seen(
+        &self,
+        source: Store,
+        event_id: &str,
+        store_call: bool,
+    ) -> AppResult<bool> {
+        if !store_call {
+            return Ok(false);
+        }
         Ok(db::webhook_log::outcome_of(&self.db.conn, source, event_id)
             .await?
             .is_some_and(|o| o != WebhookOutcome::Failed.as_str()))
