@@ -147,6 +147,9 @@ pub struct WriteTxn {
     /// locked; a lock is held to the end, so taking it again is a no-op
     /// round trip saved.
     locked: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// PostgreSQL: customers found unmerged while this transaction held
+    /// their lock, so unmerged to its end (a merge must take that lock).
+    settled: std::sync::Mutex<std::collections::HashSet<String>>,
     /// PostgreSQL: this process's mark on the cache notifications it sends.
     notify_as: Option<Arc<str>>,
     after: Arc<writer::AfterCommit>,
@@ -214,6 +217,18 @@ impl WriteTxn {
             .lock()
             .expect("touched")
             .push(device_key(platform, device_id));
+    }
+
+    /// True when this transaction holds the customer's row lock.
+    fn holds_customer(&self, id: &str) -> bool {
+        self.locked
+            .lock()
+            .expect("locked")
+            .contains(&format!("customer:{id}"))
+    }
+
+    fn is_settled(&self, id: &str) -> bool {
+        self.settled.lock().expect("settled").contains(id)
     }
 
     /// True the first time this transaction asks for the lock `key`.
@@ -480,6 +495,7 @@ impl Db {
             touched_devices: Default::default(),
             ensured: Default::default(),
             locked: Default::default(),
+            settled: Default::default(),
             notify_as: self.listener_id.clone(),
             after: self.after.clone(),
         })
@@ -845,6 +861,26 @@ pub async fn lock_resolved_customer(txn: &WriteTxn, id: &str) -> AppResult<Strin
     lock_canonical(txn, &resolved).await
 }
 
+/// [`purchase::lookup_store_id`] in a write transaction. A bound customer
+/// the transaction held locked when the lookup found it unmerged is settled:
+/// [`lock_canonical`] needs no second look at it.
+pub async fn lookup_store_id_in(
+    txn: &WriteTxn,
+    store: &str,
+    store_purchase_id: &str,
+    bound: Option<&str>,
+) -> AppResult<purchase::StoreIdLookup> {
+    // Asked before the lookup runs: a lock taken after it proves nothing.
+    let held = bound.filter(|b| txn.holds_customer(b)).map(str::to_string);
+    let lookup = purchase::lookup_store_id(&txn.txn, store, store_purchase_id, bound).await?;
+    if let (Some(h), Some((_, r))) = (held, &lookup.bound)
+        && h == *r
+    {
+        txn.settled.lock().expect("settled").insert(h);
+    }
+    Ok(lookup)
+}
+
 /// Locks a customer id already resolved, returning the id that holds once
 /// locked. On PostgreSQL a merge of that customer holds its row lock, so
 /// resolving again once the lock is held sees an alias the merge just
@@ -858,6 +894,9 @@ pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String>
     // Aliases are one hop and never form a cycle; the bound is a guard.
     for _ in 0..4 {
         hold_customer(txn, &current).await?;
+        if txn.is_settled(&current) {
+            return Ok(current);
+        }
         let again = resolve_customer(&txn.txn, &current).await?;
         if again == current {
             return Ok(current);
@@ -1195,6 +1234,56 @@ mod tests {
                     assert_eq!(total, 1, "the read");
                 }
             }
+        }
+    }
+
+    /// A bound customer the lookup found unmerged while its lock was held
+    /// needs no second resolve; one looked up before its lock was taken, or
+    /// found merged, does.
+    #[tokio::test]
+    async fn a_customer_found_unmerged_under_its_lock_is_not_resolved_again() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            for c in ["held", "later", "merged", "into"] {
+                ensure_customer(&txn, c, now).await.unwrap();
+            }
+            customer::add_alias(&*txn, "merged", "into", now)
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+            let pg = db.backend() == DbBackend::Postgres;
+            let txn = db.write().await.unwrap();
+            // Locked first, then found unmerged.
+            hold_customer(&txn, "held").await.unwrap();
+            lookup_store_id_in(&txn, "stripe", "sub_a", Some("held"))
+                .await
+                .unwrap();
+            let before = statements(&db);
+            assert_eq!(lock_canonical(&txn, "held").await.unwrap(), "held");
+            assert_eq!(statements(&db) - before, 0, "settled: no resolve");
+            // Found unmerged before its lock was taken: resolved again.
+            lookup_store_id_in(&txn, "stripe", "sub_b", Some("later"))
+                .await
+                .unwrap();
+            let before = statements(&db);
+            assert_eq!(lock_canonical(&txn, "later").await.unwrap(), "later");
+            assert_eq!(
+                statements(&db) - before,
+                if pg { 2 } else { 0 },
+                "lock, then resolve"
+            );
+            // Held and found merged: the account is locked and resolved.
+            hold_customer(&txn, "merged").await.unwrap();
+            let look = lookup_store_id_in(&txn, "stripe", "sub_c", Some("merged"))
+                .await
+                .unwrap();
+            assert_eq!(look.resolved("merged"), Some("into"));
+            let before = statements(&db);
+            assert_eq!(lock_canonical(&txn, "into").await.unwrap(), "into");
+            assert_eq!(statements(&db) - before, if pg { 2 } else { 0 });
+            txn.commit().await.unwrap();
         }
     }
 

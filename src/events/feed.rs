@@ -65,7 +65,8 @@ impl Feed {
                         "event feed: cannot read the change log"
                     );
                 }
-                if !super::next_turn(&mut wake, poll, began).await {
+                let gap = super::feed_gap(tx.receiver_count());
+                if !super::next_turn(&mut wake, poll, began, gap).await {
                     return;
                 }
             }

@@ -15,21 +15,37 @@ pub mod relay;
 /// relay's sinks, the subscribers' feed) when local commits wake it.
 const WAKE_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 
+/// The same for the subscribers' feed while nobody subscribes: it only
+/// keeps its place in the log then, which a read every 100 ms does as well
+/// as one every 5 ms, for a twentieth of the statements under a burst. A
+/// subscriber attaching meanwhile waits that much longer for its first
+/// event, once.
+const IDLE_GAP: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The feed's gap between reads with `subscribers` listening.
+fn feed_gap(subscribers: usize) -> std::time::Duration {
+    match subscribers {
+        0 => IDLE_GAP,
+        _ => WAKE_GAP,
+    }
+}
+
 /// Waits for a local commit, or `poll` for rows other replicas wrote; then,
-/// when the tail's last read began less than [`WAKE_GAP`] ago, for the rest
-/// of the gap. Under a burst of commits a tail reads once per gap rather
+/// when the tail's last read began less than `gap` ([`WAKE_GAP`]) ago, for
+/// the rest of the gap. Under a burst of commits a tail reads once per gap rather
 /// than once per commit (each read is a statement on a reader), and a
 /// change still leaves within the gap. `false`: the process is stopping.
 async fn next_turn(
     wake: &mut tokio::sync::watch::Receiver<u64>,
     poll: std::time::Duration,
     last_read: tokio::time::Instant,
+    gap: std::time::Duration,
 ) -> bool {
     tokio::select! {
         r = wake.changed() => if r.is_err() { return false },
         _ = tokio::time::sleep(poll) => {}
     }
-    tokio::time::sleep_until(last_read + WAKE_GAP).await;
+    tokio::time::sleep_until(last_read + gap).await;
     // Commits during the gap are covered by the read that follows.
     wake.borrow_and_update();
     true
@@ -83,6 +99,21 @@ impl EntitlementEvent {
 
 #[cfg(test)]
 mod tests {
+    /// A commit right after a read is taken up only once the gap since
+    /// that read has passed: 100 ms while nobody subscribes to the feed.
+    #[tokio::test]
+    async fn a_tail_woken_right_after_a_read_waits_out_its_gap() {
+        for (subscribers, at_least) in [(0, 100), (1, 5)] {
+            let gap = super::feed_gap(subscribers);
+            assert_eq!(gap, std::time::Duration::from_millis(at_least));
+            let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+            let read = tokio::time::Instant::now();
+            tx.send(1).unwrap();
+            assert!(super::next_turn(&mut rx, std::time::Duration::from_secs(60), read, gap).await);
+            assert!(read.elapsed() >= gap, "{subscribers}: {:?}", read.elapsed());
+        }
+    }
+
     use super::*;
     use chrono::TimeZone;
 

@@ -377,8 +377,8 @@ impl Core {
         let lookup = match prefetched {
             Some(l) => l,
             None => {
-                db::purchase::lookup_store_id(
-                    &**txn,
+                db::lookup_store_id_in(
+                    txn,
                     store.as_str(),
                     &vp.store_purchase_id,
                     vp.bound_customer.as_deref(),

@@ -493,8 +493,8 @@ impl Core {
             &state.state().store_purchase_id,
         )
         .await?;
-        let lookup = db::purchase::lookup_store_id(
-            &**txn,
+        let lookup = db::lookup_store_id_in(
+            txn,
             Store::Stripe.as_str(),
             &state.state().store_purchase_id,
             state
