@@ -172,7 +172,7 @@ impl Relay {
                         continue;
                     }
                 }
-                if !super::next_turn(&mut wake, self.poll, began, super::WAKE_GAP).await {
+                if !super::next_turn(&mut wake, self.poll, began, super::RELAY_GAP).await {
                     return;
                 }
             }
