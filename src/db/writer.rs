@@ -302,6 +302,15 @@ mod tests {
         Db::connect(&config).await.unwrap()
     }
 
+    /// A write transaction that creates customer `id`; whether it did.
+    async fn creating(db: &Db, id: &str) -> (crate::db::WriteTxn, bool) {
+        let t = db.write().await.unwrap();
+        let created = crate::db::ensure_customer(&t, id, Utc::now())
+            .await
+            .unwrap();
+        (t, created)
+    }
+
     async fn exists(db: &Db, id: &str) -> bool {
         customers::Entity::find_by_id(id.to_string())
             .one(&db.conn)
@@ -324,18 +333,12 @@ mod tests {
     async fn queued_writers_share_one_commit_and_roll_back_alone() {
         let dir = tempfile::tempdir().unwrap();
         let db = sqlite(dir.path()).await;
-        let first = db.write().await.unwrap();
-        crate::db::ensure_customer(&first, "w0", Utc::now())
-            .await
-            .unwrap();
+        let (first, _) = creating(&db, "w0").await;
         let mut tasks = Vec::new();
         for i in 1..=3 {
             let writer = db.clone();
             tasks.push(tokio::spawn(async move {
-                let t = writer.write().await.unwrap();
-                crate::db::ensure_customer(&t, &format!("w{i}"), Utc::now())
-                    .await
-                    .unwrap();
+                let (t, _) = creating(&writer, &format!("w{i}")).await;
                 if i == 2 {
                     return None;
                 }
@@ -367,18 +370,12 @@ mod tests {
     async fn a_batch_whose_last_writer_rolls_back_still_commits() {
         let dir = tempfile::tempdir().unwrap();
         let db = sqlite(dir.path()).await;
-        let first = db.write().await.unwrap();
-        crate::db::ensure_customer(&first, "kept", Utc::now())
-            .await
-            .unwrap();
+        let (first, _) = creating(&db, "kept").await;
         let (go, wait) = tokio::sync::oneshot::channel::<()>();
         let second = {
             let db = db.clone();
             tokio::spawn(async move {
-                let t = db.write().await.unwrap();
-                crate::db::ensure_customer(&t, "dropped", Utc::now())
-                    .await
-                    .unwrap();
+                let (t, _) = creating(&db, "dropped").await;
                 wait.await.ok();
                 drop(t);
             })
@@ -403,19 +400,12 @@ mod tests {
     async fn abandoning_waits_for_the_write_found_in_the_way() {
         let dir = tempfile::tempdir().unwrap();
         let db = sqlite(dir.path()).await;
-        let first = db.write().await.unwrap();
-        assert!(
-            crate::db::ensure_customer(&first, "taken", Utc::now())
-                .await
-                .unwrap()
-        );
+        let (first, created) = creating(&db, "taken").await;
+        assert!(created);
         let second = {
             let db = db.clone();
             tokio::spawn(async move {
-                let t = db.write().await.unwrap();
-                let inserted = crate::db::ensure_customer(&t, "taken", Utc::now())
-                    .await
-                    .unwrap();
+                let (t, inserted) = creating(&db, "taken").await;
                 t.abandon().await.unwrap();
                 (inserted, exists(&db, "taken").await)
             })
@@ -433,10 +423,7 @@ mod tests {
     async fn a_queued_writer_that_gives_up_leaves_nobody_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let db = sqlite(dir.path()).await;
-        let first = db.write().await.unwrap();
-        crate::db::ensure_customer(&first, "kept", Utc::now())
-            .await
-            .unwrap();
+        let (first, _) = creating(&db, "kept").await;
         let queued_writer = {
             let db = db.clone();
             tokio::spawn(async move {
@@ -454,10 +441,7 @@ mod tests {
             .unwrap();
         assert!(exists(&db, "kept").await);
         // And the writer is free again.
-        let t = db.write().await.unwrap();
-        crate::db::ensure_customer(&t, "after", Utc::now())
-            .await
-            .unwrap();
+        let (t, _) = creating(&db, "after").await;
         t.commit().await.unwrap();
         assert!(exists(&db, "after").await);
     }
