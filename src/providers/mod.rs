@@ -32,6 +32,9 @@ pub trait Connector: Send + Sync + 'static {
     /// in the body, as App Store notifications sign their payload).
     const AUTH_HEADER: Option<&'static str>;
     type Notification: Send + Sync;
+    /// The store's answer to a re-read: a verified state, with whatever
+    /// else the store needs applied along with it.
+    type Reread: Send;
 
     /// Checks the delivery's proof (signature, certificate chain or OIDC
     /// token), then parses and checks what it says (bundle, package).
@@ -46,6 +49,26 @@ pub trait Connector: Send + Sync + 'static {
         &self,
         row: &entities::webhook_events::Model,
     ) -> crate::error::AppResult<Self::Notification>;
+
+    /// Reads a purchase we hold afresh from the store's API, so a renewal
+    /// or a lapse is known even when its notification never came. `None`:
+    /// the store reports a state we cannot apply.
+    fn reread_purchase(
+        &self,
+        purchase: PurchaseRef<'_>,
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = crate::error::AppResult<Option<Self::Reread>>> + Send;
+}
+
+/// A purchase we hold, named as its store knows it.
+#[derive(Clone, Copy, Debug)]
+pub struct PurchaseRef<'a> {
+    /// Stripe subscription id, Apple original transaction id, Play
+    /// purchase token.
+    pub store_purchase_id: &'a str,
+    /// Where it was bought: Apple answers about a purchase only from the
+    /// environment it was made in.
+    pub environment: Environment,
 }
 
 /// A store purchase's state as read from a verified source (a signature we

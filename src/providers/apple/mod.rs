@@ -335,6 +335,7 @@ impl super::Connector for Apple {
     const STORE: Store = Store::AppStore;
     const AUTH_HEADER: Option<&'static str> = None;
     type Notification = Notification;
+    type Reread = VerifiedPurchase;
 
     async fn verify(
         &self,
@@ -353,6 +354,17 @@ impl super::Connector for Apple {
 
     fn read_stored(&self, row: &entities::webhook_events::Model) -> AppResult<Notification> {
         self.notification_from_stored(row)
+    }
+
+    async fn reread_purchase(
+        &self,
+        purchase: super::PurchaseRef<'_>,
+        _now: DateTime<Utc>,
+    ) -> AppResult<Option<VerifiedPurchase>> {
+        let v = self
+            .reread(purchase.store_purchase_id, Some(purchase.environment))
+            .await?;
+        self.purchase(&v).map(Some)
     }
 }
 

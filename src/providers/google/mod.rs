@@ -475,6 +475,7 @@ impl super::Connector for GooglePlay {
     const STORE: crate::domain::Store = crate::domain::Store::PlayStore;
     const AUTH_HEADER: Option<&'static str> = Some("authorization");
     type Notification = VerifiedPush;
+    type Reread = Fetched;
 
     async fn verify(
         &self,
@@ -503,6 +504,19 @@ impl super::Connector for GooglePlay {
         let n = rtdn::from_stored(&row.payload)
             .map_err(|_| AppError::bad_input("stored Play notification is malformed"))?;
         self.verified_push(row.event_id.clone(), n, row.payload.clone())
+    }
+
+    async fn reread_purchase(
+        &self,
+        purchase: super::PurchaseRef<'_>,
+        now: DateTime<Utc>,
+    ) -> crate::error::AppResult<Option<Fetched>> {
+        // Only subscriptions come due: a one-time product has no period
+        // that ends.
+        Ok(Some(
+            self.fetch_subscription(purchase.store_purchase_id, None, now)
+                .await?,
+        ))
     }
 }
 

@@ -353,6 +353,7 @@ impl super::Connector for StripeProvider {
     const STORE: crate::domain::Store = crate::domain::Store::Stripe;
     const AUTH_HEADER: Option<&'static str> = Some("stripe-signature");
     type Notification = VerifiedEvent;
+    type Reread = StripeState;
 
     async fn verify(
         &self,
@@ -364,5 +365,17 @@ impl super::Connector for StripeProvider {
 
     fn read_stored(&self, row: &entities::webhook_events::Model) -> AppResult<VerifiedEvent> {
         VerifiedEvent::from_stored(row)
+    }
+
+    async fn reread_purchase(
+        &self,
+        purchase: super::PurchaseRef<'_>,
+        now: DateTime<Utc>,
+    ) -> AppResult<Option<StripeState>> {
+        // Without the API a subscription reads as nothing to apply; a
+        // refresh that cannot ask Stripe is a configuration error instead.
+        self.require_api()?;
+        self.subscription_state(purchase.store_purchase_id, None, now)
+            .await
     }
 }
