@@ -9,8 +9,8 @@ use entities::purchases;
 use crate::{
     config::JobsConfig,
     db::{self, jobs::RefreshDue},
-    domain::{Environment, PurchaseStatus, Store, webhook_log::WebhookOutcome},
-    error::{AppError, AppResult},
+    domain::{PurchaseStatus, Store},
+    error::AppResult,
     service::Core,
 };
 
@@ -58,7 +58,7 @@ pub async fn run(core: &Core, cfg: &JobsConfig) -> AppResult<Refreshed> {
     let due = due(core, cfg, &stores, now).await?;
     let mut done = Refreshed::default();
     for p in due {
-        let outcome = match refresh_one(core, &p).await {
+        let outcome = match core.refresh_purchase(&p).await {
             Ok(o) => o.to_string(),
             Err(e) => {
                 done.failed += 1;
@@ -125,25 +125,6 @@ fn secs(n: u64) -> Duration {
         .ok()
         .and_then(Duration::try_seconds)
         .map_or(ten_years, |d| std::cmp::min(d, ten_years))
-}
-
-async fn refresh_one(core: &Core, p: &purchases::Model) -> AppResult<WebhookOutcome> {
-    match p.store.parse::<Store>() {
-        Ok(Store::Stripe) => core.refresh_stripe_purchase(&p.store_purchase_id).await,
-        Ok(Store::AppStore) => {
-            let env = p
-                .environment
-                .parse::<Environment>()
-                .unwrap_or(Environment::Production);
-            core.refresh_app_store_purchase(&p.store_purchase_id, env)
-                .await
-        }
-        Ok(Store::PlayStore) => core.refresh_play_purchase(&p.store_purchase_id).await,
-        _ => Err(AppError::Internal(anyhow::anyhow!(
-            "purchase of store {} cannot be refreshed",
-            p.store
-        ))),
-    }
 }
 
 async fn record(core: &Core, purchase_id: i64, outcome: &str, now: DateTime<Utc>) -> AppResult<()> {

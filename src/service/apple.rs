@@ -92,26 +92,6 @@ impl Core {
         apple.purchase(&verified)
     }
 
-    /// Re-reads a purchase we hold from the App Store Server API by its
-    /// original transaction id and applies it (the refresh scheduler).
-    pub async fn refresh_app_store_purchase(
-        &self,
-        original_transaction_id: &str,
-        environment: crate::domain::Environment,
-    ) -> AppResult<WebhookOutcome> {
-        let apple = self.apple()?;
-        let v = apple
-            .reread(original_transaction_id, Some(environment))
-            .await?;
-        let vp = apple.purchase(&v)?;
-        let txn = self.db.write().await?;
-        let applied = self
-            .apply_purchase_in(&txn, &vp, Submitter::Store, self.now())
-            .await?;
-        txn.commit().await?;
-        Ok(WebhookOutcome::applied(applied.stale))
-    }
-
     /// `verifyPurchase` for the App Store: records the submission, verifies
     /// it (re-reading Apple's API when configured), binds it to the customer
     /// under the transfer policy and applies it.

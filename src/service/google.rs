@@ -116,7 +116,7 @@ impl Core {
     /// later read of the same refund: the voided-purchase notification and
     /// the voided-purchases list report one void under different times (the
     /// notification's own, the void's), and the second must not move it.
-    async fn keep_play_refund(
+    pub(super) async fn keep_play_refund(
         &self,
         txn: &WriteTxn,
         purchase: VerifiedPurchase,
@@ -147,7 +147,12 @@ impl Core {
     }
 
     /// True when acknowledged (and so marked in the stored purchase).
-    async fn acknowledge_play(&self, google: &GooglePlay, kind: &PlayKind, token: &str) -> bool {
+    pub(super) async fn acknowledge_play(
+        &self,
+        google: &GooglePlay,
+        kind: &PlayKind,
+        token: &str,
+    ) -> bool {
         if let Err(e) = google.acknowledge(kind, token).await {
             tracing::warn!(
                 error = ?e,
@@ -580,25 +585,6 @@ impl Core {
         }
         txn.commit().await?;
         Ok(outcome)
-    }
-
-    /// Re-reads a Play subscription we hold and applies it (the refresh
-    /// scheduler).
-    pub async fn refresh_play_purchase(&self, token: &str) -> AppResult<WebhookOutcome> {
-        let google = self.google()?;
-        let fetched = google.fetch_subscription(token, None, self.now()).await?;
-        let txn = self.db.write().await?;
-        let now = self.now();
-        let ack = (fetched.needs_ack, fetched.kind.clone());
-        let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
-        let applied = self
-            .apply_purchase_in(&txn, &purchase, Submitter::Store, now)
-            .await?;
-        txn.commit().await?;
-        if ack.0 {
-            self.acknowledge_play(google, &ack.1, token).await;
-        }
-        Ok(WebhookOutcome::applied(applied.stale))
     }
 }
 

@@ -21,6 +21,7 @@ pub mod google;
 pub mod outbound;
 pub mod pairing;
 pub mod purchases;
+pub mod refresh;
 pub mod stripe;
 pub mod tokens;
 pub mod webhooks;

@@ -450,25 +450,9 @@ impl Core {
         }
     }
 
-    /// Re-reads a Stripe subscription we hold and applies what the API
-    /// says (the refresh scheduler). Returns the outcome to record.
-    pub async fn refresh_stripe_purchase(
-        &self,
-        subscription_id: &str,
-    ) -> AppResult<WebhookOutcome> {
-        let p = self.stripe()?.clone();
-        p.require_api()?;
-        let now = self.now();
-        let Some(state) = p.subscription_state(subscription_id, None, now).await? else {
-            return Ok(WebhookOutcome::UnknownStatus);
-        };
-        let txn = self.db.write().await?;
-        let (outcome, _) = self.apply_stripe_state(&txn, state, None, now).await?;
-        txn.commit().await?;
-        Ok(outcome)
-    }
-
-    async fn apply_stripe_state(
+    /// Applies a subscription's state under Stripe's own rules: who owns
+    /// it, and which earlier states it must not undo.
+    pub(super) async fn apply_stripe_state(
         &self,
         txn: &WriteTxn,
         state: StripeState,

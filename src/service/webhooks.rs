@@ -8,7 +8,7 @@ use chrono::{DateTime, Duration, Utc};
 use entities::webhook_events;
 use serde_json::Value;
 
-use super::Core;
+use super::{Core, purchases::Submitter};
 use crate::{
     db::{
         self, WriteTxn,
@@ -348,8 +348,13 @@ impl Core {
 /// A store whose verified notifications the service applies. Every store's
 /// webhook route is one generic handler over this: the store's connector
 /// verifies the delivery, then `ingest` applies it through the store's one
-/// ingest path (the same one reconciliation and replay take).
+/// ingest path (the same one reconciliation and replay take). A refresh is
+/// one generic path over it too ([`Core::refresh`]): the connector re-reads
+/// the purchase, and the store's rules apply what it read.
 pub trait Ingest: crate::providers::Connector {
+    /// What is left to do once an applied re-read has committed.
+    type AfterCommit: Send;
+
     /// This store's connector, when configured.
     fn connector(core: &Core) -> AppResult<&Self>;
     /// Applies a verified notification once; the outcome as recorded.
@@ -357,31 +362,102 @@ pub trait Ingest: crate::providers::Connector {
         core: &Core,
         n: &Self::Notification,
     ) -> impl std::future::Future<Output = AppResult<WebhookOutcome>> + Send;
+
+    /// Applies in `txn` what [`Connector::reread_purchase`] read, under
+    /// this store's rules; the outcome to record, and what to do after.
+    ///
+    /// [`Connector::reread_purchase`]: crate::providers::Connector::reread_purchase
+    fn apply_reread(
+        &self,
+        core: &Core,
+        txn: &WriteTxn,
+        state: Self::Reread,
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = AppResult<(WebhookOutcome, Self::AfterCommit)>> + Send;
+
+    /// Store calls that must not run for a write that may still roll back.
+    fn after_commit(
+        &self,
+        core: &Core,
+        then: Self::AfterCommit,
+    ) -> impl std::future::Future<Output = ()> + Send;
 }
 
 impl Ingest for crate::providers::stripe::StripeProvider {
+    type AfterCommit = ();
+
     fn connector(core: &Core) -> AppResult<&Self> {
         core.stripe().map(|p| &**p)
     }
     async fn ingest(core: &Core, ev: &Self::Notification) -> AppResult<WebhookOutcome> {
         core.stripe_webhook(ev).await
     }
+    async fn apply_reread(
+        &self,
+        core: &Core,
+        txn: &WriteTxn,
+        state: Self::Reread,
+        now: DateTime<Utc>,
+    ) -> AppResult<(WebhookOutcome, ())> {
+        let (outcome, _) = core.apply_stripe_state(txn, state, None, now).await?;
+        Ok((outcome, ()))
+    }
+    async fn after_commit(&self, _: &Core, (): ()) {}
 }
 
 impl Ingest for crate::providers::apple::Apple {
+    type AfterCommit = ();
+
     fn connector(core: &Core) -> AppResult<&Self> {
         core.apple()
     }
     async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<WebhookOutcome> {
         core.apple_webhook(core.apple()?, n).await
     }
+    async fn apply_reread(
+        &self,
+        core: &Core,
+        txn: &WriteTxn,
+        vp: Self::Reread,
+        now: DateTime<Utc>,
+    ) -> AppResult<(WebhookOutcome, ())> {
+        let applied = core
+            .apply_purchase_in(txn, &vp, Submitter::Store, now)
+            .await?;
+        Ok((WebhookOutcome::applied(applied.stale), ()))
+    }
+    async fn after_commit(&self, _: &Core, (): ()) {}
 }
 
 impl Ingest for crate::providers::google::GooglePlay {
+    /// The token to acknowledge, when Google still waits for it.
+    type AfterCommit = Option<(crate::providers::google::PlayKind, String)>;
+
     fn connector(core: &Core) -> AppResult<&Self> {
         core.google()
     }
     async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<WebhookOutcome> {
         core.play_webhook(push).await
+    }
+    async fn apply_reread(
+        &self,
+        core: &Core,
+        txn: &WriteTxn,
+        fetched: Self::Reread,
+        now: DateTime<Utc>,
+    ) -> AppResult<(WebhookOutcome, Self::AfterCommit)> {
+        let ack = fetched
+            .needs_ack
+            .then(|| (fetched.kind, fetched.purchase.store_purchase_id.clone()));
+        let purchase = core.keep_play_refund(txn, fetched.purchase).await?;
+        let applied = core
+            .apply_purchase_in(txn, &purchase, Submitter::Store, now)
+            .await?;
+        Ok((WebhookOutcome::applied(applied.stale), ack))
+    }
+    async fn after_commit(&self, core: &Core, ack: Self::AfterCommit) {
+        if let Some((kind, token)) = ack {
+            core.acknowledge_play(self, &kind, &token).await;
+        }
     }
 }
