@@ -11,7 +11,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::{Backend, TestApp, spawn_with};
 use entitle::{
     config::{AppleEnvironment, JobsConfig, ReconcileConfig},
-    domain::ApiKeyRole,
+    domain::{ApiKeyRole, Store},
     jobs::{
         read_cursor,
         reconcile::{self, Counts, Source},
@@ -924,7 +924,219 @@ async fn refresh_rereads_a_canceled_app_store_subscription(b: Backend) {
     assert_eq!(e["willRenew"], true, "{body}");
 }
 
+/// A purchase of the named customer, as the database holds it.
+async fn purchase_row(
+    app: &TestApp,
+    customer: &str,
+    store_purchase_id: &str,
+) -> entities::purchases::Model {
+    entitle::db::purchases_of(&app.state.core.db.conn, customer)
+        .await
+        .map_err(anyhow::Error::from)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.store_purchase_id == store_purchase_id)
+        .expect("purchase held")
+}
+
+/// The refresh is one path for every store: in a deployment with the three
+/// stores, one run re-reads a subscription of each near its renewal and
+/// applies each store's answer, and each store's own rules still hold on
+/// that path: Play is acknowledged only once the renewal is committed, a
+/// Play refund stands against a lagging re-read, and a Stripe subscription
+/// that ended stays ended.
+async fn refresh_takes_one_path_for_every_store(b: Backend) {
+    let stripe = stripe_support::FakeStripe::start().await;
+    let apple = MockServer::start().await;
+    let google = google_support::fake_google().await;
+    let (apple_uri, google_uri) = (apple.uri(), google.server.uri());
+    let app = spawn_with(b, |c| {
+        stripe_support::configure(c, Some(&stripe));
+        apple_support::configure(c, AppleEnvironment::Production, Some(&apple_uri));
+        google_support::with_google(c, &google_uri);
+        c.jobs.enabled = false;
+    })
+    .await;
+    let core = &app.state.core;
+    assert_eq!(
+        refresh::stores(core),
+        vec![Store::Stripe, Store::AppStore, Store::PlayStore]
+    );
+    let now = core.now();
+    let start = now - Duration::days(30);
+
+    // Stripe: a subscription ending in two minutes.
+    let stripe_sub = |status: &str, from: DateTime<Utc>, until: DateTime<Utc>| {
+        stripe_support::subscription(
+            "sub_every",
+            "cus_every",
+            Some("stripe-user"),
+            "price_pro_monthly",
+            status,
+            from,
+            until,
+        )
+    };
+    let s = stripe_sub("active", start, now + Duration::minutes(2));
+    stripe.set_subscription(&s);
+    let (st, body) = stripe_support::deliver(
+        &app,
+        &stripe_support::event("evt_every_1", "customer.subscription.created", s, now),
+    )
+    .await;
+    assert_eq!(st, reqwest::StatusCode::OK, "{body}");
+
+    // App Store: one ending in two minutes.
+    app.sign_up(APPLE_CUSTOMER).await;
+    let sub = apple_support::Sub::new("8200000001", apple_support::MONTHLY, APPLE_CUSTOMER, start);
+    let first = sub.tx("8200000001", start, Some(now + Duration::minutes(2)), start);
+    let renewal = sub.renewal(true, false, None, now - Duration::minutes(1));
+    mount_apple_api(&apple, "8200000001", &sub, &first, &renewal).await;
+    let jws = apple_support::notification(
+        "SUBSCRIBED",
+        Some("INITIAL_BUY"),
+        "b2000000-0000-4000-8000-000000000001",
+        "Production",
+        now - Duration::minutes(1),
+        Some(&first),
+        Some(&renewal),
+        Some(1),
+    );
+    let resp = app
+        .client
+        .post(app.url("/webhooks/apple"))
+        .json(&json!({ "signedPayload": jws }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+
+    // Google Play: one ending in a minute, acknowledged.
+    let key = app.key(ApiKeyRole::Client).await;
+    let mut play = google_support::Sub::active(now);
+    play.expiry = now + Duration::minutes(1);
+    play.acknowledged = true;
+    google.fake.set("sub-every", play.json());
+    let body = google_support::verify(&app, &key, "play-user", "pro_sub", "sub-every").await;
+    assert!(body["errors"].is_null(), "{body}");
+    assert!(google.fake.with(|s| s.acks.is_empty()));
+
+    // Each store renewed; Google waits for the renewal's acknowledgement.
+    let renewed_end = now + Duration::days(30);
+    stripe.set_subscription(&stripe_sub(
+        "active",
+        now + Duration::minutes(2),
+        renewed_end,
+    ));
+    let next = sub.tx(
+        "8200000002",
+        now + Duration::minutes(2),
+        Some(renewed_end),
+        now,
+    );
+    mount_apple_api(
+        &apple,
+        "8200000001",
+        &sub,
+        &next,
+        &sub.renewal(true, false, None, now),
+    )
+    .await;
+    play.expiry = renewed_end;
+    play.acknowledged = false;
+    google.fake.set("sub-every", play.json());
+
+    let r = refresh::run(core, &JobsConfig::default()).await.unwrap();
+    assert_eq!((r.checked, r.failed), (3, 0));
+    let admin = app.key(ApiKeyRole::Admin).await;
+    for (customer, id) in [
+        ("stripe-user", "sub_every"),
+        (APPLE_CUSTOMER, "8200000001"),
+        ("play-user", "sub-every"),
+    ] {
+        let (_, body) = app
+            .gql(
+                &admin,
+                "query($id: ID!) { customer(id: $id) { entitlement(key: \"pro\") { isActive expiresAt } } }",
+                json!({ "id": customer }),
+            )
+            .await;
+        let e = &body["data"]["customer"]["entitlement"];
+        assert_eq!(e["isActive"], true, "{customer}: {body}");
+        let expires = DateTime::parse_from_rfc3339(e["expiresAt"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            expires.timestamp(),
+            renewed_end.timestamp(),
+            "{customer}: {body}"
+        );
+        assert_eq!(
+            outcome_of(&app, id).await.as_deref(),
+            Some("applied"),
+            "{customer}"
+        );
+    }
+    assert_eq!(
+        google.fake.with(|s| s.acks.clone()),
+        vec!["sub-every".to_string()]
+    );
+    assert_eq!(
+        google.fake.ack_state("sub-every"),
+        "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
+    );
+
+    // Google refunds it, and its API lags, still saying active.
+    let (st, _) = google_support::push(
+        &app,
+        "m-every-void",
+        &google_support::voided_note("sub-every", 1, core.now()),
+    )
+    .await;
+    assert_eq!(st, reqwest::StatusCode::OK);
+    app.clock.advance(Duration::minutes(1));
+    let row = purchase_row(&app, "play-user", "sub-every").await;
+    assert_eq!(row.status, "refunded");
+    core.refresh_purchase(&row).await.unwrap();
+    let after = purchase_row(&app, "play-user", "sub-every").await;
+    assert_eq!(
+        (after.status.as_str(), after.revoked_at),
+        ("refunded", row.revoked_at),
+        "a refund stands"
+    );
+
+    // Stripe ends the subscription; a read saying otherwise changes nothing.
+    let ended = {
+        let mut s = stripe_sub("canceled", now + Duration::minutes(2), renewed_end);
+        s["ended_at"] = json!(core.now().timestamp());
+        s
+    };
+    stripe.set_subscription(&ended);
+    let (st, body) = stripe_support::deliver(
+        &app,
+        &stripe_support::event(
+            "evt_every_2",
+            "customer.subscription.deleted",
+            ended,
+            core.now(),
+        ),
+    )
+    .await;
+    assert_eq!(st, reqwest::StatusCode::OK, "{body}");
+    stripe.set_subscription(&stripe_sub(
+        "active",
+        now + Duration::minutes(2),
+        renewed_end,
+    ));
+    app.clock.advance(Duration::minutes(1));
+    let row = purchase_row(&app, "stripe-user", "sub_every").await;
+    assert_eq!(
+        core.refresh_purchase(&row).await.unwrap().as_str(),
+        "already_ended"
+    );
+    assert_eq!(purchase_row(&app, "stripe-user", "sub_every").await, row);
+}
+
 on_all_backends!(
+    refresh_takes_one_path_for_every_store,
     refresh_rereads_on_hold_and_paused_play,
     refresh_rereads_a_canceled_app_store_subscription,
     refresh_rereads_a_play_subscription,
