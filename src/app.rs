@@ -4,13 +4,13 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    extract::DefaultBodyLimit,
+    extract::{DefaultBodyLimit, State},
     http::StatusCode,
     middleware,
     response::IntoResponse,
     routing::{get, post},
 };
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
@@ -46,9 +46,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             rest::tokens::sign_answers,
         ));
-    // The routes that write: each request runs to its end on its own.
-    let writes = Router::new()
-        .merge(signed)
+    let in_flight = Arc::new(Semaphore::new(state.config.http.webhooks_in_flight.max(1)));
+    let webhooks = Router::new()
         .route(
             "/webhooks/stripe",
             post(rest::webhooks::receive::<StripeProvider>),
@@ -58,6 +57,11 @@ pub fn router(state: AppState) -> Router {
             post(rest::webhooks::receive::<GooglePlay>),
         )
         .route("/webhooks/apple", post(rest::webhooks::receive::<Apple>))
+        .route_layer(middleware::from_fn_with_state(in_flight, take_turn));
+    // The routes that write: each request runs to its end on its own.
+    let writes = Router::new()
+        .merge(signed)
+        .merge(webhooks)
         .route_layer(middleware::from_fn(run_to_end));
     Router::new()
         .merge(writes)
@@ -98,6 +102,23 @@ async fn run_to_end(
         Ok(resp) => resp,
         // Keeps a handler's panic what it was without the task.
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+/// A store notification waits here, its body unread, while
+/// `http.webhooks_in_flight` others are processed: a burst of deliveries then
+/// costs memory for that many parsed payloads, not for every connection the
+/// store opens. Waiting counts against the request timeout, and the store
+/// delivers again what timed out.
+async fn take_turn(
+    State(in_flight): State<Arc<Semaphore>>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    match in_flight.acquire_owned().await {
+        Ok(_turn) => next.run(req).await,
+        // Never closed; were it, no turn could be had.
         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
 }

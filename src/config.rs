@@ -392,9 +392,18 @@ pub struct HttpConfig {
     /// alone; a key that is presented is still checked.
     #[serde(default = "default_true")]
     pub check_requires_key: bool,
+    /// Store notifications processed at once; more wait their turn, their
+    /// bodies still unread, within `request_timeout_secs`. Each one in
+    /// processing holds its parsed payload until its write commits, so this
+    /// bounds what a burst of deliveries costs in memory.
+    #[serde(default = "HttpConfig::default_webhooks_in_flight")]
+    pub webhooks_in_flight: usize,
 }
 
 impl HttpConfig {
+    fn default_webhooks_in_flight() -> usize {
+        32
+    }
     fn default_header_read_timeout() -> u64 {
         10
     }
@@ -678,6 +687,7 @@ impl Default for Config {
                 idle_timeout_secs: HttpConfig::default_idle_timeout(),
                 shutdown_grace_secs: HttpConfig::default_shutdown_grace(),
                 check_requires_key: true,
+                webhooks_in_flight: HttpConfig::default_webhooks_in_flight(),
             },
             graphql: GraphqlConfig {
                 introspection: true,

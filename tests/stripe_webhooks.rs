@@ -1015,6 +1015,56 @@ async fn api_down_during_webhook_is_retried(b: Backend) {
     assert_eq!(app.count("webhook_events").await, after[4].1);
 }
 
+/// Notifications beyond `http.webhooks_in_flight` wait for a turn instead
+/// of all being processed at once, and each still gets its answer: with two
+/// turns and a Stripe API that takes 400 ms per read, six subscriptions'
+/// events take three rounds. Processed all at once they take one.
+async fn notifications_beyond_the_limit_wait_their_turn(b: Backend) {
+    let fake = FakeStripe::start().await;
+    let app = spawn_with(b, |c| {
+        configure(c, Some(&fake));
+        c.http.webhooks_in_flight = 2;
+    })
+    .await;
+    let now = app.state.core.now();
+    let bodies: Vec<String> = (0..6)
+        .map(|i| {
+            let sub = subscription(
+                &format!("sub_turn{i}"),
+                &format!("cus_turn{i}"),
+                Some(&format!("turn-{i}")),
+                "price_pro_monthly",
+                "active",
+                now,
+                now + Duration::days(30),
+            );
+            fake.set_subscription(&sub);
+            event(
+                &format!("evt_turn{i}"),
+                "customer.subscription.updated",
+                sub,
+                now,
+            )
+        })
+        .collect();
+    fake.set_delay(Some(std::time::Duration::from_millis(400)));
+    let started = std::time::Instant::now();
+    let answers =
+        futures_util::future::join_all(bodies.iter().map(|body| deliver(&app, body))).await;
+    let took = started.elapsed();
+    for (s, r) in &answers {
+        assert_eq!(*s, StatusCode::OK, "{r}");
+    }
+    for i in 0..6 {
+        let path = format!("/v1/subscriptions/sub_turn{i}");
+        assert_eq!(fake.requests("GET", &path).await.len(), 1, "{path}");
+    }
+    assert!(
+        took >= std::time::Duration::from_millis(1200),
+        "six events through two turns took {took:?}: they were not made to wait"
+    );
+}
+
 async fn failed_row(app: &common::TestApp, event_id: &str) -> entities::webhook_events::Model {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     entities::webhook_events::Entity::find()
@@ -1043,4 +1093,5 @@ on_all_backends!(
     several_v1_signatures_are_accepted,
     not_configured_is_503,
     api_down_during_webhook_is_retried,
+    notifications_beyond_the_limit_wait_their_turn,
 );
