@@ -235,7 +235,7 @@ impl Core {
         let now = self.now();
         match ev.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
-                let session = provider::parse_session(&ev.object)?;
+                let session = provider::parse_session(ev.object())?;
                 let customer = checked_customer(
                     session
                         .client_reference_id
@@ -327,7 +327,7 @@ impl Core {
             | "customer.subscription.deleted"
             | "customer.subscription.paused"
             | "customer.subscription.resumed" => {
-                let sub = provider::parse_subscription(&ev.object)?;
+                let sub = provider::parse_subscription(ev.object())?;
                 let customer = p.metadata_customer(Some(&sub.metadata));
                 match p
                     .subscription_state(sub.id.as_str(), Some((&sub, ev.created)), now)
@@ -342,13 +342,13 @@ impl Core {
                 }
             }
             "invoice.paid" | "invoice.payment_failed" => {
-                let Some(sub_id) = provider::invoice_subscription(&ev.object) else {
+                let Some(sub_id) = provider::invoice_subscription(ev.object()) else {
                     return Ok(Plan::Record(WebhookOutcome::NotSubscription));
                 };
                 // A renewal is a paid invoice of a new billing cycle; the
                 // first invoice is the purchase itself.
                 let renewal = ev.kind == "invoice.paid"
-                    && ev.object.get("billing_reason").and_then(Value::as_str)
+                    && ev.object().get("billing_reason").and_then(Value::as_str)
                         == Some("subscription_cycle");
                 if p.api().is_none() {
                     // The subscription events that follow carry the state.
@@ -362,7 +362,7 @@ impl Core {
                 }
                 match p.subscription_state(&sub_id, None, now).await? {
                     Some(state) => Ok(Plan::Apply {
-                        customer: p.json_metadata_customer(&ev.object),
+                        customer: p.json_metadata_customer(ev.object()),
                         state: Box::new(state),
                         renewal_of: renewal.then_some(sub_id),
                     }),
@@ -371,7 +371,7 @@ impl Core {
             }
             "charge.dispute.created" | "charge.dispute.closed" => {
                 let closed = ev.kind == "charge.dispute.closed";
-                let mut dispute = ev.object.clone();
+                let mut dispute = ev.object().clone();
                 let id = dispute
                     .get("id")
                     .and_then(Value::as_str)
@@ -419,17 +419,17 @@ impl Core {
                 })))
             }
             "charge.refunded" => {
-                if ev.object.get("refunded").and_then(Value::as_bool) != Some(true) {
+                if ev.object().get("refunded").and_then(Value::as_bool) != Some(true) {
                     return Ok(Plan::Record(WebhookOutcome::PartialRefund));
                 }
                 let refunded_at = ev
-                    .object
+                    .object()
                     .pointer("/refunds/data")
                     .and_then(Value::as_array)
                     .and_then(|r| r.iter().filter_map(|r| r.get("created")?.as_i64()).max())
                     .map(provider::map::ts)
                     .unwrap_or(ev.created);
-                let mut charge = ev.object.clone();
+                let mut charge = ev.object().clone();
                 // Newer API versions dropped `charge.invoice`; find it from
                 // the PaymentIntent when we can, before the transaction.
                 if provider::id_of(charge.get("invoice")).is_none()
