@@ -57,7 +57,13 @@ pub fn router(state: AppState) -> Router {
             post(rest::webhooks::receive::<GooglePlay>),
         )
         .route("/webhooks/apple", post(rest::webhooks::receive::<Apple>))
-        .route_layer(middleware::from_fn_with_state(in_flight, take_turn));
+        .route_layer(middleware::from_fn_with_state(
+            Turns {
+                in_flight,
+                waiting: state.metrics.webhooks_waiting.clone(),
+            },
+            take_turn,
+        ));
     // The routes that write: each request runs to its end on its own.
     let writes = Router::new()
         .merge(signed)
@@ -112,14 +118,45 @@ async fn run_to_end(
 /// store opens. Waiting counts against the request timeout, and the store
 /// delivers again what timed out.
 async fn take_turn(
-    State(in_flight): State<Arc<Semaphore>>,
+    State(turns): State<Turns>,
     req: axum::extract::Request,
     next: middleware::Next,
 ) -> axum::response::Response {
-    match in_flight.acquire_owned().await {
+    let turn = match turns.in_flight.clone().try_acquire_owned() {
+        Ok(turn) => Ok(turn),
+        Err(_) => {
+            let _counted = Waiting::new(&turns.waiting);
+            turns.in_flight.acquire_owned().await
+        }
+    };
+    match turn {
         Ok(_turn) => next.run(req).await,
         // Never closed; were it, no turn could be had.
         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+#[derive(Clone)]
+struct Turns {
+    in_flight: Arc<Semaphore>,
+    /// `entitle_webhooks_waiting`.
+    waiting: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// Counts one notification as waiting for as long as it lives, so a wait
+/// that ends any way at all (a turn, or the request dropped) is uncounted.
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        Waiting(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

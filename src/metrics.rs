@@ -9,7 +9,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -41,6 +41,8 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Relay batches that failed (Redis or database unavailable); the rows wait.
     pub relay_failures: Counter,
+    /// Store notifications waiting for a turn (`http.webhooks_in_flight`).
+    pub webhooks_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -80,6 +82,12 @@ impl Default for Metrics {
             "Event relay batches that failed and will be retried",
             relay_failures.clone(),
         );
+        let webhooks_waiting = Gauge::default();
+        registry.register(
+            "webhooks_waiting",
+            "Store notifications waiting for a turn to be processed (http.webhooks_in_flight are processed at once); steadily above zero means deliveries arrive faster than they are applied",
+            webhooks_waiting.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -87,6 +95,7 @@ impl Default for Metrics {
             webhooks,
             events_published,
             relay_failures,
+            webhooks_waiting,
         }
     }
 }

@@ -1049,9 +1049,20 @@ async fn notifications_beyond_the_limit_wait_their_turn(b: Backend) {
         .collect();
     fake.set_delay(Some(std::time::Duration::from_millis(400)));
     let started = std::time::Instant::now();
-    let answers =
-        futures_util::future::join_all(bodies.iter().map(|body| deliver(&app, body))).await;
+    let deliveries = futures_util::future::join_all(bodies.iter().map(|body| deliver(&app, body)));
+    // Operators see the queue: four of the six wait while two are processed.
+    let watch = async {
+        let mut most = 0;
+        while started.elapsed() < std::time::Duration::from_millis(1000) {
+            most = most.max(waiting(&app).await);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        most
+    };
+    let (answers, most_waiting) = tokio::join!(deliveries, watch);
     let took = started.elapsed();
+    assert_eq!(most_waiting, 4, "entitle_webhooks_waiting at its highest");
+    assert_eq!(waiting(&app).await, 0, "nobody waits once all are answered");
     for (s, r) in &answers {
         assert_eq!(*s, StatusCode::OK, "{r}");
     }
@@ -1063,6 +1074,25 @@ async fn notifications_beyond_the_limit_wait_their_turn(b: Backend) {
         took >= std::time::Duration::from_millis(1200),
         "six events through two turns took {took:?}: they were not made to wait"
     );
+}
+
+/// `entitle_webhooks_waiting` as `/metrics` reports it.
+async fn waiting(app: &common::TestApp) -> i64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("entitle_webhooks_waiting "))
+        .expect("the gauge is exported")
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 async fn failed_row(app: &common::TestApp, event_id: &str) -> entities::webhook_events::Model {
