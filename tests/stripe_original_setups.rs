@@ -96,14 +96,7 @@ fn change(
 }
 
 async fn metrics(app: &TestApp) -> String {
-    app.client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.metrics_text().await
 }
 
 fn counter(metrics: &str, store: &str, outcome: &str) -> u64 {

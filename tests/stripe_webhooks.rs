@@ -1078,16 +1078,9 @@ async fn notifications_beyond_the_limit_wait_their_turn(b: Backend) {
 
 /// `entitle_webhooks_waiting` as `/metrics` reports it.
 async fn waiting(app: &common::TestApp) -> i64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    app.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix("entitle_webhooks_waiting "))
         .expect("the gauge is exported")
         .trim()
