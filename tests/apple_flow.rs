@@ -89,15 +89,7 @@ fn at(v: &Value) -> DateTime<Utc> {
 }
 
 async fn post_webhook(app: &TestApp, jws: &str) -> (StatusCode, Value) {
-    let resp = app
-        .client
-        .post(app.url("/webhooks/apple"))
-        .json(&json!({ "signedPayload": jws }))
-        .send()
-        .await
-        .unwrap();
-    let s = resp.status();
-    (s, resp.json().await.unwrap_or(Value::Null))
+    app.apple_notification(jws).await
 }
 
 /// Only the audit row of the submission may be new.

@@ -138,15 +138,7 @@ async fn trial_start_and_end_reach_a_billing_consumer(b: Backend) {
     // Counted once the relay has also marked the rows, just after Redis got them.
     let deadline = Instant::now() + StdDuration::from_secs(10);
     loop {
-        let metrics = app
-            .client
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics_text().await;
         let published: u64 = metrics
             .lines()
             .find_map(|l| l.strip_prefix("entitle_events_published_total "))

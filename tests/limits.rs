@@ -411,15 +411,7 @@ async fn metrics_labels_stay_bounded_under_random_methods() {
             .unwrap();
     }
     let after = size(&app).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(text.contains("method=\"other\""), "{text}");
     assert!(text.contains("route=\"unmatched\""), "{text}");
     assert!(

@@ -732,14 +732,8 @@ async fn refresh_rereads_an_app_store_subscription(b: Backend) {
         Some(&renewal),
         Some(1),
     );
-    let resp = app
-        .client
-        .post(app.url("/webhooks/apple"))
-        .json(&json!({ "signedPayload": jws }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let (status, _) = app.apple_notification(&jws).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
 
     // Apple renewed it: the latest transaction runs another month.
     let renewed_end = t0 + Duration::days(30);
@@ -881,14 +875,8 @@ async fn refresh_rereads_a_canceled_app_store_subscription(b: Backend) {
         Some(&off),
         Some(1),
     );
-    let resp = app
-        .client
-        .post(app.url("/webhooks/apple"))
-        .json(&json!({ "signedPayload": jws }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let (status, _) = app.apple_notification(&jws).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
     let admin = app.key(ApiKeyRole::Admin).await;
     let q = "query($id: ID!) { customer(id: $id) { entitlement(key: \"pro\") { isActive expiresAt willRenew } } }";
     let (_, body) = app.gql(&admin, q, json!({ "id": APPLE_CUSTOMER })).await;
@@ -1002,14 +990,8 @@ async fn refresh_takes_one_path_for_every_store(b: Backend) {
         Some(&renewal),
         Some(1),
     );
-    let resp = app
-        .client
-        .post(app.url("/webhooks/apple"))
-        .json(&json!({ "signedPayload": jws }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let (status, _) = app.apple_notification(&jws).await;
+    assert_eq!(status, reqwest::StatusCode::OK);
 
     // Google Play: one ending in a minute, acknowledged.
     let key = app.key(ApiKeyRole::Client).await;

@@ -28,15 +28,7 @@ async fn paid(app: &TestApp, service: &Auth, customer: &str) -> String {
 }
 
 async fn listening(app: &TestApp) -> bool {
-    let m = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = app.metrics_text().await;
     m.lines()
         .any(|l| l.trim() == "entitle_read_cache_listening 1")
 }

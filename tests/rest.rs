@@ -97,15 +97,7 @@ async fn health_ready_metrics(b: Backend) {
     assert_eq!((s, r["status"].as_str()), (StatusCode::OK, Some("ok")));
     let (s, r) = get(&app, &Auth::None, "/ready").await;
     assert_eq!((s, r["status"].as_str()), (StatusCode::OK, Some("ready")));
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics_text().await;
     assert!(
         text.contains(
             "entitle_http_requests_total{method=\"GET\",route=\"/ready\",status=\"200\"} 1"

@@ -99,15 +99,7 @@ fn kinds(c: &Value) -> Vec<String> {
 }
 
 async fn webhook(app: &TestApp, jws: &str) -> (StatusCode, Value) {
-    let resp = app
-        .client
-        .post(app.url("/webhooks/apple"))
-        .json(&json!({ "signedPayload": jws }))
-        .send()
-        .await
-        .unwrap();
-    let s = resp.status();
-    (s, resp.json().await.unwrap_or(Value::Null))
+    app.apple_notification(jws).await
 }
 
 /// A subscription of `token`'s owner: its first transaction, signed at `t0`.

@@ -239,6 +239,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// `POST /webhooks/apple` with `signedPayload`: the status and the JSON
+    /// answer (`null` when there is none).
+    pub async fn apple_notification(&self, jws: &str) -> (StatusCode, Value) {
+        let resp = self
+            .client
+            .post(self.url("/webhooks/apple"))
+            .json(&json!({ "signedPayload": jws }))
+            .send()
+            .await
+            .unwrap();
+        let s = resp.status();
+        (s, resp.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
