@@ -912,7 +912,14 @@ async fn renewal_count_is_paid_cycle_invoices(b: Backend) {
 /// Point 9 with the API: the invoice re-reads the subscription and counts.
 async fn renewal_count_with_api(b: Backend) {
     let fake = FakeStripe::start().await;
-    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    // No refresh job: once the clock is moved to the renewal, a refresh run
+    // late off its first tick would re-read the renewal itself, and the
+    // invoice (read a moment before it) would rightly be the stale one.
+    let app = spawn_with(b, |c| {
+        configure(c, Some(&fake));
+        c.jobs.enabled = false;
+    })
+    .await;
     let now = app.state.core.now();
     let sub = subscription(
         "sub_rca",
