@@ -284,18 +284,18 @@ async fn serve_connections(
 async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     let core = &state.core;
     let config = &state.config;
-    let wake = core.db.commits.subscribe();
+    let wake = core.db().commits.subscribe();
     core.feed
         .spawn(
-            core.db.clone(),
+            core.db().clone(),
             Duration::from_millis(config.events.feed_poll_ms.max(10)),
             wake.clone(),
         )
         .await?;
     for relay in crate::events::relay::Relay::new(
         config,
-        core.db.clone(),
-        core.clock.clone(),
+        core.db().clone(),
+        core.clock().clone(),
         state.metrics.clone(),
     )? {
         relay.spawn(wake.clone());
@@ -304,7 +304,9 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     spawn_last_seen_writer(core.clone());
     let warm = config.cache_warm > 0 && !config.cache_ttl().is_zero();
     if config.is_postgres() {
-        let mut live = core.db.spawn_cache_listener(config.database_connect_url());
+        let mut live = core
+            .db()
+            .spawn_cache_listener(config.database_connect_url());
         // A replica's cache is off until its listener is in place, and
         // comes back empty after the listener's connection is lost: warming
         // it each time it comes on (not before, which would race the

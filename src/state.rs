@@ -34,7 +34,7 @@ impl AppState {
             Duration::from_secs(config.auth.api_key_cache_secs),
         )?);
         let mut metrics = Metrics::default();
-        metrics.track_db(&core.db.stats);
+        metrics.track_db(&core.db().stats);
         let limiter = crate::rate_limit::WriteLimiter::new(&config.rate_limit)?.map(Arc::new);
         Ok(AppState {
             limiter,

@@ -485,7 +485,7 @@ async fn unowned_notification_is_recorded(b: Backend) {
     assert_eq!(app.count("held_purchases").await, 1);
     assert_eq!(app.count("webhook_events").await, 1);
     let row = entities::webhook_events::Entity::find()
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .unwrap();
@@ -862,7 +862,7 @@ async fn apple_down_is_store_unavailable(b: Backend) {
         assert_eq!(*n1, n0 + grew, "{t}");
     }
     let row = entities::webhook_events::Entity::find()
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .unwrap();

@@ -16,7 +16,7 @@ use stripe_support::*;
 use tokio::io::AsyncWriteExt;
 
 async fn recorded_outcome(app: &common::TestApp, event_id: &str) -> Option<String> {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let row = db
         .query_one_raw(sea_orm::Statement::from_sql_and_values(
             db.get_database_backend(),
@@ -40,7 +40,7 @@ async fn webhook_finishes_after_its_client_left(b: Backend) {
     // Another writer holds what the delivery needs, so the delivery's
     // transaction waits: on SQLite for the one writer, on PostgreSQL for
     // the dedupe table.
-    let held = app.state.core.db.write().await.unwrap();
+    let held = app.state.core.db().write().await.unwrap();
     if postgres {
         held.execute_unprepared("LOCK TABLE webhook_events IN EXCLUSIVE MODE")
             .await

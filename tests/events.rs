@@ -45,7 +45,7 @@ async fn change_log(
     app: &TestApp,
     customer: &str,
 ) -> Vec<(String, Option<String>, String, DateTime<Utc>, bool)> {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
@@ -295,7 +295,7 @@ async fn redis_outage_loses_nothing(b: Backend) {
         assert_eq!(kinds.last(), Some(&"expired"), "{user}: {kinds:?}");
     }
     // The relay marks rows just after Redis took them.
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let deadline = Instant::now() + StdDuration::from_secs(10);
     loop {
         let unpublished = db
@@ -500,7 +500,7 @@ async fn a_lost_mark_republishes_the_same_event(b: Backend) {
         assert!(Instant::now() < deadline, "row marked published");
         tokio::time::sleep(StdDuration::from_millis(20)).await;
     }
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     db.execute_raw(Statement::from_string(
         db.get_database_backend(),
         "UPDATE entitlement_events SET published_at = NULL",
@@ -549,8 +549,8 @@ async fn a_late_commit_into_an_id_gap_reaches_subscribers() {
         published_at: Set(None),
         ..Default::default()
     };
-    let db = &app.state.core.db.conn;
-    let wake = || app.state.core.db.commits.send_modify(|n| *n += 1);
+    let db = &app.state.core.db().conn;
+    let wake = || app.state.core.db().commits.send_modify(|n| *n += 1);
     let next = |m: Value| m["payload"]["data"]["entitlementChanged"].clone();
 
     // A gap opens while nobody listens; the feed passes it.

@@ -449,7 +449,7 @@ async fn play_held_until_its_owner_appears(b: Backend) {
 
     let rows = entities::receipts::Entity::find()
         .order_by_asc(entities::receipts::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap();
     let payload =
@@ -474,7 +474,7 @@ async fn play_held_until_its_owner_appears(b: Backend) {
         )
     );
     let pid = entities::purchases::Entity::find()
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .unwrap()

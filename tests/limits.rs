@@ -278,7 +278,7 @@ async fn unverified_receipts_are_capped_per_customer(b: Backend) {
         let grew = if *t == "receipts" { 3 } else { 0 };
         assert_eq!(*a, b + grew, "{t}: no customers made, nothing granted");
     }
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     let ghosts = entities::receipts::Entity::find()
         .filter(entities::receipts::Column::CustomerId.starts_with("ghost-"))
@@ -297,7 +297,7 @@ async fn retention_deletes_old_invalid_receipts_and_clears_old_payloads(b: Backe
     use entities::{receipts, webhook_events};
     use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait};
     let app = spawn_with(b, |c| c.jobs.enabled = false).await;
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let now = app.state.core.now();
     let receipt = |outcome: &str, days: i64| receipts::ActiveModel {
         customer_id: Set("alice".into()),

@@ -115,7 +115,7 @@ struct Snapshot {
 /// With `whole_rows` off, a purchase is its state without the marks of
 /// when it was last read.
 async fn snapshot(app: &TestApp, customer: &str, whole_rows: bool) -> Snapshot {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let purchases = entitle::db::purchases_of(db, customer)
         .await
         .map_err(anyhow::Error::from)
@@ -167,7 +167,7 @@ async fn change_kinds(app: &TestApp, customer: &str) -> Vec<String> {
     ev::Entity::find()
         .filter(ev::Column::CustomerId.eq(customer))
         .order_by_asc(ev::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap()
         .into_iter()
@@ -184,7 +184,7 @@ async fn webhook_row(
     w::Entity::find()
         .filter(w::Column::Source.eq(store))
         .filter(w::Column::EventId.eq(event_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
 }

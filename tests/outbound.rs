@@ -115,14 +115,14 @@ async fn rows(app: &TestApp, url: &str) -> Vec<deliveries::Model> {
     deliveries::Entity::find()
         .filter(deliveries::Column::EndpointUrl.eq(url))
         .order_by_asc(deliveries::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap()
 }
 
 async fn endpoint_row(app: &TestApp, url: &str) -> Option<endpoints::Model> {
     endpoints::Entity::find_by_id(url.to_string())
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
 }

@@ -67,7 +67,7 @@ async fn state_counts(app: &TestApp) -> Vec<(&'static str, i64)> {
 }
 
 async fn device_owner(app: &TestApp, device: &str) -> String {
-    entitle::db::find_device(&app.state.core.db.conn, "garmin", device)
+    entitle::db::find_device(&app.state.core.db().conn, "garmin", device)
         .await
         .map_err(anyhow::Error::from)
         .unwrap()
@@ -76,7 +76,7 @@ async fn device_owner(app: &TestApp, device: &str) -> String {
 }
 
 async fn kinds(app: &TestApp, customer: &str) -> Vec<String> {
-    entitle::db::events_of(&app.state.core.db.conn, customer, 100)
+    entitle::db::events_of(&app.state.core.db().conn, customer, 100)
         .await
         .map_err(anyhow::Error::from)
         .unwrap()
@@ -115,7 +115,7 @@ async fn watch_trial_web_pays_then_pairs(b: Backend) {
         .expect("secret at first sight");
     assert!(secret.len() >= 40, "{secret}");
     assert!(first.get("pairing_code").is_none());
-    let stored: String = entitle::db::find_device(&app.state.core.db.conn, "garmin", "watch-1")
+    let stored: String = entitle::db::find_device(&app.state.core.db().conn, "garmin", "watch-1")
         .await
         .map_err(anyhow::Error::from)
         .unwrap()

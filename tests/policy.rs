@@ -735,7 +735,7 @@ async fn watch_hijack_is_refused(b: Backend) {
     assert_eq!(r["error"]["code"], "DEVICE_ALREADY_BOUND");
 
     assert_eq!(app.counts().await, before, "nothing written");
-    let device = entitle::db::find_device(&app.state.core.db.conn, "garmin", "watch-v")
+    let device = entitle::db::find_device(&app.state.core.db().conn, "garmin", "watch-v")
         .await
         .map_err(anyhow::Error::from)
         .unwrap()

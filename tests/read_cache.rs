@@ -11,7 +11,7 @@ use sea_orm::{ConnectionTrait, Statement};
 use serde_json::json;
 
 async fn last_seen(app: &common::TestApp, device: &str) -> String {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let row = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
@@ -54,7 +54,7 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
     let core = &app.state.core;
     // On PostgreSQL the cache comes on (empty) once the listener is in place.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while core.db.stats.cache_listening.get() != 1 {
+    while core.db().stats.cache_listening.get() != 1 {
         assert!(std::time::Instant::now() < deadline, "cache never came on");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
@@ -70,16 +70,16 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
         .map_err(anyhow::Error::from)
         .unwrap();
     assert_eq!((customers, devices), (30, 30));
-    assert!(core.db.cache.get("warm-7").is_some(), "customer cached");
+    assert!(core.db().cache.get("warm-7").is_some(), "customer cached");
     let warmed = core
-        .db
+        .db()
         .cache
         .get("warm-7")
         .and_then(|c| c.customer)
         .expect("the customer row is cached, not a miss");
     assert_eq!(warmed.id, "warm-7");
     assert!(
-        core.db
+        core.db()
             .device_cache
             .get(&entitle::db::device_key("garmin", "warm-7"))
             .is_some(),
@@ -110,7 +110,7 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
     // Other customers kept their entries through that write (PostgreSQL
     // keeps entries a second only, so there a slow run could see them expire).
     if !app.database_url.starts_with("postgres") {
-        assert!(core.db.cache.get("warm-3").is_some());
+        assert!(core.db().cache.get("warm-3").is_some());
     }
 }
 
@@ -128,7 +128,9 @@ async fn restart_warms_the_cache_unasked(b: Backend) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let device = entitle::db::device_key("garmin", "unasked-4");
     // Customers are warmed first, then devices.
-    while core.db.cache.get("unasked-4").is_none() || core.db.device_cache.get(&device).is_none() {
+    while core.db().cache.get("unasked-4").is_none()
+        || core.db().device_cache.get(&device).is_none()
+    {
         assert!(
             std::time::Instant::now() < deadline,
             "the cache was not warmed after the restart"
@@ -136,7 +138,7 @@ async fn restart_warms_the_cache_unasked(b: Backend) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(
-        core.db
+        core.db()
             .device_cache
             .get(&entitle::db::device_key("garmin", "unasked-4"))
             .is_some(),

@@ -52,7 +52,7 @@ fn counts(seen: usize, applied: usize, duplicates: usize, skipped: usize) -> Cou
 }
 
 async fn cursor(app: &TestApp, source: Source) -> DateTime<Utc> {
-    let v = read_cursor(&app.state.core.db.conn, source.cursor())
+    let v = read_cursor(&app.state.core.db().conn, source.cursor())
         .await
         .unwrap()
         .expect("cursor saved");
@@ -69,7 +69,7 @@ fn query(req: &Request, key: &str) -> Option<String> {
 }
 
 async fn change_kinds(app: &TestApp, customer: &str) -> Vec<String> {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let rows = db
         .query_all_raw(Statement::from_sql_and_values(
             db.get_database_backend(),
@@ -498,7 +498,7 @@ async fn play_voided_purchase_revokes(b: Backend) {
 // ---------------------------------------------------------------- refresh
 
 async fn outcome_of(app: &TestApp, store_purchase_id: &str) -> Option<String> {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     let sql = match db.get_database_backend() {
         sea_orm::DbBackend::Postgres => {
             "SELECT c.outcome FROM purchase_checks c JOIN purchases p ON p.id = c.purchase_id WHERE p.store_purchase_id = $1"
@@ -918,7 +918,7 @@ async fn purchase_row(
     customer: &str,
     store_purchase_id: &str,
 ) -> entities::purchases::Model {
-    entitle::db::purchases_of(&app.state.core.db.conn, customer)
+    entitle::db::purchases_of(&app.state.core.db().conn, customer)
         .await
         .map_err(anyhow::Error::from)
         .unwrap()

@@ -42,7 +42,7 @@ async fn until(what: &str, deadline: Duration, mut check: impl AsyncFnMut() -> b
 }
 
 async fn sql(app: &TestApp, q: &str) {
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     db.execute_raw(Statement::from_string(db.get_database_backend(), q))
         .await
         .unwrap();

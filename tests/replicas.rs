@@ -499,8 +499,8 @@ async fn database_down_answers_webhooks_with_5xx() {
 /// other takes it when it expires or is released.
 async fn leases_have_one_holder(b: Backend) {
     let app = common::spawn_with(b, |c| c.jobs.enabled = false).await;
-    let one = Leases::new(app.state.core.db.clone());
-    let two = Leases::new(app.state.core.db.clone());
+    let one = Leases::new(app.state.core.db().clone());
+    let two = Leases::new(app.state.core.db().clone());
     let ttl = Duration::from_millis(300);
     let (x, y) = tokio::join!(one.try_acquire("job", ttl), two.try_acquire("job", ttl));
     let (x, y) = (x.unwrap(), y.unwrap());
@@ -533,7 +533,7 @@ async fn a_run_longer_than_its_lease_keeps_it(b: Backend) {
     {
         let runs = runs.clone();
         entitle::jobs::spawn_leased_for(
-            Leases::new(app.state.core.db.clone()),
+            Leases::new(app.state.core.db().clone()),
             "long-job",
             Duration::from_millis(50),
             ttl,
@@ -548,7 +548,7 @@ async fn a_run_longer_than_its_lease_keeps_it(b: Backend) {
             },
         );
     }
-    let other = Leases::new(app.state.core.db.clone());
+    let other = Leases::new(app.state.core.db().clone());
     let deadline = Instant::now() + Duration::from_secs(10);
     while runs.load(std::sync::atomic::Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the job started");

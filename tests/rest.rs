@@ -122,7 +122,7 @@ async fn health_ready_metrics(b: Backend) {
     assert!(counter("entitle_db_write_transactions_total") > 0, "{text}");
 
     // With the database gone, readiness says so and liveness does not care.
-    app.state.core.db.conn.clone().close().await.unwrap();
+    app.state.core.db().conn.clone().close().await.unwrap();
     let (s, _) = get(&app, &Auth::None, "/ready").await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
     let (s, _) = get(&app, &Auth::None, "/health").await;
@@ -136,7 +136,7 @@ async fn internal_errors_do_not_leak(b: Backend) {
         unreachable!()
     };
     app.post_user(&client, "leak-1").await;
-    app.state.core.db.conn.clone().close().await.unwrap();
+    app.state.core.db().conn.clone().close().await.unwrap();
     // The cached key still authenticates; the database read then fails.
     let (s, r) = app.post_user(&client, "leak-2").await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{r}");
@@ -193,7 +193,7 @@ async fn cached_reads_follow_writes(b: Backend) {
 
     // Another process revokes the grant directly in the database.
     use sea_orm::{ConnectionTrait, Statement};
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     db.execute_raw(Statement::from_string(
         db.get_database_backend(),
         "UPDATE purchases SET status = 'revoked', revoked_at = purchased_at WHERE store = 'promotional'",

@@ -60,12 +60,16 @@ async fn purchase(
         order_id: Set(order_id.map(str::to_string)),
         ..Default::default()
     }
-    .insert(&app.state.core.db.conn)
+    .insert(&app.state.core.db().conn)
     .await
     .unwrap();
     // Written behind the server's back, like a hand edit, which its read
     // cache would only see once the entry expires.
-    app.state.core.db.cache.invalidate([&customer.to_string()]);
+    app.state
+        .core
+        .db()
+        .cache
+        .invalidate([&customer.to_string()]);
 }
 
 async fn search(app: &TestApp, auth: &Auth, q: &str) -> Vec<String> {
@@ -328,7 +332,7 @@ async fn purchase_explanations_follow_accept_sandbox(b: Backend) {
             purchases::Entity::update_many()
                 .set(m)
                 .filter(purchases::Column::StorePurchaseId.eq(id.to_string()))
-                .exec(&app.state.core.db.conn)
+                .exec(&app.state.core.db().conn)
         };
         set(
             "sub_refunded",
@@ -352,7 +356,11 @@ async fn purchase_explanations_follow_accept_sandbox(b: Backend) {
         .await
         .unwrap();
         // Purchase rows written behind the server's back: drop the cached answer.
-        app.state.core.db.cache.invalidate([&"tester".to_string()]);
+        app.state
+            .core
+            .db()
+            .cache
+            .invalidate([&"tester".to_string()]);
 
         let (s, r) = app
             .gql(

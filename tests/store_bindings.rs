@@ -125,7 +125,7 @@ async fn receipts(app: &TestApp, customer: &str) -> Vec<entities::receipts::Mode
     entities::receipts::Entity::find()
         .filter(entities::receipts::Column::CustomerId.eq(customer))
         .order_by_asc(entities::receipts::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap()
 }
@@ -133,7 +133,7 @@ async fn receipts(app: &TestApp, customer: &str) -> Vec<entities::receipts::Mode
 async fn purchase_id(app: &TestApp, store_purchase_id: &str) -> i64 {
     entities::purchases::Entity::find()
         .filter(entities::purchases::Column::StorePurchaseId.eq(store_purchase_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .unwrap_or_else(|| panic!("no purchase {store_purchase_id}"))

@@ -42,7 +42,7 @@ async fn webhook_row(app: &TestApp, event_id: &str) -> Option<(String, Value)> {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     webhook_events::Entity::find()
         .filter(webhook_events::Column::EventId.eq(event_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .map(|r| (r.outcome, r.payload))
@@ -53,7 +53,7 @@ async fn purchase(app: &TestApp, store_purchase_id: &str) -> Option<entities::pu
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     purchases::Entity::find()
         .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
 }
@@ -66,7 +66,7 @@ async fn changes(app: &TestApp, customer: &str) -> Vec<(String, Option<String>, 
         .filter(ev::Column::CustomerId.eq(customer))
         .filter(ev::Column::Entitlement.eq("pro"))
         .order_by_asc(ev::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap()
         .into_iter()

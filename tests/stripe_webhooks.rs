@@ -523,7 +523,7 @@ async fn purchase_status(app: &common::TestApp, store_purchase_id: &str) -> Stri
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     purchases::Entity::find()
         .filter(purchases::Column::StorePurchaseId.eq(store_purchase_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .map(|p| p.status)
@@ -537,7 +537,7 @@ async fn event_kinds(app: &common::TestApp, customer: &str) -> Vec<String> {
         .filter(ev::Column::CustomerId.eq(customer))
         .filter(ev::Column::Entitlement.eq("pro"))
         .order_by_asc(ev::Column::Id)
-        .all(&app.state.core.db.conn)
+        .all(&app.state.core.db().conn)
         .await
         .unwrap()
         .into_iter()
@@ -1092,7 +1092,7 @@ async fn failed_row(app: &common::TestApp, event_id: &str) -> entities::webhook_
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
     entities::webhook_events::Entity::find()
         .filter(entities::webhook_events::Column::EventId.eq(event_id))
-        .one(&app.state.core.db.conn)
+        .one(&app.state.core.db().conn)
         .await
         .unwrap()
         .expect("recorded")

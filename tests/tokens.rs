@@ -453,7 +453,7 @@ async fn rotation_under_load_keeps_every_token_verifiable(b: Backend) {
 
 async fn keys_are_encrypted_at_rest_and_need_the_same_key(b: Backend) {
     let app = spawn(b.clone()).await;
-    let db = &app.state.core.db.conn;
+    let db = &app.state.core.db().conn;
     use sea_orm::EntityTrait;
     let rows = entities::signing_keys::Entity::find()
         .all(db)

@@ -65,7 +65,7 @@ async fn changes_of(app: &TestApp, customer: &str) -> i64 {
     use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter};
     entities::entitlement_events::Entity::find()
         .filter(entities::entitlement_events::Column::CustomerId.eq(customer))
-        .count(&app.state.core.db.conn)
+        .count(&app.state.core.db().conn)
         .await
         .unwrap() as i64
 }

@@ -79,7 +79,7 @@ impl QueryRoot {
         authorize(principal(ctx), Action::ListCustomers, None)?;
         let after = after.as_deref().map(decode_cursor).transpose()?;
         let (rows, more) = db::customers_page(
-            &core(ctx).db.conn,
+            &core(ctx).db().conn,
             search.as_deref(),
             after.as_deref(),
             first as u64,
@@ -97,7 +97,7 @@ impl QueryRoot {
     async fn products(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Product>> {
         authorize(principal(ctx), Action::ReadCatalog, None)?;
         Ok(core(ctx)
-            .catalog
+            .catalog()
             .products()
             .iter()
             .map(Product::from)

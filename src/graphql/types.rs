@@ -196,7 +196,7 @@ impl Customer {
         guard(ctx, Action::ReadCustomerSummary, &self.model.id)?;
         let core = core(ctx);
         if let Some(d) = &device_id {
-            let devices = db::devices_of(&core.db.conn, &self.model.id).await?;
+            let devices = db::devices_of(&core.db().conn, &self.model.id).await?;
             if !devices.iter().any(|x| x.device_id == d.as_str()) {
                 return Err(AppError::NotFound("device").into());
             }
@@ -210,7 +210,7 @@ impl Customer {
 
     async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
         guard(ctx, Action::ReadPurchases, &self.model.id)?;
-        let rows = db::purchases_of(&core(ctx).db.conn, &self.model.id).await?;
+        let rows = db::purchases_of(&core(ctx).db().conn, &self.model.id).await?;
         rows.into_iter()
             .map(|m| {
                 Ok(Purchase {
@@ -224,7 +224,7 @@ impl Customer {
 
     async fn devices(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Device>> {
         guard(ctx, Action::ReadDevices, &self.model.id)?;
-        Ok(db::devices_of(&core(ctx).db.conn, &self.model.id)
+        Ok(db::devices_of(&core(ctx).db().conn, &self.model.id)
             .await?
             .into_iter()
             .map(Device)
@@ -239,7 +239,7 @@ impl Customer {
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<Receipt>> {
         guard(ctx, Action::ReadReceipts, &self.model.id)?;
-        Ok(db::receipts_of(&core(ctx).db.conn, &self.model.id, limit)
+        Ok(db::receipts_of(&core(ctx).db().conn, &self.model.id, limit)
             .await?
             .into_iter()
             .map(Receipt)
@@ -256,7 +256,7 @@ impl Customer {
     ) -> async_graphql::Result<Vec<super::webhooks::WebhookEvent>> {
         guard(ctx, Action::ReadCustomerDeliveries, &self.model.id)?;
         Ok(
-            db::webhook_log::webhook_events_of(&core(ctx).db.conn, &self.model.id, limit)
+            db::webhook_log::webhook_events_of(&core(ctx).db().conn, &self.model.id, limit)
                 .await?
                 .into_iter()
                 .map(super::webhooks::WebhookEvent)
@@ -272,7 +272,7 @@ impl Customer {
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<EntitlementEvent>> {
         guard(ctx, Action::ReadEvents, &self.model.id)?;
-        Ok(db::events_of(&core(ctx).db.conn, &self.model.id, limit)
+        Ok(db::events_of(&core(ctx).db().conn, &self.model.id, limit)
             .await?
             .into_iter()
             .map(EntitlementEvent)

@@ -134,7 +134,7 @@ pub async fn verify_purchase(
         .find_customer(&applied.customer_id)
         .await?
         .ok_or(AppError::NotFound("customer"))?;
-    let purchase = store_purchases::purchase(&core.db.conn, applied.purchase_id)
+    let purchase = store_purchases::purchase(&core.db().conn, applied.purchase_id)
         .await?
         .map(Purchase::from_model)
         .transpose()?;

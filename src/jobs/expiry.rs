@@ -16,33 +16,20 @@ const OVERLAP: Duration = Duration::minutes(5);
 /// Logs every lapse since the previous sweep; returns the rows written.
 pub async fn sweep(core: &Core) -> AppResult<usize> {
     let now = core.now();
-    let since = super::read_cursor(&core.db.conn, JOB)
+    let since = super::read_cursor(&core.db().conn, JOB)
         .await?
         .and_then(|v| DateTime::parse_from_rfc3339(&v).ok())
         .map_or(DateTime::<Utc>::UNIX_EPOCH, |t| {
             t.with_timezone(&Utc) - OVERLAP
         });
-    let customers = db::jobs::customers_with_ends_between(&core.db.conn, since, now).await?;
+    let customers = db::jobs::customers_with_ends_between(&core.db().conn, since, now).await?;
     let mut written = 0;
     for customer in customers {
         written += core.log_lapses(&customer, now).await?;
     }
-    super::write_cursor(&core.db.conn, JOB, &now.to_rfc3339(), now).await?;
+    super::write_cursor(&core.db().conn, JOB, &now.to_rfc3339(), now).await?;
     if written > 0 {
         tracing::info!(rows = written, "expiry sweep logged lapsed entitlements");
     }
     Ok(written)
-}
-
-impl Core {
-    /// Logs the customer's lapses by time, in a transaction of their own.
-    pub async fn log_lapses(&self, customer_id: &str, now: DateTime<Utc>) -> AppResult<usize> {
-        let txn = self.db.write().await?;
-        if db::lock_customer(&txn, customer_id).await?.is_none() {
-            return Ok(0);
-        }
-        let (_, written) = self.state_before_write(&*txn, customer_id, now).await?;
-        txn.commit().await?;
-        Ok(written)
-    }
 }

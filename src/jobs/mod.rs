@@ -123,7 +123,7 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
     if !config.jobs.enabled {
         return;
     }
-    let leases = Leases::new(core.db.clone());
+    let leases = Leases::new(core.db().clone());
     {
         let core = core.clone();
         spawn_leased(
@@ -200,8 +200,8 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
     }
     if !config.outbound.endpoints.is_empty() {
         match crate::events::outbound::Dispatcher::new(
-            core.db.clone(),
-            core.clock.clone(),
+            core.db().clone(),
+            core.clock().clone(),
             &config.outbound,
         ) {
             Ok(dispatcher) => {

@@ -145,7 +145,7 @@ pub async fn run_job(core: &Core, cfg: &ReconcileConfig) -> AppResult<()> {
 }
 
 async fn start_of(core: &Core, source: Source, now: DateTime<Utc>) -> AppResult<DateTime<Utc>> {
-    Ok(super::read_cursor(&core.db.conn, source.cursor())
+    Ok(super::read_cursor(&core.db().conn, source.cursor())
         .await?
         .and_then(|v| DateTime::parse_from_rfc3339(&v).ok())
         .map_or(now - FIRST_LOOKBACK, |t| t.with_timezone(&Utc) - OVERLAP))
@@ -180,7 +180,7 @@ pub async fn run_one(
         Source::Google => google(core, start, &mut counts).await?,
     };
     if complete {
-        super::write_cursor(&core.db.conn, source.cursor(), &now.to_rfc3339(), now).await?;
+        super::write_cursor(&core.db().conn, source.cursor(), &now.to_rfc3339(), now).await?;
     } else {
         tracing::warn!(
             store = source.name(),

@@ -103,7 +103,7 @@ async fn due(
         PurchaseStatus::Paused,
     ];
     db::jobs::due_for_refresh(
-        &core.db.conn,
+        &core.db().conn,
         &RefreshDue {
             stores,
             by_period_end: &by_period_end,
@@ -128,5 +128,5 @@ fn secs(n: u64) -> Duration {
 }
 
 async fn record(core: &Core, purchase_id: i64, outcome: &str, now: DateTime<Utc>) -> AppResult<()> {
-    db::jobs::record_check(&core.db.conn, purchase_id, outcome, now).await
+    db::jobs::record_check(&core.db().conn, purchase_id, outcome, now).await
 }

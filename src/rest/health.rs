@@ -8,7 +8,7 @@ pub async fn health() -> impl IntoResponse {
 }
 
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if state.core.db.ping().await {
+    if state.core.db().ping().await {
         (StatusCode::OK, Json(json!({ "status": "ready" })))
     } else {
         (

@@ -62,19 +62,19 @@ impl Core {
             created_at: self.now(),
             revoked_at: None,
         };
-        db::api_key::insert(&self.db.conn, row).await?;
+        db::api_key::insert(&self.ctx.db.conn, row).await?;
         Ok(CreatedKey { id, key, prefix })
     }
 
     /// Revokes by id or prefix; revoking twice is not an error.
     pub async fn revoke_api_key(&self, id_or_prefix: &str) -> AppResult<api_keys::Model> {
-        let row = db::api_key::find_by_id_or_prefix(&self.db.conn, id_or_prefix)
+        let row = db::api_key::find_by_id_or_prefix(&self.ctx.db.conn, id_or_prefix)
             .await?
             .ok_or(AppError::NotFound("api key"))?;
         if row.revoked_at.is_some() {
             return Ok(row);
         }
-        db::api_key::mark_revoked(&self.db.conn, row, self.now()).await
+        db::api_key::mark_revoked(&self.ctx.db.conn, row, self.now()).await
     }
 
     /// The key's identity, or `None` for an unknown, malformed or revoked key.
@@ -82,7 +82,7 @@ impl Core {
         let Some(prefix) = key_prefix(key) else {
             return Ok(None);
         };
-        let Some(row) = db::api_key::find_by_prefix(&self.db.conn, prefix).await? else {
+        let Some(row) = db::api_key::find_by_prefix(&self.ctx.db.conn, prefix).await? else {
             return Ok(None);
         };
         let presented = hash_key(key);

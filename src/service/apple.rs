@@ -106,7 +106,7 @@ impl Core {
             .await?;
         let result: AppResult<(Applied, purchases::Model)> = async {
             let vp = self.resolve_app_store(apple, &submission).await?;
-            let txn = self.db.write().await?;
+            let txn = self.ctx.db.write().await?;
             let applied = self
                 .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())
                 .await?;
@@ -212,7 +212,7 @@ impl Core {
         let vp = verified.map(|v| apple.purchase(&v)).transpose()?;
 
         let now = self.now();
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let unknown = match &vp {
             Some(vp) => self.is_unknown_product(&txn, vp).await?,
             None => false,

@@ -109,7 +109,7 @@ impl Core {
         let pending = self.seen.take();
         let mut written = 0;
         for chunk in pending.chunks(SEEN_FLUSH_CHUNK) {
-            let txn = self.db.write().await?;
+            let txn = self.ctx.db.write().await?;
             for (id, at) in chunk {
                 written += db::device::advance_last_seen(&*txn, *id, *at).await? as usize;
             }
@@ -152,7 +152,7 @@ impl Core {
                 .await;
         }
 
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         // A merged-away id (the device's own included) lands on its account.
         let customer =
             db::lock_resolved_customer(&txn, customer_id.unwrap_or(device_id).as_str()).await?;
@@ -175,7 +175,7 @@ impl Core {
             // Another request registered it first; it owns the first sight.
             // Read once that registration is committed.
             txn.abandon().await?;
-            let device = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str())
+            let device = db::find_device(&self.ctx.db.conn, platform.as_str(), device_id.as_str())
                 .await?
                 .ok_or_else(|| {
                     AppError::Internal(anyhow::anyhow!("device vanished after conflict"))
@@ -185,7 +185,7 @@ impl Core {
                 .await;
         }
 
-        let (before, _) = self.state_before_write(&*txn, &customer, now).await?;
+        let (before, _) = self.ctx.state_before_write(&*txn, &customer, now).await?;
         if let Some(trial) = &self.trial {
             let row = granted_by_us(
                 &customer,
@@ -198,6 +198,7 @@ impl Core {
             db::purchase::add_trial(&*txn, row).await?;
         }
         let snapshot = self
+            .ctx
             .record_transition(&*txn, &customer, &before, now)
             .await?;
         let device = db::find_device(&*txn, platform.as_str(), device_id.as_str())
@@ -231,13 +232,14 @@ impl Core {
         device_id: &ExternalId,
     ) -> AppResult<Option<devices::Model>> {
         let key = db::device_key(platform.as_str(), device_id.as_str());
-        if let Some(d) = self.db.device_cache.get(&key) {
+        if let Some(d) = self.ctx.db.device_cache.get(&key) {
             return Ok(Some(d));
         }
-        let epoch = self.db.device_cache.epoch(&key);
-        let found = db::find_device(&self.db.conn, platform.as_str(), device_id.as_str()).await?;
+        let epoch = self.ctx.db.device_cache.epoch(&key);
+        let found =
+            db::find_device(&self.ctx.db.conn, platform.as_str(), device_id.as_str()).await?;
         if let Some(d) = &found {
-            self.db.device_cache.fill(&key, epoch, d.clone());
+            self.ctx.db.device_cache.fill(&key, epoch, d.clone());
         }
         Ok(found)
     }
@@ -252,7 +254,7 @@ impl Core {
     ) -> AppResult<Registration> {
         // An id merged into an account names the account.
         let rebind = match customer_id {
-            Some(c) => Some(db::resolve_customer(&self.db.conn, c.as_str()).await?)
+            Some(c) => Some(db::resolve_customer(&self.ctx.db.conn, c.as_str()).await?)
                 .filter(|c| *c != device.customer_id),
             None => None,
         };
@@ -270,14 +272,15 @@ impl Core {
             let mut device = device;
             self.seen.record(device.id, now);
             device.last_seen_at = now;
-            self.db
+            self.ctx
+                .db
                 .device_cache
                 .update(&db::device_key(&device.platform, &device.device_id), |d| {
                     d.last_seen_at = now
                 });
             device
         } else if rebind.is_some() || owes_secret {
-            let txn = self.db.write().await?;
+            let txn = self.ctx.db.write().await?;
             let rebind = match rebind {
                 // The device follows the customer now signed in on it; its
                 // first sight (and so its trial) stays in the past.
@@ -308,10 +311,21 @@ impl Core {
         })
     }
 
+    /// Logs the customer's lapses by time, in a transaction of their own.
+    pub async fn log_lapses(&self, customer_id: &str, now: DateTime<Utc>) -> AppResult<usize> {
+        let txn = self.ctx.db.write().await?;
+        if db::lock_customer(&txn, customer_id).await?.is_none() {
+            return Ok(0);
+        }
+        let (_, written) = self.ctx.state_before_write(&*txn, customer_id, now).await?;
+        txn.commit().await?;
+        Ok(written)
+    }
+
     /// The customer an id names, following a merge to the account.
     pub async fn find_customer(&self, id: &str) -> AppResult<Option<customers::Model>> {
-        let id = db::resolve_customer(&self.db.conn, id).await?;
-        db::customer::find(&self.db.conn, &id).await
+        let id = db::resolve_customer(&self.ctx.db.conn, id).await?;
+        db::customer::find(&self.ctx.db.conn, &id).await
     }
 
     /// Grants a promotional entitlement until `expires_at` (`None`: lifetime).
@@ -323,7 +337,7 @@ impl Core {
         expires_at: Option<DateTime<Utc>>,
     ) -> AppResult<Snapshot> {
         let now = self.now();
-        if !self.catalog.has_entitlement(entitlement) {
+        if !self.ctx.catalog.has_entitlement(entitlement) {
             return Err(AppError::bad_input(format!(
                 "unknown entitlement `{entitlement}`"
             )));
@@ -331,12 +345,12 @@ impl Core {
         if expires_at.is_some_and(|e| e <= now) {
             return Err(AppError::bad_input("expiresAt must be in the future"));
         }
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let customer_id = &db::lock_resolved_customer(&txn, customer_id).await?;
         db::lock_customer(&txn, customer_id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
-        let (before, _) = self.state_before_write(&*txn, customer_id, now).await?;
+        let (before, _) = self.ctx.state_before_write(&*txn, customer_id, now).await?;
         let row = granted_by_us(
             customer_id,
             Store::Promotional,
@@ -347,6 +361,7 @@ impl Core {
         );
         db::purchase::put_grant(&*txn, row).await?;
         let after = self
+            .ctx
             .record_transition(&*txn, customer_id, &before, now)
             .await?;
         txn.commit().await?;
@@ -356,12 +371,12 @@ impl Core {
     /// Ends a promotional grant now. Other sources of the entitlement stay.
     pub async fn revoke_grant(&self, customer_id: &str, entitlement: &str) -> AppResult<Snapshot> {
         let now = self.now();
-        if !self.catalog.has_entitlement(entitlement) {
+        if !self.ctx.catalog.has_entitlement(entitlement) {
             return Err(AppError::bad_input(format!(
                 "unknown entitlement `{entitlement}`"
             )));
         }
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let customer_id = &db::lock_resolved_customer(&txn, customer_id).await?;
         db::lock_customer(&txn, customer_id)
             .await?
@@ -370,9 +385,10 @@ impl Core {
         let grant = db::purchase::find_live_grant(&*txn, &key)
             .await?
             .ok_or(AppError::NotFound("grant"))?;
-        let (before, _) = self.state_before_write(&*txn, customer_id, now).await?;
+        let (before, _) = self.ctx.state_before_write(&*txn, customer_id, now).await?;
         db::purchase::revoke(&*txn, grant, now).await?;
         let after = self
+            .ctx
             .record_transition(&*txn, customer_id, &before, now)
             .await?;
         txn.commit().await?;

@@ -79,7 +79,7 @@ impl Core {
 
     /// The catalog product a Play product id (bare or `product:basePlan`) names.
     fn play_product(&self, product_id: &str) -> Option<&ProductDef> {
-        let products = self.catalog.products();
+        let products = self.ctx.catalog.products();
         products
             .iter()
             .find(|p| p.play_store_product_id.as_deref() == Some(product_id))
@@ -172,7 +172,7 @@ impl Core {
     /// Notes in the stored payload that Google has the acknowledgement, so
     /// the sweep skips it. `raw` is audit data: no change-log row.
     async fn mark_play_acknowledged(&self, token: &str) -> AppResult<()> {
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let row = store_purchases::store_purchase(&*txn, Store::PlayStore, token).await?;
         if let Some(row) = row
             && let Some(mut raw) = row.raw.clone()
@@ -201,7 +201,7 @@ impl Core {
         };
         let since = self.now() - chrono::Duration::days(3);
         let rows = store_purchases::purchases_since(
-            &self.db.conn,
+            &self.ctx.db.conn,
             Store::PlayStore,
             since,
             &[
@@ -299,7 +299,7 @@ impl Core {
             .kind;
         let fetched = self.fetch_play(google, kind, &product_id, &token).await?;
 
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self
@@ -378,7 +378,7 @@ impl Core {
             Err(e) => return Err(e),
         };
 
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let now = self.now();
         let (fetched, ack) = match fetched {
             Ok(f) => {
@@ -489,9 +489,11 @@ impl Core {
         let now = self.now();
         // What we know of it: a stored purchase, or one held for its owner.
         let stored =
-            match store_purchases::store_purchase(&self.db.conn, Store::PlayStore, token).await? {
+            match store_purchases::store_purchase(&self.ctx.db.conn, Store::PlayStore, token)
+                .await?
+            {
                 Some(p) => Some((p.product_id, p.expires_at.is_some())),
-                None => store_purchases::held_purchase(&self.db.conn, Store::PlayStore, token)
+                None => store_purchases::held_purchase(&self.ctx.db.conn, Store::PlayStore, token)
                     .await?
                     .and_then(|h| {
                         let product = h.state.get("product_id")?.as_str()?.to_string();
@@ -533,9 +535,12 @@ impl Core {
         v: &play::VoidedPurchase,
     ) -> AppResult<WebhookOutcome> {
         let event_id = voided_event_id(v);
-        let seen =
-            db::webhook_log::webhook_event_by_source(&self.db.conn, Store::PlayStore, &event_id)
-                .await?;
+        let seen = db::webhook_log::webhook_event_by_source(
+            &self.ctx.db.conn,
+            Store::PlayStore,
+            &event_id,
+        )
+        .await?;
         if seen.is_some() {
             return Ok(WebhookOutcome::Duplicate);
         }
@@ -550,7 +555,7 @@ impl Core {
             Err(AppError::InvalidReceipt(_)) => return Ok(WebhookOutcome::UnknownPurchase),
             Err(e) => return Err(e),
         };
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self.apply_store_in(&txn, &purchase, now).await?;

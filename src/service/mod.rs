@@ -26,12 +26,18 @@ pub mod stripe;
 pub mod tokens;
 pub mod webhooks;
 
-/// What every use case needs: the database, the catalog and the clock.
+/// What every use case reads: the database, the clock, and the rules that
+/// turn purchase facts into entitlements. Kept inside `service`: callers
+/// reach a use case, never the state behind it.
+struct Ctx {
+    db: Db,
+    clock: Arc<dyn Clock>,
+    catalog: Catalog,
+    accept_sandbox: bool,
+}
+
 pub struct Core {
-    pub db: Db,
-    pub catalog: Catalog,
-    pub clock: Arc<dyn Clock>,
-    pub accept_sandbox: bool,
+    ctx: Arc<Ctx>,
     pub trial: Option<TrialPolicy>,
     pub transfer_policy: TransferPolicy,
     /// Present when a `[stripe]` section is configured.
@@ -53,10 +59,12 @@ impl Core {
         let tokens = Arc::new(tokens::Tokens::new(config, db.clone(), clock.clone())?);
         Ok(Core {
             tokens,
-            db,
-            catalog: config.catalog()?,
-            clock: clock.clone(),
-            accept_sandbox: config.accept_sandbox,
+            ctx: Arc::new(Ctx {
+                db,
+                catalog: config.catalog()?,
+                clock: clock.clone(),
+                accept_sandbox: config.accept_sandbox,
+            }),
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
             stripe: config
@@ -86,6 +94,160 @@ impl Core {
     }
 
     pub fn now(&self) -> DateTime<Utc> {
+        self.ctx.now()
+    }
+
+    /// The database handle, for the process's wiring (readiness, the event
+    /// relay, job leases and cursors) rather than for use cases.
+    pub fn db(&self) -> &Db {
+        &self.ctx.db
+    }
+
+    /// The clock every use case reads, for workers that keep their own time.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.ctx.clock
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.ctx.catalog
+    }
+
+    /// The customer's entitlements now, for a read-only answer: served from
+    /// the read cache when fresh. Decisions inside a write use `snapshot_in`
+    /// with their transaction instead.
+    pub async fn snapshot(&self, customer_id: &str) -> AppResult<Snapshot> {
+        let cached = self.cached_customer(customer_id).await?;
+        Ok(compute(
+            &self.ctx.catalog,
+            &cached.facts,
+            self.now(),
+            self.ctx.accept_sandbox,
+        ))
+    }
+
+    /// The customer row and its entitlements now, for a read-only answer;
+    /// `None` when there is no such customer.
+    pub async fn read_customer(
+        &self,
+        customer_id: &str,
+    ) -> AppResult<Option<(customer_rows::Model, Snapshot)>> {
+        let cached = self.cached_customer(customer_id).await?;
+        let snapshot = compute(
+            &self.ctx.catalog,
+            &cached.facts,
+            self.now(),
+            self.ctx.accept_sandbox,
+        );
+        Ok(cached.customer.map(|c| (c, snapshot)))
+    }
+
+    /// The plain sentence behind one entitlement of the customer's snapshot.
+    pub async fn explain(
+        &self,
+        customer_id: &str,
+        state: &crate::domain::EntitlementState,
+    ) -> AppResult<String> {
+        let cached = self.cached_customer(customer_id).await?;
+        Ok(crate::domain::explain(
+            &self.ctx.catalog,
+            &cached.facts,
+            state,
+            self.now(),
+            self.ctx.accept_sandbox,
+        ))
+    }
+
+    /// The plain sentence behind one purchase: what it grants now, or why
+    /// it grants nothing.
+    pub fn explain_purchase(&self, purchase: &PurchaseFacts) -> String {
+        crate::domain::explain_purchase(
+            &self.ctx.catalog,
+            purchase,
+            self.now(),
+            self.ctx.accept_sandbox,
+        )
+    }
+
+    async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
+        if let Some(c) = self.ctx.db.cache.get(customer_id) {
+            return Ok(c);
+        }
+        let epoch = self.ctx.db.cache.epoch(customer_id);
+        // Entries are kept under the customer's own id only: a merge then
+        // invalidates the old id, and the account's writes the account's.
+        let customer = db::resolved_customer_row(&self.ctx.db.conn, customer_id).await?;
+        let (customer, epoch) = match customer {
+            Some(c) if c.id != customer_id => {
+                // A merged-away id: start again from the account, whose
+                // shard the epoch above does not cover.
+                if let Some(cached) = self.ctx.db.cache.get(&c.id) {
+                    return Ok(cached);
+                }
+                let epoch = self.ctx.db.cache.epoch(&c.id);
+                let again = db::customer::find(&self.ctx.db.conn, &c.id).await?;
+                (again, epoch)
+            }
+            other => (other, epoch),
+        };
+        let id = customer.as_ref().map_or(customer_id, |c| c.id.as_str());
+        let facts = match &customer {
+            Some(_) => db::purchase_facts_of(&self.ctx.db.conn, id).await?,
+            None => Vec::new(),
+        };
+        let id = id.to_string();
+        let cached = CachedCustomer {
+            customer,
+            facts: Arc::new(facts),
+        };
+        self.ctx.db.cache.fill(&id, epoch, cached.clone());
+        Ok(cached)
+    }
+
+    /// Fills the read caches with the most recent `limit` customers and
+    /// devices, so the first request for each after a restart does not pay
+    /// a database read (on SQLite a read is a round trip to a worker
+    /// thread; a restart under load would pay one or two per caller).
+    /// Pages of ids are read first and their epochs taken before their rows
+    /// are, so a write that commits meanwhile keeps its entry out.
+    pub async fn warm_caches(&self, limit: u64) -> AppResult<(usize, usize)> {
+        const PAGE: usize = 500;
+        let conn = &self.ctx.db.conn;
+        let mut customers = 0;
+        for ids in db::recent_customer_ids(conn, limit).await?.chunks(PAGE) {
+            let epochs: Vec<_> = ids.iter().map(|id| self.ctx.db.cache.epoch(id)).collect();
+            let rows = db::customers_by_ids(conn, ids).await?;
+            let mut facts = db::purchase_facts_of_many(conn, ids).await?;
+            let mut rows: std::collections::HashMap<String, customer_rows::Model> =
+                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+            for (id, epoch) in ids.iter().zip(epochs) {
+                let Some(row) = rows.remove(id) else { continue };
+                let cached = CachedCustomer {
+                    customer: Some(row),
+                    facts: Arc::new(facts.remove(id).unwrap_or_default()),
+                };
+                self.ctx.db.cache.fill(id, epoch, cached);
+                customers += 1;
+            }
+        }
+        let mut devices = 0;
+        for rows in db::recent_device_rows(conn, limit).await?.chunks(PAGE) {
+            // Device rows are keyed by (platform, device id), known only
+            // once read: take every shard's epoch for the page first.
+            let epochs = self.ctx.db.device_cache.all_epochs();
+            let found = db::devices_by_rows(conn, rows).await?;
+            for d in found {
+                let key = db::device_key(&d.platform, &d.device_id);
+                let epoch = self.ctx.db.device_cache.epoch_from(&epochs, &key);
+                self.ctx.db.device_cache.fill(&key, epoch, d);
+                devices += 1;
+            }
+        }
+        Ok((customers, devices))
+    }
+}
+
+impl Ctx {
+    fn now(&self) -> DateTime<Utc> {
         self.clock.now()
     }
 
@@ -99,134 +261,6 @@ impl Core {
     ) -> AppResult<Snapshot> {
         let facts = db::purchase_facts_of(c, customer_id).await?;
         Ok(compute(&self.catalog, &facts, now, self.accept_sandbox))
-    }
-
-    /// The customer's entitlements now, for a read-only answer: served from
-    /// the read cache when fresh. Decisions inside a write use `snapshot_in`
-    /// with their transaction instead.
-    pub async fn snapshot(&self, customer_id: &str) -> AppResult<Snapshot> {
-        let cached = self.cached_customer(customer_id).await?;
-        Ok(compute(
-            &self.catalog,
-            &cached.facts,
-            self.now(),
-            self.accept_sandbox,
-        ))
-    }
-
-    /// The customer row and its entitlements now, for a read-only answer;
-    /// `None` when there is no such customer.
-    pub async fn read_customer(
-        &self,
-        customer_id: &str,
-    ) -> AppResult<Option<(customer_rows::Model, Snapshot)>> {
-        let cached = self.cached_customer(customer_id).await?;
-        let snapshot = compute(
-            &self.catalog,
-            &cached.facts,
-            self.now(),
-            self.accept_sandbox,
-        );
-        Ok(cached.customer.map(|c| (c, snapshot)))
-    }
-
-    /// The plain sentence behind one entitlement of the customer's snapshot.
-    pub async fn explain(
-        &self,
-        customer_id: &str,
-        state: &crate::domain::EntitlementState,
-    ) -> AppResult<String> {
-        let cached = self.cached_customer(customer_id).await?;
-        Ok(crate::domain::explain(
-            &self.catalog,
-            &cached.facts,
-            state,
-            self.now(),
-            self.accept_sandbox,
-        ))
-    }
-
-    /// The plain sentence behind one purchase: what it grants now, or why
-    /// it grants nothing.
-    pub fn explain_purchase(&self, purchase: &PurchaseFacts) -> String {
-        crate::domain::explain_purchase(&self.catalog, purchase, self.now(), self.accept_sandbox)
-    }
-
-    async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
-        if let Some(c) = self.db.cache.get(customer_id) {
-            return Ok(c);
-        }
-        let epoch = self.db.cache.epoch(customer_id);
-        // Entries are kept under the customer's own id only: a merge then
-        // invalidates the old id, and the account's writes the account's.
-        let customer = db::resolved_customer_row(&self.db.conn, customer_id).await?;
-        let (customer, epoch) = match customer {
-            Some(c) if c.id != customer_id => {
-                // A merged-away id: start again from the account, whose
-                // shard the epoch above does not cover.
-                if let Some(cached) = self.db.cache.get(&c.id) {
-                    return Ok(cached);
-                }
-                let epoch = self.db.cache.epoch(&c.id);
-                let again = db::customer::find(&self.db.conn, &c.id).await?;
-                (again, epoch)
-            }
-            other => (other, epoch),
-        };
-        let id = customer.as_ref().map_or(customer_id, |c| c.id.as_str());
-        let facts = match &customer {
-            Some(_) => db::purchase_facts_of(&self.db.conn, id).await?,
-            None => Vec::new(),
-        };
-        let id = id.to_string();
-        let cached = CachedCustomer {
-            customer,
-            facts: Arc::new(facts),
-        };
-        self.db.cache.fill(&id, epoch, cached.clone());
-        Ok(cached)
-    }
-
-    /// Fills the read caches with the most recent `limit` customers and
-    /// devices, so the first request for each after a restart does not pay
-    /// a database read (on SQLite a read is a round trip to a worker
-    /// thread; a restart under load would pay one or two per caller).
-    /// Pages of ids are read first and their epochs taken before their rows
-    /// are, so a write that commits meanwhile keeps its entry out.
-    pub async fn warm_caches(&self, limit: u64) -> AppResult<(usize, usize)> {
-        const PAGE: usize = 500;
-        let conn = &self.db.conn;
-        let mut customers = 0;
-        for ids in db::recent_customer_ids(conn, limit).await?.chunks(PAGE) {
-            let epochs: Vec<_> = ids.iter().map(|id| self.db.cache.epoch(id)).collect();
-            let rows = db::customers_by_ids(conn, ids).await?;
-            let mut facts = db::purchase_facts_of_many(conn, ids).await?;
-            let mut rows: std::collections::HashMap<String, customer_rows::Model> =
-                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
-            for (id, epoch) in ids.iter().zip(epochs) {
-                let Some(row) = rows.remove(id) else { continue };
-                let cached = CachedCustomer {
-                    customer: Some(row),
-                    facts: Arc::new(facts.remove(id).unwrap_or_default()),
-                };
-                self.db.cache.fill(id, epoch, cached);
-                customers += 1;
-            }
-        }
-        let mut devices = 0;
-        for rows in db::recent_device_rows(conn, limit).await?.chunks(PAGE) {
-            // Device rows are keyed by (platform, device id), known only
-            // once read: take every shard's epoch for the page first.
-            let epochs = self.db.device_cache.all_epochs();
-            let found = db::devices_by_rows(conn, rows).await?;
-            for d in found {
-                let key = db::device_key(&d.platform, &d.device_id);
-                let epoch = self.db.device_cache.epoch_from(&epochs, &key);
-                self.db.device_cache.fill(&key, epoch, d);
-                devices += 1;
-            }
-        }
-        Ok((customers, devices))
     }
 
     /// The customer's entitlements at `now` as a write (holding the

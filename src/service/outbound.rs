@@ -33,7 +33,7 @@ impl EndpointState {
 impl Core {
     /// Every configured endpoint, and every one the database still knows.
     pub async fn outbound_status(&self, configured: &[String]) -> AppResult<Vec<EndpointState>> {
-        let conn = &self.db.conn;
+        let conn = &self.ctx.db.conn;
         let rows = db::outbound_endpoint::all(conn).await?;
         let pending = db::outbound_endpoint::pending_by_url(conn).await?;
         // Every endpoint the configuration or the database knows, once, by URL.
@@ -64,7 +64,7 @@ impl Core {
     /// Re-enables an endpoint and makes its undelivered rows due now, with
     /// a fresh failure window; returns how many rows that is.
     pub async fn enable_outbound_endpoint(&self, url: &str) -> AppResult<u64> {
-        let conn = &self.db.conn;
+        let conn = &self.ctx.db.conn;
         let now = self.now();
         let endpoint = db::outbound_endpoint::clear_failure(conn, url).await?;
         let due = db::outbound_endpoint::make_due(conn, url, now).await?;

@@ -113,7 +113,7 @@ impl Core {
         let now = self.now();
         let code = new_pairing_code();
         let expires_at = now + PAIRING_CODE_TTL;
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         db::device::drop_pairing_codes(&*txn, &device.platform, &device.device_id).await?;
         db::device::add_pairing_code(&*txn, hash_secret(&code), device, now, expires_at).await?;
         txn.commit().await?;
@@ -131,11 +131,11 @@ impl Core {
         let code_hash = hash_secret(&code);
         // Guesses are answered from a read, without queueing for the writer.
         let live = |r: &pairing_codes::Model| r.used_at.is_none() && r.expires_at > now;
-        db::device::find_pairing_code(&self.db.conn, &code_hash)
+        db::device::find_pairing_code(&self.ctx.db.conn, &code_hash)
             .await?
             .filter(live)
             .ok_or(AppError::InvalidPairingCode)?;
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let row = db::device::find_pairing_code(&*txn, &code_hash)
             .await?
             .filter(live)
@@ -160,7 +160,7 @@ impl Core {
             return Err(AppError::InvalidPairingCode);
         }
         let snapshot = if from == into {
-            self.snapshot_in(&*txn, &into, now).await?
+            self.ctx.snapshot_in(&*txn, &into, now).await?
         } else {
             self.merge_in(&txn, &from, &into, now).await?
         };
@@ -176,7 +176,7 @@ impl Core {
         };
         let (from, into) = (parse("from", from)?, parse("into", into)?);
         let now = self.now();
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         // Lock both in one order (two opposite merges must not deadlock),
         // then check no merge moved either meanwhile.
         let mut ids = (
@@ -235,8 +235,8 @@ impl Core {
         into: &str,
         now: DateTime<Utc>,
     ) -> AppResult<Snapshot> {
-        let (before_from, _) = self.state_before_write(&**txn, from, now).await?;
-        let (before_into, _) = self.state_before_write(&**txn, into, now).await?;
+        let (before_from, _) = self.ctx.state_before_write(&**txn, from, now).await?;
+        let (before_into, _) = self.ctx.state_before_write(&**txn, into, now).await?;
 
         // Trials and grants are keyed by customer, which is what makes "one
         // trial per customer" a database fact: re-key them to `into`, and of
@@ -293,14 +293,15 @@ impl Core {
             db::customer::set_attributes(&**txn, i, serde_json::Value::Object(merged)).await?;
         }
 
-        let after_from = self.snapshot_in(&**txn, from, now).await?;
+        let after_from = self.ctx.snapshot_in(&**txn, from, now).await?;
         let mut changes = diff(&before_from, &after_from);
         // What the old id lost, it lost to the account.
         for ch in changes.iter_mut().filter(|ch| ch.new_status != "ACTIVE") {
             ch.kind = EventKind::Transferred;
         }
         db::record_changes(&**txn, from, &changes, now).await?;
-        self.record_transition(&**txn, into, &before_into, now)
+        self.ctx
+            .record_transition(&**txn, into, &before_into, now)
             .await
     }
 }

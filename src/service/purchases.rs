@@ -290,7 +290,10 @@ impl Core {
             return Ok(());
         }
         db::hold_customer(txn, customer_id).await?;
-        let (before, _) = self.state_before_write(&**txn, customer_id, now).await?;
+        let (before, _) = self
+            .ctx
+            .state_before_write(&**txn, customer_id, now)
+            .await?;
         for h in held {
             let vp = from_held(h.state.clone())
                 .map_err(|e| AppError::Internal(anyhow::anyhow!("held purchase {}: {e}", h.id)))?;
@@ -306,7 +309,8 @@ impl Core {
             let row = self.fields(&vp, customer_id, vp.renewal_count.unwrap_or(0));
             db::purchase::insert(&**txn, row).await?;
         }
-        self.record_transition(&**txn, customer_id, &before, now)
+        self.ctx
+            .record_transition(&**txn, customer_id, &before, now)
             .await?;
         Ok(())
     }
@@ -514,7 +518,7 @@ impl Core {
         let mut owner_facts = Vec::new();
         for c in &affected {
             db::hold_customer(txn, c).await?;
-            let (snapshot, facts, _) = self.facts_before_write(&**txn, c, now).await?;
+            let (snapshot, facts, _) = self.ctx.facts_before_write(&**txn, c, now).await?;
             if derive_after {
                 owner_facts = facts;
             }
@@ -591,9 +595,14 @@ impl Core {
                     let read = db::purchase_facts_of(&**txn, &c).await?;
                     assert_eq!(owner_facts, read, "facts derived after a write");
                 }
-                compute(&self.catalog, &owner_facts, now, self.accept_sandbox)
+                compute(
+                    &self.ctx.catalog,
+                    &owner_facts,
+                    now,
+                    self.ctx.accept_sandbox,
+                )
             } else {
-                self.snapshot_in(&**txn, &c, now).await?
+                self.ctx.snapshot_in(&**txn, &c, now).await?
             };
             let mut changes = diff(&b, &after);
             if Some(&c) == previous_owner.as_ref() && c != owner {
@@ -674,7 +683,7 @@ impl Core {
         vp: &VerifiedPurchase,
         submitter: Submitter<'_>,
     ) -> AppResult<Applied> {
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let applied = self
             .apply_purchase_in(&txn, vp, submitter, self.now())
             .await?;
@@ -727,8 +736,8 @@ impl Core {
     ) -> AppResult<i64> {
         let payload = bounded_payload(payload, self.receipts.max_payload_bytes);
         let cap = self.receipts.max_unverified_per_customer.max(1);
-        let customer_id = db::resolve_customer(&self.db.conn, customer_id).await?;
-        let txn = self.db.write().await?;
+        let customer_id = db::resolve_customer(&self.ctx.db.conn, customer_id).await?;
+        let txn = self.ctx.db.write().await?;
         let unverified = db::receipt::unverified_of(&*txn, &customer_id).await?;
         if unverified.len() as u64 >= cap {
             // Keep the newest cap - 1 so the new one fits.
@@ -765,16 +774,16 @@ impl Core {
         reason: &str,
     ) -> AppResult<()> {
         if self.find_customer(customer_id).await?.is_none()
-            && let Some(row) = db::receipt::find(&self.db.conn, receipt_id).await?
+            && let Some(row) = db::receipt::find(&self.ctx.db.conn, receipt_id).await?
         {
             db::receipt::replace_payload(
-                &self.db.conn,
+                &self.ctx.db.conn,
                 receipt_id,
                 bounded_payload(row.payload, 0),
             )
             .await?;
         }
-        self.finish_receipt(&self.db.conn, receipt_id, Err(reason))
+        self.finish_receipt(&self.ctx.db.conn, receipt_id, Err(reason))
             .await
     }
 
@@ -868,7 +877,7 @@ mod tests {
     }
 
     async fn kinds(core: &Core, customer: &str) -> Vec<String> {
-        db::events_of(&core.db.conn, customer, 100)
+        db::events_of(&core.db().conn, customer, 100)
             .await
             .unwrap()
             .into_iter()
@@ -914,7 +923,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(kinds(&core, "alice").await, vec!["granted", "refunded"]);
-        assert_eq!(db::purchase::count_all(&core.db.conn).await.unwrap(), 1);
+        assert_eq!(db::purchase::count_all(&core.db().conn).await.unwrap(), 1);
     }
 
     #[tokio::test]
@@ -992,7 +1001,7 @@ mod tests {
         core.apply_purchase(&verified_for_test(up), Submitter::Customer("c"))
             .await
             .unwrap();
-        let rows = db::purchases_of(&core.db.conn, "c").await.unwrap();
+        let rows = db::purchases_of(&core.db().conn, "c").await.unwrap();
         let now = core.now();
         let live: Vec<_> = rows
             .iter()
@@ -1019,7 +1028,7 @@ mod tests {
     async fn webhook_claim_is_once() {
         let (core, _d) = core(TransferPolicy::Transfer).await;
         let now = core.now();
-        let txn = core.db.write().await.unwrap();
+        let txn = core.db().write().await.unwrap();
         assert!(
             core.claim_webhook(
                 &txn,

@@ -45,7 +45,7 @@ impl Core {
         let Some(state) = store.reread_purchase(purchase, self.now()).await? else {
             return Ok(WebhookOutcome::UnknownStatus);
         };
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let now = self.now();
         let (outcome, then) = store.apply_reread(self, &txn, state, now).await?;
         txn.commit().await?;

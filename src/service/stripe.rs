@@ -157,7 +157,7 @@ impl Core {
         let plan = self.plan_stripe_event(p, ev).await?;
 
         let now = self.now();
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         let (outcome, customer) = match plan {
             Plan::Record(o) => (o, None),
             Plan::Unmatched { outcome, customer } => (outcome, customer),
@@ -655,7 +655,7 @@ impl Core {
         p: &StripeProvider,
     ) -> Option<(ProductKind, String)> {
         if let Some(pr) = price
-            && let Some(def) = self.catalog.product_by_stripe_price(pr)
+            && let Some(def) = self.ctx.catalog.product_by_stripe_price(pr)
         {
             return Some((def.kind, pr.to_string()));
         }
@@ -664,7 +664,7 @@ impl Core {
                 .metadata
                 .as_ref()
                 .and_then(|m| m.get("product_id"))
-                .and_then(|id| self.catalog.product(id))
+                .and_then(|id| self.ctx.catalog.product(id))
             && let Some(key) = def
                 .stripe_price_id
                 .as_ref()
@@ -673,26 +673,24 @@ impl Core {
             return Some((def.kind, key.clone()));
         }
         let link = session.payment_link.as_ref().map(|l| l.id().to_string())?;
-        let def = self.catalog.product_by_payment_link(&link)?;
+        let def = self.ctx.catalog.product_by_payment_link(&link)?;
         Some((def.kind, link))
     }
 
     /// Whether a one-time purchase was paid by this PaymentIntent.
     async fn has_purchase_with(&self, payment_intent: &str) -> AppResult<bool> {
-        Ok(
-            store_purchases::stripe_purchase_by_raw(
-                &self.db.conn,
-                "payment_intent",
-                payment_intent,
-            )
-            .await?
-            .is_some(),
+        Ok(store_purchases::stripe_purchase_by_raw(
+            &self.ctx.db.conn,
+            "payment_intent",
+            payment_intent,
         )
+        .await?
+        .is_some())
     }
 
     /// Our customer whose Stripe customer id is `stripe_customer`.
     pub async fn customer_by_stripe_id(&self, stripe_customer: &str) -> AppResult<Option<String>> {
-        store_purchases::customer_of_stripe_customer(&self.db.conn, stripe_customer).await
+        store_purchases::customer_of_stripe_customer(&self.ctx.db.conn, stripe_customer).await
     }
 
     async fn stripe_customer_of(&self, customer_id: &str) -> AppResult<Option<String>> {
@@ -714,6 +712,7 @@ impl Core {
     ) -> AppResult<(String, String)> {
         let api = self.stripe()?.require_api()?;
         let product = self
+            .ctx
             .catalog
             .product(product_id)
             .ok_or_else(|| AppError::bad_input(format!("unknown productId `{product_id}`")))?;

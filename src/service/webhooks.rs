@@ -114,9 +114,11 @@ impl Core {
         if !store_call {
             return Ok(false);
         }
-        Ok(db::webhook_log::outcome_of(&self.db.conn, source, event_id)
-            .await?
-            .is_some_and(|o| o != WebhookOutcome::Failed.as_str()))
+        Ok(
+            db::webhook_log::outcome_of(&self.ctx.db.conn, source, event_id)
+                .await?
+                .is_some_and(|o| o != WebhookOutcome::Failed.as_str()),
+        )
     }
 
     /// A verified notification whose processing failed because the store
@@ -135,7 +137,7 @@ impl Core {
             return Ok(());
         }
         let now = self.now();
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         db::webhook_log::record_failed(
             &*txn,
             source,
@@ -151,7 +153,7 @@ impl Core {
     }
 
     pub async fn webhook_event(&self, id: i64) -> AppResult<webhook_events::Model> {
-        db::webhook_log::webhook_event(&self.db.conn, id)
+        db::webhook_log::webhook_event(&self.ctx.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))
     }
@@ -162,14 +164,14 @@ impl Core {
         filter: &WebhookFilter,
         first: u64,
     ) -> AppResult<(Vec<webhook_events::Model>, bool)> {
-        db::webhook_log::webhook_events_page(&self.db.conn, filter, first).await
+        db::webhook_log::webhook_events_page(&self.ctx.db.conn, filter, first).await
     }
 
     /// Runs a stored notification again through its store's ingest path.
     /// An event that already applied (any outcome but the replayable ones)
     /// changes nothing; two concurrent replays apply it once.
     pub async fn replay_webhook_event(&self, id: i64) -> AppResult<Replayed> {
-        let row = db::webhook_log::webhook_event(&self.db.conn, id)
+        let row = db::webhook_log::webhook_event(&self.ctx.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))?;
         let unchanged = |row: &webhook_events::Model| Replayed {
@@ -217,7 +219,7 @@ impl Core {
             }
             Err(e) => return Err(e),
         };
-        let now_row = db::webhook_log::webhook_event(&self.db.conn, id)
+        let now_row = db::webhook_log::webhook_event(&self.ctx.db.conn, id)
             .await?
             .ok_or(AppError::NotFound("webhook event"))?;
         Ok(Replayed {
@@ -229,7 +231,7 @@ impl Core {
     }
 
     async fn mark_failed(&self, id: i64, outcome: &str, err: &AppError) -> AppResult<()> {
-        let txn = self.db.write().await?;
+        let txn = self.ctx.db.write().await?;
         db::webhook_log::mark_replay_failed(&*txn, id, outcome, &err.message(), self.now()).await?;
         txn.commit().await
     }
@@ -295,7 +297,7 @@ impl Core {
             .and_hms_opt(0, 0, 0)
             .expect("midnight")
             .and_utc();
-        let counted = db::webhook_log::daily_counts(&self.db.conn, start).await?;
+        let counted = db::webhook_log::daily_counts(&self.ctx.db.conn, start).await?;
         let mut out = Vec::with_capacity(days as usize);
         for i in 0..days {
             let day = (start + Duration::days(i64::from(i)))
@@ -313,7 +315,8 @@ impl Core {
             );
         }
         Ok(Overview {
-            now: db::webhook_log::now_counts(&self.db.conn, now, self.accept_sandbox).await?,
+            now: db::webhook_log::now_counts(&self.ctx.db.conn, now, self.ctx.accept_sandbox)
+                .await?,
             days: out,
         })
     }
@@ -329,6 +332,7 @@ impl Core {
         vp: &crate::providers::VerifiedPurchase,
     ) -> AppResult<bool> {
         if !self
+            .ctx
             .catalog
             .entitlements_for(vp.store, &vp.product_id)
             .is_empty()

@@ -298,7 +298,7 @@ impl TestApp {
     /// trial), so its account tokens are indexed before any store message.
     pub async fn sign_up(&self, customer: &str) {
         let core = &self.state.core;
-        let txn = core.db.write().await.unwrap();
+        let txn = core.db().write().await.unwrap();
         core.ensure_customer_in(&txn, customer, core.now())
             .await
             .map_err(anyhow::Error::from)
@@ -308,7 +308,7 @@ impl TestApp {
 
     /// Rows in `table`, for "nothing was written" assertions.
     pub async fn count(&self, table: &str) -> i64 {
-        let db = &self.state.core.db.conn;
+        let db = &self.state.core.db().conn;
         let row = db
             .query_one_raw(Statement::from_string(
                 db.get_database_backend(),

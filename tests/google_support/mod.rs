@@ -448,7 +448,7 @@ pub async fn entitlement(app: &TestApp, key: &Auth, customer: &str, ent: &str) -
         )
         .await;
     let mut c = body["data"]["customer"].clone();
-    let rows = entitle::db::purchases_of(&app.state.core.db.conn, customer)
+    let rows = entitle::db::purchases_of(&app.state.core.db().conn, customer)
         .await
         .map_err(anyhow::Error::from)
         .unwrap();
