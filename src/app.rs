@@ -327,7 +327,7 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
 }
 
 async fn warm_caches(core: &Core, limit: u64) {
-    match core.warm_caches(limit).await {
+    match core.reads().warm_caches(limit).await {
         Ok((customers, devices)) => tracing::debug!(customers, devices, "read cache warmed"),
         Err(e) => tracing::warn!(error = e.for_log(), "read cache not warmed"),
     }

@@ -744,6 +744,7 @@ async fn watch_hijack_is_refused(b: Backend) {
     assert!(
         app.state
             .core
+            .reads()
             .find_customer("mallory")
             .await
             .map_err(anyhow::Error::from)

@@ -59,12 +59,14 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let (customers, devices) = core
+        .reads()
         .warm_caches(20)
         .await
         .map_err(anyhow::Error::from)
         .unwrap();
     assert_eq!((customers, devices), (20, 20), "the limit bounds the pass");
     let (customers, devices) = core
+        .reads()
         .warm_caches(1000)
         .await
         .map_err(anyhow::Error::from)
@@ -102,7 +104,8 @@ async fn restart_warms_the_cache_and_writes_still_show(b: Backend) {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["paid_status"], "paid", "{body}");
     // Warming again never brings back what the write replaced.
-    core.warm_caches(1000)
+    core.reads()
+        .warm_caches(1000)
         .await
         .map_err(anyhow::Error::from)
         .unwrap();

@@ -407,6 +407,7 @@ async fn garmin_form_body(b: Backend) {
     assert!(
         app.state
             .core
+            .reads()
             .find_customer("watch-f 1")
             .await
             .map_err(anyhow::Error::from)

@@ -42,6 +42,7 @@ async fn customer_with(
     snapshot: domain::Snapshot,
 ) -> async_graphql::Result<Customer> {
     let model = core(ctx)
+        .reads()
         .find_customer(id)
         .await?
         .ok_or(AppError::NotFound("customer"))?;

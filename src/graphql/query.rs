@@ -10,7 +10,6 @@ use super::{
 };
 use crate::{
     auth::Principal,
-    db,
     error::AppError,
     policy::{Action, authorize},
 };
@@ -44,6 +43,7 @@ impl QueryRoot {
             .customer_id()
             .ok_or(AppError::Forbidden(Action::ReadMe.refusal()))?;
         let (model, snapshot) = core(ctx)
+            .reads()
             .read_customer(id)
             .await?
             .ok_or(AppError::NotFound("customer"))?;
@@ -59,6 +59,7 @@ impl QueryRoot {
             Some(id.as_str()),
         )?;
         Ok(core(ctx)
+            .reads()
             .read_customer(&id)
             .await?
             .map(|(m, s)| Customer::with_snapshot(m, s)))
@@ -78,13 +79,10 @@ impl QueryRoot {
     ) -> async_graphql::Result<Connection<String, Customer, EmptyFields, EmptyFields>> {
         authorize(principal(ctx), Action::ListCustomers, None)?;
         let after = after.as_deref().map(decode_cursor).transpose()?;
-        let (rows, more) = db::customers_page(
-            &core(ctx).db().conn,
-            search.as_deref(),
-            after.as_deref(),
-            first as u64,
-        )
-        .await?;
+        let (rows, more) = core(ctx)
+            .reads()
+            .customers_page(search.as_deref(), after.as_deref(), first as u64)
+            .await?;
         let mut conn = Connection::new(after.is_some(), more);
         conn.edges.extend(
             rows.into_iter()
@@ -97,7 +95,7 @@ impl QueryRoot {
     async fn products(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Product>> {
         authorize(principal(ctx), Action::ReadCatalog, None)?;
         Ok(core(ctx)
-            .catalog()
+            .reads()
             .products()
             .iter()
             .map(Product::from)

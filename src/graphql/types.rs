@@ -131,7 +131,7 @@ impl Customer {
     async fn snap(&self, ctx: &Context<'_>) -> async_graphql::Result<&Snapshot> {
         Ok(self
             .snapshot
-            .get_or_try_init(|| core(ctx).snapshot(&self.model.id))
+            .get_or_try_init(|| core(ctx).reads().snapshot(&self.model.id))
             .await?)
     }
 }
@@ -196,7 +196,7 @@ impl Customer {
         guard(ctx, Action::ReadCustomerSummary, &self.model.id)?;
         let core = core(ctx);
         if let Some(d) = &device_id {
-            let devices = db::devices_of(&core.db().conn, &self.model.id).await?;
+            let devices = core.reads().devices_of(&self.model.id).await?;
             if !devices.iter().any(|x| x.device_id == d.as_str()) {
                 return Err(AppError::NotFound("device").into());
             }
@@ -210,7 +210,7 @@ impl Customer {
 
     async fn purchases(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Purchase>> {
         guard(ctx, Action::ReadPurchases, &self.model.id)?;
-        let rows = db::purchases_of(&core(ctx).db().conn, &self.model.id).await?;
+        let rows = core(ctx).reads().purchases_of(&self.model.id).await?;
         rows.into_iter()
             .map(|m| {
                 Ok(Purchase {
@@ -224,7 +224,9 @@ impl Customer {
 
     async fn devices(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<Device>> {
         guard(ctx, Action::ReadDevices, &self.model.id)?;
-        Ok(db::devices_of(&core(ctx).db().conn, &self.model.id)
+        Ok(core(ctx)
+            .reads()
+            .devices_of(&self.model.id)
             .await?
             .into_iter()
             .map(Device)
@@ -239,7 +241,9 @@ impl Customer {
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<Receipt>> {
         guard(ctx, Action::ReadReceipts, &self.model.id)?;
-        Ok(db::receipts_of(&core(ctx).db().conn, &self.model.id, limit)
+        Ok(core(ctx)
+            .reads()
+            .receipts_of(&self.model.id, limit)
             .await?
             .into_iter()
             .map(Receipt)
@@ -272,7 +276,9 @@ impl Customer {
         #[graphql(default = 50, validator(minimum = 1, maximum = 500))] limit: u64,
     ) -> async_graphql::Result<Vec<EntitlementEvent>> {
         guard(ctx, Action::ReadEvents, &self.model.id)?;
-        Ok(db::events_of(&core(ctx).db().conn, &self.model.id, limit)
+        Ok(core(ctx)
+            .reads()
+            .events_of(&self.model.id, limit)
             .await?
             .into_iter()
             .map(EntitlementEvent)
@@ -335,7 +341,7 @@ impl Entitlement {
     /// one plain sentence (for support and the dashboard; not for parsing).
     async fn explanation(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
         guard(ctx, Action::ReadExplanation, &self.owner)?;
-        Ok(core(ctx).explain(&self.owner, &self.state).await?)
+        Ok(core(ctx).reads().explain(&self.owner, &self.state).await?)
     }
 }
 
@@ -416,7 +422,7 @@ impl Purchase {
     /// rules that decide access (for support and the dashboard; not for parsing).
     async fn explanation(&self, ctx: &Context<'_>) -> async_graphql::Result<String> {
         guard(ctx, Action::ReadExplanation, &self.model.customer_id)?;
-        Ok(core(ctx).explain_purchase(&self.facts))
+        Ok(core(ctx).reads().explain_purchase(&self.facts))
     }
 }
 

@@ -8,7 +8,6 @@ use super::{
 };
 use crate::{
     auth::Principal,
-    db::store_purchases,
     domain::ExternalId,
     error::AppError,
     policy::{Action, authorize},
@@ -131,10 +130,13 @@ pub async fn verify_purchase(
         }
     };
     let model = core
+        .reads()
         .find_customer(&applied.customer_id)
         .await?
         .ok_or(AppError::NotFound("customer"))?;
-    let purchase = store_purchases::purchase(&core.db().conn, applied.purchase_id)
+    let purchase = core
+        .reads()
+        .purchase(applied.purchase_id)
         .await?
         .map(Purchase::from_model)
         .transpose()?;

@@ -68,6 +68,7 @@ pub async fn check(
     // An id merged into an account answers for the account, under its id.
     let (customer, snap) = state
         .core
+        .reads()
         .read_customer(id.as_str())
         .await?
         .ok_or(AppError::NotFound("customer"))?;

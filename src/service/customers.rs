@@ -1,5 +1,5 @@
 use chrono::{DateTime, Duration, Utc};
-use entities::{customers, devices};
+use entities::devices;
 
 use super::Core;
 use crate::{
@@ -301,7 +301,7 @@ impl Core {
         } else {
             device
         };
-        let snapshot = self.snapshot(&device.customer_id).await?;
+        let snapshot = self.reads.snapshot(&device.customer_id).await?;
         Ok(Registration {
             customer_id: device.customer_id.clone(),
             device,
@@ -320,12 +320,6 @@ impl Core {
         let (_, written) = self.ctx.state_before_write(&*txn, customer_id, now).await?;
         txn.commit().await?;
         Ok(written)
-    }
-
-    /// The customer an id names, following a merge to the account.
-    pub async fn find_customer(&self, id: &str) -> AppResult<Option<customers::Model>> {
-        let id = db::resolve_customer(&self.ctx.db.conn, id).await?;
-        db::customer::find(&self.ctx.db.conn, &id).await
     }
 
     /// Grants a promotional entitlement until `expires_at` (`None`: lifetime).

@@ -4,12 +4,11 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use entities::customers as customer_rows;
 
 use crate::{
     clock::Clock,
     config::Config,
-    db::{self, CachedCustomer, Conn, Db},
+    db::{self, Conn, Db},
     domain::{Catalog, PurchaseFacts, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
     error::AppResult,
 };
@@ -21,10 +20,13 @@ pub mod google;
 pub mod outbound;
 pub mod pairing;
 pub mod purchases;
+pub mod reads;
 pub mod refresh;
 pub mod stripe;
 pub mod tokens;
 pub mod webhooks;
+
+pub use reads::Reads;
 
 /// What every use case reads: the database, the clock, and the rules that
 /// turn purchase facts into entitlements. Kept inside `service`: callers
@@ -38,6 +40,7 @@ struct Ctx {
 
 pub struct Core {
     ctx: Arc<Ctx>,
+    reads: Reads,
     pub trial: Option<TrialPolicy>,
     pub transfer_policy: TransferPolicy,
     /// Present when a `[stripe]` section is configured.
@@ -57,14 +60,16 @@ pub struct Core {
 impl Core {
     pub fn new(config: &Config, db: Db, clock: Arc<dyn Clock>) -> anyhow::Result<Core> {
         let tokens = Arc::new(tokens::Tokens::new(config, db.clone(), clock.clone())?);
+        let ctx = Arc::new(Ctx {
+            db,
+            catalog: config.catalog()?,
+            clock: clock.clone(),
+            accept_sandbox: config.accept_sandbox,
+        });
         Ok(Core {
             tokens,
-            ctx: Arc::new(Ctx {
-                db,
-                catalog: config.catalog()?,
-                clock: clock.clone(),
-                accept_sandbox: config.accept_sandbox,
-            }),
+            reads: Reads::new(ctx.clone()),
+            ctx,
             trial: config.trial.clone(),
             transfer_policy: config.transfer_policy,
             stripe: config
@@ -108,141 +113,9 @@ impl Core {
         &self.ctx.clock
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.ctx.catalog
-    }
-
-    /// The customer's entitlements now, for a read-only answer: served from
-    /// the read cache when fresh. Decisions inside a write use `snapshot_in`
-    /// with their transaction instead.
-    pub async fn snapshot(&self, customer_id: &str) -> AppResult<Snapshot> {
-        let cached = self.cached_customer(customer_id).await?;
-        Ok(compute(
-            &self.ctx.catalog,
-            &cached.facts,
-            self.now(),
-            self.ctx.accept_sandbox,
-        ))
-    }
-
-    /// The customer row and its entitlements now, for a read-only answer;
-    /// `None` when there is no such customer.
-    pub async fn read_customer(
-        &self,
-        customer_id: &str,
-    ) -> AppResult<Option<(customer_rows::Model, Snapshot)>> {
-        let cached = self.cached_customer(customer_id).await?;
-        let snapshot = compute(
-            &self.ctx.catalog,
-            &cached.facts,
-            self.now(),
-            self.ctx.accept_sandbox,
-        );
-        Ok(cached.customer.map(|c| (c, snapshot)))
-    }
-
-    /// The plain sentence behind one entitlement of the customer's snapshot.
-    pub async fn explain(
-        &self,
-        customer_id: &str,
-        state: &crate::domain::EntitlementState,
-    ) -> AppResult<String> {
-        let cached = self.cached_customer(customer_id).await?;
-        Ok(crate::domain::explain(
-            &self.ctx.catalog,
-            &cached.facts,
-            state,
-            self.now(),
-            self.ctx.accept_sandbox,
-        ))
-    }
-
-    /// The plain sentence behind one purchase: what it grants now, or why
-    /// it grants nothing.
-    pub fn explain_purchase(&self, purchase: &PurchaseFacts) -> String {
-        crate::domain::explain_purchase(
-            &self.ctx.catalog,
-            purchase,
-            self.now(),
-            self.ctx.accept_sandbox,
-        )
-    }
-
-    async fn cached_customer(&self, customer_id: &str) -> AppResult<CachedCustomer> {
-        if let Some(c) = self.ctx.db.cache.get(customer_id) {
-            return Ok(c);
-        }
-        let epoch = self.ctx.db.cache.epoch(customer_id);
-        // Entries are kept under the customer's own id only: a merge then
-        // invalidates the old id, and the account's writes the account's.
-        let customer = db::resolved_customer_row(&self.ctx.db.conn, customer_id).await?;
-        let (customer, epoch) = match customer {
-            Some(c) if c.id != customer_id => {
-                // A merged-away id: start again from the account, whose
-                // shard the epoch above does not cover.
-                if let Some(cached) = self.ctx.db.cache.get(&c.id) {
-                    return Ok(cached);
-                }
-                let epoch = self.ctx.db.cache.epoch(&c.id);
-                let again = db::customer::find(&self.ctx.db.conn, &c.id).await?;
-                (again, epoch)
-            }
-            other => (other, epoch),
-        };
-        let id = customer.as_ref().map_or(customer_id, |c| c.id.as_str());
-        let facts = match &customer {
-            Some(_) => db::purchase_facts_of(&self.ctx.db.conn, id).await?,
-            None => Vec::new(),
-        };
-        let id = id.to_string();
-        let cached = CachedCustomer {
-            customer,
-            facts: Arc::new(facts),
-        };
-        self.ctx.db.cache.fill(&id, epoch, cached.clone());
-        Ok(cached)
-    }
-
-    /// Fills the read caches with the most recent `limit` customers and
-    /// devices, so the first request for each after a restart does not pay
-    /// a database read (on SQLite a read is a round trip to a worker
-    /// thread; a restart under load would pay one or two per caller).
-    /// Pages of ids are read first and their epochs taken before their rows
-    /// are, so a write that commits meanwhile keeps its entry out.
-    pub async fn warm_caches(&self, limit: u64) -> AppResult<(usize, usize)> {
-        const PAGE: usize = 500;
-        let conn = &self.ctx.db.conn;
-        let mut customers = 0;
-        for ids in db::recent_customer_ids(conn, limit).await?.chunks(PAGE) {
-            let epochs: Vec<_> = ids.iter().map(|id| self.ctx.db.cache.epoch(id)).collect();
-            let rows = db::customers_by_ids(conn, ids).await?;
-            let mut facts = db::purchase_facts_of_many(conn, ids).await?;
-            let mut rows: std::collections::HashMap<String, customer_rows::Model> =
-                rows.into_iter().map(|r| (r.id.clone(), r)).collect();
-            for (id, epoch) in ids.iter().zip(epochs) {
-                let Some(row) = rows.remove(id) else { continue };
-                let cached = CachedCustomer {
-                    customer: Some(row),
-                    facts: Arc::new(facts.remove(id).unwrap_or_default()),
-                };
-                self.ctx.db.cache.fill(id, epoch, cached);
-                customers += 1;
-            }
-        }
-        let mut devices = 0;
-        for rows in db::recent_device_rows(conn, limit).await?.chunks(PAGE) {
-            // Device rows are keyed by (platform, device id), known only
-            // once read: take every shard's epoch for the page first.
-            let epochs = self.ctx.db.device_cache.all_epochs();
-            let found = db::devices_by_rows(conn, rows).await?;
-            for d in found {
-                let key = db::device_key(&d.platform, &d.device_id);
-                let epoch = self.ctx.db.device_cache.epoch_from(&epochs, &key);
-                self.ctx.db.device_cache.fill(&key, epoch, d);
-                devices += 1;
-            }
-        }
-        Ok((customers, devices))
+    /// Reading access: snapshots, customer reads, explanations, caches.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 }
 

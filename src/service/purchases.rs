@@ -773,7 +773,7 @@ impl Core {
         customer_id: &str,
         reason: &str,
     ) -> AppResult<()> {
-        if self.find_customer(customer_id).await?.is_none()
+        if self.reads.find_customer(customer_id).await?.is_none()
             && let Some(row) = db::receipt::find(&self.ctx.db.conn, receipt_id).await?
         {
             db::receipt::replace_payload(
@@ -941,6 +941,7 @@ mod tests {
         assert!(b.snapshot.entitlement("pro").unwrap().is_active);
         assert!(
             !core
+                .reads()
                 .snapshot("alice")
                 .await
                 .unwrap()
@@ -974,7 +975,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, AppError::ReceiptAlreadyInUse));
         assert!(
-            core.find_customer("bob").await.unwrap().is_none(),
+            core.reads().find_customer("bob").await.unwrap().is_none(),
             "nothing written for bob"
         );
         // Bound to alice by the store, submitted by bob: also rejected.

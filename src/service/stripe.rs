@@ -694,7 +694,7 @@ impl Core {
     }
 
     async fn stripe_customer_of(&self, customer_id: &str) -> AppResult<Option<String>> {
-        Ok(self.find_customer(customer_id).await?.and_then(|c| {
+        Ok(self.reads.find_customer(customer_id).await?.and_then(|c| {
             c.attributes
                 .get(STRIPE_CUSTOMER_ATTR)
                 .and_then(Value::as_str)
