@@ -285,7 +285,7 @@ async fn spawn_background(state: &AppState) -> anyhow::Result<()> {
     let core = &state.core;
     let config = &state.config;
     let wake = core.db().commits.subscribe();
-    core.feed
+    core.feed()
         .spawn(
             core.db().clone(),
             Duration::from_millis(config.events.feed_poll_ms.max(10)),

@@ -284,7 +284,7 @@ impl Authenticator {
         {
             return Ok(Some(id.clone()));
         }
-        let found = core.lookup_api_key(key).await?;
+        let found = core.api_keys().lookup_api_key(key).await?;
         let mut cache = self.key_cache.write().expect("key cache");
         match found {
             Some((id, hash)) => {

@@ -216,6 +216,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::ApiKey(ApiKeyCommand::Create { name, role }) => {
             let created = core(&config)
                 .await?
+                .api_keys()
                 .create_api_key(&name, role.into())
                 .await?;
             eprintln!(
@@ -226,7 +227,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::ApiKey(ApiKeyCommand::Revoke { id }) => {
-            let row = core(&config).await?.revoke_api_key(&id).await?;
+            let row = core(&config).await?.api_keys().revoke_api_key(&id).await?;
             eprintln!("revoked API key {} ({})", row.id, row.name);
             Ok(())
         }
@@ -237,7 +238,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                 .iter()
                 .map(|e| e.url.clone())
                 .collect();
-            let states = core(&config).await?.outbound_status(&configured).await?;
+            let states = core(&config)
+                .await?
+                .outbound()
+                .outbound_status(&configured)
+                .await?;
             if states.is_empty() {
                 eprintln!("no outbound endpoints");
             }
@@ -262,7 +267,11 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             if !config.outbound.endpoints.iter().any(|e| e.url == url) {
                 eprintln!("note: {url} is not in outbound.endpoints; nothing will deliver to it");
             }
-            let due = core(&config).await?.enable_outbound_endpoint(&url).await?;
+            let due = core(&config)
+                .await?
+                .outbound()
+                .enable_outbound_endpoint(&url)
+                .await?;
             eprintln!("enabled {url}; {due} undelivered event(s) are due now");
             Ok(())
         }
@@ -270,12 +279,12 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let core = core(&config).await?;
             // Creates the first key if there is none yet, so rotation always
             // has something to retire.
-            core.tokens.start().await?;
+            core.tokens().start().await?;
             let alg = algorithm.map(|a| match a {
                 AlgorithmArg::Es256 => TokenAlgorithm::ES256,
                 AlgorithmArg::Ed25519 => TokenAlgorithm::EdDSA,
             });
-            let key = core.tokens.rotate(alg).await?;
+            let key = core.tokens().rotate(alg).await?;
             println!("{}", key.kid);
             eprintln!(
                 "new {} signing key {} is published now and signs from {}",
@@ -287,7 +296,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         }
         Command::SigningKey(SigningKeyCommand::List) => {
             let core = core(&config).await?;
-            for k in core.tokens.list().await? {
+            for k in core.tokens().list().await? {
                 let opt =
                     |t: Option<DateTime<Utc>>| t.map_or_else(|| "-".into(), |t| t.to_rfc3339());
                 println!(

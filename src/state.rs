@@ -22,8 +22,8 @@ impl AppState {
     pub async fn new(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
         let db = Db::connect(&config).await?;
         let core = Arc::new(Core::new(&config, db, clock)?);
-        core.tokens.start().await.map_err(anyhow::Error::from)?;
-        if let crate::service::tokens::KeySource::File(path) = &core.tokens.key_source {
+        core.tokens().start().await.map_err(anyhow::Error::from)?;
+        if let crate::service::tokens::KeySource::File(path) = &core.tokens().key_source {
             tracing::warn!(
                 file = %path.display(),
                 "tokens.encryption_key is not set: signing keys are encrypted with a key kept in this file; keep it with the database, or set tokens.encryption_key"

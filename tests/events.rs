@@ -424,7 +424,7 @@ async fn subscriptions_over_graphql_ws(b: Backend) {
     ws_subscribe(&mut admin, "all", None).await;
     // Both subscriptions are attached to the feed before anything changes.
     let deadline = Instant::now() + StdDuration::from_secs(10);
-    while app.state.core.feed.subscribers() < 2 {
+    while app.state.core.feed().subscribers() < 2 {
         assert!(Instant::now() < deadline, "subscriptions attached");
         tokio::time::sleep(StdDuration::from_millis(10)).await;
     }
@@ -565,7 +565,7 @@ async fn a_late_commit_into_an_id_gap_reaches_subscribers() {
     let mut admin = ws_connect(&app, json!({ "api-key": admin_key })).await;
     ws_subscribe(&mut admin, "all", None).await;
     let deadline = Instant::now() + StdDuration::from_secs(10);
-    while app.state.core.feed.subscribers() < 1 {
+    while app.state.core.feed().subscribers() < 1 {
         assert!(Instant::now() < deadline, "subscription attached");
         tokio::time::sleep(StdDuration::from_millis(10)).await;
     }

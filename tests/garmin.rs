@@ -174,6 +174,7 @@ async fn bad_input_is_rejected_and_writes_nothing(b: Backend) {
     };
     app.state
         .core
+        .api_keys()
         .revoke_api_key(&revoked_key[..12])
         .await
         .map_err(anyhow::Error::from)

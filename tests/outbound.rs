@@ -314,6 +314,7 @@ async fn an_endpoint_failing_for_days_is_disabled_until_enabled(b: Backend) {
     );
 
     let status = core
+        .outbound()
         .outbound_status(std::slice::from_ref(&url))
         .await
         .unwrap();
@@ -329,7 +330,13 @@ async fn an_endpoint_failing_for_days_is_disabled_until_enabled(b: Backend) {
         .respond_with(ResponseTemplate::new(200))
         .mount(&server)
         .await;
-    assert_eq!(core.enable_outbound_endpoint(&url).await.unwrap(), 2);
+    assert_eq!(
+        core.outbound()
+            .enable_outbound_endpoint(&url)
+            .await
+            .unwrap(),
+        2
+    );
     eventually("the backlog is delivered", || async {
         rows(&app, &url)
             .await
@@ -345,6 +352,7 @@ async fn an_endpoint_failing_for_days_is_disabled_until_enabled(b: Backend) {
         .collect();
     assert_eq!(users, ["watch-1", "watch-2"], "oldest first");
     let status = core
+        .outbound()
         .outbound_status(std::slice::from_ref(&url))
         .await
         .unwrap();
@@ -353,7 +361,8 @@ async fn an_endpoint_failing_for_days_is_disabled_until_enabled(b: Backend) {
     assert!(status[0].last_success_at.is_some());
 
     assert!(matches!(
-        core.enable_outbound_endpoint("https://unknown.example.com/hooks")
+        core.outbound()
+            .enable_outbound_endpoint("https://unknown.example.com/hooks")
             .await,
         Err(entitle::error::AppError::NotFound(_))
     ));

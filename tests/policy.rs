@@ -408,7 +408,7 @@ async fn ws_next(ws: &mut Ws) -> Option<Value> {
 /// the refusal's code otherwise. An anonymous socket may also be refused at
 /// `connection_init`, before it can subscribe.
 async fn watch(app: &TestApp, auth: &Auth, customer: Option<&str>) -> (char, Value) {
-    let feed = &app.state.core.feed;
+    let feed = &app.state.core.feed();
     let deadline = Instant::now() + StdDuration::from_secs(10);
     while feed.subscribers() > 0 {
         assert!(Instant::now() < deadline, "earlier probes detach");

@@ -106,10 +106,10 @@ async fn tokens_follow_the_state_and_are_signed_once_per_state(b: Backend) {
     );
 
     // Same state, same bucket: the same token, not signed again.
-    let signed = app.state.core.tokens.signed_count();
+    let signed = app.state.core.tokens().signed_count();
     let again = user(&app, &client, "watch-1").await;
     assert_eq!(again["entitlement_token"], first["entitlement_token"]);
-    assert_eq!(app.state.core.tokens.signed_count(), signed);
+    assert_eq!(app.state.core.tokens().signed_count(), signed);
 
     // A grant shows in the very next token; a revoke takes it away again.
     let (s, r) = app
@@ -389,7 +389,7 @@ async fn answers_are_signed_over_nonce_path_and_body(b: Backend) {
 async fn rotation_under_load_keeps_every_token_verifiable(b: Backend) {
     let app = Arc::new(spawn_with(b, |c| c.tokens.key_refresh_secs = 1).await);
     let client = app.key(ApiKeyRole::Client).await;
-    let (kids, old_kid) = app.state.core.tokens.published_kids().await.unwrap();
+    let (kids, old_kid) = app.state.core.tokens().published_kids().await.unwrap();
     assert_eq!(kids, std::slice::from_ref(&old_kid));
     let old_token = user(&app, &client, "rot-0").await["entitlement_token"]
         .as_str()
@@ -416,10 +416,10 @@ async fn rotation_under_load_keeps_every_token_verifiable(b: Backend) {
         }));
     }
     tokio::time::sleep(StdDuration::from_millis(400)).await;
-    let new = app.state.core.tokens.rotate(None).await.unwrap();
+    let new = app.state.core.tokens().rotate(None).await.unwrap();
     assert_ne!(new.kid, old_kid);
     // Published at once, signing one refresh period later.
-    let (kids, current) = app.state.core.tokens.published_kids().await.unwrap();
+    let (kids, current) = app.state.core.tokens().published_kids().await.unwrap();
     assert!(kids.contains(&new.kid) && kids.contains(&old_kid));
     assert_eq!(current, old_kid);
     tokio::time::sleep(StdDuration::from_millis(1800)).await;

@@ -80,7 +80,7 @@ impl SubscriptionRoot {
         customer_id: Option<ID>,
     ) -> async_graphql::Result<impl Stream<Item = EntitlementChange> + use<>> {
         let scope = watch_scope(principal(ctx), customer_id.as_ref().map(|c| c.as_str()))?;
-        let rx = core(ctx).feed.subscribe();
+        let rx = core(ctx).feed().subscribe();
         let events = stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {

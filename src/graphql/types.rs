@@ -203,7 +203,7 @@ impl Customer {
         }
         let snap = self.snap(ctx).await?;
         Ok(core
-            .tokens
+            .tokens()
             .entitlement_token(&self.model.id, device_id.as_ref().map(|d| d.as_str()), snap)
             .await?)
     }

@@ -126,7 +126,7 @@ pub async fn user(
     let paid = reg.snapshot.paid_status;
     let entitlement_token = state
         .core
-        .tokens
+        .tokens()
         .entitlement_token(&reg.customer_id, Some(id.as_str()), &reg.snapshot)
         .await?;
     Ok(Json(UserResponse {

@@ -74,7 +74,7 @@ pub async fn check(
         .ok_or(AppError::NotFound("customer"))?;
     let entitlement_token = state
         .core
-        .tokens
+        .tokens()
         .entitlement_token(id.as_str(), None, &snap)
         .await?;
     Ok(Json(CheckResponse {

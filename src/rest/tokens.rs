@@ -18,7 +18,7 @@ pub const SIGNATURE_HEADER: &str = "x-entitle-signature";
 /// rotated-in key is published one refresh period before it signs, and
 /// verifiers fetch again when they meet an unknown `kid`.
 pub async fn jwks(State(state): State<AppState>) -> Response {
-    match state.core.tokens.jwks().await {
+    match state.core.tokens().jwks().await {
         Ok(body) => (
             [
                 (header::CONTENT_TYPE, "application/jwk-set+json"),
@@ -61,7 +61,7 @@ pub async fn sign_answers(State(state): State<AppState>, req: Request, next: Nex
             return AppError::Internal(anyhow::anyhow!("reading the answer: {e}")).into_response();
         }
     };
-    match state.core.tokens.sign_answer(&nonce, &path, &bytes).await {
+    match state.core.tokens().sign_answer(&nonce, &path, &bytes).await {
         Ok(sig) => match HeaderValue::from_str(&sig) {
             Ok(v) => {
                 parts.headers.insert(SIGNATURE_HEADER, v);

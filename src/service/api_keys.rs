@@ -1,14 +1,16 @@
 //! API keys: random, shown once, stored as SHA-256 only, compared in
 //! constant time.
 
+use std::sync::Arc;
+
 use entities::api_keys;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::Core;
 use crate::{
-    db,
+    clock::Clock,
+    db::{self, Db},
     domain::ApiKeyRole,
     error::{AppError, AppResult},
 };
@@ -45,7 +47,18 @@ pub fn key_prefix(key: &str) -> Option<&str> {
         .then(|| &key[..PREFIX_LEN])
 }
 
-impl Core {
+/// Creating, revoking and recognising API keys: a table of their own, so
+/// only the database and the clock.
+pub struct ApiKeys {
+    db: Db,
+    clock: Arc<dyn Clock>,
+}
+
+impl ApiKeys {
+    pub(super) fn new(db: Db, clock: Arc<dyn Clock>) -> ApiKeys {
+        ApiKeys { db, clock }
+    }
+
     pub async fn create_api_key(&self, name: &str, role: ApiKeyRole) -> AppResult<CreatedKey> {
         if name.trim().is_empty() || name.len() > 256 {
             return Err(AppError::bad_input("name must be 1 to 256 bytes"));
@@ -59,22 +72,22 @@ impl Core {
             role: role.as_str().into(),
             prefix: prefix.clone(),
             hash: hash_key(&key),
-            created_at: self.now(),
+            created_at: self.clock.now(),
             revoked_at: None,
         };
-        db::api_key::insert(&self.ctx.db.conn, row).await?;
+        db::api_key::insert(&self.db.conn, row).await?;
         Ok(CreatedKey { id, key, prefix })
     }
 
     /// Revokes by id or prefix; revoking twice is not an error.
     pub async fn revoke_api_key(&self, id_or_prefix: &str) -> AppResult<api_keys::Model> {
-        let row = db::api_key::find_by_id_or_prefix(&self.ctx.db.conn, id_or_prefix)
+        let row = db::api_key::find_by_id_or_prefix(&self.db.conn, id_or_prefix)
             .await?
             .ok_or(AppError::NotFound("api key"))?;
         if row.revoked_at.is_some() {
             return Ok(row);
         }
-        db::api_key::mark_revoked(&self.ctx.db.conn, row, self.now()).await
+        db::api_key::mark_revoked(&self.db.conn, row, self.clock.now()).await
     }
 
     /// The key's identity, or `None` for an unknown, malformed or revoked key.
@@ -82,7 +95,7 @@ impl Core {
         let Some(prefix) = key_prefix(key) else {
             return Ok(None);
         };
-        let Some(row) = db::api_key::find_by_prefix(&self.ctx.db.conn, prefix).await? else {
+        let Some(row) = db::api_key::find_by_prefix(&self.db.conn, prefix).await? else {
             return Ok(None);
         };
         let presented = hash_key(key);

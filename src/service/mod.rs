@@ -26,7 +26,10 @@ pub mod stripe;
 pub mod tokens;
 pub mod webhooks;
 
+pub use api_keys::ApiKeys;
+pub use outbound::Outbound;
 pub use reads::Reads;
+pub use tokens::Tokens;
 
 /// What every use case reads: the database, the clock, and the rules that
 /// turn purchase facts into entitlements. Kept inside `service`: callers
@@ -49,25 +52,29 @@ pub struct Core {
     pub apple: Option<Arc<crate::providers::apple::Apple>>,
     pub google: Option<Arc<crate::providers::google::GooglePlay>>,
     /// Change-log rows as they commit, for GraphQL subscribers.
-    pub feed: crate::events::feed::Feed,
+    feed: crate::events::feed::Feed,
     pub receipts: crate::config::ReceiptsConfig,
     /// Signing keys, entitlement tokens and signed answers.
-    pub tokens: Arc<tokens::Tokens>,
+    tokens: Arc<Tokens>,
+    api_keys: ApiKeys,
+    outbound: Outbound,
     /// Device check-ins waiting to be written.
     pub seen: customers::SeenBuffer,
 }
 
 impl Core {
     pub fn new(config: &Config, db: Db, clock: Arc<dyn Clock>) -> anyhow::Result<Core> {
-        let tokens = Arc::new(tokens::Tokens::new(config, db.clone(), clock.clone())?);
+        let tokens = Arc::new(Tokens::new(config, db.clone(), clock.clone())?);
         let ctx = Arc::new(Ctx {
-            db,
+            db: db.clone(),
             catalog: config.catalog()?,
             clock: clock.clone(),
             accept_sandbox: config.accept_sandbox,
         });
         Ok(Core {
             tokens,
+            api_keys: ApiKeys::new(db.clone(), clock.clone()),
+            outbound: Outbound::new(db.clone(), clock.clone()),
             reads: Reads::new(ctx.clone()),
             ctx,
             trial: config.trial.clone(),
@@ -116,6 +123,25 @@ impl Core {
     /// Reading access: snapshots, customer reads, explanations, caches.
     pub fn reads(&self) -> &Reads {
         &self.reads
+    }
+
+    pub fn api_keys(&self) -> &ApiKeys {
+        &self.api_keys
+    }
+
+    /// Outbound webhook endpoints, as the operator sees them.
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
+    }
+
+    /// Signing keys, entitlement tokens and signed answers.
+    pub fn tokens(&self) -> &Arc<Tokens> {
+        &self.tokens
+    }
+
+    /// Change-log rows as they commit, for GraphQL subscribers.
+    pub fn feed(&self) -> &crate::events::feed::Feed {
+        &self.feed
     }
 }
 

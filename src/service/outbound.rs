@@ -1,12 +1,15 @@
 //! Operator actions on outbound webhook endpoints: their state, and
 //! re-enabling one that was disabled after failing for too long.
 
-use super::Core;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
 use crate::{
-    db,
+    clock::Clock,
+    db::{self, Db},
     error::{AppError, AppResult},
 };
-use chrono::{DateTime, Utc};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointState {
@@ -30,10 +33,21 @@ impl EndpointState {
     }
 }
 
-impl Core {
+/// The operator's view of outbound endpoints; delivery itself is the
+/// event relay's.
+pub struct Outbound {
+    db: Db,
+    clock: Arc<dyn Clock>,
+}
+
+impl Outbound {
+    pub(super) fn new(db: Db, clock: Arc<dyn Clock>) -> Outbound {
+        Outbound { db, clock }
+    }
+
     /// Every configured endpoint, and every one the database still knows.
     pub async fn outbound_status(&self, configured: &[String]) -> AppResult<Vec<EndpointState>> {
-        let conn = &self.ctx.db.conn;
+        let conn = &self.db.conn;
         let rows = db::outbound_endpoint::all(conn).await?;
         let pending = db::outbound_endpoint::pending_by_url(conn).await?;
         // Every endpoint the configuration or the database knows, once, by URL.
@@ -64,8 +78,8 @@ impl Core {
     /// Re-enables an endpoint and makes its undelivered rows due now, with
     /// a fresh failure window; returns how many rows that is.
     pub async fn enable_outbound_endpoint(&self, url: &str) -> AppResult<u64> {
-        let conn = &self.ctx.db.conn;
-        let now = self.now();
+        let conn = &self.db.conn;
+        let now = self.clock.now();
         let endpoint = db::outbound_endpoint::clear_failure(conn, url).await?;
         let due = db::outbound_endpoint::make_due(conn, url, now).await?;
         if endpoint == 0 && due == 0 {

@@ -261,6 +261,7 @@ impl TestApp {
         let k = self
             .state
             .core
+            .api_keys()
             .create_api_key("test", role)
             .await
             .map_err(anyhow::Error::from)
