@@ -102,15 +102,18 @@ impl Core {
         submission: AppStoreSubmission,
     ) -> AppResult<(Applied, purchases::Model)> {
         let receipt_id = self
+            .purchases
             .record_receipt(customer_id, Store::AppStore, submission.audit())
             .await?;
         let result: AppResult<(Applied, purchases::Model)> = async {
             let vp = self.resolve_app_store(apple, &submission).await?;
             let txn = self.ctx.db.write().await?;
             let applied = self
+                .purchases
                 .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())
                 .await?;
-            self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
+            self.purchases
+                .finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
                 .await?;
             let model = store_purchases::purchase(&*txn, applied.purchase_id)
                 .await?
@@ -124,7 +127,9 @@ impl Core {
                 AppError::Internal(_) => "internal error".to_string(),
                 e => e.message(),
             };
-            self.fail_receipt(receipt_id, customer_id, &reason).await?;
+            self.purchases
+                .fail_receipt(receipt_id, customer_id, &reason)
+                .await?;
         }
         result
     }
@@ -220,7 +225,7 @@ impl Core {
         let (outcome, customer) = match &vp {
             _ if unknown => (WebhookOutcome::UnknownProduct, None),
             None => (WebhookOutcome::Ignored, None),
-            Some(vp) => match self.apply_store_in(&txn, vp, now).await? {
+            Some(vp) => match self.purchases.apply_store_in(&txn, vp, now).await? {
                 StoreApplied::Applied(a) if a.stale => (WebhookOutcome::Stale, Some(a.customer_id)),
                 StoreApplied::Applied(a) => (WebhookOutcome::Applied, Some(a.customer_id)),
                 StoreApplied::Held { stale: true } => (WebhookOutcome::Stale, None),

@@ -156,7 +156,9 @@ impl Core {
         // A merged-away id (the device's own included) lands on its account.
         let customer =
             db::lock_resolved_customer(&txn, customer_id.unwrap_or(device_id).as_str()).await?;
-        self.ensure_customer_in(&txn, &customer, now).await?;
+        self.purchases
+            .ensure_customer_in(&txn, &customer, now)
+            .await?;
         db::hold_customer(&txn, &customer).await?;
         txn.touch_device(platform.as_str(), device_id.as_str());
         let device_secret = issue_secret.then(super::pairing::new_device_secret);
@@ -286,7 +288,7 @@ impl Core {
                 // first sight (and so its trial) stays in the past.
                 Some(c) => {
                     let c = db::lock_resolved_customer(&txn, &c).await?;
-                    self.ensure_customer_in(&txn, &c, now).await?;
+                    self.purchases.ensure_customer_in(&txn, &c, now).await?;
                     Some(c)
                 }
                 None => None,

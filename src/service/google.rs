@@ -252,13 +252,15 @@ impl Core {
     ) -> AppResult<Applied> {
         let google = self.google()?;
         let receipt_id = self
+            .purchases
             .record_receipt(customer_id, Store::PlayStore, submission.audit_payload())
             .await?;
         let result = self
             .verify_play_inner(google, customer_id, &submission, receipt_id)
             .await;
         if let Err(e) = &result {
-            self.fail_receipt(receipt_id, customer_id, &e.message())
+            self.purchases
+                .fail_receipt(receipt_id, customer_id, &e.message())
                 .await?;
         }
         result
@@ -303,9 +305,11 @@ impl Core {
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self
+            .purchases
             .apply_purchase_in(&txn, &purchase, Submitter::Customer(customer_id), now)
             .await?;
-        self.finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
+        self.purchases
+            .finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
             .await?;
         txn.commit().await?;
 
@@ -396,7 +400,7 @@ impl Core {
                 (WebhookOutcome::UnknownProduct, None)
             }
             Ok(purchase) => {
-                let applied = self.apply_store_in(&txn, purchase, now).await?;
+                let applied = self.purchases.apply_store_in(&txn, purchase, now).await?;
                 let customer = match &applied {
                     StoreApplied::Applied(a) => Some(a.customer_id.clone()),
                     StoreApplied::Held { .. } => None,
@@ -558,7 +562,7 @@ impl Core {
         let txn = self.ctx.db.write().await?;
         let now = self.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
-        let applied = self.apply_store_in(&txn, &purchase, now).await?;
+        let applied = self.purchases.apply_store_in(&txn, &purchase, now).await?;
         let customer = match &applied {
             StoreApplied::Applied(a) => Some(a.customer_id.clone()),
             StoreApplied::Held { .. } => None,
@@ -574,6 +578,7 @@ impl Core {
             }
         });
         if !self
+            .purchases
             .claim_webhook(
                 &txn,
                 Store::PlayStore,

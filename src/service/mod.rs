@@ -9,7 +9,7 @@ use crate::{
     clock::Clock,
     config::Config,
     db::{self, Conn, Db},
-    domain::{Catalog, PurchaseFacts, Snapshot, TransferPolicy, TrialPolicy, compute, diff},
+    domain::{Catalog, PurchaseFacts, Snapshot, TrialPolicy, compute, diff},
     error::AppResult,
 };
 
@@ -28,6 +28,7 @@ pub mod webhooks;
 
 pub use api_keys::ApiKeys;
 pub use outbound::Outbound;
+pub use purchases::Purchases;
 pub use reads::Reads;
 pub use tokens::Tokens;
 
@@ -44,8 +45,8 @@ struct Ctx {
 pub struct Core {
     ctx: Arc<Ctx>,
     reads: Reads,
+    purchases: Arc<Purchases>,
     pub trial: Option<TrialPolicy>,
-    pub transfer_policy: TransferPolicy,
     /// Present when a `[stripe]` section is configured.
     pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
     /// Present when an `[apple]` section is configured.
@@ -53,7 +54,6 @@ pub struct Core {
     pub google: Option<Arc<crate::providers::google::GooglePlay>>,
     /// Change-log rows as they commit, for GraphQL subscribers.
     feed: crate::events::feed::Feed,
-    pub receipts: crate::config::ReceiptsConfig,
     /// Signing keys, entitlement tokens and signed answers.
     tokens: Arc<Tokens>,
     api_keys: ApiKeys,
@@ -71,14 +71,21 @@ impl Core {
             clock: clock.clone(),
             accept_sandbox: config.accept_sandbox,
         });
+        let reads = Reads::new(ctx.clone());
+        let purchases = Arc::new(Purchases::new(
+            ctx.clone(),
+            reads.clone(),
+            config.transfer_policy,
+            config.receipts.clone(),
+        ));
         Ok(Core {
             tokens,
+            purchases,
             api_keys: ApiKeys::new(db.clone(), clock.clone()),
             outbound: Outbound::new(db.clone(), clock.clone()),
-            reads: Reads::new(ctx.clone()),
+            reads,
             ctx,
             trial: config.trial.clone(),
-            transfer_policy: config.transfer_policy,
             stripe: config
                 .stripe
                 .as_ref()
@@ -100,7 +107,6 @@ impl Core {
                 .transpose()?
                 .map(Arc::new),
             feed: crate::events::feed::Feed::new(),
-            receipts: config.receipts.clone(),
             seen: customers::SeenBuffer::default(),
         })
     }
@@ -123,6 +129,11 @@ impl Core {
     /// Reading access: snapshots, customer reads, explanations, caches.
     pub fn reads(&self) -> &Reads {
         &self.reads
+    }
+
+    /// Applying verified store state, and the audit trail of submissions.
+    pub fn purchases(&self) -> &Purchases {
+        &self.purchases
     }
 
     pub fn api_keys(&self) -> &ApiKeys {

@@ -1,13 +1,14 @@
 //! Applying verified store state: the one path by which Stripe, App Store
 //! and Play purchases change what a customer may use.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use entities::{held_purchases, purchases};
 
-use super::Core;
+use super::{Ctx, Reads};
 use crate::{
+    config::ReceiptsConfig,
     db::{self, Conn, WriteTxn, held_purchase::HeldState, purchase::PurchaseFields},
     domain::{
         EventKind, PurchaseStatus, Snapshot, Store, TransferPolicy, compute, diff, rules, tokens,
@@ -124,12 +125,36 @@ impl Submitter<'_> {
     }
 }
 
-impl Core {
+/// The one path by which verified store state changes a purchase: every
+/// store, every source (submission, webhook, re-read, replay) ends here,
+/// and so does the audit trail of submissions.
+pub struct Purchases {
+    ctx: Arc<Ctx>,
+    reads: Reads,
+    transfer_policy: TransferPolicy,
+    receipts: ReceiptsConfig,
+}
+
+impl Purchases {
+    pub(super) fn new(
+        ctx: Arc<Ctx>,
+        reads: Reads,
+        transfer_policy: TransferPolicy,
+        receipts: ReceiptsConfig,
+    ) -> Purchases {
+        Purchases {
+            ctx,
+            reads,
+            transfer_policy,
+            receipts,
+        }
+    }
+
     /// Applies a verified purchase state in the caller's write transaction,
     /// with its change-log rows. Older state (by the store's own timestamp)
     /// never overwrites newer; a refund is never undone by an older message.
     /// A store message about a purchase nobody here owns is
-    /// `NotFound` and writes nothing (see [`Core::apply_store_in`] to hold it).
+    /// `NotFound` and writes nothing (see [`Self::apply_store_in`] to hold it).
     pub async fn apply_purchase_in(
         &self,
         txn: &WriteTxn,
@@ -144,7 +169,7 @@ impl Core {
     /// [`Self::apply_purchase_in`] for a caller that already looked up, in
     /// this transaction and after [`db::lock_store_purchase`], the
     /// purchase's own store id.
-    pub async fn apply_prefetched_in(
+    pub(super) async fn apply_prefetched_in(
         &self,
         txn: &WriteTxn,
         vp: &VerifiedPurchase,
@@ -167,7 +192,7 @@ impl Core {
     /// named by is held, not given to a made-up customer: later messages
     /// (refunds included) still update it, and the first customer its
     /// binding names, or who submits it, receives it as it then stands.
-    pub async fn apply_store_in(
+    pub(super) async fn apply_store_in(
         &self,
         txn: &WriteTxn,
         vp: &VerifiedPurchase,
@@ -685,7 +710,7 @@ impl Core {
     ) -> AppResult<Applied> {
         let txn = self.ctx.db.write().await?;
         let applied = self
-            .apply_purchase_in(&txn, vp, submitter, self.now())
+            .apply_purchase_in(&txn, vp, submitter, self.ctx.now())
             .await?;
         txn.commit().await?;
         Ok(applied)
@@ -696,7 +721,7 @@ impl Core {
     /// the row commits with the effect, a failed apply leaves no row (or
     /// its `failed` row) and the store's retry is processed.
     #[allow(clippy::too_many_arguments)] // the row's columns, each its own
-    pub async fn claim_webhook(
+    pub(super) async fn claim_webhook(
         &self,
         txn: &WriteTxn,
         source: Store,
@@ -728,7 +753,7 @@ impl Core {
     /// `receipts.max_payload_bytes` is kept as its size and digest, and past
     /// `max_unverified_per_customer` pending or invalid rows the oldest
     /// invalid ones make room (all pending: the submission is refused).
-    pub async fn record_receipt(
+    pub(super) async fn record_receipt(
         &self,
         customer_id: &str,
         store: Store,
@@ -755,9 +780,14 @@ impl Core {
             }
             db::receipt::delete(&*txn, drop).await?;
         }
-        let id =
-            db::receipt::insert_pending(&*txn, customer_id, store.as_str(), payload, self.now())
-                .await?;
+        let id = db::receipt::insert_pending(
+            &*txn,
+            customer_id,
+            store.as_str(),
+            payload,
+            self.ctx.now(),
+        )
+        .await?;
         txn.commit().await?;
         Ok(id)
     }
@@ -767,7 +797,7 @@ impl Core {
     /// id can be named) only the payload's size and digest stay on record,
     /// so made-up ids cannot be used to store data; retention deletes the
     /// row later like any invalid one.
-    pub async fn fail_receipt(
+    pub(super) async fn fail_receipt(
         &self,
         receipt_id: i64,
         customer_id: &str,
@@ -789,7 +819,7 @@ impl Core {
 
     /// Marks a submission valid (with its purchase) or invalid (with a reason
     /// safe to show the operator).
-    pub async fn finish_receipt(
+    pub(super) async fn finish_receipt(
         &self,
         c: &impl Conn,
         receipt_id: i64,
@@ -816,6 +846,7 @@ mod tests {
         db::Db,
         domain::{EntitlementDef, Environment, PeriodType, ProductDef, ProductKind},
         providers::{PurchaseState, verified_for_test},
+        service::Core,
     };
 
     async fn core(policy: TransferPolicy) -> (Core, tempfile::TempDir) {
@@ -890,6 +921,7 @@ mod tests {
     async fn older_state_never_overwrites_newer_and_refund_sticks() {
         let (core, _d) = core(TransferPolicy::Transfer).await;
         let a = core
+            .purchases()
             .apply_purchase(
                 &verified_for_test(state(&core, "otx1", PurchaseStatus::Active, 0)),
                 Submitter::Customer("alice"),
@@ -898,6 +930,7 @@ mod tests {
             .unwrap();
         assert!(a.snapshot.entitlement("pro").unwrap().is_active);
         let r = core
+            .purchases()
             .apply_purchase(
                 &verified_for_test(state(&core, "otx1", PurchaseStatus::Refunded, 10)),
                 Submitter::Store,
@@ -907,6 +940,7 @@ mod tests {
         assert!(!r.snapshot.entitlement("pro").unwrap().is_active);
         // A renewal signed before the refund arrives late: ignored.
         let late = core
+            .purchases()
             .apply_purchase(
                 &verified_for_test(state(&core, "otx1", PurchaseStatus::Active, 5)),
                 Submitter::Store,
@@ -916,12 +950,13 @@ mod tests {
         assert!(late.stale);
         assert!(!late.snapshot.entitlement("pro").unwrap().is_active);
         // Applying the same state twice changes nothing.
-        core.apply_purchase(
-            &verified_for_test(state(&core, "otx1", PurchaseStatus::Refunded, 10)),
-            Submitter::Store,
-        )
-        .await
-        .unwrap();
+        core.purchases()
+            .apply_purchase(
+                &verified_for_test(state(&core, "otx1", PurchaseStatus::Refunded, 10)),
+                Submitter::Store,
+            )
+            .await
+            .unwrap();
         assert_eq!(kinds(&core, "alice").await, vec!["granted", "refunded"]);
         assert_eq!(db::purchase::count_all(&core.db().conn).await.unwrap(), 1);
     }
@@ -930,10 +965,12 @@ mod tests {
     async fn transfer_policy_moves_the_purchase_with_two_events() {
         let (core, _d) = core(TransferPolicy::Transfer).await;
         let vp = verified_for_test(state(&core, "otx2", PurchaseStatus::Active, 0));
-        core.apply_purchase(&vp, Submitter::Customer("alice"))
+        core.purchases()
+            .apply_purchase(&vp, Submitter::Customer("alice"))
             .await
             .unwrap();
         let b = core
+            .purchases()
             .apply_purchase(&vp, Submitter::Customer("bob"))
             .await
             .unwrap();
@@ -953,6 +990,7 @@ mod tests {
         assert_eq!(kinds(&core, "bob").await, vec!["granted"]);
         // A later store message keeps it with its current owner.
         let s = core
+            .purchases()
             .apply_purchase(
                 &verified_for_test(state(&core, "otx2", PurchaseStatus::Active, 60)),
                 Submitter::Store,
@@ -966,10 +1004,12 @@ mod tests {
     async fn keep_policy_rejects_a_second_customer() {
         let (core, _d) = core(TransferPolicy::Keep).await;
         let vp = verified_for_test(state(&core, "otx3", PurchaseStatus::Active, 0));
-        core.apply_purchase(&vp, Submitter::Customer("alice"))
+        core.purchases()
+            .apply_purchase(&vp, Submitter::Customer("alice"))
             .await
             .unwrap();
         let err = core
+            .purchases()
             .apply_purchase(&vp, Submitter::Customer("bob"))
             .await
             .unwrap_err();
@@ -982,6 +1022,7 @@ mod tests {
         let mut bound = state(&core, "otx4", PurchaseStatus::Active, 0);
         bound.bound_customer = Some("alice".into());
         let err = core
+            .purchases()
             .apply_purchase(&verified_for_test(bound), Submitter::Customer("bob"))
             .await
             .unwrap_err();
@@ -991,15 +1032,17 @@ mod tests {
     #[tokio::test]
     async fn replacement_leaves_one_live_purchase() {
         let (core, _d) = core(TransferPolicy::Transfer).await;
-        core.apply_purchase(
-            &verified_for_test(state(&core, "tok-old", PurchaseStatus::Active, 0)),
-            Submitter::Customer("c"),
-        )
-        .await
-        .unwrap();
+        core.purchases()
+            .apply_purchase(
+                &verified_for_test(state(&core, "tok-old", PurchaseStatus::Active, 0)),
+                Submitter::Customer("c"),
+            )
+            .await
+            .unwrap();
         let mut up = state(&core, "tok-new", PurchaseStatus::Active, 10);
         up.replaces = Some("tok-old".into());
-        core.apply_purchase(&verified_for_test(up), Submitter::Customer("c"))
+        core.purchases()
+            .apply_purchase(&verified_for_test(up), Submitter::Customer("c"))
             .await
             .unwrap();
         let rows = db::purchases_of(&core.db().conn, "c").await.unwrap();
@@ -1016,6 +1059,7 @@ mod tests {
     async fn store_message_without_owner_is_not_found() {
         let (core, _d) = core(TransferPolicy::Transfer).await;
         let err = core
+            .purchases()
             .apply_purchase(
                 &verified_for_test(state(&core, "otx9", PurchaseStatus::Active, 0)),
                 Submitter::Store,
@@ -1031,20 +1075,22 @@ mod tests {
         let now = core.now();
         let txn = core.db().write().await.unwrap();
         assert!(
-            core.claim_webhook(
-                &txn,
-                Store::Stripe,
-                "evt_1",
-                &serde_json::json!({}),
-                "processed",
-                None,
-                now
-            )
-            .await
-            .unwrap()
+            core.purchases()
+                .claim_webhook(
+                    &txn,
+                    Store::Stripe,
+                    "evt_1",
+                    &serde_json::json!({}),
+                    "processed",
+                    None,
+                    now
+                )
+                .await
+                .unwrap()
         );
         assert!(
             !core
+                .purchases()
                 .claim_webhook(
                     &txn,
                     Store::Stripe,
@@ -1059,17 +1105,18 @@ mod tests {
         );
         // Same id from another store is another event.
         assert!(
-            core.claim_webhook(
-                &txn,
-                Store::AppStore,
-                "evt_1",
-                &serde_json::json!({}),
-                "processed",
-                None,
-                now
-            )
-            .await
-            .unwrap()
+            core.purchases()
+                .claim_webhook(
+                    &txn,
+                    Store::AppStore,
+                    "evt_1",
+                    &serde_json::json!({}),
+                    "processed",
+                    None,
+                    now
+                )
+                .await
+                .unwrap()
         );
         txn.commit().await.unwrap();
     }

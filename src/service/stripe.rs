@@ -167,7 +167,9 @@ impl Core {
                 email,
             } => {
                 let customer = db::lock_resolved_customer(&txn, &customer).await?;
-                self.ensure_customer_in(&txn, &customer, now).await?;
+                self.purchases
+                    .ensure_customer_in(&txn, &customer, now)
+                    .await?;
                 remember_stripe_customer(&txn, &customer, &stripe_customer, email.as_deref())
                     .await?;
                 (WebhookOutcome::Bound, Some(customer))
@@ -466,7 +468,7 @@ impl Core {
             .as_deref()
             .or(state.state().bound_customer.as_deref())
         {
-            self.ensure_customer_in(txn, c, now).await?;
+            self.purchases.ensure_customer_in(txn, c, now).await?;
             db::hold_customer(txn, c).await?;
         }
         // Locked before it is read, so the application below can take this
@@ -532,6 +534,7 @@ impl Core {
         let email = state.email.clone();
         let vp = state.bind(customer);
         let applied = self
+            .purchases
             .apply_prefetched_in(txn, &vp, Submitter::Store, Some(lookup), now)
             .await?;
         if let Some(sc) = stripe_customer {
@@ -574,7 +577,8 @@ impl Core {
         let Some(vp) = p.refunded(&purchase, refunded_at, charge) else {
             return Ok((WebhookOutcome::UnmatchedRefund, who));
         };
-        self.apply_purchase_in(txn, &vp, Submitter::Store, now)
+        self.purchases
+            .apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         Ok((WebhookOutcome::Refunded, who))
     }
@@ -639,7 +643,8 @@ impl Core {
         let Some(vp) = vp else {
             return Ok((WebhookOutcome::UnmatchedDispute, who));
         };
-        self.apply_purchase_in(txn, &vp, Submitter::Store, now)
+        self.purchases
+            .apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         Ok((outcome, who))
     }

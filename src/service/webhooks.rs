@@ -90,7 +90,8 @@ impl Core {
         let outcome = outcome.as_str();
         match claim {
             Claim::Live => {
-                self.claim_webhook(txn, source, event_id, payload, outcome, customer, now)
+                self.purchases
+                    .claim_webhook(txn, source, event_id, payload, outcome, customer, now)
                     .await
             }
             Claim::Replay { id, outcome: was } => {
@@ -426,6 +427,7 @@ impl Ingest for crate::providers::apple::Apple {
         now: DateTime<Utc>,
     ) -> AppResult<(WebhookOutcome, ())> {
         let applied = core
+            .purchases
             .apply_purchase_in(txn, &vp, Submitter::Store, now)
             .await?;
         Ok((WebhookOutcome::applied(applied.stale), ()))
@@ -455,6 +457,7 @@ impl Ingest for crate::providers::google::GooglePlay {
             .then(|| (fetched.kind, fetched.purchase.store_purchase_id.clone()));
         let purchase = core.keep_play_refund(txn, fetched.purchase).await?;
         let applied = core
+            .purchases
             .apply_purchase_in(txn, &purchase, Submitter::Store, now)
             .await?;
         Ok((WebhookOutcome::applied(applied.stale), ack))

@@ -300,7 +300,8 @@ impl TestApp {
     pub async fn sign_up(&self, customer: &str) {
         let core = &self.state.core;
         let txn = core.db().write().await.unwrap();
-        core.ensure_customer_in(&txn, customer, core.now())
+        core.purchases()
+            .ensure_customer_in(&txn, customer, core.now())
             .await
             .map_err(anyhow::Error::from)
             .unwrap();
