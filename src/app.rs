@@ -343,10 +343,10 @@ fn spawn_last_seen_writer(core: Arc<Core>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if core.seen.is_empty() {
+            if core.customers().seen().is_empty() {
                 continue;
             }
-            if let Err(e) = core.flush_last_seen().await {
+            if let Err(e) = core.customers().flush_last_seen().await {
                 tracing::warn!(
                     error = e.for_log(),
                     "device check-ins not written (each is recorded again at its next check-in)"
@@ -360,7 +360,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let running = start(config, Arc::new(SystemClock), shutdown_signal()).await?;
     tracing::info!(addr = %running.addr, "entitle listening");
     running.task.await??;
-    if let Err(e) = running.state.core.flush_last_seen().await {
+    if let Err(e) = running.state.core.customers().flush_last_seen().await {
         tracing::warn!(
             error = e.for_log(),
             "device check-ins not written at shutdown"

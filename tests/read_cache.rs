@@ -161,13 +161,13 @@ async fn check_ins_are_written_in_the_background(b: Backend) {
     // Within the resolution: nothing to write.
     app.clock.advance(Duration::seconds(10));
     app.post_user(&client, "poller").await;
-    assert!(app.state.core.seen.is_empty());
+    assert!(app.state.core.customers().seen().is_empty());
 
     app.clock.advance(Duration::minutes(5));
     let (s, body) = app.post_user(&client, "poller").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["paid_status"], "trial");
-    assert_eq!(app.state.core.seen.len(), 1, "buffered");
+    assert_eq!(app.state.core.customers().seen().len(), 1, "buffered");
     assert_eq!(
         last_seen(&app, "poller").await,
         first,
@@ -175,23 +175,25 @@ async fn check_ins_are_written_in_the_background(b: Backend) {
     );
     // Polling again before the flush buffers nothing new.
     app.post_user(&client, "poller").await;
-    assert_eq!(app.state.core.seen.len(), 1);
+    assert_eq!(app.state.core.customers().seen().len(), 1);
 
     let written = app
         .state
         .core
+        .customers()
         .flush_last_seen()
         .await
         .map_err(anyhow::Error::from)
         .unwrap();
     assert_eq!(written, 1);
-    assert!(app.state.core.seen.is_empty());
+    assert!(app.state.core.customers().seen().is_empty());
     let after = last_seen(&app, "poller").await;
     assert_ne!(after, first, "the flush wrote the newer time");
     // Nothing pending: a second flush writes nothing.
     assert_eq!(
         app.state
             .core
+            .customers()
             .flush_last_seen()
             .await
             .map_err(anyhow::Error::from)

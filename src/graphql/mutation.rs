@@ -79,6 +79,7 @@ impl MutationRoot {
             Rebind::Refuse
         };
         let reg = core(ctx)
+            .customers()
             .register_device(
                 input.platform.into(),
                 &device_id,
@@ -151,6 +152,7 @@ impl MutationRoot {
             Some(customer_id.as_str()),
         )?;
         let snap = core(ctx)
+            .customers()
             .grant_entitlement(&customer_id, &entitlement, expires_at)
             .await?;
         customer_with(ctx, &customer_id, snap).await
@@ -169,7 +171,7 @@ impl MutationRoot {
         let crate::auth::Principal::Customer(account) = p else {
             return Err(AppError::Forbidden(Action::PairDevice.refusal()).into());
         };
-        let (id, snap) = core(ctx).pair_device(account, &code).await?;
+        let (id, snap) = core(ctx).pairing().pair_device(account, &code).await?;
         customer_with(ctx, &id, snap).await
     }
 
@@ -182,7 +184,7 @@ impl MutationRoot {
         into: ID,
     ) -> async_graphql::Result<Customer> {
         authorize(principal(ctx), Action::MergeCustomers, Some(into.as_str()))?;
-        let (id, snap) = core(ctx).merge_customers(&from, &into).await?;
+        let (id, snap) = core(ctx).customers().merge_customers(&from, &into).await?;
         customer_with(ctx, &id, snap).await
     }
 
@@ -198,7 +200,10 @@ impl MutationRoot {
             Action::RevokeGrant,
             Some(customer_id.as_str()),
         )?;
-        let snap = core(ctx).revoke_grant(&customer_id, &entitlement).await?;
+        let snap = core(ctx)
+            .customers()
+            .revoke_grant(&customer_id, &entitlement)
+            .await?;
         customer_with(ctx, &customer_id, snap).await
     }
 

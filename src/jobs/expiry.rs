@@ -25,7 +25,7 @@ pub async fn sweep(core: &Core) -> AppResult<usize> {
     let customers = db::jobs::customers_with_ends_between(&core.db().conn, since, now).await?;
     let mut written = 0;
     for customer in customers {
-        written += core.log_lapses(&customer, now).await?;
+        written += core.customers().log_lapses(&customer, now).await?;
     }
     super::write_cursor(&core.db().conn, JOB, &now.to_rfc3339(), now).await?;
     if written > 0 {

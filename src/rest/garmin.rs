@@ -93,7 +93,11 @@ pub async fn user(
     };
     // Only a first sighting writes (a customer, a device, a trial).
     if let Some(limiter) = &state.limiter
-        && !state.core.device_known(Platform::Garmin, &id).await?
+        && !state
+            .core
+            .customers()
+            .device_known(Platform::Garmin, &id)
+            .await?
     {
         limiter.check(
             &principal,
@@ -102,6 +106,7 @@ pub async fn user(
     }
     let reg = state
         .core
+        .customers()
         .register(
             Platform::Garmin,
             &id,
@@ -114,7 +119,13 @@ pub async fn user(
         .get(DEVICE_SECRET_HEADER)
         .and_then(|v| v.to_str().ok())
     {
-        Some(secret) => state.core.pairing_code(&reg.device, secret.trim()).await?,
+        Some(secret) => {
+            state
+                .core
+                .pairing()
+                .pairing_code(&reg.device, secret.trim())
+                .await?
+        }
         None => None,
     };
     let link = state

@@ -1,10 +1,15 @@
-use chrono::{DateTime, Duration, Utc};
-use entities::devices;
+use std::sync::Arc;
 
-use super::Core;
+use chrono::{DateTime, Duration, Utc};
+use entities::{devices, purchases};
+
+use super::{Ctx, Purchases, Reads};
 use crate::{
-    db::{self, purchase::PurchaseFields},
-    domain::{Environment, ExternalId, PeriodType, Platform, PurchaseStatus, Snapshot, Store},
+    db::{self, WriteTxn, purchase::PurchaseFields},
+    domain::{
+        Environment, EventKind, ExternalId, PeriodType, Platform, PurchaseStatus, Snapshot, Store,
+        TrialPolicy, diff,
+    },
     error::{AppError, AppResult},
 };
 
@@ -101,7 +106,38 @@ impl SeenBuffer {
     }
 }
 
-impl Core {
+/// Customers and their devices: first sight and check-ins, the trial a
+/// first sight starts, promotional grants, merges, and lapses by time.
+pub struct Customers {
+    ctx: Arc<Ctx>,
+    reads: Reads,
+    purchases: Arc<Purchases>,
+    trial: Option<TrialPolicy>,
+    /// Device check-ins waiting to be written.
+    seen: SeenBuffer,
+}
+
+impl Customers {
+    pub(super) fn new(
+        ctx: Arc<Ctx>,
+        reads: Reads,
+        purchases: Arc<Purchases>,
+        trial: Option<TrialPolicy>,
+    ) -> Customers {
+        Customers {
+            ctx,
+            reads,
+            purchases,
+            trial,
+            seen: SeenBuffer::default(),
+        }
+    }
+
+    /// Device check-ins not yet written.
+    pub fn seen(&self) -> &SeenBuffer {
+        &self.seen
+    }
+
     /// Writes the buffered check-in times (never moving one backwards);
     /// returns how many devices were written. Called periodically and at
     /// shutdown.
@@ -145,7 +181,7 @@ impl Core {
         rebind: Rebind,
         issue_secret: bool,
     ) -> AppResult<Registration> {
-        let now = self.now();
+        let now = self.ctx.now();
         if let Some(device) = self.cached_device(platform, device_id).await? {
             return self
                 .known_device(device, customer_id, rebind, issue_secret, now)
@@ -332,7 +368,7 @@ impl Core {
         entitlement: &str,
         expires_at: Option<DateTime<Utc>>,
     ) -> AppResult<Snapshot> {
-        let now = self.now();
+        let now = self.ctx.now();
         if !self.ctx.catalog.has_entitlement(entitlement) {
             return Err(AppError::bad_input(format!(
                 "unknown entitlement `{entitlement}`"
@@ -366,7 +402,7 @@ impl Core {
 
     /// Ends a promotional grant now. Other sources of the entitlement stay.
     pub async fn revoke_grant(&self, customer_id: &str, entitlement: &str) -> AppResult<Snapshot> {
-        let now = self.now();
+        let now = self.ctx.now();
         if !self.ctx.catalog.has_entitlement(entitlement) {
             return Err(AppError::bad_input(format!(
                 "unknown entitlement `{entitlement}`"
@@ -389,5 +425,163 @@ impl Core {
             .await?;
         txn.commit().await?;
         Ok(after)
+    }
+}
+
+/// Which of two own-store rows (trial or grant) for one entitlement survives
+/// a merge: the earliest-started trial, so a trial is never had twice; the
+/// grant that lasts longer, so a merge never shortens access.
+fn first_survives(store: Store, a: &purchases::Model, b: &purchases::Model) -> bool {
+    match store {
+        Store::Trial => (a.purchased_at, a.id) <= (b.purchased_at, b.id),
+        _ => {
+            let term = |r: &purchases::Model| {
+                (
+                    r.revoked_at.is_none() && r.status != PurchaseStatus::Revoked.as_str(),
+                    r.expires_at.is_none(),
+                    r.expires_at,
+                )
+            };
+            term(a) >= term(b)
+        }
+    }
+}
+
+impl Customers {
+    /// Merges customer `from` into `into` (the operator's tool). Returns the
+    /// surviving customer's id and entitlements.
+    pub async fn merge_customers(&self, from: &str, into: &str) -> AppResult<(String, Snapshot)> {
+        let parse = |what: &str, s: &str| {
+            ExternalId::parse(s).map_err(|e| AppError::bad_input(format!("invalid {what}: {e}")))
+        };
+        let (from, into) = (parse("from", from)?, parse("into", into)?);
+        let now = self.ctx.now();
+        let txn = self.ctx.db.write().await?;
+        // Lock both in one order (two opposite merges must not deadlock),
+        // then check no merge moved either meanwhile.
+        let mut ids = (
+            db::resolve_customer(&*txn, from.as_str()).await?,
+            db::resolve_customer(&*txn, into.as_str()).await?,
+        );
+        let mut settled = false;
+        for _ in 0..4 {
+            let (a, b) = if ids.0 <= ids.1 {
+                (&ids.0, &ids.1)
+            } else {
+                (&ids.1, &ids.0)
+            };
+            db::hold_customer(&txn, a).await?;
+            db::hold_customer(&txn, b).await?;
+            let again = (
+                db::resolve_customer(&*txn, &ids.0).await?,
+                db::resolve_customer(&*txn, &ids.1).await?,
+            );
+            if again == ids {
+                settled = true;
+                break;
+            }
+            ids = again;
+        }
+        if !settled {
+            return Err(AppError::Internal(anyhow::anyhow!(
+                "customer aliases do not settle"
+            )));
+        }
+        let (from, into) = ids;
+        if from == into {
+            return Err(AppError::bad_input(
+                "cannot merge a customer into itself (or into an account it was merged into)",
+            ));
+        }
+        for id in [&from, &into] {
+            db::customer::find(&*txn, id)
+                .await?
+                .ok_or(AppError::NotFound("customer"))?;
+        }
+        let snapshot = self.merge_in(&txn, &from, &into, now).await?;
+        txn.commit().await?;
+        Ok((into, snapshot))
+    }
+
+    /// Moves everything of `from` to `into` in the caller's transaction
+    /// (both already locked and resolved): purchases with their change-log
+    /// rows, devices, receipts and aliases; `from` becomes an alias. Its row
+    /// stays, so that a concurrent writer naming it waits on its lock and
+    /// then resolves it, instead of re-creating it.
+    pub(super) async fn merge_in(
+        &self,
+        txn: &WriteTxn,
+        from: &str,
+        into: &str,
+        now: DateTime<Utc>,
+    ) -> AppResult<Snapshot> {
+        let (before_from, _) = self.ctx.state_before_write(&**txn, from, now).await?;
+        let (before_into, _) = self.ctx.state_before_write(&**txn, into, now).await?;
+
+        // Trials and grants are keyed by customer, which is what makes "one
+        // trial per customer" a database fact: re-key them to `into`, and of
+        // two for one entitlement keep one.
+        let theirs = db::purchases_of(&**txn, into).await?;
+        for row in db::purchases_of(&**txn, from).await? {
+            let Ok(store) = row.store.parse::<Store>() else {
+                continue;
+            };
+            if !matches!(store, Store::Trial | Store::Promotional)
+                || row.store_purchase_id != own_purchase_key(store, from, &row.product_id)
+            {
+                continue;
+            }
+            let key = own_purchase_key(store, into, &row.product_id);
+            let existing = theirs.iter().find(|t| t.store_purchase_id == key).cloned();
+            let (winner, loser) = match existing {
+                None => (row, None),
+                Some(mine) if first_survives(store, &row, &mine) => (row, Some(mine)),
+                Some(mine) => (mine, Some(row)),
+            };
+            if let Some(loser) = loser {
+                // First, to free the key for the winner.
+                let set_aside = format!("{key}:merged:{}", loser.id);
+                let still_grants =
+                    loser.revoked_at.is_none() && loser.expires_at.is_none_or(|e| e > now);
+                let end = still_grants.then_some(now);
+                db::purchase::set_aside_merged(&**txn, loser, set_aside, end, now).await?;
+            }
+            if winner.store_purchase_id != key {
+                db::purchase::rekey(&**txn, winner, key).await?;
+            }
+        }
+        db::purchase::move_all(&**txn, from, into).await?;
+        for d in db::devices_of(&**txn, from).await? {
+            txn.touch_device(&d.platform, &d.device_id);
+        }
+        db::device::move_all(&**txn, from, into).await?;
+        db::receipt::move_all(&**txn, from, into).await?;
+        // Aliases stay one hop: those naming `from` now name `into`.
+        db::customer::move_aliases(&**txn, from, into).await?;
+        db::customer::add_alias(&**txn, from, into, now).await?;
+        // Attributes `into` lacks (its Stripe customer, for one) come along.
+        let from_row = db::customer::find(&**txn, from).await?;
+        let into_row = db::customer::find(&**txn, into).await?;
+        if let (Some(f), Some(i)) = (from_row, into_row)
+            && let (Some(fa), Some(ia)) = (f.attributes.as_object(), i.attributes.as_object())
+            && fa.keys().any(|k| !ia.contains_key(k))
+        {
+            let mut merged = ia.clone();
+            for (k, v) in fa {
+                merged.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            db::customer::set_attributes(&**txn, i, serde_json::Value::Object(merged)).await?;
+        }
+
+        let after_from = self.ctx.snapshot_in(&**txn, from, now).await?;
+        let mut changes = diff(&before_from, &after_from);
+        // What the old id lost, it lost to the account.
+        for ch in changes.iter_mut().filter(|ch| ch.new_status != "ACTIVE") {
+            ch.kind = EventKind::Transferred;
+        }
+        db::record_changes(&**txn, from, &changes, now).await?;
+        self.ctx
+            .record_transition(&**txn, into, &before_into, now)
+            .await
     }
 }

@@ -9,7 +9,7 @@ use crate::{
     clock::Clock,
     config::Config,
     db::{self, Conn, Db},
-    domain::{Catalog, PurchaseFacts, Snapshot, TrialPolicy, compute, diff},
+    domain::{Catalog, PurchaseFacts, Snapshot, compute, diff},
     error::AppResult,
 };
 
@@ -27,7 +27,9 @@ pub mod tokens;
 pub mod webhooks;
 
 pub use api_keys::ApiKeys;
+pub use customers::Customers;
 pub use outbound::Outbound;
+pub use pairing::Pairing;
 pub use purchases::Purchases;
 pub use reads::Reads;
 pub use tokens::Tokens;
@@ -46,7 +48,8 @@ pub struct Core {
     ctx: Arc<Ctx>,
     reads: Reads,
     purchases: Arc<Purchases>,
-    pub trial: Option<TrialPolicy>,
+    customers: Arc<Customers>,
+    pairing: Pairing,
     /// Present when a `[stripe]` section is configured.
     pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
     /// Present when an `[apple]` section is configured.
@@ -58,8 +61,6 @@ pub struct Core {
     tokens: Arc<Tokens>,
     api_keys: ApiKeys,
     outbound: Outbound,
-    /// Device check-ins waiting to be written.
-    pub seen: customers::SeenBuffer,
 }
 
 impl Core {
@@ -78,14 +79,21 @@ impl Core {
             config.transfer_policy,
             config.receipts.clone(),
         ));
+        let customers = Arc::new(Customers::new(
+            ctx.clone(),
+            reads.clone(),
+            purchases.clone(),
+            config.trial.clone(),
+        ));
         Ok(Core {
             tokens,
+            pairing: Pairing::new(ctx.clone(), customers.clone()),
+            customers,
             purchases,
             api_keys: ApiKeys::new(db.clone(), clock.clone()),
             outbound: Outbound::new(db.clone(), clock.clone()),
             reads,
             ctx,
-            trial: config.trial.clone(),
             stripe: config
                 .stripe
                 .as_ref()
@@ -107,7 +115,6 @@ impl Core {
                 .transpose()?
                 .map(Arc::new),
             feed: crate::events::feed::Feed::new(),
-            seen: customers::SeenBuffer::default(),
         })
     }
 
@@ -134,6 +141,16 @@ impl Core {
     /// Applying verified store state, and the audit trail of submissions.
     pub fn purchases(&self) -> &Purchases {
         &self.purchases
+    }
+
+    /// Customers and devices: registration, check-ins, grants, merges.
+    pub fn customers(&self) -> &Customers {
+        &self.customers
+    }
+
+    /// Pairing a device to an account with a code it showed.
+    pub fn pairing(&self) -> &Pairing {
+        &self.pairing
     }
 
     pub fn api_keys(&self) -> &ApiKeys {
