@@ -354,6 +354,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Webhooks(WebhooksCommand::Replay { outcomes, since }) => {
             let s = core(&config)
                 .await?
+                .operator()
                 .replay_webhook_events(&outcomes, since)
                 .await?;
             println!(

@@ -949,19 +949,30 @@ async fn acknowledgement_retried_by_sweep(b: Backend) {
     verify(&app, &key, "user-1", "maps_forever", "life-1").await;
     assert!(is_active(&entitlement(&app, &key, "user-1", "maps").await));
     assert_eq!(
-        app.state.core.retry_play_acknowledgements().await.ok(),
+        app.state
+            .core
+            .stores()
+            .retry_play_acknowledgements()
+            .await
+            .ok(),
         Some(0)
     );
 
     g.fake.with(|s| s.ack_down = false);
     let core = &app.state.core;
-    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(2));
+    assert_eq!(
+        core.stores().retry_play_acknowledgements().await.ok(),
+        Some(2)
+    );
     assert_eq!(
         g.fake.ack_state("sub-1"),
         "ACKNOWLEDGEMENT_STATE_ACKNOWLEDGED"
     );
     assert_eq!(g.fake.ack_state("life-1"), 1);
-    assert_eq!(core.retry_play_acknowledgements().await.ok(), Some(0));
+    assert_eq!(
+        core.stores().retry_play_acknowledgements().await.ok(),
+        Some(0)
+    );
     assert_eq!(g.fake.with(|s| s.acks.len()), 2);
 }
 

@@ -1077,7 +1077,7 @@ async fn refresh_takes_one_path_for_every_store(b: Backend) {
     app.clock.advance(Duration::minutes(1));
     let row = purchase_row(&app, "play-user", "sub-every").await;
     assert_eq!(row.status, "refunded");
-    core.refresh_purchase(&row).await.unwrap();
+    core.stores().refresh_purchase(&row).await.unwrap();
     let after = purchase_row(&app, "play-user", "sub-every").await;
     assert_eq!(
         (after.status.as_str(), after.revoked_at),
@@ -1111,7 +1111,7 @@ async fn refresh_takes_one_path_for_every_store(b: Backend) {
     app.clock.advance(Duration::minutes(1));
     let row = purchase_row(&app, "stripe-user", "sub_every").await;
     assert_eq!(
-        core.refresh_purchase(&row).await.unwrap().as_str(),
+        core.stores().refresh_purchase(&row).await.unwrap().as_str(),
         "already_ended"
     );
     assert_eq!(purchase_row(&app, "stripe-user", "sub_every").await, row);

@@ -59,6 +59,7 @@ async fn garmin_flow_payment_link_to_paid(b: Backend) {
     assert_eq!(
         app.state
             .core
+            .stores()
             .customer_by_stripe_id("cus_g1")
             .await
             .map_err(anyhow::Error::from)

@@ -104,6 +104,7 @@ impl MutationRoot {
     ) -> async_graphql::Result<CheckoutSession> {
         let customer = signed_in_customer(principal(ctx), Action::Checkout)?;
         let (id, url) = core(ctx)
+            .stores()
             .create_checkout_session(
                 customer,
                 &input.product_id,
@@ -122,6 +123,7 @@ impl MutationRoot {
     ) -> async_graphql::Result<PortalSession> {
         let customer = signed_in_customer(principal(ctx), Action::Portal)?;
         let url = core(ctx)
+            .stores()
             .create_portal_session(customer, &return_url)
             .await?;
         Ok(PortalSession { url })
@@ -220,8 +222,8 @@ impl MutationRoot {
             .parse()
             .map_err(|_| AppError::bad_input("invalid webhook event id"))?;
         let core = core(ctx);
-        let r = core.replay_webhook_event(id).await?;
-        let row = core.webhook_event(id).await?;
+        let r = core.operator().replay_webhook_event(id).await?;
+        let row = core.operator().webhook_event(id).await?;
         Ok(super::webhooks::replay_payload(r, row))
     }
 }

@@ -127,7 +127,10 @@ impl QueryRoot {
             replayable,
             after.as_deref(),
         )?;
-        let (rows, more) = core(ctx).webhook_events_page(&f, first as u64).await?;
+        let (rows, more) = core(ctx)
+            .operator()
+            .webhook_events_page(&f, first as u64)
+            .await?;
         let mut conn = Connection::new(f.before_id.is_some(), more);
         conn.edges.extend(
             rows.into_iter()
@@ -146,6 +149,6 @@ impl QueryRoot {
         #[graphql(default = 30, validator(minimum = 1, maximum = 90))] days: i32,
     ) -> async_graphql::Result<Overview> {
         authorize(principal(ctx), Action::ReadOverview, None)?;
-        Ok(core(ctx).overview(days).await?.into())
+        Ok(core(ctx).operator().overview(days).await?.into())
     }
 }

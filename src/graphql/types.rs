@@ -259,13 +259,13 @@ impl Customer {
         #[graphql(default = 20, validator(minimum = 1, maximum = 100))] limit: u64,
     ) -> async_graphql::Result<Vec<super::webhooks::WebhookEvent>> {
         guard(ctx, Action::ReadCustomerDeliveries, &self.model.id)?;
-        Ok(
-            db::webhook_log::webhook_events_of(&core(ctx).db().conn, &self.model.id, limit)
-                .await?
-                .into_iter()
-                .map(super::webhooks::WebhookEvent)
-                .collect(),
-        )
+        Ok(core(ctx)
+            .operator()
+            .webhook_events_of(&self.model.id, limit)
+            .await?
+            .into_iter()
+            .map(super::webhooks::WebhookEvent)
+            .collect())
     }
 
     /// The entitlement change log, newest first.

@@ -11,7 +11,10 @@ use crate::{
     domain::ExternalId,
     error::AppError,
     policy::{Action, authorize},
-    service::{apple::AppStoreSubmission, google::PlaySubmission, purchases::Applied},
+    service::{
+        purchases::Applied,
+        stores::{apple::AppStoreSubmission, google::PlaySubmission},
+    },
 };
 
 /// A purchase to verify, from exactly one store.
@@ -103,11 +106,10 @@ pub async fn verify_purchase(
     let applied: Applied = match input {
         VerifyPurchaseInput::AppStore(i) => {
             let submission = app_store_submission(i)?;
-            let apple = core
-                .apple
-                .as_deref()
-                .ok_or(AppError::NotConfigured("App Store"))?;
-            core.verify_app_store(apple, customer_id.as_str(), submission)
+            let stores = core.stores();
+            let apple = stores.apple()?;
+            stores
+                .verify_app_store(apple, customer_id.as_str(), submission)
                 .await?
                 .0
         }
@@ -117,7 +119,8 @@ pub async fn verify_purchase(
                 product_id: i.product_id,
                 purchase_token: i.purchase_token,
             };
-            core.verify_play_purchase(customer_id.as_str(), submission)
+            core.stores()
+                .verify_play_purchase(customer_id.as_str(), submission)
                 .await?
         }
         VerifyPurchaseInput::PlayStoreReceipt(i) => {
@@ -125,7 +128,8 @@ pub async fn verify_purchase(
                 signed_data: i.signed_data,
                 signature: i.signature,
             };
-            core.verify_play_purchase(customer_id.as_str(), submission)
+            core.stores()
+                .verify_play_purchase(customer_id.as_str(), submission)
                 .await?
         }
     };

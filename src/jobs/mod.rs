@@ -180,7 +180,7 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
             },
         );
     }
-    if core.google.is_some() {
+    if core.stores().google().is_ok() {
         let core = core.clone();
         spawn_leased(
             leases.clone(),
@@ -189,7 +189,7 @@ pub fn spawn_all(core: Arc<crate::service::Core>, config: &crate::config::Config
             move || {
                 let core = core.clone();
                 async move {
-                    let n = core.retry_play_acknowledgements().await?;
+                    let n = core.stores().retry_play_acknowledgements().await?;
                     if n > 0 {
                         tracing::info!(n, "Play purchases acknowledged on retry");
                     }

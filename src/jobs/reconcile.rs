@@ -81,13 +81,14 @@ pub struct Counts {
 /// configured).
 pub fn enabled(core: &Core, cfg: &ReconcileConfig) -> Vec<Source> {
     let mut out = Vec::new();
-    if cfg.stripe && core.stripe.as_ref().is_some_and(|s| s.api().is_some()) {
+    let stores = core.stores();
+    if cfg.stripe && stores.stripe().is_ok_and(|s| s.api().is_some()) {
         out.push(Source::Stripe);
     }
-    if cfg.apple && core.apple.as_ref().is_some_and(|a| a.api().is_some()) {
+    if cfg.apple && stores.apple().is_ok_and(|a| a.api().is_some()) {
         out.push(Source::Apple);
     }
-    if cfg.google && core.google.as_ref().is_some_and(|g| g.has_api()) {
+    if cfg.google && stores.google().is_ok_and(|g| g.has_api()) {
         out.push(Source::Google);
     }
     out
@@ -200,10 +201,8 @@ fn event_error(e: &AppError) -> bool {
 }
 
 async fn stripe(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppResult<bool> {
-    let p = core
-        .stripe
-        .clone()
-        .ok_or(AppError::NotConfigured("Stripe"))?;
+    let stores = core.stores();
+    let p = stores.stripe()?;
     // Stripe lists newest first; collected, then processed oldest first as
     // they happened.
     let mut events = Vec::new();
@@ -220,7 +219,7 @@ async fn stripe(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppRe
     }
     for ev in events.iter().rev() {
         counts.seen += 1;
-        match core.process_stripe_event(&p, ev).await {
+        match stores.process_stripe_event(p, ev).await {
             Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
             Ok(WebhookOutcome::Applied | WebhookOutcome::Bound | WebhookOutcome::Refunded) => {
                 counts.applied += 1
@@ -242,10 +241,8 @@ async fn apple(
     end: DateTime<Utc>,
     counts: &mut Counts,
 ) -> AppResult<bool> {
-    let apple = core
-        .apple
-        .clone()
-        .ok_or(AppError::NotConfigured("App Store"))?;
+    let stores = core.stores();
+    let apple = stores.apple()?;
     let mut token: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let (payloads, next) = apple
@@ -253,7 +250,7 @@ async fn apple(
             .await?;
         for signed in payloads {
             counts.seen += 1;
-            match core.apple_signed_payload(&apple, &signed).await {
+            match stores.apple_signed_payload(apple, &signed).await {
                 Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
                 Ok(WebhookOutcome::Applied) => counts.applied += 1,
                 Ok(_) => counts.skipped += 1,
@@ -273,10 +270,8 @@ async fn apple(
 }
 
 async fn google(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppResult<bool> {
-    let google = core
-        .google
-        .clone()
-        .ok_or(AppError::NotConfigured("Google Play"))?;
+    let stores = core.stores();
+    let google = stores.google()?;
     let mut token: Option<String> = None;
     for _ in 0..MAX_PAGES {
         let page = google
@@ -285,7 +280,7 @@ async fn google(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppRe
             .map_err(AppError::from)?;
         for v in &page.purchases {
             counts.seen += 1;
-            match core.apply_play_voided(&google, v).await {
+            match stores.apply_play_voided(google, v).await {
                 Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
                 Ok(WebhookOutcome::Applied) => counts.applied += 1,
                 Ok(_) => counts.skipped += 1,

@@ -29,13 +29,14 @@ const SETTLE_WINDOW: Duration = Duration::days(100);
 /// The stores whose API this deployment can ask.
 pub fn stores(core: &Core) -> Vec<Store> {
     let mut out = Vec::new();
-    if core.stripe.as_ref().is_some_and(|s| s.api().is_some()) {
+    let stores = core.stores();
+    if stores.stripe().is_ok_and(|s| s.api().is_some()) {
         out.push(Store::Stripe);
     }
-    if core.apple.as_ref().is_some_and(|a| a.api().is_some()) {
+    if stores.apple().is_ok_and(|a| a.api().is_some()) {
         out.push(Store::AppStore);
     }
-    if core.google.as_ref().is_some_and(|g| g.has_api()) {
+    if stores.google().is_ok_and(|g| g.has_api()) {
         out.push(Store::PlayStore);
     }
     out
@@ -58,7 +59,7 @@ pub async fn run(core: &Core, cfg: &JobsConfig) -> AppResult<Refreshed> {
     let due = due(core, cfg, &stores, now).await?;
     let mut done = Refreshed::default();
     for p in due {
-        let outcome = match core.refresh_purchase(&p).await {
+        let outcome = match core.stores().refresh_purchase(&p).await {
             Ok(o) => o.to_string(),
             Err(e) => {
                 done.failed += 1;

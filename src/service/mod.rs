@@ -14,15 +14,12 @@ use crate::{
 };
 
 pub mod api_keys;
-pub mod apple;
 pub mod customers;
-pub mod google;
 pub mod outbound;
 pub mod pairing;
 pub mod purchases;
 pub mod reads;
-pub mod refresh;
-pub mod stripe;
+pub mod stores;
 pub mod tokens;
 pub mod webhooks;
 
@@ -32,7 +29,9 @@ pub use outbound::Outbound;
 pub use pairing::Pairing;
 pub use purchases::Purchases;
 pub use reads::Reads;
+pub use stores::Stores;
 pub use tokens::Tokens;
+pub use webhooks::Operator;
 
 /// What every use case reads: the database, the clock, and the rules that
 /// turn purchase facts into entitlements. Kept inside `service`: callers
@@ -44,23 +43,23 @@ struct Ctx {
     accept_sandbox: bool,
 }
 
+/// The composition root: builds every use case from the configuration,
+/// once, and hands each out. Use cases that need another's work hold it
+/// themselves, so nothing reaches across through shared fields.
 pub struct Core {
     ctx: Arc<Ctx>,
     reads: Reads,
     purchases: Arc<Purchases>,
     customers: Arc<Customers>,
     pairing: Pairing,
-    /// Present when a `[stripe]` section is configured.
-    pub stripe: Option<Arc<crate::providers::stripe::StripeProvider>>,
-    /// Present when an `[apple]` section is configured.
-    pub apple: Option<Arc<crate::providers::apple::Apple>>,
-    pub google: Option<Arc<crate::providers::google::GooglePlay>>,
-    /// Change-log rows as they commit, for GraphQL subscribers.
-    feed: crate::events::feed::Feed,
-    /// Signing keys, entitlement tokens and signed answers.
-    tokens: Arc<Tokens>,
+    stores: Arc<Stores>,
+    operator: Operator,
     api_keys: ApiKeys,
     outbound: Outbound,
+    /// Signing keys, entitlement tokens and signed answers.
+    tokens: Arc<Tokens>,
+    /// Change-log rows as they commit, for GraphQL subscribers.
+    feed: crate::events::feed::Feed,
 }
 
 impl Core {
@@ -79,6 +78,12 @@ impl Core {
             config.transfer_policy,
             config.receipts.clone(),
         ));
+        let stores = Arc::new(Stores::new(
+            config,
+            ctx.clone(),
+            reads.clone(),
+            purchases.clone(),
+        )?);
         let customers = Arc::new(Customers::new(
             ctx.clone(),
             reads.clone(),
@@ -86,34 +91,16 @@ impl Core {
             config.trial.clone(),
         ));
         Ok(Core {
-            tokens,
             pairing: Pairing::new(ctx.clone(), customers.clone()),
+            operator: Operator::new(ctx.clone(), stores.clone()),
+            api_keys: ApiKeys::new(db.clone(), clock.clone()),
+            outbound: Outbound::new(db, clock),
             customers,
             purchases,
-            api_keys: ApiKeys::new(db.clone(), clock.clone()),
-            outbound: Outbound::new(db.clone(), clock.clone()),
+            stores,
             reads,
             ctx,
-            stripe: config
-                .stripe
-                .as_ref()
-                .map(crate::providers::stripe::StripeProvider::from_config)
-                .transpose()?
-                .map(Arc::new),
-            apple: config
-                .apple
-                .as_ref()
-                .map(|a| {
-                    crate::providers::apple::Apple::new(a, config.accept_sandbox, clock.clone())
-                })
-                .transpose()?
-                .map(Arc::new),
-            google: config
-                .google
-                .as_ref()
-                .map(crate::providers::google::GooglePlay::new)
-                .transpose()?
-                .map(Arc::new),
+            tokens,
             feed: crate::events::feed::Feed::new(),
         })
     }
@@ -151,6 +138,16 @@ impl Core {
     /// Pairing a device to an account with a code it showed.
     pub fn pairing(&self) -> &Pairing {
         &self.pairing
+    }
+
+    /// Store purchases and their ingestion, with the store connectors.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// The webhook log, replays and the overview.
+    pub fn operator(&self) -> &Operator {
+        &self.operator
     }
 
     pub fn api_keys(&self) -> &ApiKeys {

@@ -4,14 +4,15 @@
 //! configuration is fixed: the stored verified event runs again through the
 //! same ingest path as a live delivery, once.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, Utc};
 use entities::webhook_events;
-use serde_json::Value;
 
-use super::{Core, purchases::Submitter};
+use super::{Ctx, Stores};
 use crate::{
     db::{
-        self, WriteTxn,
+        self,
         webhook_log::{DayCounts, NowCounts, WebhookFilter},
     },
     domain::{
@@ -20,17 +21,6 @@ use crate::{
     },
     error::{AppError, AppResult},
 };
-
-/// How an ingest run may take a notification's row.
-#[derive(Clone, Debug)]
-pub enum Claim {
-    /// A delivery from the store: a new row, or one whose earlier delivery
-    /// failed.
-    Live,
-    /// A replay of the stored row `id`, which had `outcome`: taken only if
-    /// it still has it, so two concurrent replays apply once.
-    Replay { id: i64, outcome: String },
-}
 
 /// What a replay did.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,91 +56,17 @@ pub struct Overview {
     pub days: Vec<DayCounts>,
 }
 
-impl Core {
-    /// Takes the notification's row in `txn` with its final outcome and the
-    /// customer it touched, as the last statement of the transaction that
-    /// applied it: one claim order for every store and source. `false`:
-    /// another delivery or replay has it, and the caller drops the
-    /// transaction, undoing its effect. A concurrent duplicate meets this
-    /// row's unique key (PostgreSQL waits for the first to commit) or the
-    /// single writer (SQLite), so exactly one of them commits.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn claim_event(
-        &self,
-        txn: &WriteTxn,
-        source: Store,
-        event_id: &str,
-        payload: &Value,
-        outcome: WebhookOutcome,
-        customer: Option<&str>,
-        claim: &Claim,
-    ) -> AppResult<bool> {
-        // The transaction's own instant: the caller's clock, read now.
-        let now = self.now();
-        let outcome = outcome.as_str();
-        match claim {
-            Claim::Live => {
-                self.purchases
-                    .claim_webhook(txn, source, event_id, payload, outcome, customer, now)
-                    .await
-            }
-            Claim::Replay { id, outcome: was } => {
-                // The customer is kept when this run names none.
-                db::webhook_log::claim_for_replay(&**txn, *id, was, outcome, customer, now).await
-            }
-        }
-    }
+/// The operator's work on store notifications: the webhook log, replaying
+/// what matched nothing (through the stores' own ingest paths), and the
+/// overview.
+pub struct Operator {
+    ctx: Arc<Ctx>,
+    stores: Arc<Stores>,
+}
 
-    /// Seen and processed (a row whose delivery failed is processed again):
-    /// checked before a store API call, so a redelivery costs one read
-    /// instead. When processing calls no store API (`store_call` false) the
-    /// read saves nothing: the claim in the applying transaction finds the
-    /// duplicate all the same and undoes its effect, so it is skipped.
-    pub(crate) async fn webhook_seen(
-        &self,
-        source: Store,
-        event_id: &str,
-        store_call: bool,
-    ) -> AppResult<bool> {
-        if !store_call {
-            return Ok(false);
-        }
-        Ok(
-            db::webhook_log::outcome_of(&self.ctx.db.conn, source, event_id)
-                .await?
-                .is_some_and(|o| o != WebhookOutcome::Failed.as_str()),
-        )
-    }
-
-    /// A verified notification whose processing failed because the store
-    /// could not be asked: kept as `failed` with the reason (a message safe
-    /// for clients: no secret, no internal cause), so the operator sees it
-    /// and can replay it; the store's own redelivery takes the row over.
-    pub(crate) async fn record_failed_event(
-        &self,
-        source: Store,
-        event_id: &str,
-        payload: &Value,
-        customer: Option<&str>,
-        err: &AppError,
-    ) -> AppResult<()> {
-        if !matches!(err, AppError::StoreUnavailable(_)) {
-            return Ok(());
-        }
-        let now = self.now();
-        let txn = self.ctx.db.write().await?;
-        db::webhook_log::record_failed(
-            &*txn,
-            source,
-            event_id,
-            payload,
-            customer,
-            &err.message(),
-            now,
-        )
-        .await?;
-        txn.commit().await?;
-        Ok(())
+impl Operator {
+    pub(super) fn new(ctx: Arc<Ctx>, stores: Arc<Stores>) -> Operator {
+        Operator { ctx, stores }
     }
 
     pub async fn webhook_event(&self, id: i64) -> AppResult<webhook_events::Model> {
@@ -166,6 +82,15 @@ impl Core {
         first: u64,
     ) -> AppResult<(Vec<webhook_events::Model>, bool)> {
         db::webhook_log::webhook_events_page(&self.ctx.db.conn, filter, first).await
+    }
+
+    /// The store notifications that touched a customer, newest first.
+    pub async fn webhook_events_of(
+        &self,
+        customer_id: &str,
+        limit: u64,
+    ) -> AppResult<Vec<webhook_events::Model>> {
+        db::webhook_log::webhook_events_of(&self.ctx.db.conn, customer_id, limit).await
     }
 
     /// Runs a stored notification again through its store's ingest path.
@@ -193,27 +118,18 @@ impl Core {
             .source
             .parse()
             .map_err(|e| AppError::Internal(anyhow::Error::new(e)))?;
-        let claim = Claim::Replay {
-            id,
-            outcome: row.outcome.clone(),
-        };
-        let result = match source {
-            Store::Stripe => self.replay_stripe(&row, claim).await,
-            Store::AppStore => self.replay_apple(&row, claim).await,
-            Store::PlayStore => self.replay_play(&row, claim).await,
-            _ => return Err(AppError::bad_input("not a store notification")),
-        };
-        let ran = match result {
+        let ran = match self.stores.replay(source, &row).await {
             Ok(ran) => ran,
             Err(e @ AppError::StoreUnavailable(_)) => {
-                self.record_failed_event(
-                    source,
-                    &row.event_id,
-                    &row.payload,
-                    row.customer_id.as_deref(),
-                    &e,
-                )
-                .await?;
+                self.stores
+                    .record_failed_event(
+                        source,
+                        &row.event_id,
+                        &row.payload,
+                        row.customer_id.as_deref(),
+                        &e,
+                    )
+                    .await?;
                 // Whatever it matched before, it now waits on the store.
                 self.mark_failed(id, &row.outcome, &e).await?;
                 false
@@ -233,7 +149,8 @@ impl Core {
 
     async fn mark_failed(&self, id: i64, outcome: &str, err: &AppError) -> AppResult<()> {
         let txn = self.ctx.db.write().await?;
-        db::webhook_log::mark_replay_failed(&*txn, id, outcome, &err.message(), self.now()).await?;
+        db::webhook_log::mark_replay_failed(&*txn, id, outcome, &err.message(), self.ctx.now())
+            .await?;
         txn.commit().await
     }
 
@@ -292,7 +209,7 @@ impl Core {
     /// days (today included), one entry per day.
     pub async fn overview(&self, days: i32) -> AppResult<Overview> {
         let days = days.clamp(1, log::OVERVIEW_MAX_DAYS);
-        let now = self.now();
+        let now = self.ctx.now();
         let start = (now - Duration::days(i64::from(days - 1)))
             .date_naive()
             .and_hms_opt(0, 0, 0)
@@ -320,151 +237,5 @@ impl Core {
                 .await?,
             days: out,
         })
-    }
-}
-
-impl Core {
-    /// A store purchase of a product the catalog does not map, which we do
-    /// not already hold (a purchase we hold keeps being updated even when
-    /// its product has left the catalog).
-    pub(crate) async fn is_unknown_product(
-        &self,
-        txn: &WriteTxn,
-        vp: &crate::providers::VerifiedPurchase,
-    ) -> AppResult<bool> {
-        if !self
-            .ctx
-            .catalog
-            .entitlements_for(vp.store, &vp.product_id)
-            .is_empty()
-        {
-            return Ok(false);
-        }
-        let held = db::store_purchases::store_purchase(&**txn, vp.store, &vp.store_purchase_id)
-            .await?
-            .is_some()
-            || db::store_purchases::held_purchase(&**txn, vp.store, &vp.store_purchase_id)
-                .await?
-                .is_some();
-        Ok(!held)
-    }
-}
-
-/// A store whose verified notifications the service applies. Every store's
-/// webhook route is one generic handler over this: the store's connector
-/// verifies the delivery, then `ingest` applies it through the store's one
-/// ingest path (the same one reconciliation and replay take). A refresh is
-/// one generic path over it too ([`Core::refresh`]): the connector re-reads
-/// the purchase, and the store's rules apply what it read.
-pub trait Ingest: crate::providers::Connector {
-    /// What is left to do once an applied re-read has committed.
-    type AfterCommit: Send;
-
-    /// This store's connector, when configured.
-    fn connector(core: &Core) -> AppResult<&Self>;
-    /// Applies a verified notification once; the outcome as recorded.
-    fn ingest(
-        core: &Core,
-        n: &Self::Notification,
-    ) -> impl std::future::Future<Output = AppResult<WebhookOutcome>> + Send;
-
-    /// Applies in `txn` what [`Connector::reread_purchase`] read, under
-    /// this store's rules; the outcome to record, and what to do after.
-    ///
-    /// [`Connector::reread_purchase`]: crate::providers::Connector::reread_purchase
-    fn apply_reread(
-        &self,
-        core: &Core,
-        txn: &WriteTxn,
-        state: Self::Reread,
-        now: DateTime<Utc>,
-    ) -> impl std::future::Future<Output = AppResult<(WebhookOutcome, Self::AfterCommit)>> + Send;
-
-    /// Store calls that must not run for a write that may still roll back.
-    fn after_commit(
-        &self,
-        core: &Core,
-        then: Self::AfterCommit,
-    ) -> impl std::future::Future<Output = ()> + Send;
-}
-
-impl Ingest for crate::providers::stripe::StripeProvider {
-    type AfterCommit = ();
-
-    fn connector(core: &Core) -> AppResult<&Self> {
-        core.stripe().map(|p| &**p)
-    }
-    async fn ingest(core: &Core, ev: &Self::Notification) -> AppResult<WebhookOutcome> {
-        core.stripe_webhook(ev).await
-    }
-    async fn apply_reread(
-        &self,
-        core: &Core,
-        txn: &WriteTxn,
-        state: Self::Reread,
-        now: DateTime<Utc>,
-    ) -> AppResult<(WebhookOutcome, ())> {
-        let (outcome, _) = core.apply_stripe_state(txn, state, None, now).await?;
-        Ok((outcome, ()))
-    }
-    async fn after_commit(&self, _: &Core, (): ()) {}
-}
-
-impl Ingest for crate::providers::apple::Apple {
-    type AfterCommit = ();
-
-    fn connector(core: &Core) -> AppResult<&Self> {
-        core.apple()
-    }
-    async fn ingest(core: &Core, n: &Self::Notification) -> AppResult<WebhookOutcome> {
-        core.apple_webhook(core.apple()?, n).await
-    }
-    async fn apply_reread(
-        &self,
-        core: &Core,
-        txn: &WriteTxn,
-        vp: Self::Reread,
-        now: DateTime<Utc>,
-    ) -> AppResult<(WebhookOutcome, ())> {
-        let applied = core
-            .purchases
-            .apply_purchase_in(txn, &vp, Submitter::Store, now)
-            .await?;
-        Ok((WebhookOutcome::applied(applied.stale), ()))
-    }
-    async fn after_commit(&self, _: &Core, (): ()) {}
-}
-
-impl Ingest for crate::providers::google::GooglePlay {
-    /// The token to acknowledge, when Google still waits for it.
-    type AfterCommit = Option<(crate::providers::google::PlayKind, String)>;
-
-    fn connector(core: &Core) -> AppResult<&Self> {
-        core.google()
-    }
-    async fn ingest(core: &Core, push: &Self::Notification) -> AppResult<WebhookOutcome> {
-        core.play_webhook(push).await
-    }
-    async fn apply_reread(
-        &self,
-        core: &Core,
-        txn: &WriteTxn,
-        fetched: Self::Reread,
-        now: DateTime<Utc>,
-    ) -> AppResult<(WebhookOutcome, Self::AfterCommit)> {
-        let ack = fetched
-            .needs_ack
-            .then(|| (fetched.kind, fetched.purchase.store_purchase_id.clone()));
-        let purchase = core.keep_play_refund(txn, fetched.purchase).await?;
-        let applied = core
-            .purchases
-            .apply_purchase_in(txn, &purchase, Submitter::Store, now)
-            .await?;
-        Ok((WebhookOutcome::applied(applied.stale), ack))
-    }
-    async fn after_commit(&self, core: &Core, ack: Self::AfterCommit) {
-        if let Some((kind, token)) = ack {
-            core.acknowledge_play(self, &kind, &token).await;
-        }
     }
 }

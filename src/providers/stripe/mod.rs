@@ -2,7 +2,7 @@
 //! of Stripe objects onto purchases.
 //!
 //! The Stripe customer id (`cus_…`) of one of our customers is kept in that
-//! customer's `attributes.stripe_customer_id`; see `service::stripe`.
+//! customer's `attributes.stripe_customer_id`; see `service::stores::stripe`.
 
 use std::time::Duration as StdDuration;
 

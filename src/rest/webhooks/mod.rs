@@ -11,7 +11,7 @@ use axum::{Json, extract::State, http::HeaderMap};
 use serde_json::{Value, json};
 
 use crate::{
-    error::AppResult, providers::Delivery, rest::LimitedBody, service::webhooks::Ingest,
+    error::AppResult, providers::Delivery, rest::LimitedBody, service::stores::Ingest,
     state::AppState,
 };
 
@@ -20,15 +20,15 @@ pub async fn receive<C: Ingest>(
     headers: HeaderMap,
     LimitedBody(body): LimitedBody,
 ) -> AppResult<Json<Value>> {
-    let core = &state.core;
-    let connector = C::connector(core)?;
+    let stores = state.core.stores();
+    let connector = C::connector(stores)?;
     let auth = C::AUTH_HEADER
         .and_then(|h| headers.get(h))
         .and_then(|v| v.to_str().ok());
     let n = connector
-        .verify(Delivery { body: &body, auth }, core.now())
+        .verify(Delivery { body: &body, auth }, state.core.now())
         .await?;
-    let outcome = C::ingest(core, &n).await?;
+    let outcome = C::ingest(stores, &n).await?;
     state.metrics.webhook(C::STORE, outcome);
     Ok(Json(
         json!({ "received": true, "outcome": outcome.as_str() }),

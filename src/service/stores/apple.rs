@@ -3,11 +3,8 @@
 use entities::{purchases, webhook_events};
 use serde_json::json;
 
-use super::{
-    Core,
-    purchases::{Applied, StoreApplied, Submitter},
-    webhooks::Claim,
-};
+use super::{Claim, Stores};
+use crate::service::purchases::{Applied, StoreApplied, Submitter};
 use crate::{
     db::store_purchases,
     domain::{Store, webhook_log::WebhookOutcome},
@@ -39,9 +36,9 @@ impl AppStoreSubmission {
     }
 }
 
-impl Core {
+impl Stores {
     /// The App Store connector, when configured.
-    pub(crate) fn apple(&self) -> AppResult<&Apple> {
+    pub fn apple(&self) -> AppResult<&Apple> {
         self.apple
             .as_deref()
             .ok_or(AppError::NotConfigured("App Store"))
@@ -110,7 +107,7 @@ impl Core {
             let txn = self.ctx.db.write().await?;
             let applied = self
                 .purchases
-                .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.now())
+                .apply_purchase_in(&txn, &vp, Submitter::Customer(customer_id), self.ctx.now())
                 .await?;
             self.purchases
                 .finish_receipt(&*txn, receipt_id, Ok(applied.purchase_id))
@@ -149,7 +146,7 @@ impl Core {
     /// or one from the notification history): re-reads the purchase from
     /// Apple when the API is configured, and applies it with its dedupe row
     /// in one transaction.
-    pub async fn apple_webhook(
+    pub(super) async fn apple_webhook(
         &self,
         apple: &Apple,
         n: &Notification,
@@ -166,7 +163,7 @@ impl Core {
     }
 
     /// Runs a stored, verified notification again (a replay).
-    pub(crate) async fn replay_apple(
+    pub(super) async fn replay_apple(
         &self,
         row: &webhook_events::Model,
         claim: Claim,
@@ -216,7 +213,7 @@ impl Core {
         };
         let vp = verified.map(|v| apple.purchase(&v)).transpose()?;
 
-        let now = self.now();
+        let now = self.ctx.now();
         let txn = self.ctx.db.write().await?;
         let unknown = match &vp {
             Some(vp) => self.is_unknown_product(&txn, vp).await?,

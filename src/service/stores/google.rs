@@ -7,17 +7,14 @@
 //! own answer) still says `acknowledgementState` pending: that is the
 //! reminder. Every later read of the purchase (a notification, a
 //! resubmission) acknowledges again, and a periodic sweep
-//! ([`Core::retry_play_acknowledgements`]) retries the ones still pending
+//! ([`Stores::retry_play_acknowledgements`]) retries the ones still pending
 //! within the three days. A successful acknowledgement marks `raw` so.
 
 use entities::webhook_events;
 use serde_json::json;
 
-use super::{
-    Core,
-    purchases::{Applied, StoreApplied, Submitter},
-    webhooks::Claim,
-};
+use super::{Claim, Stores};
+use crate::service::purchases::{Applied, StoreApplied, Submitter};
 use crate::{
     db::{self, WriteTxn, store_purchases},
     domain::rules,
@@ -70,8 +67,9 @@ fn bare(product_id: &str) -> &str {
     product_id.split(':').next().unwrap_or(product_id)
 }
 
-impl Core {
-    pub(crate) fn google(&self) -> AppResult<&GooglePlay> {
+impl Stores {
+    /// The Google Play connector, when configured.
+    pub fn google(&self) -> AppResult<&GooglePlay> {
         self.google
             .as_deref()
             .ok_or(AppError::NotConfigured("Google Play"))
@@ -99,7 +97,7 @@ impl Core {
         product_id: &str,
         token: &str,
     ) -> Result<Fetched, GoogleError> {
-        let now = self.now();
+        let now = self.ctx.now();
         match kind {
             ProductKind::Subscription => {
                 google
@@ -199,7 +197,7 @@ impl Core {
         let Some(google) = self.google.as_deref() else {
             return Ok(0);
         };
-        let since = self.now() - chrono::Duration::days(3);
+        let since = self.ctx.now() - chrono::Duration::days(3);
         let rows = store_purchases::purchases_since(
             &self.ctx.db.conn,
             Store::PlayStore,
@@ -302,7 +300,7 @@ impl Core {
         let fetched = self.fetch_play(google, kind, &product_id, &token).await?;
 
         let txn = self.ctx.db.write().await?;
-        let now = self.now();
+        let now = self.ctx.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self
             .purchases
@@ -322,7 +320,10 @@ impl Core {
     /// A verified Pub/Sub push of a developer notification
     /// (`POST /webhooks/google`). Errors mean "not processed": Pub/Sub
     /// delivers again.
-    pub async fn play_webhook(&self, push: &play::VerifiedPush) -> AppResult<WebhookOutcome> {
+    pub(super) async fn play_webhook(
+        &self,
+        push: &play::VerifiedPush,
+    ) -> AppResult<WebhookOutcome> {
         let google = self.google()?;
         // Spares Google a read for a redelivery; the claim is what actually
         // guarantees once. A delivery that failed is processed again.
@@ -353,7 +354,7 @@ impl Core {
     }
 
     /// Runs a stored, verified developer notification again (a replay).
-    pub(crate) async fn replay_play(
+    pub(super) async fn replay_play(
         &self,
         row: &webhook_events::Model,
         claim: Claim,
@@ -383,7 +384,7 @@ impl Core {
         };
 
         let txn = self.ctx.db.write().await?;
-        let now = self.now();
+        let now = self.ctx.now();
         let (fetched, ack) = match fetched {
             Ok(f) => {
                 let ack = (f.needs_ack, f.kind);
@@ -445,7 +446,7 @@ impl Core {
         event_time: chrono::DateTime<chrono::Utc>,
     ) -> AppResult<Result<Fetched, WebhookOutcome>> {
         if let Some(s) = &n.subscription_notification {
-            let now = self.now();
+            let now = self.ctx.now();
             let f = google
                 .fetch_subscription(&s.purchase_token, None, now)
                 .await?;
@@ -458,7 +459,7 @@ impl Core {
         }
         if let Some(o) = &n.one_time_product_notification {
             let f = google
-                .fetch_product(&o.sku, &o.purchase_token, self.now())
+                .fetch_product(&o.sku, &o.purchase_token, self.ctx.now())
                 .await?;
             return Ok(Ok(play::stamped(f, event_time)));
         }
@@ -490,7 +491,7 @@ impl Core {
         refund_type: Option<i32>,
         voided_at: chrono::DateTime<chrono::Utc>,
     ) -> AppResult<Result<Fetched, WebhookOutcome>> {
-        let now = self.now();
+        let now = self.ctx.now();
         // What we know of it: a stored purchase, or one held for its owner.
         let stored =
             match store_purchases::store_purchase(&self.ctx.db.conn, Store::PlayStore, token)
@@ -560,7 +561,7 @@ impl Core {
             Err(e) => return Err(e),
         };
         let txn = self.ctx.db.write().await?;
-        let now = self.now();
+        let now = self.ctx.now();
         let purchase = self.keep_play_refund(&txn, fetched.purchase).await?;
         let applied = self.purchases.apply_store_in(&txn, &purchase, now).await?;
         let customer = match &applied {

@@ -8,14 +8,14 @@
 
 use entities::purchases;
 
-use super::{Core, webhooks::Ingest};
+use super::{Ingest, Stores};
 use crate::{
     domain::{Environment, Store, webhook_log::WebhookOutcome},
     error::{AppError, AppResult},
     providers::{PurchaseRef, apple::Apple, google::GooglePlay, stripe::StripeProvider},
 };
 
-impl Core {
+impl Stores {
     /// Re-reads a purchase we hold from its store's API and applies it; the
     /// outcome to record.
     pub async fn refresh_purchase(&self, p: &purchases::Model) -> AppResult<WebhookOutcome> {
@@ -37,16 +37,16 @@ impl Core {
         }
     }
 
-    /// [`Core::refresh_purchase`] for a purchase of the store `S`.
-    pub async fn refresh<S: Ingest>(&self, purchase: PurchaseRef<'_>) -> AppResult<WebhookOutcome> {
+    /// [`Stores::refresh_purchase`] for a purchase of the store `S`.
+    async fn refresh<S: Ingest>(&self, purchase: PurchaseRef<'_>) -> AppResult<WebhookOutcome> {
         let store = S::connector(self)?;
         // Asked before the transaction opens: a slow store must not hold
         // the writer.
-        let Some(state) = store.reread_purchase(purchase, self.now()).await? else {
+        let Some(state) = store.reread_purchase(purchase, self.ctx.now()).await? else {
             return Ok(WebhookOutcome::UnknownStatus);
         };
         let txn = self.ctx.db.write().await?;
-        let now = self.now();
+        let now = self.ctx.now();
         let (outcome, then) = store.apply_reread(self, &txn, state, now).await?;
         txn.commit().await?;
         store.after_commit(self, then).await;

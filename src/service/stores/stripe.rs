@@ -14,7 +14,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
 
-use super::{Core, purchases::Submitter, webhooks::Claim};
+use super::{Claim, Stores};
+use crate::service::purchases::Submitter;
 use crate::{
     db::{self, WriteTxn, store_purchases},
     domain::{ExternalId, ProductKind, PurchaseStatus, Store, webhook_log::WebhookOutcome},
@@ -97,15 +98,16 @@ fn checked_customer(raw: Option<String>, what: &str) -> AppResult<Option<String>
     }
 }
 
-impl Core {
-    pub(crate) fn stripe(&self) -> AppResult<&Arc<StripeProvider>> {
+impl Stores {
+    /// The Stripe connector, when configured.
+    pub fn stripe(&self) -> AppResult<&Arc<StripeProvider>> {
         self.stripe
             .as_ref()
             .ok_or(AppError::NotConfigured("Stripe"))
     }
 
     /// A verified Stripe delivery (`POST /webhooks/stripe`).
-    pub async fn stripe_webhook(&self, ev: &VerifiedEvent) -> AppResult<WebhookOutcome> {
+    pub(super) async fn stripe_webhook(&self, ev: &VerifiedEvent) -> AppResult<WebhookOutcome> {
         let p = self.stripe()?.clone();
         self.process_stripe_event(&p, ev).await
     }
@@ -136,7 +138,7 @@ impl Core {
     }
 
     /// Runs a stored, verified Stripe event again (a replay).
-    pub(crate) async fn replay_stripe(
+    pub(super) async fn replay_stripe(
         &self,
         row: &webhook_events::Model,
         claim: Claim,
@@ -156,7 +158,7 @@ impl Core {
     ) -> AppResult<WebhookOutcome> {
         let plan = self.plan_stripe_event(p, ev).await?;
 
-        let now = self.now();
+        let now = self.ctx.now();
         let txn = self.ctx.db.write().await?;
         let (outcome, customer) = match plan {
             Plan::Record(o) => (o, None),
@@ -234,7 +236,7 @@ impl Core {
     }
 
     async fn plan_stripe_event(&self, p: &StripeProvider, ev: &VerifiedEvent) -> AppResult<Plan> {
-        let now = self.now();
+        let now = self.ctx.now();
         match ev.kind.as_str() {
             "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
                 let session = provider::parse_session(ev.object())?;
@@ -731,7 +733,7 @@ impl Core {
         let stripe_customer = self.stripe_customer_of(customer_id).await?;
         // Stable for the same request within ten minutes, so a client retry
         // (or a double click) gets the same session instead of a second one.
-        let bucket = self.now().timestamp() / 600;
+        let bucket = self.ctx.now().timestamp() / 600;
         let mut h = Sha256::new();
         for part in [
             customer_id,
