@@ -1,5 +1,9 @@
 //! Use cases. Each state change is one transaction that writes the change
 //! and its change-log rows together.
+//!
+//! One type per use case, each holding only the parts it works with;
+//! [`Core`] builds them and hands them out. A use case that needs
+//! another's work calls that one's methods, never its state.
 
 use std::sync::Arc;
 
@@ -177,7 +181,7 @@ impl Ctx {
 
     /// The customer's entitlements at `now`, read through `c` (a transaction
     /// when the caller is about to change them).
-    pub async fn snapshot_in(
+    async fn snapshot_in(
         &self,
         c: &impl Conn,
         customer_id: &str,
@@ -192,7 +196,7 @@ impl Ctx {
     /// change log last spoke are logged first, dated when access ended, so
     /// the log never skips an `expired` whether the sweep or a write notices
     /// first. Returns how many such rows were written.
-    pub async fn state_before_write(
+    async fn state_before_write(
         &self,
         c: &impl Conn,
         customer_id: &str,
@@ -204,7 +208,7 @@ impl Ctx {
 
     /// [`Self::state_before_write`], with the purchase facts it was
     /// computed from, for a write that can tell what it changes in them.
-    pub async fn facts_before_write(
+    async fn facts_before_write(
         &self,
         c: &impl Conn,
         customer_id: &str,
@@ -232,7 +236,7 @@ impl Ctx {
 
     /// Writes one change-log row per entitlement that moved between `before`
     /// and the state now visible in `c`; returns the new state.
-    pub async fn record_transition(
+    async fn record_transition(
         &self,
         c: &impl Conn,
         customer_id: &str,

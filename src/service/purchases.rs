@@ -155,7 +155,7 @@ impl Purchases {
     /// never overwrites newer; a refund is never undone by an older message.
     /// A store message about a purchase nobody here owns is
     /// `NotFound` and writes nothing (see [`Self::apply_store_in`] to hold it).
-    pub async fn apply_purchase_in(
+    pub(super) async fn apply_purchase_in(
         &self,
         txn: &WriteTxn,
         vp: &VerifiedPurchase,
