@@ -133,7 +133,8 @@ pub struct DbStats {
 /// A write transaction. On SQLite it holds the writer's turn: a transaction
 /// of its own or a savepoint in a batch (see [`writer`]).
 pub struct WriteTxn {
-    txn: DatabaseTransaction,
+    /// Shared with the batch it writes in, on SQLite.
+    txn: Arc<DatabaseTransaction>,
     turn: Option<(Arc<writer::Writer>, writer::Turn)>,
     /// Customers this transaction locked or created: their cached reads are
     /// dropped once it commits.
@@ -153,6 +154,10 @@ pub struct WriteTxn {
     /// PostgreSQL: this process's mark on the cache notifications it sends.
     notify_as: Option<Arc<str>>,
     after: Arc<writer::AfterCommit>,
+    /// SQLite: writes whose result nobody reads, sent with the next
+    /// statement that must go anyway (see [`WriteTxn::defer`]).
+    deferred: std::sync::Mutex<Vec<sea_orm::Statement>>,
+    statements: prometheus_client::metrics::counter::Counter,
 }
 
 impl std::ops::Deref for WriteTxn {
@@ -162,8 +167,68 @@ impl std::ops::Deref for WriteTxn {
     }
 }
 
+/// A transaction that is only this writer's (PostgreSQL, or a pool of one).
+fn own(txn: Arc<DatabaseTransaction>) -> AppResult<DatabaseTransaction> {
+    Arc::try_unwrap(txn).map_err(|_| {
+        AppError::Internal(anyhow::anyhow!("a transaction was still shared at its end"))
+    })
+}
+
 impl WriteTxn {
+    /// Runs a write whose result nobody reads: on SQLite, with the next
+    /// statement sent through [`WriteTxn::query_after_deferred`] or at the
+    /// commit, in the same round trip to the connection's thread; at once
+    /// elsewhere. Only for tables this transaction does not read again
+    /// (the change log): a read in between would not see the write.
+    pub async fn defer(&self, stmt: sea_orm::Statement) -> AppResult<()> {
+        // Several statements share one call only with positional
+        // parameters, each taking the next values in order.
+        if stmt.db_backend == DbBackend::Sqlite && !stmt.sql.contains('$') {
+            self.deferred.lock().expect("deferred").push(stmt);
+            return Ok(());
+        }
+        self.txn.execute_raw(stmt).await?;
+        Ok(())
+    }
+
+    /// Runs `stmt` after the deferred writes, in one call; its rows.
+    pub async fn query_after_deferred(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> AppResult<Vec<sea_orm::QueryResult>> {
+        let stmt = self.with_deferred(Some(stmt));
+        match stmt {
+            Some(stmt) => Ok(self.txn.query_all_raw(stmt).await?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The deferred writes and then `last`, as one statement to run.
+    fn with_deferred(&self, last: Option<sea_orm::Statement>) -> Option<sea_orm::Statement> {
+        let pending = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
+        let parts: Vec<sea_orm::Statement> = pending.into_iter().chain(last).collect();
+        if parts.len() > 1 {
+            // The statement count is of statements, however they travel.
+            self.statements.inc_by(parts.len() as u64 - 1);
+        }
+        let mut parts = parts.into_iter();
+        let first = parts.next()?;
+        Some(parts.fold(first, |mut all, next| {
+            all.sql.push_str("; ");
+            all.sql.push_str(&next.sql);
+            match (&mut all.values, next.values) {
+                (Some(a), Some(b)) => a.0.extend(b.0),
+                (a @ None, b) => *a = b,
+                (Some(_), None) => {}
+            }
+            all
+        }))
+    }
+
     pub async fn commit(self) -> AppResult<()> {
+        if let Some(stmt) = self.with_deferred(None) {
+            self.txn.execute_raw(stmt).await?;
+        }
         if let Some(me) = &self.notify_as {
             let payload = {
                 let customers = self.touched.lock().expect("touched");
@@ -191,7 +256,7 @@ impl WriteTxn {
         match self.turn {
             Some((writer, turn)) => writer.commit(self.txn, turn, effects).await,
             None => {
-                self.txn.commit().await?;
+                own(self.txn)?.commit().await?;
                 self.after.apply(effects);
                 Ok(())
             }
@@ -207,7 +272,7 @@ impl WriteTxn {
     pub async fn abandon(self) -> AppResult<()> {
         match self.turn {
             Some((writer, turn)) => writer.abandon(self.txn, turn).await,
-            None => Ok(self.txn.rollback().await?),
+            None => Ok(own(self.txn)?.rollback().await?),
         }
     }
 
@@ -486,7 +551,7 @@ impl Db {
                 let (txn, turn) = w.begin().await?;
                 (txn, Some((w.clone(), turn)))
             }
-            None => (self.conn.begin().await?, None),
+            None => (Arc::new(self.conn.begin().await?), None),
         };
         Ok(WriteTxn {
             txn,
@@ -498,6 +563,8 @@ impl Db {
             settled: Default::default(),
             notify_as: self.listener_id.clone(),
             after: self.after.clone(),
+            deferred: Default::default(),
+            statements: self.stats.statements.clone(),
         })
     }
 
@@ -737,7 +804,7 @@ pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> Ap
     {
         return Ok(false);
     }
-    let c = &txn.txn;
+    let c = &**txn;
     let res = customers::Entity::insert(customers::ActiveModel {
         id: Set(id.to_string()),
         created_at: Set(now),
@@ -770,7 +837,7 @@ pub async fn ensure_customer(txn: &WriteTxn, id: &str, now: DateTime<Utc>) -> Ap
 /// (SQLite's single writer already serialises them.)
 pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<customers::Model>> {
     txn.touch(id);
-    let c = &txn.txn;
+    let c = &**txn;
     let mut q = customers::Entity::find_by_id(id.to_string());
     if c.get_database_backend() == DbBackend::Postgres {
         txn.first_lock(format!("customer:{id}"));
@@ -784,8 +851,7 @@ pub async fn lock_customer(txn: &WriteTxn, id: &str) -> AppResult<Option<custome
 /// everything, so no statement. Either way its cached reads are dropped
 /// once the transaction commits.
 pub async fn hold_customer(txn: &WriteTxn, id: &str) -> AppResult<()> {
-    if txn.txn.get_database_backend() == DbBackend::Postgres
-        && txn.first_lock(format!("customer:{id}"))
+    if txn.get_database_backend() == DbBackend::Postgres && txn.first_lock(format!("customer:{id}"))
     {
         // (A failed statement ends the transaction: no later ask follows.)
         lock_customer(txn, id).await?;
@@ -804,7 +870,7 @@ pub async fn lock_store_purchase(
     store: &str,
     store_purchase_id: &str,
 ) -> AppResult<()> {
-    let c = &txn.txn;
+    let c = &**txn;
     if c.get_database_backend() == DbBackend::Postgres
         && txn.first_lock(format!("purchase:{store}:{store_purchase_id}"))
     {
@@ -857,7 +923,7 @@ pub async fn resolved_customer_row(
 
 /// Resolves `id` and locks the customer it names; see [`lock_canonical`].
 pub async fn lock_resolved_customer(txn: &WriteTxn, id: &str) -> AppResult<String> {
-    let resolved = resolve_customer(&txn.txn, id).await?;
+    let resolved = resolve_customer(&**txn, id).await?;
     lock_canonical(txn, &resolved).await
 }
 
@@ -872,7 +938,7 @@ pub async fn lookup_store_id_in(
 ) -> AppResult<purchase::StoreIdLookup> {
     // Asked before the lookup runs: a lock taken after it proves nothing.
     let held = bound.filter(|b| txn.holds_customer(b)).map(str::to_string);
-    let lookup = purchase::lookup_store_id(&txn.txn, store, store_purchase_id, bound).await?;
+    let lookup = purchase::lookup_store_id(&**txn, store, store_purchase_id, bound).await?;
     if let (Some(h), Some((_, r))) = (held, &lookup.bound)
         && h == *r
     {
@@ -886,7 +952,7 @@ pub async fn lookup_store_id_in(
 /// resolving again once the lock is held sees an alias the merge just
 /// committed. SQLite's single writer means nothing moved since the resolve.
 pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String> {
-    if txn.txn.get_database_backend() != DbBackend::Postgres {
+    if txn.get_database_backend() != DbBackend::Postgres {
         txn.touch(resolved);
         return Ok(resolved.to_string());
     }
@@ -897,7 +963,7 @@ pub async fn lock_canonical(txn: &WriteTxn, resolved: &str) -> AppResult<String>
         if txn.is_settled(&current) {
             return Ok(current);
         }
-        let again = resolve_customer(&txn.txn, &current).await?;
+        let again = resolve_customer(&**txn, &current).await?;
         if again == current {
             return Ok(current);
         }
@@ -931,6 +997,45 @@ pub async fn record_changes(
     record_dated_changes(c, customer_id, &dated).await
 }
 
+/// [`record_changes`] in a write transaction, sent with its next
+/// statement that must go anyway (see [`WriteTxn::defer`]).
+pub async fn record_changes_deferred(
+    txn: &WriteTxn,
+    customer_id: &str,
+    changes: &[Change],
+    now: DateTime<Utc>,
+) -> AppResult<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let rows = changes.iter().map(|ch| change_row(customer_id, ch, now));
+    let stmt = sea_orm::QueryTrait::build(
+        &entitlement_events::Entity::insert_many(rows),
+        txn.get_database_backend(),
+    );
+    txn.defer(stmt).await
+}
+
+fn change_row(
+    customer_id: &str,
+    ch: &Change,
+    at: DateTime<Utc>,
+) -> entitlement_events::ActiveModel {
+    entitlement_events::ActiveModel {
+        customer_id: Set(customer_id.to_string()),
+        entitlement: Set(ch.entitlement.clone()),
+        kind: Set(ch.kind.as_str().to_string()),
+        old_status: Set(ch.old_status.map(str::to_string)),
+        new_status: Set(ch.new_status.to_string()),
+        reason: Set(Some(ch.reason.to_string())),
+        purchase_id: Set(ch.purchase_id),
+        occurred_at: Set(at),
+        published_at: Set(None),
+        outbound_queued_at: Set(None),
+        ..Default::default()
+    }
+}
+
 /// Appends change-log rows each dated at its own instant.
 pub async fn record_dated_changes(
     c: &impl ConnectionTrait,
@@ -942,19 +1047,7 @@ pub async fn record_dated_changes(
     }
     let rows = changes
         .iter()
-        .map(|(ch, at)| entitlement_events::ActiveModel {
-            customer_id: Set(customer_id.to_string()),
-            entitlement: Set(ch.entitlement.clone()),
-            kind: Set(ch.kind.as_str().to_string()),
-            old_status: Set(ch.old_status.map(str::to_string)),
-            new_status: Set(ch.new_status.to_string()),
-            reason: Set(Some(ch.reason.to_string())),
-            purchase_id: Set(ch.purchase_id),
-            occurred_at: Set(*at),
-            published_at: Set(None),
-            outbound_queued_at: Set(None),
-            ..Default::default()
-        });
+        .map(|(ch, at)| change_row(customer_id, ch, *at));
     entitlement_events::Entity::insert_many(rows)
         .exec_without_returning(c)
         .await?;

@@ -4,8 +4,9 @@
 use chrono::{DateTime, Utc};
 use entities::webhook_events;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TryInsertResult,
-    sea_query::Expr,
+    ActiveValue::Set,
+    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait,
+    sea_query::{Expr, OnConflict},
 };
 
 use crate::{domain::webhook_log::WebhookOutcome, error::AppResult};
@@ -23,8 +24,8 @@ pub struct Claim<'a> {
 
 /// Writes the row unless one exists for the notification; `true` when
 /// this call wrote it.
-pub async fn insert_new(c: &impl ConnectionTrait, claim: Claim<'_>) -> AppResult<bool> {
-    let res = webhook_events::Entity::insert(webhook_events::ActiveModel {
+pub async fn insert_new(txn: &crate::db::WriteTxn, claim: Claim<'_>) -> AppResult<bool> {
+    let mut stmt = webhook_events::Entity::insert(webhook_events::ActiveModel {
         source: Set(claim.source.into()),
         event_id: Set(claim.event_id.to_string()),
         received_at: Set(claim.at),
@@ -34,13 +35,20 @@ pub async fn insert_new(c: &impl ConnectionTrait, claim: Claim<'_>) -> AppResult
         customer_id: Set(claim.customer_id.map(str::to_string)),
         ..Default::default()
     })
-    .on_conflict_do_nothing_on([
-        webhook_events::Column::Source,
-        webhook_events::Column::EventId,
-    ])
-    .exec_without_returning(c)
-    .await?;
-    Ok(matches!(res, TryInsertResult::Inserted(n) if n > 0))
+    .on_conflict(
+        OnConflict::columns([
+            webhook_events::Column::Source,
+            webhook_events::Column::EventId,
+        ])
+        .do_nothing()
+        .to_owned(),
+    )
+    .build(txn.get_database_backend());
+    // A row back is the claim made; none, the notification's row was there.
+    // Sent with the change-log rows the claimed work deferred: a claim is
+    // the last statement of a notification's work but for its commit.
+    stmt.sql.push_str(r#" RETURNING "id""#);
+    Ok(!txn.query_after_deferred(stmt).await?.is_empty())
 }
 
 /// Takes over the row of the notification when its earlier delivery

@@ -16,8 +16,8 @@ use std::sync::{
 };
 
 use sea_orm::{
-    DatabaseConnection, DatabaseTransaction, SqliteTransactionMode, TransactionOptions,
-    TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
 };
 use tokio::sync::{Mutex, OwnedMutexGuard, watch};
 
@@ -92,17 +92,82 @@ struct Slot {
 /// A transaction left open for the writers queued behind its first one.
 struct Batch {
     id: u64,
-    txn: DatabaseTransaction,
+    /// Shared with the writer whose turn it is; only the batch holds it
+    /// between turns, so it can be taken back to commit.
+    txn: Arc<DatabaseTransaction>,
     members: usize,
+    savepoint: Savepoint,
     done: watch::Sender<Option<Result<(), Arc<str>>>>,
     effects: Effects,
 }
 
+/// The one member savepoint, `w`, a batch can have open. Each writer after
+/// the first writes under it; it is released as the next one takes it (in
+/// the same call) or by the commit, so a writer costs one call of its own
+/// rather than the two of a driver's nested transaction, each of which
+/// also waits for its answer to be received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Savepoint {
+    /// None open.
+    None,
+    /// Open, holding a finished writer's work (or nothing): to release.
+    Kept,
+    /// Open, holding the work of a writer dropped mid-turn (its request
+    /// was cancelled, or it returned early on an error): to roll back.
+    Undo,
+    /// A call that opens it was cut short: whether it ran is unknown. The
+    /// batch holds nothing to undo either way, so it is committed as it
+    /// stands before anyone writes in it again.
+    Unknown,
+}
+
+impl Batch {
+    /// Rolls back a dropped writer's work, if one left any.
+    async fn settle(&mut self) -> AppResult<()> {
+        if self.savepoint == Savepoint::Undo {
+            self.txn.execute_unprepared("ROLLBACK TO w").await?;
+            // Only once done: cut short, the next user does it again.
+            self.savepoint = Savepoint::Kept;
+        }
+        Ok(())
+    }
+
+    /// Opens the savepoint for the next writer, releasing the last one's.
+    async fn open_savepoint(&mut self) -> AppResult<()> {
+        self.settle().await?;
+        let sql = match self.savepoint {
+            Savepoint::None => "SAVEPOINT w",
+            _ => "RELEASE w; SAVEPOINT w",
+        };
+        self.savepoint = Savepoint::Unknown;
+        self.txn.execute_unprepared(sql).await?;
+        self.savepoint = Savepoint::Kept;
+        Ok(())
+    }
+}
+
 /// A writer's turn: the writer is its own until it commits or drops it.
 pub struct Turn {
-    guard: OwnedMutexGuard<Slot>,
-    /// It began the transaction (rather than a savepoint in a batch).
-    first: bool,
+    /// Held for the turn; taken when the turn ends.
+    guard: Option<OwnedMutexGuard<Slot>>,
+    /// It writes under the batch's savepoint, rather than in a
+    /// transaction it began.
+    member: bool,
+    /// Ended by commit or abandon, rather than dropped.
+    ended: bool,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        if self.ended || !self.member {
+            // A writer that began the transaction leaves it to be rolled
+            // back as it is dropped.
+            return;
+        }
+        if let Some(batch) = self.guard.as_mut().and_then(|g| g.open.as_mut()) {
+            batch.savepoint = Savepoint::Undo;
+        }
+    }
 }
 
 /// Counts a writer as queued for as long as it waits, however the wait ends.
@@ -134,32 +199,54 @@ impl Writer {
 
     /// Waits for the writer's turn; the transaction to write in: a new
     /// IMMEDIATE one (a read-then-write never dies with
-    /// SQLITE_BUSY_SNAPSHOT), or a savepoint in the batch the previous
-    /// writer left open.
-    pub async fn begin(&self) -> AppResult<(DatabaseTransaction, Turn)> {
-        let guard = {
+    /// SQLITE_BUSY_SNAPSHOT), or the batch the previous writer left open,
+    /// under the batch's savepoint (see [`Savepoint`]).
+    pub async fn begin(&self) -> AppResult<(Arc<DatabaseTransaction>, Turn)> {
+        let mut guard = {
             let _queued = Queued::new(&self.queued);
             self.slot.clone().lock_owned().await
         };
-        let (txn, first) = match &guard.open {
-            Some(batch) => (batch.txn.begin().await?, false),
+        if guard
+            .open
+            .as_ref()
+            .is_some_and(|b| b.savepoint == Savepoint::Unknown)
+            && let Some(batch) = guard.open.take()
+        {
+            // Nothing in it to undo: committed as it stands, and this
+            // writer starts a transaction of its own.
+            self.commit_batch(batch).await;
+        }
+        let (txn, member) = match guard.open.as_mut() {
+            Some(batch) => {
+                batch.open_savepoint().await?;
+                (batch.txn.clone(), true)
+            }
             None => (
-                self.conn
-                    .begin_with_options(TransactionOptions {
-                        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                        ..Default::default()
-                    })
-                    .await?,
-                true,
+                Arc::new(
+                    self.conn
+                        .begin_with_options(TransactionOptions {
+                            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                            ..Default::default()
+                        })
+                        .await?,
+                ),
+                false,
             ),
         };
-        Ok((txn, Turn { guard, first }))
+        Ok((
+            txn,
+            Turn {
+                guard: Some(guard),
+                member,
+                ended: false,
+            },
+        ))
     }
 
     /// Commits a writer's transaction; returns once it is durable.
     pub async fn commit(
         self: &Arc<Self>,
-        txn: DatabaseTransaction,
+        txn: Arc<DatabaseTransaction>,
         turn: Turn,
         effects: Effects,
     ) -> AppResult<()> {
@@ -170,45 +257,60 @@ impl Writer {
     /// before it in the batch (a row it then found taken, say) is not yet
     /// committed: this returns once it is, so what the caller answers from
     /// it holds.
-    pub async fn abandon(self: &Arc<Self>, txn: DatabaseTransaction, turn: Turn) -> AppResult<()> {
-        if turn.first {
+    pub async fn abandon(
+        self: &Arc<Self>,
+        txn: Arc<DatabaseTransaction>,
+        mut turn: Turn,
+    ) -> AppResult<()> {
+        if !turn.member {
             // Alone in its transaction: nothing of anyone else's to wait for.
-            txn.rollback().await?;
-            return Ok(());
+            turn.ended = true;
+            drop(turn);
+            return match Arc::try_unwrap(txn) {
+                Ok(txn) => Ok(txn.rollback().await?),
+                // Cannot happen (only the writer holds a transaction it
+                // began); dropping the last reference rolls it back.
+                Err(_) => Ok(()),
+            };
         }
         self.end(txn, turn, None).await
     }
 
-    /// Ends a writer's turn: its savepoint released (`effects`) or rolled
-    /// back (`None`), then the batch left open for the next writer or
-    /// committed; returns once the batch is.
+    /// Ends a writer's turn: its savepoint kept (`effects`) or rolled back
+    /// (`None`), then the batch left open for the next writer or committed;
+    /// returns once the batch is.
     async fn end(
         self: &Arc<Self>,
-        txn: DatabaseTransaction,
-        turn: Turn,
+        txn: Arc<DatabaseTransaction>,
+        mut turn: Turn,
         effects: Option<Effects>,
     ) -> AppResult<()> {
-        let Turn { mut guard, first } = turn;
+        if turn.member && effects.is_none() {
+            // Cut short here, the turn leaves its work to undo.
+            txn.execute_unprepared("ROLLBACK TO w").await?;
+        }
+        turn.ended = true;
+        let mut guard = turn
+            .guard
+            .take()
+            .ok_or_else(|| AppError::Internal(anyhow::anyhow!("a write turn ended twice")))?;
         let slot = &mut *guard;
-        let batch = if first {
+        let batch = if turn.member {
+            drop(txn);
+            slot.open.as_mut().ok_or_else(|| {
+                AppError::Internal(anyhow::anyhow!("the write batch was no longer open"))
+            })?
+        } else {
             let id = slot.next_id;
             slot.next_id += 1;
             slot.open.insert(Batch {
                 id,
                 txn,
                 members: 0,
+                savepoint: Savepoint::None,
                 done: watch::channel(None).0,
                 effects: Effects::default(),
             })
-        } else {
-            match effects {
-                // Releases the savepoint: its writes join the batch's.
-                Some(_) => txn.commit().await?,
-                None => txn.rollback().await?,
-            }
-            slot.open.as_mut().ok_or_else(|| {
-                AppError::Internal(anyhow::anyhow!("the write batch was no longer open"))
-            })?
         };
         batch.members += 1;
         batch.effects.extend(effects.unwrap_or_default());
@@ -225,22 +327,40 @@ impl Writer {
     /// is dropped while it waits must not take the others' commit with it.
     fn finish(self: Arc<Self>, mut guard: OwnedMutexGuard<Slot>) {
         tokio::spawn(async move {
-            let Some(batch) = guard.open.take() else {
-                return;
-            };
-            let result = match batch.txn.commit().await {
-                Ok(()) => {
-                    self.after.apply(batch.effects);
-                    Ok(())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, writes = batch.members, "a write batch failed to commit");
-                    Err(Arc::from("the write could not be committed"))
-                }
-            };
-            batch.done.send_replace(Some(result));
+            if let Some(batch) = guard.open.take() {
+                self.commit_batch(batch).await;
+            }
             drop(guard);
         });
+    }
+
+    /// Commits a batch (its dropped writer's work undone first) and
+    /// answers its writers.
+    async fn commit_batch(&self, mut batch: Batch) {
+        let committed = match batch.settle().await {
+            Ok(()) => match Arc::try_unwrap(batch.txn) {
+                Ok(txn) => txn.commit().await.map_err(AppError::from),
+                Err(_) => Err(AppError::Internal(anyhow::anyhow!(
+                    "a writer still held the batch at its commit"
+                ))),
+            },
+            Err(e) => Err(e),
+        };
+        let result = match committed {
+            Ok(()) => {
+                self.after.apply(batch.effects);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = e.for_log(),
+                    writes = batch.members,
+                    "a write batch failed to commit"
+                );
+                Err(Arc::from("the write could not be committed"))
+            }
+        };
+        batch.done.send_replace(Some(result));
     }
 
     async fn wait(

@@ -640,7 +640,7 @@ impl Purchases {
                     ch.reason = EventKind::Transferred.as_str();
                 }
             }
-            db::record_changes(&**txn, &c, &changes, now).await?;
+            db::record_changes_deferred(txn, &c, &changes, now).await?;
             if c == owner {
                 owner_snapshot = Some(after);
             }
@@ -739,7 +739,7 @@ impl Purchases {
             customer_id: customer,
             at: now,
         };
-        if db::webhook_claim::insert_new(&**txn, claim).await? {
+        if db::webhook_claim::insert_new(txn, claim).await? {
             return Ok(true);
         }
         // An earlier delivery failed (the store's API was down): this one
