@@ -1203,7 +1203,7 @@ pub async fn customers_page(
 
 #[cfg(test)]
 mod tests {
-    use sea_orm::{ConnectionTrait, Statement};
+    use sea_orm::{ConnectionTrait, PaginatorTrait, Statement};
 
     use super::*;
 
@@ -1288,6 +1288,142 @@ mod tests {
             assert!(!ensure_customer(&txn, "c1", now).await.unwrap());
             assert_eq!(statements(&db), before, "{:?}", db.backend());
             txn.commit().await.unwrap();
+        }
+    }
+
+    /// Recording a customer's Stripe customer keeps their other attributes
+    /// and e-mail, sets the indexed column, and is one statement whether or
+    /// not it changes anything.
+    #[tokio::test]
+    async fn the_stripe_customer_is_recorded_in_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c1", Utc::now()).await.unwrap();
+            customers::Entity::update_many()
+                .col_expr(
+                    customers::Column::Attributes,
+                    sea_orm::sea_query::Expr::value(serde_json::json!({ "plan": "team" })),
+                )
+                .col_expr(
+                    customers::Column::Email,
+                    sea_orm::sea_query::Expr::value("old@example.com"),
+                )
+                .filter(customers::Column::Id.eq("c1"))
+                .exec(&*txn)
+                .await
+                .unwrap();
+            for (sc, email, want_email) in [
+                ("cus_1", None, "old@example.com"),
+                ("cus_1", None, "old@example.com"),
+                ("cus_2", Some("new@example.com"), "new@example.com"),
+                ("cus_2", None, "new@example.com"),
+            ] {
+                let before = statements(&db);
+                store_purchases::remember_stripe_customer(
+                    &*txn,
+                    "c1",
+                    "stripe_customer_id",
+                    sc,
+                    email,
+                )
+                .await
+                .unwrap();
+                assert_eq!(statements(&db) - before, 1, "{:?}", db.backend());
+                let c = customers::Entity::find_by_id("c1".to_string())
+                    .one(&*txn)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(
+                    c.attributes,
+                    serde_json::json!({ "plan": "team", "stripe_customer_id": sc }),
+                    "{:?}",
+                    db.backend()
+                );
+                assert_eq!(c.stripe_customer_id.as_deref(), Some(sc));
+                assert_eq!(c.email.as_deref(), Some(want_email));
+            }
+            txn.commit().await.unwrap();
+        }
+    }
+
+    /// Change-log rows deferred in a write reach the database with the
+    /// claim that follows them (one call on SQLite, each still counted), or
+    /// at the commit; a write rolled back leaves none.
+    #[tokio::test]
+    async fn deferred_change_log_rows_travel_with_the_claim() {
+        use crate::domain::{Change, EventKind};
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let change = Change {
+                entitlement: "pro".into(),
+                kind: EventKind::Granted,
+                old_status: None,
+                new_status: crate::domain::STATUS_ACTIVE,
+                reason: EventKind::Granted.as_str(),
+                purchase_id: None,
+            };
+            let logged = |db: &Db| {
+                let conn = db.conn.clone();
+                async move {
+                    entitlement_events::Entity::find()
+                        .count(&conn)
+                        .await
+                        .unwrap()
+                }
+            };
+            let claim = |id: &'static str| webhook_claim::Claim {
+                source: "stripe",
+                event_id: id,
+                payload: &serde_json::Value::Null,
+                outcome: "applied",
+                customer_id: Some("c1"),
+                at: Utc::now(),
+            };
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c1", Utc::now()).await.unwrap();
+            record_changes_deferred(&txn, "c1", std::slice::from_ref(&change), Utc::now())
+                .await
+                .unwrap();
+            let before = statements(&db);
+            assert!(
+                webhook_claim::insert_new(&txn, claim("evt_1"))
+                    .await
+                    .unwrap()
+            );
+            // SQLite: the row deferred and the claim, counted apart though
+            // sent together; PostgreSQL wrote the row when it was deferred.
+            let sent = if db.backend() == DbBackend::Sqlite {
+                2
+            } else {
+                1
+            };
+            assert_eq!(statements(&db) - before, sent, "{:?}", db.backend());
+            txn.commit().await.unwrap();
+            assert_eq!(logged(&db).await, 1);
+
+            // A second claim of the same event: nothing claimed, and the
+            // rows deferred before it go when the write is rolled back.
+            let txn = db.write().await.unwrap();
+            record_changes_deferred(&txn, "c1", std::slice::from_ref(&change), Utc::now())
+                .await
+                .unwrap();
+            assert!(
+                !webhook_claim::insert_new(&txn, claim("evt_1"))
+                    .await
+                    .unwrap()
+            );
+            txn.abandon().await.unwrap();
+            assert_eq!(logged(&db).await, 1);
+
+            // Deferred with no claim after them: written at the commit.
+            let txn = db.write().await.unwrap();
+            record_changes_deferred(&txn, "c1", std::slice::from_ref(&change), Utc::now())
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+            assert_eq!(logged(&db).await, 2);
         }
     }
 

@@ -114,31 +114,51 @@ pub async fn customer_of_stripe_customer(
         .map(|c| c.id))
 }
 
-/// The customer row, as read before binding it to a Stripe customer.
-pub async fn customer_row(
-    c: &impl ConnectionTrait,
-    customer_id: &str,
-) -> AppResult<Option<customers::Model>> {
-    Ok(customers::Entity::find_by_id(customer_id.to_string())
-        .one(c)
-        .await?)
-}
-
 /// Saves the customer's attributes and Stripe customer id, and the e-mail
 /// when one is given (a customer keeps the one it has otherwise).
-pub async fn save_stripe_customer(
+/// Records on the customer the Stripe customer that pays for them (in
+/// their attributes, under `attr`, and in the indexed column) and the
+/// e-mail Stripe gave, in one statement that changes nothing when both are
+/// already there (a renewal names the same Stripe customer every time).
+pub async fn remember_stripe_customer(
     c: &impl ConnectionTrait,
-    row: customers::Model,
-    attributes: Value,
+    customer_id: &str,
+    attr: &str,
     stripe_customer: &str,
-    email: Option<String>,
+    email: Option<&str>,
 ) -> AppResult<()> {
-    let mut am = row.into_active_model();
-    am.attributes = Set(attributes);
-    am.stripe_customer_id = Set(Some(stripe_customer.to_string()));
-    if email.is_some() {
-        am.email = Set(email);
-    }
-    am.update(c).await?;
+    let backend = c.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => format!(
+            "UPDATE customers SET \
+               attributes = ((CASE WHEN json_typeof(attributes) = 'object' THEN attributes::jsonb ELSE '{{}}'::jsonb END) \
+                 || jsonb_build_object('{attr}', $1::text))::json, \
+               stripe_customer_id = $1, email = COALESCE($2, email) \
+             WHERE id = $3 AND NOT (json_typeof(attributes) = 'object' \
+               AND attributes->>'{attr}' IS NOT DISTINCT FROM $1 \
+               AND stripe_customer_id IS NOT DISTINCT FROM $1 \
+               AND ($2::text IS NULL OR email IS NOT DISTINCT FROM $2))"
+        ),
+        _ => format!(
+            "UPDATE customers SET \
+               attributes = json_set(CASE WHEN json_type(attributes) = 'object' THEN attributes ELSE '{{}}' END, \
+                 '$.{attr}', ?1), \
+               stripe_customer_id = ?1, email = COALESCE(?2, email) \
+             WHERE id = ?3 AND NOT (json_type(attributes) = 'object' \
+               AND json_extract(attributes, '$.{attr}') IS ?1 \
+               AND stripe_customer_id IS ?1 \
+               AND (?2 IS NULL OR email IS ?2))"
+        ),
+    };
+    c.execute_raw(sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            stripe_customer.into(),
+            email.map(str::to_string).into(),
+            customer_id.into(),
+        ],
+    ))
+    .await?;
     Ok(())
 }

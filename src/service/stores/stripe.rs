@@ -792,25 +792,15 @@ async fn remember_stripe_customer(
     stripe_customer: &str,
     email: Option<&str>,
 ) -> AppResult<()> {
-    let Some(c) = store_purchases::customer_row(&**txn, customer_id).await? else {
-        return Ok(());
-    };
     let email = email.map(|e| e.trim().to_lowercase());
-    if c.attributes
-        .get(STRIPE_CUSTOMER_ATTR)
-        .and_then(Value::as_str)
-        == Some(stripe_customer)
-        && c.stripe_customer_id.as_deref() == Some(stripe_customer)
-        && (email.is_none() || c.email == email)
-    {
-        return Ok(());
-    }
-    let mut attrs = c.attributes.clone();
-    if !attrs.is_object() {
-        attrs = Value::Object(Default::default());
-    }
-    attrs[STRIPE_CUSTOMER_ATTR] = Value::String(stripe_customer.to_string());
-    store_purchases::save_stripe_customer(&**txn, c, attrs, stripe_customer, email).await
+    store_purchases::remember_stripe_customer(
+        &**txn,
+        customer_id,
+        STRIPE_CUSTOMER_ATTR,
+        stripe_customer,
+        email.as_deref(),
+    )
+    .await
 }
 
 /// Counts one more paid renewal on the subscription we hold, returning its
