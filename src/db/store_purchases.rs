@@ -121,44 +121,59 @@ pub async fn customer_of_stripe_customer(
 /// e-mail Stripe gave, in one statement that changes nothing when both are
 /// already there (a renewal names the same Stripe customer every time).
 pub async fn remember_stripe_customer(
-    c: &impl ConnectionTrait,
+    txn: &crate::db::WriteTxn,
     customer_id: &str,
     attr: &str,
     stripe_customer: &str,
     email: Option<&str>,
 ) -> AppResult<()> {
-    let backend = c.get_database_backend();
-    let sql = match backend {
-        sea_orm::DbBackend::Postgres => format!(
-            "UPDATE customers SET \
-               attributes = ((CASE WHEN json_typeof(attributes) = 'object' THEN attributes::jsonb ELSE '{{}}'::jsonb END) \
-                 || jsonb_build_object('{attr}', $1::text))::json, \
-               stripe_customer_id = $1, email = COALESCE($2, email) \
-             WHERE id = $3 AND NOT (json_typeof(attributes) = 'object' \
-               AND attributes->>'{attr}' IS NOT DISTINCT FROM $1 \
-               AND stripe_customer_id IS NOT DISTINCT FROM $1 \
-               AND ($2::text IS NULL OR email IS NOT DISTINCT FROM $2))"
+    let backend = txn.get_database_backend();
+    let (sc, email, id): (sea_orm::Value, sea_orm::Value, sea_orm::Value) = (
+        stripe_customer.into(),
+        email.map(str::to_string).into(),
+        customer_id.into(),
+    );
+    let stmt = match backend {
+        sea_orm::DbBackend::Postgres => sea_orm::Statement::from_sql_and_values(
+            backend,
+            format!(
+                "UPDATE customers SET \
+                   attributes = ((CASE WHEN json_typeof(attributes) = 'object' THEN attributes::jsonb ELSE '{{}}'::jsonb END) \
+                     || jsonb_build_object('{attr}', $1::text))::json, \
+                   stripe_customer_id = $1, email = COALESCE($2, email) \
+                 WHERE id = $3 AND NOT (json_typeof(attributes) = 'object' \
+                   AND attributes->>'{attr}' IS NOT DISTINCT FROM $1 \
+                   AND stripe_customer_id IS NOT DISTINCT FROM $1 \
+                   AND ($2::text IS NULL OR email IS NOT DISTINCT FROM $2))"
+            ),
+            [sc, email, id],
         ),
-        _ => format!(
-            "UPDATE customers SET \
-               attributes = json_set(CASE WHEN json_type(attributes) = 'object' THEN attributes ELSE '{{}}' END, \
-                 '$.{attr}', ?1), \
-               stripe_customer_id = ?1, email = COALESCE(?2, email) \
-             WHERE id = ?3 AND NOT (json_type(attributes) = 'object' \
-               AND json_extract(attributes, '$.{attr}') IS ?1 \
-               AND stripe_customer_id IS ?1 \
-               AND (?2 IS NULL OR email IS ?2))"
+        // Positional parameters, each value in the order it appears: the
+        // statement may travel with others in one call (see `defer`).
+        _ => sea_orm::Statement::from_sql_and_values(
+            backend,
+            format!(
+                "UPDATE customers SET \
+                   attributes = json_set(CASE WHEN json_type(attributes) = 'object' THEN attributes ELSE '{{}}' END, \
+                     '$.{attr}', ?), \
+                   stripe_customer_id = ?, email = COALESCE(?, email) \
+                 WHERE id = ? AND NOT (json_type(attributes) = 'object' \
+                   AND json_extract(attributes, '$.{attr}') IS ? \
+                   AND stripe_customer_id IS ? \
+                   AND (? IS NULL OR email IS ?))"
+            ),
+            [
+                sc.clone(),
+                sc.clone(),
+                email.clone(),
+                id,
+                sc.clone(),
+                sc,
+                email.clone(),
+                email,
+            ],
         ),
     };
-    c.execute_raw(sea_orm::Statement::from_sql_and_values(
-        backend,
-        sql,
-        [
-            stripe_customer.into(),
-            email.map(str::to_string).into(),
-            customer_id.into(),
-        ],
-    ))
-    .await?;
-    Ok(())
+    // Nothing in the rest of a notification's work reads it back.
+    txn.defer(stmt).await
 }

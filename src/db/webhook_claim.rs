@@ -3,11 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use entities::webhook_events;
-use sea_orm::{
-    ActiveValue::Set,
-    ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryTrait,
-    sea_query::{Expr, OnConflict},
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, sea_query::Expr};
 
 use crate::{domain::webhook_log::WebhookOutcome, error::AppResult};
 
@@ -25,29 +21,35 @@ pub struct Claim<'a> {
 /// Writes the row unless one exists for the notification; `true` when
 /// this call wrote it.
 pub async fn insert_new(txn: &crate::db::WriteTxn, claim: Claim<'_>) -> AppResult<bool> {
-    let mut stmt = webhook_events::Entity::insert(webhook_events::ActiveModel {
-        source: Set(claim.source.into()),
-        event_id: Set(claim.event_id.to_string()),
-        received_at: Set(claim.at),
-        payload: Set(claim.payload.clone()),
-        outcome: Set(claim.outcome.to_string()),
-        processed_at: Set(Some(claim.at)),
-        customer_id: Set(claim.customer_id.map(str::to_string)),
-        ..Default::default()
-    })
-    .on_conflict(
-        OnConflict::columns([
-            webhook_events::Column::Source,
-            webhook_events::Column::EventId,
-        ])
-        .do_nothing()
-        .to_owned(),
-    )
-    .build(txn.get_database_backend());
+    let backend = txn.get_database_backend();
+    // The payload is bound as its text, printed straight from the parsed
+    // event: binding it as JSON took a copy of the whole tree first.
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => {
+            r#"INSERT INTO "webhook_events" ("source", "event_id", "received_at", "payload", "outcome", "processed_at", "customer_id") VALUES ($1, $2, $3, $4::json, $5, $6, $7) ON CONFLICT ("source", "event_id") DO NOTHING RETURNING "id""#
+        }
+        _ => {
+            r#"INSERT INTO "webhook_events" ("source", "event_id", "received_at", "payload", "outcome", "processed_at", "customer_id") VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT ("source", "event_id") DO NOTHING RETURNING "id""#
+        }
+    };
+    let payload = serde_json::to_string(claim.payload)
+        .map_err(|e| crate::error::AppError::Internal(e.into()))?;
+    let stmt = sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            claim.source.into(),
+            claim.event_id.into(),
+            claim.at.into(),
+            payload.into(),
+            claim.outcome.into(),
+            Some(claim.at).into(),
+            claim.customer_id.map(str::to_string).into(),
+        ],
+    );
     // A row back is the claim made; none, the notification's row was there.
     // Sent with the change-log rows the claimed work deferred: a claim is
     // the last statement of a notification's work but for its commit.
-    stmt.sql.push_str(r#" RETURNING "id""#);
     Ok(!txn.query_after_deferred(stmt).await?.is_empty())
 }
 

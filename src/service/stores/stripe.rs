@@ -794,7 +794,7 @@ async fn remember_stripe_customer(
 ) -> AppResult<()> {
     let email = email.map(|e| e.trim().to_lowercase());
     store_purchases::remember_stripe_customer(
-        &**txn,
+        txn,
         customer_id,
         STRIPE_CUSTOMER_ATTR,
         stripe_customer,
