@@ -219,7 +219,10 @@ async fn stripe(core: &Core, start: DateTime<Utc>, counts: &mut Counts) -> AppRe
     }
     for ev in events.iter().rev() {
         counts.seen += 1;
-        match stores.process_stripe_event(p, ev).await {
+        match stores
+            .receive::<crate::providers::stripe::StripeProvider>(ev)
+            .await
+        {
             Ok(WebhookOutcome::Duplicate) => counts.duplicates += 1,
             Ok(WebhookOutcome::Applied | WebhookOutcome::Bound | WebhookOutcome::Refunded) => {
                 counts.applied += 1

@@ -28,7 +28,7 @@ pub async fn receive<C: Ingest>(
     let n = connector
         .verify(Delivery { body: &body, auth }, state.core.now())
         .await?;
-    let outcome = C::ingest(stores, &n).await?;
+    let outcome = stores.receive::<C>(&n).await?;
     state.metrics.webhook(C::STORE, outcome);
     Ok(Json(
         json!({ "received": true, "outcome": outcome.as_str() }),

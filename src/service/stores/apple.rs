@@ -1,6 +1,6 @@
 //! App Store use cases: a customer submits a purchase, Apple notifies us.
 
-use entities::{purchases, webhook_events};
+use entities::purchases;
 use serde_json::json;
 
 use super::{Claim, Stores};
@@ -139,58 +139,15 @@ impl Stores {
         signed_payload: &str,
     ) -> AppResult<WebhookOutcome> {
         let n = apple.verify_notification(signed_payload.trim())?;
-        self.apple_webhook(apple, &n).await
+        self.receive::<Apple>(&n).await
     }
 
-    /// A verified App Store Server Notification v2 (`POST /webhooks/apple`,
-    /// or one from the notification history): re-reads the purchase from
-    /// Apple when the API is configured, and applies it with its dedupe row
-    /// in one transaction.
-    pub(super) async fn apple_webhook(
-        &self,
-        apple: &Apple,
-        n: &Notification,
-    ) -> AppResult<WebhookOutcome> {
-        match self.ingest_apple_notification(apple, n, &Claim::Live).await {
-            Err(e) => {
-                // Kept (verified), so the operator sees it; Apple retries.
-                self.record_failed_event(Store::AppStore, &n.uuid, &n.raw, None, &e)
-                    .await?;
-                Err(e)
-            }
-            ok => ok,
-        }
-    }
-
-    /// Runs a stored, verified notification again (a replay).
-    pub(super) async fn replay_apple(
-        &self,
-        row: &webhook_events::Model,
-        claim: Claim,
-    ) -> AppResult<bool> {
-        let apple = self.apple()?;
-        let n = crate::providers::Connector::read_stored(apple, row)?;
-        Ok(self.ingest_apple_notification(apple, &n, &claim).await? != WebhookOutcome::Duplicate)
-    }
-
-    /// The one ingest path of a verified App Store notification: re-read
-    /// the purchase when the API is configured, then claim its row and
-    /// apply in one transaction.
-    async fn ingest_apple_notification(
+    pub(super) async fn ingest_apple_notification(
         &self,
         apple: &Apple,
         n: &Notification,
         claim: &Claim,
     ) -> AppResult<WebhookOutcome> {
-        // A redelivery costs one read, not an App Store API call (one that
-        // failed is processed again).
-        if matches!(claim, Claim::Live)
-            && self
-                .webhook_seen(Store::AppStore, &n.uuid, apple.api().is_some())
-                .await?
-        {
-            return Ok(WebhookOutcome::Duplicate);
-        }
         let verified = match n.verified().filter(|_| n.is_handled()) {
             None => None,
             Some(v) => match (apple.api(), v.transaction.transaction_id.clone()) {
@@ -230,23 +187,11 @@ impl Stores {
             },
         };
         if !self
-            .claim_event(
-                &txn,
-                Store::AppStore,
-                &n.uuid,
-                &n.raw,
-                outcome,
-                customer.as_deref(),
-                claim,
-            )
+            .claim_and_commit::<Apple>(txn, n, outcome, customer.as_deref(), claim)
             .await?
         {
-            // Another delivery or replay came first: this one's effect is
-            // undone, and the answer waits for the first's commit.
-            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
-        txn.commit().await?;
         tracing::info!(
             notification = %n.kind,
             outcome = outcome.as_str(),

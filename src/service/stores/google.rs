@@ -10,7 +10,6 @@
 //! ([`Stores::retry_play_acknowledgements`]) retries the ones still pending
 //! within the three days. A successful acknowledgement marks `raw` so.
 
-use entities::webhook_events;
 use serde_json::json;
 
 use super::{Claim, Stores};
@@ -317,66 +316,13 @@ impl Stores {
         Ok(applied)
     }
 
-    /// A verified Pub/Sub push of a developer notification
-    /// (`POST /webhooks/google`). Errors mean "not processed": Pub/Sub
-    /// delivers again.
-    pub(super) async fn play_webhook(
-        &self,
-        push: &play::VerifiedPush,
-    ) -> AppResult<WebhookOutcome> {
-        let google = self.google()?;
-        // Spares Google a read for a redelivery; the claim is what actually
-        // guarantees once. A delivery that failed is processed again.
-        if self
-            .webhook_seen(Store::PlayStore, &push.message_id, true)
-            .await?
-        {
-            return Ok(WebhookOutcome::Duplicate);
-        }
-        match self
-            .ingest_play_notification(google, push, &Claim::Live)
-            .await
-        {
-            Err(e) => {
-                // Kept (verified), so the operator sees it; Pub/Sub retries.
-                self.record_failed_event(
-                    Store::PlayStore,
-                    &push.message_id,
-                    &push.payload,
-                    None,
-                    &e,
-                )
-                .await?;
-                Err(e)
-            }
-            ok => ok,
-        }
-    }
-
-    /// Runs a stored, verified developer notification again (a replay).
-    pub(super) async fn replay_play(
-        &self,
-        row: &webhook_events::Model,
-        claim: Claim,
-    ) -> AppResult<bool> {
-        let google = self.google()?;
-        let push = crate::providers::Connector::read_stored(google, row)?;
-        Ok(
-            self.ingest_play_notification(google, &push, &claim).await?
-                != WebhookOutcome::Duplicate,
-        )
-    }
-
-    /// The one ingest path of a verified developer notification: re-read
-    /// the purchase from Google, then apply it and claim its row in one
-    /// transaction.
-    async fn ingest_play_notification(
+    pub(super) async fn ingest_play_notification(
         &self,
         google: &GooglePlay,
         push: &play::VerifiedPush,
         claim: &Claim,
     ) -> AppResult<WebhookOutcome> {
-        let (event_id, n, json) = (push.message_id.as_str(), &push.notification, &push.payload);
+        let n = &push.notification;
         let fetched = match self.read_notified(google, n, push.event_time).await {
             Ok(f) => f,
             Err(AppError::InvalidReceipt(_)) => Err(WebhookOutcome::UnknownPurchase),
@@ -410,23 +356,11 @@ impl Stores {
             }
         };
         if !self
-            .claim_event(
-                &txn,
-                Store::PlayStore,
-                event_id,
-                json,
-                outcome,
-                customer.as_deref(),
-                claim,
-            )
+            .claim_and_commit::<GooglePlay>(txn, push, outcome, customer.as_deref(), claim)
             .await?
         {
-            // A concurrent delivery won: ours is undone, and the answer
-            // waits for the winner's commit.
-            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
-        txn.commit().await?;
 
         if let (Ok(purchase), Some((true, kind))) = (&fetched, &ack)
             && matches!(outcome, WebhookOutcome::Applied | WebhookOutcome::Stale)

@@ -38,7 +38,7 @@ pub struct Stores {
 
 /// How an ingest run may take a notification's row.
 #[derive(Clone, Debug)]
-enum Claim {
+pub enum Claim {
     /// A delivery from the store: a new row, or one whose earlier delivery
     /// failed.
     Live,
@@ -92,45 +92,84 @@ impl Stores {
             outcome: row.outcome.clone(),
         };
         match source {
-            Store::Stripe => self.replay_stripe(row, claim).await,
-            Store::AppStore => self.replay_apple(row, claim).await,
-            Store::PlayStore => self.replay_play(row, claim).await,
+            Store::Stripe => self.replay_stored::<StripeProvider>(row, claim).await,
+            Store::AppStore => self.replay_stored::<Apple>(row, claim).await,
+            Store::PlayStore => self.replay_stored::<GooglePlay>(row, claim).await,
             _ => Err(AppError::bad_input("not a store notification")),
         }
     }
 
+    /// A verified notification, live (a store's delivery, or one listed by
+    /// its API): applied once per event id whichever way it arrives. A
+    /// redelivery costs one read rather than a store call; a notification
+    /// that failed because the store could not be asked is kept, so the
+    /// operator sees it, and the store's own redelivery takes it over.
+    pub async fn receive<S: Ingest>(&self, n: &S::Notification) -> AppResult<WebhookOutcome> {
+        let connector = S::connector(self)?;
+        if self
+            .webhook_seen(S::STORE, S::event_id(n), connector.calls_store())
+            .await?
+        {
+            return Ok(WebhookOutcome::Duplicate);
+        }
+        match connector.apply(self, n, &Claim::Live).await {
+            Err(e) => {
+                self.record_failed_event(S::STORE, S::event_id(n), S::payload(n), None, &e)
+                    .await?;
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// Runs a stored, verified notification again (a replay); `false` when
+    /// a concurrent replay or delivery had it first.
+    async fn replay_stored<S: Ingest>(
+        &self,
+        row: &webhook_events::Model,
+        claim: Claim,
+    ) -> AppResult<bool> {
+        let connector = S::connector(self)?;
+        let n = crate::providers::Connector::read_stored(connector, row)?;
+        Ok(connector.apply(self, &n, &claim).await? != WebhookOutcome::Duplicate)
+    }
+
     /// Takes the notification's row in `txn` with its final outcome and the
     /// customer it touched, as the last statement of the transaction that
-    /// applied it: one claim order for every store and source. `false`:
-    /// another delivery or replay has it, and the caller drops the
-    /// transaction, undoing its effect. A concurrent duplicate meets this
-    /// row's unique key (PostgreSQL waits for the first to commit) or the
-    /// single writer (SQLite), so exactly one of them commits.
-    #[allow(clippy::too_many_arguments)]
-    async fn claim_event(
+    /// applied it (one claim order for every store and source), then
+    /// commits. `false`: another delivery or replay has it, so this one's
+    /// effect is undone, and the answer waits for the first one's commit. A
+    /// concurrent duplicate meets the row's unique key (PostgreSQL waits
+    /// for the first to commit) or the single writer (SQLite), so exactly
+    /// one of them commits.
+    async fn claim_and_commit<S: Ingest>(
         &self,
-        txn: &WriteTxn,
-        source: Store,
-        event_id: &str,
-        payload: &Value,
+        txn: WriteTxn,
+        n: &S::Notification,
         outcome: WebhookOutcome,
         customer: Option<&str>,
         claim: &Claim,
     ) -> AppResult<bool> {
         // The transaction's own instant: the caller's clock, read now.
         let now = self.ctx.now();
-        let outcome = outcome.as_str();
-        match claim {
+        let (id, recorded) = (S::event_id(n), outcome.as_str());
+        let claimed = match claim {
             Claim::Live => {
                 self.purchases
-                    .claim_webhook(txn, source, event_id, payload, outcome, customer, now)
-                    .await
+                    .claim_webhook(&txn, S::STORE, id, S::payload(n), recorded, customer, now)
+                    .await?
             }
             Claim::Replay { id, outcome: was } => {
                 // The customer is kept when this run names none.
-                db::webhook_log::claim_for_replay(&**txn, *id, was, outcome, customer, now).await
+                db::webhook_log::claim_for_replay(&*txn, *id, was, recorded, customer, now).await?
             }
+        };
+        if !claimed {
+            txn.abandon().await?;
+            return Ok(false);
         }
+        txn.commit().await?;
+        Ok(true)
     }
 
     /// Seen and processed (a row whose delivery failed is processed again):
@@ -223,10 +262,20 @@ pub trait Ingest: crate::providers::Connector {
 
     /// This store's connector, when configured.
     fn connector(stores: &Stores) -> AppResult<&Self>;
-    /// Applies a verified notification once; the outcome as recorded.
-    fn ingest(
+    /// The notification's id in the webhook log.
+    fn event_id(n: &Self::Notification) -> &str;
+    /// The notification as the webhook log keeps it.
+    fn payload(n: &Self::Notification) -> &serde_json::Value;
+    /// Whether applying a notification calls the store (so a redelivery
+    /// is worth a read first).
+    fn calls_store(&self) -> bool;
+    /// Applies a verified notification under this store's rules, claimed
+    /// as `claim` says, in one transaction; the outcome as recorded.
+    fn apply(
+        &self,
         stores: &Stores,
         n: &Self::Notification,
+        claim: &Claim,
     ) -> impl std::future::Future<Output = AppResult<WebhookOutcome>> + Send;
 
     /// Applies in `txn` what [`Connector::reread_purchase`] read, under
@@ -255,8 +304,22 @@ impl Ingest for StripeProvider {
     fn connector(stores: &Stores) -> AppResult<&Self> {
         stores.stripe().map(|p| &**p)
     }
-    async fn ingest(stores: &Stores, ev: &Self::Notification) -> AppResult<WebhookOutcome> {
-        stores.stripe_webhook(ev).await
+    fn event_id(ev: &Self::Notification) -> &str {
+        &ev.id
+    }
+    fn payload(ev: &Self::Notification) -> &serde_json::Value {
+        &ev.payload
+    }
+    fn calls_store(&self) -> bool {
+        self.api().is_some()
+    }
+    async fn apply(
+        &self,
+        stores: &Stores,
+        ev: &Self::Notification,
+        claim: &Claim,
+    ) -> AppResult<WebhookOutcome> {
+        stores.ingest_stripe_event(self, ev, claim).await
     }
     async fn apply_reread(
         &self,
@@ -277,8 +340,22 @@ impl Ingest for Apple {
     fn connector(stores: &Stores) -> AppResult<&Self> {
         stores.apple()
     }
-    async fn ingest(stores: &Stores, n: &Self::Notification) -> AppResult<WebhookOutcome> {
-        stores.apple_webhook(stores.apple()?, n).await
+    fn event_id(n: &Self::Notification) -> &str {
+        &n.uuid
+    }
+    fn payload(n: &Self::Notification) -> &serde_json::Value {
+        &n.raw
+    }
+    fn calls_store(&self) -> bool {
+        self.api().is_some()
+    }
+    async fn apply(
+        &self,
+        stores: &Stores,
+        n: &Self::Notification,
+        claim: &Claim,
+    ) -> AppResult<WebhookOutcome> {
+        stores.ingest_apple_notification(self, n, claim).await
     }
     async fn apply_reread(
         &self,
@@ -303,8 +380,23 @@ impl Ingest for GooglePlay {
     fn connector(stores: &Stores) -> AppResult<&Self> {
         stores.google()
     }
-    async fn ingest(stores: &Stores, push: &Self::Notification) -> AppResult<WebhookOutcome> {
-        stores.play_webhook(push).await
+    fn event_id(push: &Self::Notification) -> &str {
+        &push.message_id
+    }
+    fn payload(push: &Self::Notification) -> &serde_json::Value {
+        &push.payload
+    }
+    // Every notification is read back from Play: it carries only a token.
+    fn calls_store(&self) -> bool {
+        true
+    }
+    async fn apply(
+        &self,
+        stores: &Stores,
+        push: &Self::Notification,
+        claim: &Claim,
+    ) -> AppResult<WebhookOutcome> {
+        stores.ingest_play_notification(self, push, claim).await
     }
     async fn apply_reread(
         &self,

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use entities::webhook_events;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use stripe_shared::{CheckoutSessionMode, CheckoutSessionPaymentStatus};
@@ -106,51 +105,9 @@ impl Stores {
             .ok_or(AppError::NotConfigured("Stripe"))
     }
 
-    /// A verified Stripe delivery (`POST /webhooks/stripe`).
-    pub(super) async fn stripe_webhook(&self, ev: &VerifiedEvent) -> AppResult<WebhookOutcome> {
-        let p = self.stripe()?.clone();
-        self.process_stripe_event(&p, ev).await
-    }
-
-    /// Processes one trusted event (a verified webhook, or one the API
-    /// listed), once per event id whichever way it arrives.
-    pub async fn process_stripe_event(
-        &self,
-        p: &StripeProvider,
-        ev: &VerifiedEvent,
-    ) -> AppResult<WebhookOutcome> {
-        // A redelivery costs one read, not a Stripe API call.
-        if self
-            .webhook_seen(Store::Stripe, &ev.id, p.api().is_some())
-            .await?
-        {
-            return Ok(WebhookOutcome::Duplicate);
-        }
-        match self.ingest_stripe_event(p, ev, &Claim::Live).await {
-            Err(e) => {
-                // Kept, so the operator sees it; Stripe delivers it again.
-                self.record_failed_event(Store::Stripe, &ev.id, &ev.payload, None, &e)
-                    .await?;
-                Err(e)
-            }
-            ok => ok,
-        }
-    }
-
-    /// Runs a stored, verified Stripe event again (a replay).
-    pub(super) async fn replay_stripe(
-        &self,
-        row: &webhook_events::Model,
-        claim: Claim,
-    ) -> AppResult<bool> {
-        let p = self.stripe()?.clone();
-        let ev = crate::providers::Connector::read_stored(&*p, row)?;
-        Ok(self.ingest_stripe_event(&p, &ev, &claim).await? != WebhookOutcome::Duplicate)
-    }
-
     /// The one ingest path of a Stripe event: plan (reading the API outside
     /// any transaction), then claim its row and apply in one transaction.
-    async fn ingest_stripe_event(
+    pub(super) async fn ingest_stripe_event(
         &self,
         p: &StripeProvider,
         ev: &VerifiedEvent,
@@ -204,24 +161,11 @@ impl Stores {
             }
         };
         if !self
-            .claim_event(
-                &txn,
-                Store::Stripe,
-                &ev.id,
-                &ev.payload,
-                outcome,
-                customer.as_deref(),
-                claim,
-            )
+            .claim_and_commit::<StripeProvider>(txn, ev, outcome, customer.as_deref(), claim)
             .await?
         {
-            // Another delivery or replay of this event came first: this
-            // one's effect is undone, and the answer waits for the first's
-            // commit.
-            txn.abandon().await?;
             return Ok(WebhookOutcome::Duplicate);
         }
-        txn.commit().await?;
         if unattributed(outcome) {
             tracing::warn!(
                 event = %ev.id,
