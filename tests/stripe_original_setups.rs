@@ -739,7 +739,7 @@ async fn dispute_revokes_won_restores_lost_stays(b: Backend) {
 /// a hint) and found through the PaymentIntent's invoice.
 async fn subscription_dispute_found_through_the_api(b: Backend) {
     let fake = FakeStripe::start().await;
-    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let app = spawn_with(b, |c| configure_api_without_jobs(c, &fake)).await;
     let now = app.state.core.now();
     let sub = subscription(
         "sub_dsp",
@@ -913,14 +913,7 @@ async fn renewal_count_is_paid_cycle_invoices(b: Backend) {
 /// Point 9 with the API: the invoice re-reads the subscription and counts.
 async fn renewal_count_with_api(b: Backend) {
     let fake = FakeStripe::start().await;
-    // No refresh job: once the clock is moved to the renewal, a refresh run
-    // late off its first tick would re-read the renewal itself, and the
-    // invoice (read a moment before it) would rightly be the stale one.
-    let app = spawn_with(b, |c| {
-        configure(c, Some(&fake));
-        c.jobs.enabled = false;
-    })
-    .await;
+    let app = spawn_with(b, |c| configure_api_without_jobs(c, &fake)).await;
     let now = app.state.core.now();
     let sub = subscription(
         "sub_rca",

@@ -14,7 +14,7 @@ use stripe_support::*;
 
 async fn garmin_flow_payment_link_to_paid(b: Backend) {
     let fake = FakeStripe::start().await;
-    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let app = spawn_with(b, |c| configure_api_without_jobs(c, &fake)).await;
     let key = app.key(ApiKeyRole::Client).await;
 
     let (s, body) = app.post_user(&key, "watch-1").await;
@@ -126,7 +126,7 @@ async fn garmin_flow_subscription_without_api(b: Backend) {
 /// then the completed session that names the device.
 async fn garmin_flow_subscription_link_with_api(b: Backend) {
     let fake = FakeStripe::start().await;
-    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let app = spawn_with(b, |c| configure_api_without_jobs(c, &fake)).await;
     let key = app.key(ApiKeyRole::Client).await;
     app.post_user(&key, "watch-8").await;
     app.clock.advance(Duration::days(8));
@@ -323,7 +323,7 @@ async fn payment_for_unknown_id_creates_the_customer(b: Backend) {
 /// the fake API, as the webhook is only a hint.
 async fn web_subscription_life_cycle(b: Backend) {
     let fake = FakeStripe::start().await;
-    let app = spawn_with(b, |c| configure(c, Some(&fake))).await;
+    let app = spawn_with(b, |c| configure_api_without_jobs(c, &fake)).await;
     let t0 = app.state.core.now();
     let month = Duration::days(30);
     let id = "sub_web_1";
@@ -597,7 +597,7 @@ async fn lifetime_refund_revokes(b: Backend) {
 async fn past_due_with_grace_keeps_access(b: Backend) {
     let fake = FakeStripe::start().await;
     let app = spawn_with(b, |c| {
-        configure(c, Some(&fake));
+        configure_api_without_jobs(c, &fake);
         c.stripe.as_mut().unwrap().grace_period_days = Some(3);
     })
     .await;

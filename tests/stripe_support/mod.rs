@@ -253,6 +253,15 @@ pub fn configure(c: &mut entitle::config::Config, api: Option<&FakeStripe>) {
     }
 }
 
+/// [`configure`] with the Stripe API and without background jobs, for a
+/// test that moves the clock up to a renewal: a refresh run late off its
+/// first tick (under load) would re-read the renewal itself, and the
+/// webhook's read, a moment earlier, would then rightly be the stale one.
+pub fn configure_api_without_jobs(c: &mut entitle::config::Config, api: &FakeStripe) {
+    configure(c, Some(api));
+    c.jobs.enabled = false;
+}
+
 /// `customer(id) { entitlements }` read as an admin.
 pub async fn entitlements(app: &TestApp, customer: &str) -> Value {
     let admin = app.key(entitle::domain::ApiKeyRole::Admin).await;
