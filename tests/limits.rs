@@ -376,23 +376,8 @@ async fn retention_deletes_old_invalid_receipts_and_clears_old_payloads(b: Backe
 async fn metrics_labels_stay_bounded_under_random_methods() {
     use rand::Rng;
     let app = spawn_with(Backend::Sqlite, |_| {}).await;
-    let size = |app: &TestApp| {
-        let url = app.url("/metrics");
-        let client = app.client.clone();
-        async move {
-            client
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-                .len()
-        }
-    };
     app.client.get(app.url("/health")).send().await.unwrap();
-    let before = size(&app).await;
+    let before = app.metrics_text().await.len();
     let mut rng = rand::rng();
     for i in 0..2_000 {
         let method: String = (0..8)
@@ -410,7 +395,7 @@ async fn metrics_labels_stay_bounded_under_random_methods() {
             .await
             .unwrap();
     }
-    let after = size(&app).await;
+    let after = app.metrics_text().await.len();
     let text = app.metrics_text().await;
     assert!(text.contains("method=\"other\""), "{text}");
     assert!(text.contains("route=\"unmatched\""), "{text}");
