@@ -133,8 +133,7 @@ pub struct DbStats {
 /// A write transaction. On SQLite it holds the writer's turn: a transaction
 /// of its own or a savepoint in a batch (see [`writer`]).
 pub struct WriteTxn {
-    /// Shared with the batch it writes in, on SQLite.
-    txn: Arc<DatabaseTransaction>,
+    conn: TxnConn,
     turn: Option<(Arc<writer::Writer>, writer::Turn)>,
     /// Customers this transaction locked or created: their cached reads are
     /// dropped once it commits.
@@ -161,9 +160,114 @@ pub struct WriteTxn {
 }
 
 impl std::ops::Deref for WriteTxn {
-    type Target = DatabaseTransaction;
-    fn deref(&self) -> &DatabaseTransaction {
-        &self.txn
+    type Target = TxnConn;
+    fn deref(&self) -> &TxnConn {
+        &self.conn
+    }
+}
+
+/// A write transaction's connection. On SQLite, a writer that joins a
+/// group commit writes under a savepoint of its own, opened by the same
+/// call as its first read (see [`writer::Opening`]).
+pub struct TxnConn {
+    /// Shared with the batch it writes in, on SQLite.
+    txn: Arc<DatabaseTransaction>,
+    opening: Option<Arc<writer::Opening>>,
+}
+
+impl TxnConn {
+    /// Refuses a statement once the call that opened the savepoint was cut
+    /// short or failed: whether it ran is unknown, so what this writer
+    /// writes next could land outside it, beyond its own rollback.
+    fn check(&self) -> Result<(), sea_orm::DbErr> {
+        match &self.opening {
+            Some(o) if o.in_doubt() => Err(sea_orm::DbErr::Custom(
+                "this write's savepoint may not be open: it cannot go on".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Opens the savepoint on its own, if it is still to be opened: a
+    /// write is about to go, and SQLite would add the savepoint
+    /// statements' change counts to the write's.
+    async fn open_alone(&self) -> Result<(), sea_orm::DbErr> {
+        self.check()?;
+        if let Some(o) = &self.opening
+            && let Some(sql) = o.take()
+        {
+            let r = self.txn.execute_unprepared(sql).await;
+            o.sent(r.is_ok());
+            r?;
+        }
+        Ok(())
+    }
+
+    /// `stmt`, preceded in the same call by the savepoint's opening if it
+    /// is still to be opened; the opening, to report on.
+    fn with_opening(
+        &self,
+        mut stmt: sea_orm::Statement,
+    ) -> Result<(sea_orm::Statement, Option<&writer::Opening>), sea_orm::DbErr> {
+        self.check()?;
+        Ok(match self.opening.as_deref() {
+            Some(o) => match o.take() {
+                Some(sql) => {
+                    stmt.sql = format!("{sql}; {}", stmt.sql);
+                    (stmt, Some(o))
+                }
+                None => (stmt, None),
+            },
+            None => (stmt, None),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for TxnConn {
+    fn get_database_backend(&self) -> DbBackend {
+        self.txn.get_database_backend()
+    }
+
+    async fn execute_raw(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+        self.open_alone().await?;
+        self.txn.execute_raw(stmt).await
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+        self.open_alone().await?;
+        self.txn.execute_unprepared(sql).await
+    }
+
+    async fn query_one_raw(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> Result<Option<sea_orm::QueryResult>, sea_orm::DbErr> {
+        let (stmt, opening) = self.with_opening(stmt)?;
+        let r = self.txn.query_one_raw(stmt).await;
+        if let Some(o) = opening {
+            o.sent(r.is_ok());
+        }
+        r
+    }
+
+    async fn query_all_raw(
+        &self,
+        stmt: sea_orm::Statement,
+    ) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
+        let (stmt, opening) = self.with_opening(stmt)?;
+        let r = self.txn.query_all_raw(stmt).await;
+        if let Some(o) = opening {
+            o.sent(r.is_ok());
+        }
+        r
+    }
+
+    fn support_returning(&self) -> bool {
+        self.txn.support_returning()
     }
 }
 
@@ -222,7 +326,7 @@ impl WriteTxn {
             self.deferred.lock().expect("deferred").push(stmt);
             return Ok(());
         }
-        self.txn.execute_raw(stmt).await?;
+        self.conn.execute_raw(stmt).await?;
         Ok(())
     }
 
@@ -233,7 +337,7 @@ impl WriteTxn {
     ) -> AppResult<Vec<sea_orm::QueryResult>> {
         let stmt = self.with_deferred(Some(stmt));
         match stmt {
-            Some(stmt) => Ok(self.txn.query_all_raw(stmt).await?),
+            Some(stmt) => Ok(self.conn.query_all_raw(stmt).await?),
             None => Ok(Vec::new()),
         }
     }
@@ -280,7 +384,7 @@ impl WriteTxn {
 
     pub async fn commit(self) -> AppResult<()> {
         if let Some(stmt) = self.with_deferred(None) {
-            self.txn.execute_raw(stmt).await?;
+            self.conn.execute_raw(stmt).await?;
         }
         if let Some(me) = &self.notify_as {
             let payload = {
@@ -290,7 +394,7 @@ impl WriteTxn {
             };
             if let Some(payload) = payload {
                 // Delivered to the listeners only if and when this commits.
-                self.txn
+                self.conn
                     .execute_raw(sea_orm::Statement::from_sql_and_values(
                         DbBackend::Postgres,
                         "SELECT pg_notify($1, $2)",
@@ -307,9 +411,9 @@ impl WriteTxn {
                 .collect(),
         };
         match self.turn {
-            Some((writer, turn)) => writer.commit(self.txn, turn, effects).await,
+            Some((writer, turn)) => writer.commit(self.conn.txn, turn, effects).await,
             None => {
-                own(self.txn)?.commit().await?;
+                own(self.conn.txn)?.commit().await?;
                 self.after.apply(effects);
                 Ok(())
             }
@@ -324,8 +428,8 @@ impl WriteTxn {
     /// seen once the other transaction committed.)
     pub async fn abandon(self) -> AppResult<()> {
         match self.turn {
-            Some((writer, turn)) => writer.abandon(self.txn, turn).await,
-            None => Ok(own(self.txn)?.rollback().await?),
+            Some((writer, turn)) => writer.abandon(self.conn.txn, turn).await,
+            None => Ok(own(self.conn.txn)?.rollback().await?),
         }
     }
 
@@ -425,6 +529,12 @@ fn sqlite_connection(
         .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10))
         .foreign_keys(true)
+        // A writer of a group commit writes under a savepoint: SQLite
+        // keeps the pages it changes there (and those a statement may have
+        // to undo) in a sub-journal, which by default spills to a
+        // temporary file past 64 KiB, at one write call per page. Here it
+        // stays in memory: a few pages per writer, a batch at most.
+        .pragma("temp_store", "memory")
 }
 
 impl Db {
@@ -606,8 +716,9 @@ impl Db {
             }
             None => (Arc::new(self.conn.begin().await?), None),
         };
+        let opening = turn.as_ref().and_then(|(_, t)| t.opening());
         Ok(WriteTxn {
-            txn,
+            conn: TxnConn { txn, opening },
             turn,
             touched: Default::default(),
             touched_devices: Default::default(),

@@ -12,7 +12,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU8, AtomicUsize, Ordering},
 };
 
 use sea_orm::{
@@ -101,48 +101,151 @@ struct Batch {
     effects: Effects,
 }
 
-/// The one member savepoint, `w`, a batch can have open. Each writer after
-/// the first writes under it; it is released as the next one takes it (in
-/// the same call) or by the commit, so a writer costs one call of its own
-/// rather than the two of a driver's nested transaction, each of which
-/// also waits for its answer to be received.
+/// The member savepoint a batch has open. Each writer after the first
+/// writes under one of its own, `w0` or `w1`, opened with the same call as its
+/// first read, which also releases the previous writer's (see
+/// [`Opening`]): a member writer costs no call of its own for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Savepoint {
     /// None open.
     None,
-    /// Open, holding a finished writer's work (or nothing): to release.
-    Kept,
-    /// Open, holding the work of a writer dropped mid-turn (its request
-    /// was cancelled, or it returned early on an error): to roll back.
-    Undo,
-    /// A call that opens it was cut short: whether it ran is unknown. The
-    /// batch holds nothing to undo either way, so it is committed as it
-    /// stands before anyone writes in it again.
-    Unknown,
+    /// `w<n>` is open, holding a finished writer's work (or nothing): to
+    /// release.
+    Kept(u32),
+    /// `w<n>` is open, holding the work of a writer dropped mid-turn (its
+    /// request was cancelled, or it returned early on an error): to roll
+    /// back.
+    Undo(u32),
+    /// The call that opens `w<n>` was cut short or failed: whether it ran
+    /// is unknown. Rolling back to it settles it: if it exists it holds
+    /// only that writer's work; if not, that writer wrote nothing.
+    Unknown(u32),
+    /// Which savepoints are open is unknown, but the batch holds nothing
+    /// to undo: it is committed as it stands before anyone writes in it
+    /// again.
+    Lost,
+}
+
+/// The statement that opens a member writer's savepoint, sent ahead of its
+/// first read in the same call (or alone, ahead of a first write: SQLite
+/// would count a write's changes into the savepoint statements' too).
+/// Shared between the writer's connection, which sends it, and its turn,
+/// which tells the batch how it went.
+pub struct Opening {
+    sql: String,
+    name: u32,
+    state: AtomicU8,
+}
+
+const PENDING: u8 = 0;
+const SENDING: u8 = 1;
+const OPENED: u8 = 2;
+
+impl Opening {
+    /// The statement to send now, if it is still to be sent: whoever gets
+    /// it sends it first, and reports how it went with [`Opening::sent`].
+    pub fn take(&self) -> Option<&str> {
+        self.state
+            .compare_exchange(PENDING, SENDING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| self.sql.as_str())
+    }
+
+    /// The call carrying the statement returned: `ok` when it succeeded.
+    /// A failed one stays in doubt, as one cut short does.
+    pub fn sent(&self, ok: bool) {
+        if ok {
+            self.state.store(OPENED, Ordering::Release);
+        }
+    }
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Taken and not known to have run: the call carrying it was cut
+    /// short or failed. (Statements of one writer go one after another, so
+    /// a statement that finds it so is not racing that call.)
+    pub fn in_doubt(&self) -> bool {
+        self.state() == SENDING
+    }
+
+    /// Not in doubt: never sent, or sent and run.
+    fn settled(&self) -> bool {
+        matches!(self.state(), PENDING | OPENED)
+    }
+}
+
+/// SQLite's answer when rolling back to a savepoint that is not open.
+fn no_such_savepoint(e: &sea_orm::DbErr) -> bool {
+    e.to_string().contains("no such savepoint")
 }
 
 impl Batch {
-    /// Rolls back a dropped writer's work, if one left any.
+    /// Rolls back a dropped writer's work, if one left any, and settles a
+    /// savepoint whose opening is in doubt.
     async fn settle(&mut self) -> AppResult<()> {
-        if self.savepoint == Savepoint::Undo {
-            self.txn.execute_unprepared("ROLLBACK TO w").await?;
-            // Only once done: cut short, the next user does it again.
-            self.savepoint = Savepoint::Kept;
+        match self.savepoint {
+            Savepoint::Undo(n) => {
+                self.txn
+                    .execute_unprepared(&format!("ROLLBACK TO w{n}"))
+                    .await?;
+                // Only once done: cut short, the next user does it again.
+                self.savepoint = Savepoint::Kept(n);
+            }
+            Savepoint::Unknown(n) => {
+                match self
+                    .txn
+                    .execute_unprepared(&format!("ROLLBACK TO w{n}"))
+                    .await
+                {
+                    Ok(_) => self.savepoint = Savepoint::Kept(n),
+                    Err(e) if no_such_savepoint(&e) => self.savepoint = Savepoint::Lost,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Savepoint::None | Savepoint::Kept(_) | Savepoint::Lost => {}
         }
         Ok(())
     }
 
-    /// Opens the savepoint for the next writer, releasing the last one's.
-    async fn open_savepoint(&mut self) -> AppResult<()> {
-        self.settle().await?;
-        let sql = match self.savepoint {
-            Savepoint::None => "SAVEPOINT w",
-            _ => "RELEASE w; SAVEPOINT w",
+    /// The opening of the next writer's savepoint, releasing the last one's.
+    /// Two names take turns: the one opened is never the one open, so a
+    /// rollback to it cannot reach another writer's work, and the
+    /// statement's text (a cached prepared statement) takes few forms.
+    fn next_opening(&self) -> Arc<Opening> {
+        let (name, sql) = match self.savepoint {
+            Savepoint::Kept(p) => (p ^ 1, format!("RELEASE w{p}; SAVEPOINT w{}", p ^ 1)),
+            _ => (0, "SAVEPOINT w0".to_string()),
         };
-        self.savepoint = Savepoint::Unknown;
-        self.txn.execute_unprepared(sql).await?;
-        self.savepoint = Savepoint::Kept;
-        Ok(())
+        Arc::new(Opening {
+            sql,
+            name,
+            state: AtomicU8::new(PENDING),
+        })
+    }
+
+    /// Where a member's turn leaves the batch's savepoint; `kept` when it
+    /// ends with its work to keep. `None` when its work is to be rolled
+    /// back by the caller, to `w<n>`.
+    fn after_turn(&mut self, opening: &Opening, kept: bool) -> Option<u32> {
+        match opening.state() {
+            // It sent nothing: the previous savepoint stands as it was.
+            PENDING => None,
+            OPENED if kept => {
+                self.savepoint = Savepoint::Kept(opening.name);
+                None
+            }
+            OPENED => {
+                // Undone by whoever comes next if the rollback is cut short.
+                self.savepoint = Savepoint::Undo(opening.name);
+                Some(opening.name)
+            }
+            _ => {
+                self.savepoint = Savepoint::Unknown(opening.name);
+                None
+            }
+        }
     }
 }
 
@@ -150,22 +253,24 @@ impl Batch {
 pub struct Turn {
     /// Held for the turn; taken when the turn ends.
     guard: Option<OwnedMutexGuard<Slot>>,
-    /// It writes under the batch's savepoint, rather than in a
-    /// transaction it began.
-    member: bool,
+    /// A member writes under a savepoint of its own in the batch, rather
+    /// than in a transaction it began: the opening of that savepoint.
+    opening: Option<Arc<Opening>>,
     /// Ended by commit or abandon, rather than dropped.
     ended: bool,
 }
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        if self.ended || !self.member {
-            // A writer that began the transaction leaves it to be rolled
-            // back as it is dropped.
+        if self.ended {
             return;
         }
-        if let Some(batch) = self.guard.as_mut().and_then(|g| g.open.as_mut()) {
-            batch.savepoint = Savepoint::Undo;
+        // A writer that began the transaction leaves it to be rolled back
+        // as it is dropped; a member leaves its savepoint to the next user.
+        if let Some(opening) = &self.opening
+            && let Some(batch) = self.guard.as_mut().and_then(|g| g.open.as_mut())
+        {
+            batch.after_turn(opening, false);
         }
     }
 }
@@ -183,6 +288,14 @@ impl<'a> Queued<'a> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Turn {
+    /// The opening of a member writer's savepoint, to send with its first
+    /// statement.
+    pub fn opening(&self) -> Option<Arc<Opening>> {
+        self.opening.clone()
     }
 }
 
@@ -206,21 +319,21 @@ impl Writer {
             let _queued = Queued::new(&self.queued);
             self.slot.clone().lock_owned().await
         };
+        if let Some(batch) = guard.open.as_mut() {
+            batch.settle().await?;
+        }
         if guard
             .open
             .as_ref()
-            .is_some_and(|b| b.savepoint == Savepoint::Unknown)
+            .is_some_and(|b| b.savepoint == Savepoint::Lost)
             && let Some(batch) = guard.open.take()
         {
             // Nothing in it to undo: committed as it stands, and this
             // writer starts a transaction of its own.
             self.commit_batch(batch).await;
         }
-        let (txn, member) = match guard.open.as_mut() {
-            Some(batch) => {
-                batch.open_savepoint().await?;
-                (batch.txn.clone(), true)
-            }
+        let (txn, opening) = match guard.open.as_mut() {
+            Some(batch) => (batch.txn.clone(), Some(batch.next_opening())),
             None => (
                 Arc::new(
                     self.conn
@@ -230,14 +343,14 @@ impl Writer {
                         })
                         .await?,
                 ),
-                false,
+                None,
             ),
         };
         Ok((
             txn,
             Turn {
                 guard: Some(guard),
-                member,
+                opening,
                 ended: false,
             },
         ))
@@ -262,7 +375,7 @@ impl Writer {
         txn: Arc<DatabaseTransaction>,
         mut turn: Turn,
     ) -> AppResult<()> {
-        if !turn.member {
+        if turn.opening.is_none() {
             // Alone in its transaction: nothing of anyone else's to wait for.
             turn.ended = true;
             drop(turn);
@@ -283,11 +396,28 @@ impl Writer {
         self: &Arc<Self>,
         txn: Arc<DatabaseTransaction>,
         mut turn: Turn,
-        effects: Option<Effects>,
+        mut effects: Option<Effects>,
     ) -> AppResult<()> {
-        if turn.member && effects.is_none() {
-            // Cut short here, the turn leaves its work to undo.
-            txn.execute_unprepared("ROLLBACK TO w").await?;
+        let mut refused = false;
+        if let Some(opening) = turn.opening.clone() {
+            let batch = turn
+                .guard
+                .as_mut()
+                .and_then(|g| g.open.as_mut())
+                .ok_or_else(|| {
+                    AppError::Internal(anyhow::anyhow!("the write batch was no longer open"))
+                })?;
+            if effects.is_some() && !opening.settled() {
+                // Whether its first statement ran inside its savepoint is
+                // unknown: its work cannot be told apart, so it is undone.
+                effects = None;
+                refused = true;
+            }
+            if let Some(n) = batch.after_turn(&opening, effects.is_some()) {
+                // Cut short here, the turn leaves its work to undo.
+                txn.execute_unprepared(&format!("ROLLBACK TO w{n}")).await?;
+                batch.savepoint = Savepoint::Kept(n);
+            }
         }
         turn.ended = true;
         let mut guard = turn
@@ -295,7 +425,7 @@ impl Writer {
             .take()
             .ok_or_else(|| AppError::Internal(anyhow::anyhow!("a write turn ended twice")))?;
         let slot = &mut *guard;
-        let batch = if turn.member {
+        let batch = if turn.opening.is_some() {
             drop(txn);
             slot.open.as_mut().ok_or_else(|| {
                 AppError::Internal(anyhow::anyhow!("the write batch was no longer open"))
@@ -320,7 +450,13 @@ impl Writer {
         } else {
             self.clone().finish(guard);
         }
-        self.wait(id, done).await
+        self.wait(id, done).await?;
+        if refused {
+            return Err(AppError::Internal(anyhow::anyhow!(
+                "a write's savepoint could not be confirmed open"
+            )));
+        }
+        Ok(())
     }
 
     /// Commits the open batch, on a task of its own: a writer whose request
@@ -564,5 +700,119 @@ mod tests {
         let (t, _) = creating(&db, "after").await;
         t.commit().await.unwrap();
         assert!(exists(&db, "after").await);
+    }
+    async fn read(t: &crate::db::WriteTxn, sql: &str) -> Result<(), sea_orm::DbErr> {
+        t.query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Sqlite,
+            sql,
+        ))
+        .await
+        .map(|_| ())
+    }
+
+    /// A member opens its savepoint with its first read, in that read's
+    /// call, and still rolls back alone: the member dropped after writing
+    /// leaves nothing, the writers around it keep theirs.
+    #[tokio::test]
+    async fn a_member_opens_its_savepoint_with_its_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sqlite(dir.path()).await;
+        let (first, _) = creating(&db, "a").await;
+        assert!(first.conn.opening.is_none(), "the first writer began it");
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let dropped = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let t = db.write().await.unwrap();
+                read(&t, "SELECT 1").await.unwrap();
+                let opening = t.conn.opening.clone().expect("a member");
+                assert_eq!(opening.state(), OPENED, "opened with the read");
+                crate::db::ensure_customer(&t, "b", Utc::now())
+                    .await
+                    .unwrap();
+                wait.await.ok();
+                drop(t);
+            })
+        };
+        queued(&db, 1).await;
+        let kept = {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let t = db.write().await.unwrap();
+                read(&t, "SELECT 1").await.unwrap();
+                crate::db::ensure_customer(&t, "c", Utc::now())
+                    .await
+                    .unwrap();
+                t.commit().await
+            })
+        };
+        queued(&db, 2).await;
+        let commits = db.stats.write_commits.get();
+        let committing = tokio::spawn(async move { first.commit().await });
+        go.send(()).unwrap();
+        dropped.await.unwrap();
+        kept.await.unwrap().unwrap();
+        committing.await.unwrap().unwrap();
+        assert_eq!(db.stats.write_commits.get() - commits, 1);
+        for (id, present) in [("a", true), ("b", false), ("c", true)] {
+            assert_eq!(exists(&db, id).await, present, "{id}");
+        }
+    }
+
+    /// A member whose first read fails, or is cut short, may or may not
+    /// have opened its savepoint: it can write nothing more, and the batch
+    /// keeps the others' work and none of its own, whether the savepoint
+    /// was opened or never reached the database.
+    #[tokio::test]
+    async fn a_savepoint_in_doubt_stops_its_writer_and_spares_the_batch() {
+        for how in [
+            "fails",
+            "cut short while running",
+            "cut short before sending",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sqlite(dir.path()).await;
+            let (first, _) = creating(&db, "a").await;
+            let member = {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let t = db.write().await.unwrap();
+                    match how {
+                        "fails" => {
+                            assert!(read(&t, "SELECT * FROM no_such_table").await.is_err());
+                        }
+                        "cut short while running" => {
+                            // Runs for far longer than it is given.
+                            let slow = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL \
+                                SELECT x + 1 FROM c WHERE x < 3000000) SELECT count(*) FROM c";
+                            let r = tokio::time::timeout(Duration::from_millis(2), read(&t, slow))
+                                .await;
+                            assert!(r.is_err(), "cut short");
+                        }
+                        _ => {
+                            // As if dropped before its call left for the database.
+                            let opening = t.conn.opening.clone().expect("a member");
+                            assert!(opening.take().is_some());
+                        }
+                    }
+                    let refused = crate::db::ensure_customer(&t, "m", Utc::now()).await;
+                    assert!(refused.is_err(), "no write once in doubt");
+                    assert!(read(&t, "SELECT 1").await.is_err(), "nor a read");
+                })
+            };
+            queued(&db, 1).await;
+            let committing = tokio::spawn(async move { first.commit().await });
+            member.await.unwrap();
+            tokio::time::timeout(Duration::from_secs(5), committing)
+                .await
+                .expect("committed")
+                .unwrap()
+                .unwrap();
+            let (t, _) = creating(&db, "c").await;
+            t.commit().await.unwrap();
+            for (id, present) in [("a", true), ("m", false), ("c", true)] {
+                assert_eq!(exists(&db, id).await, present, "{id} ({how})");
+            }
+        }
     }
 }
