@@ -173,13 +173,20 @@ pub struct TxnConn {
     /// Shared with the batch it writes in, on SQLite.
     txn: Arc<DatabaseTransaction>,
     opening: Option<Arc<writer::Opening>>,
+    /// SQLite: a customer's purchase facts, read in the same call as a
+    /// store id lookup, for the write that follows it. Dropped by any
+    /// statement other than a plain read: a write may change them.
+    prefetched: std::sync::Mutex<Option<(String, Vec<PurchaseFacts>)>>,
 }
 
 impl TxnConn {
     /// Refuses a statement once the call that opened the savepoint was cut
     /// short or failed: whether it ran is unknown, so what this writer
     /// writes next could land outside it, beyond its own rollback.
-    fn check(&self) -> Result<(), sea_orm::DbErr> {
+    fn check(&self, sql: &str) -> Result<(), sea_orm::DbErr> {
+        if !is_plain_read(sql) {
+            self.prefetched.lock().expect("prefetched").take();
+        }
         match &self.opening {
             Some(o) if o.in_doubt() => Err(sea_orm::DbErr::Custom(
                 "this write's savepoint may not be open: it cannot go on".into(),
@@ -191,8 +198,8 @@ impl TxnConn {
     /// Opens the savepoint on its own, if it is still to be opened: a
     /// write is about to go, and SQLite would add the savepoint
     /// statements' change counts to the write's.
-    async fn open_alone(&self) -> Result<(), sea_orm::DbErr> {
-        self.check()?;
+    async fn open_alone(&self, sql: &str) -> Result<(), sea_orm::DbErr> {
+        self.check(sql)?;
         if let Some(o) = &self.opening
             && let Some(sql) = o.take()
         {
@@ -209,7 +216,7 @@ impl TxnConn {
         &self,
         mut stmt: sea_orm::Statement,
     ) -> Result<(sea_orm::Statement, Option<&writer::Opening>), sea_orm::DbErr> {
-        self.check()?;
+        self.check(&stmt.sql)?;
         Ok(match self.opening.as_deref() {
             Some(o) => match o.take() {
                 Some(sql) => {
@@ -223,6 +230,25 @@ impl TxnConn {
     }
 }
 
+/// A statement that only reads: it cannot change what was read before it.
+fn is_plain_read(sql: &str) -> bool {
+    sql.trim_start()
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("select "))
+}
+
+impl TxnConn {
+    /// The purchase facts of `customer_id` read with the last store id
+    /// lookup, if nothing but reads ran since.
+    pub fn take_prefetched_facts(&self, customer_id: &str) -> Option<Vec<PurchaseFacts>> {
+        let mut p = self.prefetched.lock().expect("prefetched");
+        match p.take() {
+            Some((c, facts)) if c == customer_id => Some(facts),
+            _ => None,
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl ConnectionTrait for TxnConn {
     fn get_database_backend(&self) -> DbBackend {
@@ -233,12 +259,12 @@ impl ConnectionTrait for TxnConn {
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
-        self.open_alone().await?;
+        self.open_alone(&stmt.sql).await?;
         self.txn.execute_raw(stmt).await
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
-        self.open_alone().await?;
+        self.open_alone(sql).await?;
         self.txn.execute_unprepared(sql).await
     }
 
@@ -718,7 +744,11 @@ impl Db {
         };
         let opening = turn.as_ref().and_then(|(_, t)| t.opening());
         Ok(WriteTxn {
-            conn: TxnConn { txn, opening },
+            conn: TxnConn {
+                txn,
+                opening,
+                prefetched: Default::default(),
+            },
             turn,
             touched: Default::default(),
             touched_devices: Default::default(),
@@ -1102,7 +1132,18 @@ pub async fn lookup_store_id_in(
 ) -> AppResult<purchase::StoreIdLookup> {
     // Asked before the lookup runs: a lock taken after it proves nothing.
     let held = bound.filter(|b| txn.holds_customer(b)).map(str::to_string);
-    let lookup = purchase::lookup_store_id(&**txn, store, store_purchase_id, bound).await?;
+    let lookup = if txn.get_database_backend() == DbBackend::Sqlite {
+        let (lookup, facts) =
+            purchase::lookup_store_id_with_facts(&**txn, store, store_purchase_id, bound).await?;
+        // Counted as the statement it is, though it travelled with the lookup.
+        txn.statements.inc();
+        if let Some(owner) = lookup.candidate_owner() {
+            *txn.conn.prefetched.lock().expect("prefetched") = Some((owner.to_string(), facts));
+        }
+        lookup
+    } else {
+        purchase::lookup_store_id(&**txn, store, store_purchase_id, bound).await?
+    };
     if let (Some(h), Some((_, r))) = (held, &lookup.bound)
         && h == *r
     {
@@ -1684,6 +1725,91 @@ mod tests {
             let before = statements(&db);
             assert_eq!(lock_canonical(&txn, "into").await.unwrap(), "into");
             assert_eq!(statements(&db) - before, if pg { 2 } else { 0 });
+            txn.commit().await.unwrap();
+        }
+    }
+
+    /// SQLite: a store id lookup in a write brings, in the same call, the
+    /// purchase facts of the customer the purchase would go to (its row's
+    /// owner, else the binding's account). They serve that customer's next
+    /// facts read, once, and only while nothing but reads ran since.
+    #[tokio::test]
+    async fn a_lookup_brings_its_owners_facts_until_something_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            if db.backend() != DbBackend::Sqlite {
+                continue;
+            }
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            for c in ["owner", "merged", "into"] {
+                ensure_customer(&txn, c, now).await.unwrap();
+            }
+            customer::add_alias(&*txn, "merged", "into", now)
+                .await
+                .unwrap();
+            for (customer, token) in [("owner", "tok-owner"), ("into", "tok-into")] {
+                purchase::insert(
+                    &*txn,
+                    purchase::PurchaseFields {
+                        customer_id: customer.into(),
+                        store: "play_store".into(),
+                        store_purchase_id: token.into(),
+                        product_id: "p".into(),
+                        environment: "production".into(),
+                        status: "active".into(),
+                        period_type: "normal".into(),
+                        purchased_at: now,
+                        expires_at: None,
+                        grace_expires_at: None,
+                        auto_renew: true,
+                        canceled_at: None,
+                        revoked_at: None,
+                        renewal_count: 0,
+                        source_updated_at: now,
+                        raw: None,
+                        order_id: None,
+                    },
+                )
+                .await
+                .unwrap();
+            }
+            let facts = |c: &'static str| {
+                let txn = &txn;
+                async move { purchase_facts_of(&**txn, c).await.unwrap() }
+            };
+            let (owner, into) = (facts("owner").await, facts("into").await);
+            assert_eq!((owner.len(), into.len()), (1, 1));
+            let before = statements(&db);
+            lookup_store_id_in(&txn, "play_store", "tok-owner", None)
+                .await
+                .unwrap();
+            assert_eq!(statements(&db) - before, 2, "counted as two statements");
+            assert_eq!(txn.take_prefetched_facts("owner"), Some(owner.clone()));
+            assert_eq!(txn.take_prefetched_facts("owner"), None, "once");
+            // No row yet: the binding's account.
+            lookup_store_id_in(&txn, "play_store", "tok-new", Some("merged"))
+                .await
+                .unwrap();
+            facts("owner").await;
+            assert_eq!(
+                txn.take_prefetched_facts("into"),
+                Some(into.clone()),
+                "a read since changes nothing"
+            );
+            lookup_store_id_in(&txn, "play_store", "tok-new", Some("merged"))
+                .await
+                .unwrap();
+            ensure_customer(&txn, "someone", now).await.unwrap();
+            assert_eq!(txn.take_prefetched_facts("into"), None, "a write since");
+            lookup_store_id_in(&txn, "play_store", "tok-owner", None)
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("into"), None, "not the owner");
+            lookup_store_id_in(&txn, "play_store", "tok-new", None)
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("owner"), None, "nobody's");
             txn.commit().await.unwrap();
         }
     }

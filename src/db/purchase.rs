@@ -141,6 +141,106 @@ impl StoreIdLookup {
             .filter(|(b, _)| b == id)
             .map(|(_, r)| r.as_str())
     }
+
+    /// Whose purchase this is before anything is written: the stored row's
+    /// owner, else the customer the binding names.
+    pub fn candidate_owner(&self) -> Option<&str> {
+        match (&self.row, &self.bound) {
+            (Some(r), _) => Some(r.customer_id.as_str()),
+            (None, Some((_, resolved))) => Some(resolved.as_str()),
+            (None, None) => None,
+        }
+    }
+}
+
+/// One row whether or not a purchase is stored under the id. `$n`
+/// placeholders read the same on both backends.
+const LOOKUP_SQL: &str = "SELECT p.*, \
+    (SELECT a.purchase_id FROM purchase_aliases a \
+      WHERE a.store = $1 AND a.store_purchase_id = $2) AS lookup_replaced_by, \
+    EXISTS (SELECT 1 FROM held_purchases h \
+      WHERE h.store = $1 AND h.store_purchase_id = $2) AS lookup_held, \
+    (SELECT ca.customer_id FROM customer_aliases ca WHERE ca.alias_id = $3) AS lookup_alias \
+    FROM (SELECT 1 AS one) k \
+    LEFT JOIN purchases p ON p.store = $1 AND p.store_purchase_id = $2";
+
+/// The purchase facts of [`StoreIdLookup::candidate_owner`], with the
+/// lookup's own parameters, in the order [`super::purchase_facts_of`] reads
+/// them.
+const CANDIDATE_FACTS_SQL: &str = "SELECT id, store, product_id, environment, status, \
+    period_type, purchased_at, expires_at, grace_expires_at, auto_renew, revoked_at \
+    FROM purchases WHERE customer_id = COALESCE(\
+      (SELECT customer_id FROM purchases WHERE store = $1 AND store_purchase_id = $2), \
+      (SELECT customer_id FROM customer_aliases WHERE alias_id = $3), $3) \
+    ORDER BY id";
+
+fn lookup_statement(
+    backend: sea_orm::DbBackend,
+    sql: &str,
+    store: &str,
+    store_purchase_id: &str,
+    bound: Option<&str>,
+) -> sea_orm::Statement {
+    sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            store.into(),
+            store_purchase_id.into(),
+            bound.map(str::to_string).into(),
+        ],
+    )
+}
+
+fn lookup_from_row(row: &sea_orm::QueryResult, bound: Option<&str>) -> AppResult<StoreIdLookup> {
+    let present = row.try_get::<Option<i64>>("", "id")?.is_some();
+    let alias: Option<String> = row.try_get("", "lookup_alias")?;
+    Ok(StoreIdLookup {
+        row: match present {
+            true => {
+                Some(<purchases::Model as sea_orm::FromQueryResult>::from_query_result(row, "")?)
+            }
+            false => None,
+        },
+        replaced_by: row.try_get("", "lookup_replaced_by")?,
+        held: row.try_get("", "lookup_held")?,
+        bound: bound.map(|b| (b.to_string(), alias.unwrap_or_else(|| b.to_string()))),
+    })
+}
+
+/// SQLite: [`lookup_store_id`] and the purchase facts of its candidate
+/// owner, in one call (statements after the first share its parameters).
+/// The facts are those a write applying the purchase reads next, unless it
+/// writes first.
+pub async fn lookup_store_id_with_facts(
+    c: &impl ConnectionTrait,
+    store: &str,
+    store_purchase_id: &str,
+    bound: Option<&str>,
+) -> AppResult<(StoreIdLookup, Vec<crate::domain::PurchaseFacts>)> {
+    let sql = format!("{LOOKUP_SQL}; {CANDIDATE_FACTS_SQL}");
+    let rows = c
+        .query_all_raw(lookup_statement(
+            c.get_database_backend(),
+            &sql,
+            store,
+            store_purchase_id,
+            bound,
+        ))
+        .await?;
+    let mut rows = rows.into_iter();
+    let first = rows
+        .next()
+        .ok_or_else(|| crate::error::AppError::Internal(anyhow::anyhow!("lookup gave no row")))?;
+    let lookup = lookup_from_row(&first, bound)?;
+    let facts = rows
+        .map(|r| {
+            <super::FactsRow as sea_orm::FromQueryResult>::from_query_result(&r, "")
+                .map_err(crate::error::AppError::from)
+                .and_then(super::FactsRow::into_facts)
+        })
+        .collect::<AppResult<Vec<_>>>()?;
+    Ok((lookup, facts))
 }
 
 pub async fn lookup_store_id(
@@ -149,41 +249,17 @@ pub async fn lookup_store_id(
     store_purchase_id: &str,
     bound: Option<&str>,
 ) -> AppResult<StoreIdLookup> {
-    // One row whether or not a purchase is stored under the id. `$n`
-    // placeholders read the same on both backends.
-    const SQL: &str = "SELECT p.*, \
-        (SELECT a.purchase_id FROM purchase_aliases a \
-          WHERE a.store = $1 AND a.store_purchase_id = $2) AS lookup_replaced_by, \
-        EXISTS (SELECT 1 FROM held_purchases h \
-          WHERE h.store = $1 AND h.store_purchase_id = $2) AS lookup_held, \
-        (SELECT ca.customer_id FROM customer_aliases ca WHERE ca.alias_id = $3) AS lookup_alias \
-        FROM (SELECT 1 AS one) k \
-        LEFT JOIN purchases p ON p.store = $1 AND p.store_purchase_id = $2";
     let row = c
-        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+        .query_one_raw(lookup_statement(
             c.get_database_backend(),
-            SQL,
-            [
-                store.into(),
-                store_purchase_id.into(),
-                bound.map(str::to_string).into(),
-            ],
+            LOOKUP_SQL,
+            store,
+            store_purchase_id,
+            bound,
         ))
         .await?
         .ok_or_else(|| crate::error::AppError::Internal(anyhow::anyhow!("lookup gave no row")))?;
-    let present = row.try_get::<Option<i64>>("", "id")?.is_some();
-    let alias: Option<String> = row.try_get("", "lookup_alias")?;
-    Ok(StoreIdLookup {
-        row: match present {
-            true => {
-                Some(<purchases::Model as sea_orm::FromQueryResult>::from_query_result(&row, "")?)
-            }
-            false => None,
-        },
-        replaced_by: row.try_get("", "lookup_replaced_by")?,
-        held: row.try_get("", "lookup_held")?,
-        bound: bound.map(|b| (b.to_string(), alias.unwrap_or_else(|| b.to_string()))),
-    })
+    lookup_from_row(&row, bound)
 }
 
 pub async fn find(c: &impl ConnectionTrait, id: i64) -> AppResult<Option<purchases::Model>> {

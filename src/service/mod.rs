@@ -202,19 +202,32 @@ impl Ctx {
         customer_id: &str,
         now: DateTime<Utc>,
     ) -> AppResult<(Snapshot, usize)> {
-        let (snapshot, _, written) = self.facts_before_write(c, customer_id, now).await?;
+        let (snapshot, _, written) = self.facts_before_write(c, customer_id, now, None).await?;
         Ok((snapshot, written))
     }
 
     /// [`Self::state_before_write`], with the purchase facts it was
     /// computed from, for a write that can tell what it changes in them.
+    /// `prefetched`: those facts, read in this transaction with nothing
+    /// written since (see [`db::TxnConn::take_prefetched_facts`]).
     async fn facts_before_write(
         &self,
         c: &impl Conn,
         customer_id: &str,
         now: DateTime<Utc>,
+        prefetched: Option<Vec<PurchaseFacts>>,
     ) -> AppResult<(Snapshot, Vec<PurchaseFacts>, usize)> {
-        let facts = db::purchase_facts_of(c, customer_id).await?;
+        let facts = match prefetched {
+            Some(facts) => {
+                if cfg!(debug_assertions) {
+                    // Development and test builds check them against a read.
+                    let read = db::purchase_facts_of(c, customer_id).await?;
+                    assert_eq!(facts, read, "prefetched purchase facts");
+                }
+                facts
+            }
+            None => db::purchase_facts_of(c, customer_id).await?,
+        };
         let snapshot = compute(&self.catalog, &facts, now, self.accept_sandbox);
         let mut logged = std::collections::HashMap::new();
         // Only lapsed entitlements can owe a row: active ones cost no query.

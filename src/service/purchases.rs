@@ -543,7 +543,11 @@ impl Purchases {
         let mut owner_facts = Vec::new();
         for c in &affected {
             db::hold_customer(txn, c).await?;
-            let (snapshot, facts, _) = self.ctx.facts_before_write(&**txn, c, now).await?;
+            let prefetched = txn.take_prefetched_facts(c);
+            let (snapshot, facts, _) = self
+                .ctx
+                .facts_before_write(&**txn, c, now, prefetched)
+                .await?;
             if derive_after {
                 owner_facts = facts;
             }
