@@ -166,6 +166,13 @@ impl std::ops::Deref for WriteTxn {
     }
 }
 
+/// A statement that only reads: it cannot change what was read before it.
+fn is_plain_read(sql: &str) -> bool {
+    sql.trim_start()
+        .get(..7)
+        .is_some_and(|s| s.eq_ignore_ascii_case("select "))
+}
+
 /// A write transaction's connection. On SQLite, a writer that joins a
 /// group commit writes under a savepoint of its own, opened by the same
 /// call as its first read (see [`writer::Opening`]).
@@ -228,16 +235,25 @@ impl TxnConn {
             None => (stmt, None),
         })
     }
-}
 
-/// A statement that only reads: it cannot change what was read before it.
-fn is_plain_read(sql: &str) -> bool {
-    sql.trim_start()
-        .get(..7)
-        .is_some_and(|s| s.eq_ignore_ascii_case("select "))
-}
+    /// Runs a read with `run`, the savepoint's opening ahead of it in the
+    /// same call when it is still to be sent, and reports how that went.
+    async fn read<T, F>(
+        &self,
+        stmt: sea_orm::Statement,
+        run: impl FnOnce(sea_orm::Statement) -> F,
+    ) -> Result<T, sea_orm::DbErr>
+    where
+        F: std::future::Future<Output = Result<T, sea_orm::DbErr>>,
+    {
+        let (stmt, opening) = self.with_opening(stmt)?;
+        let r = run(stmt).await;
+        if let Some(o) = opening {
+            o.sent(r.is_ok());
+        }
+        r
+    }
 
-impl TxnConn {
     /// The purchase facts of `customer_id` read with the last store id
     /// lookup, if nothing but reads ran since.
     pub fn take_prefetched_facts(&self, customer_id: &str) -> Option<Vec<PurchaseFacts>> {
@@ -272,24 +288,14 @@ impl ConnectionTrait for TxnConn {
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<Option<sea_orm::QueryResult>, sea_orm::DbErr> {
-        let (stmt, opening) = self.with_opening(stmt)?;
-        let r = self.txn.query_one_raw(stmt).await;
-        if let Some(o) = opening {
-            o.sent(r.is_ok());
-        }
-        r
+        self.read(stmt, |s| self.txn.query_one_raw(s)).await
     }
 
     async fn query_all_raw(
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
-        let (stmt, opening) = self.with_opening(stmt)?;
-        let r = self.txn.query_all_raw(stmt).await;
-        if let Some(o) = opening {
-            o.sent(r.is_ok());
-        }
-        r
+        self.read(stmt, |s| self.txn.query_all_raw(s)).await
     }
 
     fn support_returning(&self) -> bool {
@@ -1729,6 +1735,44 @@ mod tests {
         }
     }
 
+    /// Customers `owner`, `into`, and `merged`, merged into `into`.
+    async fn owner_and_merged_customers(txn: &WriteTxn, now: DateTime<Utc>) {
+        for c in ["owner", "merged", "into"] {
+            ensure_customer(txn, c, now).await.unwrap();
+        }
+        customer::add_alias(&**txn, "merged", "into", now)
+            .await
+            .unwrap();
+    }
+
+    /// An active Play purchase of `customer` under `token`.
+    fn play_purchase(
+        customer: &str,
+        token: &str,
+        now: DateTime<Utc>,
+        raw: Option<serde_json::Value>,
+    ) -> purchase::PurchaseFields {
+        purchase::PurchaseFields {
+            customer_id: customer.into(),
+            store: "play_store".into(),
+            store_purchase_id: token.into(),
+            product_id: "p".into(),
+            environment: "production".into(),
+            status: "active".into(),
+            period_type: "normal".into(),
+            purchased_at: now,
+            expires_at: None,
+            grace_expires_at: None,
+            auto_renew: true,
+            canceled_at: None,
+            revoked_at: None,
+            renewal_count: 0,
+            source_updated_at: now,
+            raw,
+            order_id: None,
+        }
+    }
+
     /// SQLite: a store id lookup in a write brings, in the same call, the
     /// purchase facts of the customer the purchase would go to (its row's
     /// owner, else the binding's account). They serve that customer's next
@@ -1742,37 +1786,11 @@ mod tests {
             }
             let now = Utc::now();
             let txn = db.write().await.unwrap();
-            for c in ["owner", "merged", "into"] {
-                ensure_customer(&txn, c, now).await.unwrap();
-            }
-            customer::add_alias(&*txn, "merged", "into", now)
-                .await
-                .unwrap();
+            owner_and_merged_customers(&txn, now).await;
             for (customer, token) in [("owner", "tok-owner"), ("into", "tok-into")] {
-                purchase::insert(
-                    &*txn,
-                    purchase::PurchaseFields {
-                        customer_id: customer.into(),
-                        store: "play_store".into(),
-                        store_purchase_id: token.into(),
-                        product_id: "p".into(),
-                        environment: "production".into(),
-                        status: "active".into(),
-                        period_type: "normal".into(),
-                        purchased_at: now,
-                        expires_at: None,
-                        grace_expires_at: None,
-                        auto_renew: true,
-                        canceled_at: None,
-                        revoked_at: None,
-                        renewal_count: 0,
-                        source_updated_at: now,
-                        raw: None,
-                        order_id: None,
-                    },
-                )
-                .await
-                .unwrap();
+                purchase::insert(&*txn, play_purchase(customer, token, now, None))
+                    .await
+                    .unwrap();
             }
             let facts = |c: &'static str| {
                 let txn = &txn;
@@ -1822,36 +1840,11 @@ mod tests {
         for db in fresh_dbs(dir.path()).await {
             let now = Utc::now();
             let txn = db.write().await.unwrap();
-            for c in ["owner", "merged", "into"] {
-                ensure_customer(&txn, c, now).await.unwrap();
-            }
-            customer::add_alias(&*txn, "merged", "into", now)
+            owner_and_merged_customers(&txn, now).await;
+            let raw = Some(serde_json::json!({"k": "v"}));
+            let row = purchase::insert(&*txn, play_purchase("owner", "tok-new", now, raw))
                 .await
                 .unwrap();
-            let row = purchase::insert(
-                &*txn,
-                purchase::PurchaseFields {
-                    customer_id: "owner".into(),
-                    store: "play_store".into(),
-                    store_purchase_id: "tok-new".into(),
-                    product_id: "p".into(),
-                    environment: "production".into(),
-                    status: "active".into(),
-                    period_type: "normal".into(),
-                    purchased_at: now,
-                    expires_at: None,
-                    grace_expires_at: None,
-                    auto_renew: true,
-                    canceled_at: None,
-                    revoked_at: None,
-                    renewal_count: 0,
-                    source_updated_at: now,
-                    raw: Some(serde_json::json!({"k": "v"})),
-                    order_id: None,
-                },
-            )
-            .await
-            .unwrap();
             purchase::add_replaced_id(&*txn, "play_store", "tok-old", row.id)
                 .await
                 .unwrap();
