@@ -218,11 +218,13 @@ pub async fn lookup_store_id_with_facts(
     store_purchase_id: &str,
     bound: Option<&str>,
 ) -> AppResult<(StoreIdLookup, Vec<crate::domain::PurchaseFacts>)> {
-    let sql = format!("{LOOKUP_SQL}; {CANDIDATE_FACTS_SQL}");
+    // Joined once, rather than formatted again on every write.
+    static SQL: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| format!("{LOOKUP_SQL}; {CANDIDATE_FACTS_SQL}"));
     let rows = c
         .query_all_raw(lookup_statement(
             c.get_database_backend(),
-            &sql,
+            &SQL,
             store,
             store_purchase_id,
             bound,
