@@ -4,6 +4,7 @@
 //! memory what it was not told about.
 
 mod common;
+mod stripe_support;
 
 use std::time::{Duration, Instant};
 
@@ -132,5 +133,48 @@ async fn a_write_through_one_replica_shows_through_the_others() {
         Duration::from_secs(10),
         async || listening(&a).await && listening(&b).await,
     )
+    .await;
+}
+
+/// A store's webhook through A shows through B too: the notice that tells B
+/// travels in the statement that claims the event, not on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_through_one_replica_shows_through_the_others() {
+    let Some(pg) = Backend::postgres() else {
+        eprintln!("ENTITLE_TEST_POSTGRES_URL not set: PostgreSQL-only test not run");
+        return;
+    };
+    let setup = |c: &mut entitle::config::Config| {
+        c.cache_ttl_ms = Some(600_000);
+        stripe_support::configure(c, None);
+    };
+    let a = spawn_with(pg, setup).await;
+    let b = respawn(&a, setup).await;
+    until("both listen", Duration::from_secs(10), async || {
+        listening(&a).await && listening(&b).await
+    })
+    .await;
+    let client = a.key(ApiKeyRole::Client).await;
+    let service = a.key(ApiKeyRole::Service).await;
+    a.post_user(&client, "rc-w").await;
+    assert_eq!(paid(&b, &service, "rc-w").await, "trial", "cached on B");
+
+    let now = a.state.core.now();
+    let sub = stripe_support::subscription(
+        "sub_rc_w",
+        "cus_rc_w",
+        Some("rc-w"),
+        "price_pro_monthly",
+        "active",
+        now - chrono::Duration::days(1),
+        now + chrono::Duration::days(29),
+    );
+    let ev = stripe_support::event("evt_rc_w", "customer.subscription.created", sub, now);
+    let (s, r) = stripe_support::deliver(&a, &ev).await;
+    assert_eq!(s, reqwest::StatusCode::OK, "{r}");
+    assert_eq!(r["outcome"], "applied", "{r}");
+    until("B sees A's webhook", Duration::from_secs(5), async || {
+        paid(&b, &service, "rc-w").await == "paid"
+    })
     .await;
 }

@@ -152,6 +152,10 @@ pub struct WriteTxn {
     settled: std::sync::Mutex<std::collections::HashSet<String>>,
     /// PostgreSQL: this process's mark on the cache notifications it sends.
     notify_as: Option<Arc<str>>,
+    /// PostgreSQL: how many customers and devices were touched when the
+    /// cache notice went with the last statement; the commit sends another
+    /// only if more were touched since.
+    notified: std::sync::Mutex<Option<(usize, usize)>>,
     after: Arc<writer::AfterCommit>,
     /// SQLite: writes whose result nobody reads, sent with the next
     /// statement that must go anyway (see [`WriteTxn::defer`]).
@@ -339,7 +343,7 @@ fn own(txn: Arc<DatabaseTransaction>) -> AppResult<DatabaseTransaction> {
 
 impl WriteTxn {
     /// Runs a write whose result nobody reads with the next statement sent
-    /// through [`WriteTxn::query_after_deferred`], or at the commit: one
+    /// through [`WriteTxn::query_last`], or at the commit: one
     /// round trip instead of two (on SQLite, to the connection's thread; on
     /// PostgreSQL, to the server). Only for tables this transaction does
     /// not read again (the change log, a customer's Stripe record): a read
@@ -362,16 +366,57 @@ impl WriteTxn {
         Ok(())
     }
 
-    /// Runs `stmt` after the deferred writes, in one call; its rows.
-    pub async fn query_after_deferred(
+    /// Runs `stmt`, the transaction's last statement before its commit,
+    /// after the deferred writes, in one call; its rows. On PostgreSQL the
+    /// cache notice goes with it when it returns rows, rather than in a
+    /// round trip of its own at the commit (which sends it again only if
+    /// something was touched after).
+    pub async fn query_last(
         &self,
-        stmt: sea_orm::Statement,
+        mut stmt: sea_orm::Statement,
     ) -> AppResult<Vec<sea_orm::QueryResult>> {
-        let stmt = self.with_deferred(Some(stmt));
-        match stmt {
-            Some(stmt) => Ok(self.conn.query_all_raw(stmt).await?),
-            None => Ok(Vec::new()),
+        let notice = match (&self.notify_as, stmt.db_backend) {
+            (Some(me), DbBackend::Postgres) => self.cache_notice(me),
+            _ => None,
+        };
+        if let Some((payload, _)) = &notice {
+            let n = stmt.values.as_ref().map_or(0, |v| v.0.len());
+            // Queued by PostgreSQL, and delivered only if this commits.
+            stmt.sql = format!(
+                "WITH last AS ({}) SELECT last.* FROM last, \
+                 (SELECT pg_notify(${}, ${})) notice",
+                stmt.sql,
+                n + 1,
+                n + 2
+            );
+            let values = stmt
+                .values
+                .get_or_insert_with(|| sea_orm::Values(Vec::new()));
+            values.0.push(CACHE_CHANNEL.into());
+            values.0.push(payload.clone().into());
         }
+        let rows = match self.with_deferred(Some(stmt)) {
+            Some(stmt) => self.conn.query_all_raw(stmt).await?,
+            None => Vec::new(),
+        };
+        if let Some((_, touched)) = notice
+            && !rows.is_empty()
+        {
+            *self.notified.lock().expect("notified") = Some(touched);
+        }
+        Ok(rows)
+    }
+
+    /// The cache notice of what this transaction touched so far, unless it
+    /// was sent already; with how many customers and devices it names.
+    fn cache_notice(&self, me: &str) -> Option<(String, (usize, usize))> {
+        let customers = self.touched.lock().expect("touched");
+        let devices = self.touched_devices.lock().expect("touched");
+        let touched = (customers.len(), devices.len());
+        if *self.notified.lock().expect("notified") == Some(touched) {
+            return None;
+        }
+        cache_notice(me, &customers, &devices).map(|p| (p, touched))
     }
 
     /// The deferred writes and then `last`, as one statement to run.
@@ -409,7 +454,11 @@ impl WriteTxn {
                 .enumerate()
                 .map(|(i, c)| format!("deferred_{i} AS ({c})"))
                 .collect();
-            all.sql = format!("WITH {} {}", with.join(", "), all.sql);
+            // A last statement with a WITH of its own continues this one.
+            all.sql = match all.sql.strip_prefix("WITH ") {
+                Some(rest) => format!("WITH {}, {rest}", with.join(", ")),
+                None => format!("WITH {} {}", with.join(", "), all.sql),
+            };
         }
         Some(all)
     }
@@ -418,22 +467,17 @@ impl WriteTxn {
         if let Some(stmt) = self.with_deferred(None) {
             self.conn.execute_raw(stmt).await?;
         }
-        if let Some(me) = &self.notify_as {
-            let payload = {
-                let customers = self.touched.lock().expect("touched");
-                let devices = self.touched_devices.lock().expect("touched");
-                cache_notice(me, &customers, &devices)
-            };
-            if let Some(payload) = payload {
-                // Delivered to the listeners only if and when this commits.
-                self.conn
-                    .execute_raw(sea_orm::Statement::from_sql_and_values(
-                        DbBackend::Postgres,
-                        "SELECT pg_notify($1, $2)",
-                        [CACHE_CHANNEL.into(), payload.into()],
-                    ))
-                    .await?;
-            }
+        if let Some(me) = &self.notify_as
+            && let Some((payload, _)) = self.cache_notice(me)
+        {
+            // Delivered to the listeners only if and when this commits.
+            self.conn
+                .execute_raw(sea_orm::Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT pg_notify($1, $2)",
+                    [CACHE_CHANNEL.into(), payload.into()],
+                ))
+                .await?;
         }
         let effects = writer::Effects {
             customers: std::mem::take(&mut *self.touched.lock().expect("touched")),
@@ -762,6 +806,7 @@ impl Db {
             locked: Default::default(),
             settled: Default::default(),
             notify_as: self.listener_id.clone(),
+            notified: Default::default(),
             after: self.after.clone(),
             deferred: Default::default(),
             statements: self.stats.statements.clone(),
@@ -1084,6 +1129,45 @@ pub async fn lock_store_purchase(
     Ok(())
 }
 
+/// [`hold_customer`] then [`lock_store_purchase`], in that order, as one
+/// statement on PostgreSQL when neither is held yet: one round trip for
+/// both, with the same lock order as the two calls.
+pub async fn hold_customer_and_store_purchase(
+    txn: &WriteTxn,
+    customer: &str,
+    store: &str,
+    store_purchase_id: &str,
+) -> AppResult<()> {
+    let customer_key = format!("customer:{customer}");
+    let purchase_key = format!("purchase:{store}:{store_purchase_id}");
+    let both = txn.get_database_backend() == DbBackend::Postgres && {
+        let locked = txn.locked.lock().expect("locked");
+        !locked.contains(&customer_key) && !locked.contains(&purchase_key)
+    };
+    if !both {
+        hold_customer(txn, customer).await?;
+        return lock_store_purchase(txn, store, store_purchase_id).await;
+    }
+    txn.first_lock(customer_key);
+    txn.first_lock(purchase_key);
+    txn.touch(customer);
+    // The row lock is the CASE's condition, so it is taken (or waited for)
+    // before the advisory lock, whatever the plan; a missing row locks
+    // nothing, as `SELECT ... FOR UPDATE` alone would.
+    txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT CASE WHEN (SELECT count(*) FROM \
+           (SELECT 1 FROM customers WHERE id = $1 FOR UPDATE) c) >= 0 \
+         THEN pg_advisory_xact_lock(hashtextextended($2, 0)) END",
+        [
+            customer.into(),
+            format!("{store}:{store_purchase_id}").into(),
+        ],
+    ))
+    .await?;
+    Ok(())
+}
+
 /// The customer an id names now: itself, or the account it was merged
 /// into. Every path that takes a customer id from outside (reads, device
 /// registration, purchases, webhooks, payment links) goes through here, so an
@@ -1138,12 +1222,22 @@ pub async fn lookup_store_id_in(
 ) -> AppResult<purchase::StoreIdLookup> {
     // Asked before the lookup runs: a lock taken after it proves nothing.
     let held = bound.filter(|b| txn.holds_customer(b)).map(str::to_string);
-    let lookup = if txn.get_database_backend() == DbBackend::Sqlite {
+    // On SQLite the single writer holds every customer; on PostgreSQL the
+    // facts read with the lookup are the ones a write would read only if
+    // their owner's lock was held before it ran (no other write to them can
+    // commit in between). Without the bound customer held, the owner is
+    // rarely held either, and the facts would be read for nothing.
+    let sqlite = txn.get_database_backend() == DbBackend::Sqlite;
+    let lookup = if sqlite || held.is_some() {
         let (lookup, facts) =
             purchase::lookup_store_id_with_facts(&**txn, store, store_purchase_id, bound).await?;
-        // Counted as the statement it is, though it travelled with the lookup.
-        txn.statements.inc();
-        if let Some(owner) = lookup.candidate_owner() {
+        if sqlite {
+            // Counted as the statement it is, though it travelled with the lookup.
+            txn.statements.inc();
+        }
+        if let Some(owner) = lookup.candidate_owner()
+            && (sqlite || txn.holds_customer(owner))
+        {
             *txn.conn.prefetched.lock().expect("prefetched") = Some((owner.to_string(), facts));
         }
         lookup
@@ -1834,6 +1928,229 @@ mod tests {
 
     /// The one-statement lookup of a store id reads what the separate
     /// reads do, in each state a store id can be in.
+    /// PostgreSQL: the facts come with the lookup only for an owner whose
+    /// lock was held when it ran (no other write to them can commit in
+    /// between), in the lookup's own statement.
+    #[tokio::test]
+    async fn on_postgres_a_lookup_brings_the_facts_of_a_held_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            if db.backend() != DbBackend::Postgres {
+                continue;
+            }
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            owner_and_merged_customers(&txn, now).await;
+            for (customer, token) in [
+                ("owner", "tok-owner"),
+                ("owner", "tok-2"),
+                ("into", "tok-into"),
+            ] {
+                purchase::insert(&*txn, play_purchase(customer, token, now, None))
+                    .await
+                    .unwrap();
+            }
+            txn.commit().await.unwrap();
+            let owner = purchase_facts_of(&db.conn, "owner").await.unwrap();
+            let into = purchase_facts_of(&db.conn, "into").await.unwrap();
+            assert_eq!((owner.len(), into.len()), (2, 1));
+
+            let txn = db.write().await.unwrap();
+            let before = statements(&db);
+            lookup_store_id_in(&txn, "play_store", "tok-owner", Some("owner"))
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("owner"), None, "not held");
+            hold_customer(&txn, "owner").await.unwrap();
+            let lookup = lookup_store_id_in(&txn, "play_store", "tok-owner", Some("owner"))
+                .await
+                .unwrap();
+            assert_eq!(statements(&db) - before, 3, "two lookups and a lock");
+            assert_eq!(lookup.row.unwrap().customer_id, "owner");
+            assert_eq!(txn.take_prefetched_facts("owner"), Some(owner.clone()));
+            assert_eq!(txn.take_prefetched_facts("owner"), None, "once");
+
+            // A new token bound to a merged id: the account's facts, once
+            // the account is held too.
+            hold_customer(&txn, "merged").await.unwrap();
+            lookup_store_id_in(&txn, "play_store", "tok-new", Some("merged"))
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("into"), None, "into not held");
+            hold_customer(&txn, "into").await.unwrap();
+            lookup_store_id_in(&txn, "play_store", "tok-new", Some("merged"))
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("into"), Some(into.clone()));
+            // A customer with no purchase: none, rather than nothing known.
+            lookup_store_id_in(&txn, "play_store", "tok-none", Some("owner"))
+                .await
+                .unwrap();
+            ensure_customer(&txn, "empty", now).await.unwrap();
+            hold_customer(&txn, "empty").await.unwrap();
+            lookup_store_id_in(&txn, "play_store", "tok-none", Some("empty"))
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("empty"), Some(Vec::new()));
+            txn.commit().await.unwrap();
+        }
+    }
+
+    /// The customer lock and the store purchase lock a Stripe event takes
+    /// go in one statement on PostgreSQL, and both are held after it.
+    #[tokio::test]
+    async fn a_customer_and_its_store_purchase_are_locked_in_one_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c2", Utc::now()).await.unwrap();
+            txn.commit().await.unwrap();
+            let txn = db.write().await.unwrap();
+            let before = statements(&db);
+            hold_customer_and_store_purchase(&txn, "c2", "stripe", "sub_1")
+                .await
+                .unwrap();
+            let both = statements(&db) - before;
+            hold_customer(&txn, "c2").await.unwrap();
+            lock_store_purchase(&txn, "stripe", "sub_1").await.unwrap();
+            // Held already: the pair again costs what each lock does.
+            hold_customer_and_store_purchase(&txn, "c2", "stripe", "sub_1")
+                .await
+                .unwrap();
+            // No customer row: the purchase is locked all the same.
+            hold_customer_and_store_purchase(&txn, "ghost", "stripe", "sub_2")
+                .await
+                .unwrap();
+            let total = statements(&db) - before;
+            if db.backend() != DbBackend::Postgres {
+                assert_eq!((both, total), (0, 0));
+                txn.commit().await.unwrap();
+                continue;
+            }
+            assert_eq!((both, total), (1, 2));
+            let other = |sql: &'static str| {
+                let conn = db.conn.clone();
+                async move {
+                    conn.query_one_raw(sea_orm::Statement::from_string(DbBackend::Postgres, sql))
+                        .await
+                }
+            };
+            for key in ["stripe:sub_1", "stripe:sub_2"] {
+                let row = conn_try_lock(&db, key).await;
+                assert!(!row, "{key} is held");
+            }
+            let err = other("SELECT id FROM customers WHERE id = 'c2' FOR UPDATE NOWAIT").await;
+            assert!(err.is_err(), "c2's row is locked");
+            txn.commit().await.unwrap();
+            assert!(
+                conn_try_lock(&db, "stripe:sub_1").await,
+                "released at the commit"
+            );
+            assert!(
+                other("SELECT id FROM customers WHERE id = 'c2' FOR UPDATE NOWAIT")
+                    .await
+                    .is_ok()
+            );
+        }
+    }
+
+    /// PostgreSQL: the cache notice rides with the claim, the transaction's
+    /// last statement, and the commit sends another only for what was
+    /// touched after it.
+    #[tokio::test]
+    async fn the_cache_notice_goes_with_the_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            if db.backend() != DbBackend::Postgres {
+                continue;
+            }
+            let pool = db.conn.get_postgres_connection_pool().clone();
+            let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool)
+                .await
+                .unwrap();
+            listener.listen(CACHE_CHANNEL).await.unwrap();
+            let claim = |id: &'static str| webhook_claim::Claim {
+                source: "stripe",
+                event_id: id,
+                payload: &serde_json::Value::Null,
+                outcome: "applied",
+                customer_id: Some("c1"),
+                at: Utc::now(),
+            };
+            let customers = |payload: &str| {
+                let v: serde_json::Value = serde_json::from_str(payload).unwrap();
+                v["customers"].clone()
+            };
+            let wait = std::time::Duration::from_secs(5);
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c1", Utc::now()).await.unwrap();
+            assert!(
+                webhook_claim::insert_new(&txn, claim("evt_n1"))
+                    .await
+                    .unwrap()
+            );
+            let before = statements(&db);
+            txn.commit().await.unwrap();
+            assert_eq!(statements(&db) - before, 0, "no notice of its own");
+            let n = tokio::time::timeout(wait, listener.recv()).await;
+            assert_eq!(
+                customers(n.unwrap().unwrap().payload()),
+                serde_json::json!(["c1"])
+            );
+
+            // Touched after the claim: the commit tells of it.
+            let txn = db.write().await.unwrap();
+            hold_customer(&txn, "c1").await.unwrap();
+            assert!(
+                webhook_claim::insert_new(&txn, claim("evt_n2"))
+                    .await
+                    .unwrap()
+            );
+            ensure_customer(&txn, "c3", Utc::now()).await.unwrap();
+            txn.commit().await.unwrap();
+            let mut heard = Vec::new();
+            for _ in 0..2 {
+                let n = tokio::time::timeout(wait, listener.recv()).await;
+                heard.push(customers(n.unwrap().unwrap().payload()));
+            }
+            assert_eq!(heard[0], serde_json::json!(["c1"]));
+            assert!(
+                heard[1]
+                    .as_array()
+                    .unwrap()
+                    .contains(&serde_json::json!("c3"))
+            );
+
+            // A claim that finds its event claimed sends nothing.
+            let txn = db.write().await.unwrap();
+            hold_customer(&txn, "c1").await.unwrap();
+            assert!(
+                !webhook_claim::insert_new(&txn, claim("evt_n1"))
+                    .await
+                    .unwrap()
+            );
+            txn.abandon().await.unwrap();
+            let quiet =
+                tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
+            assert!(quiet.is_err(), "nothing heard: {quiet:?}");
+        }
+    }
+
+    /// Whether another session could take the advisory lock of `key` now.
+    async fn conn_try_lock(db: &Db, key: &str) -> bool {
+        let row = db
+            .conn
+            .query_one_raw(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS ok",
+                [key.into()],
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<bool>("", "ok").unwrap()
+    }
+
     #[tokio::test]
     async fn a_store_id_lookup_reads_row_alias_hold_and_binding() {
         let dir = tempfile::tempdir().unwrap();

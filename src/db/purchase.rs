@@ -208,10 +208,24 @@ fn lookup_from_row(row: &sea_orm::QueryResult, bound: Option<&str>) -> AppResult
     })
 }
 
-/// SQLite: [`lookup_store_id`] and the purchase facts of its candidate
-/// owner, in one call (statements after the first share its parameters).
-/// The facts are those a write applying the purchase reads next, unless it
-/// writes first.
+/// PostgreSQL: the lookup's row joined with the facts of its candidate
+/// owner, one row per purchase (one with no facts when there is none), in
+/// the order [`super::purchase_facts_of`] reads them. A statement returns
+/// one set of rows there, so the facts travel as prefixed columns.
+const LOOKUP_WITH_FACTS_PG: &str = "SELECT l.*, f.id AS fact_id, f.store AS fact_store, \
+    f.product_id AS fact_product_id, f.environment AS fact_environment, \
+    f.status AS fact_status, f.period_type AS fact_period_type, \
+    f.purchased_at AS fact_purchased_at, f.expires_at AS fact_expires_at, \
+    f.grace_expires_at AS fact_grace_expires_at, f.auto_renew AS fact_auto_renew, \
+    f.revoked_at AS fact_revoked_at FROM (";
+const LOOKUP_WITH_FACTS_PG_TAIL: &str = ") l LEFT JOIN LATERAL (SELECT * FROM purchases q \
+    WHERE q.customer_id = COALESCE(l.customer_id, l.lookup_alias, $3)) f ON true \
+    ORDER BY f.id";
+
+/// [`lookup_store_id`] and the purchase facts of its candidate owner, in
+/// one call: on SQLite two statements (the second shares the first's
+/// parameters), on PostgreSQL one. The facts are those a write applying
+/// the purchase reads next, unless it writes first.
 pub async fn lookup_store_id_with_facts(
     c: &impl ConnectionTrait,
     store: &str,
@@ -219,29 +233,48 @@ pub async fn lookup_store_id_with_facts(
     bound: Option<&str>,
 ) -> AppResult<(StoreIdLookup, Vec<crate::domain::PurchaseFacts>)> {
     // Joined once, rather than formatted again on every write.
-    static SQL: std::sync::LazyLock<String> =
+    static SQLITE: std::sync::LazyLock<String> =
         std::sync::LazyLock::new(|| format!("{LOOKUP_SQL}; {CANDIDATE_FACTS_SQL}"));
+    static POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("{LOOKUP_WITH_FACTS_PG}{LOOKUP_SQL}{LOOKUP_WITH_FACTS_PG_TAIL}")
+    });
+    let backend = c.get_database_backend();
+    let sql = match backend {
+        sea_orm::DbBackend::Postgres => &POSTGRES,
+        _ => &SQLITE,
+    };
     let rows = c
         .query_all_raw(lookup_statement(
-            c.get_database_backend(),
-            &SQL,
+            backend,
+            sql,
             store,
             store_purchase_id,
             bound,
         ))
         .await?;
-    let mut rows = rows.into_iter();
+    let facts = |r: &sea_orm::QueryResult, prefix: &str| {
+        <super::FactsRow as sea_orm::FromQueryResult>::from_query_result(r, prefix)
+            .map_err(crate::error::AppError::from)
+            .and_then(super::FactsRow::into_facts)
+    };
+    let mut rows = rows.into_iter().peekable();
     let first = rows
-        .next()
+        .peek()
         .ok_or_else(|| crate::error::AppError::Internal(anyhow::anyhow!("lookup gave no row")))?;
-    let lookup = lookup_from_row(&first, bound)?;
-    let facts = rows
-        .map(|r| {
-            <super::FactsRow as sea_orm::FromQueryResult>::from_query_result(&r, "")
-                .map_err(crate::error::AppError::from)
-                .and_then(super::FactsRow::into_facts)
-        })
-        .collect::<AppResult<Vec<_>>>()?;
+    let lookup = lookup_from_row(first, bound)?;
+    let facts = match backend {
+        sea_orm::DbBackend::Postgres => rows
+            .filter_map(|r| match r.try_get::<Option<i64>>("", "fact_id") {
+                Ok(None) => None,
+                Ok(Some(_)) => Some(facts(&r, "fact_")),
+                Err(e) => Some(Err(e.into())),
+            })
+            .collect::<AppResult<Vec<_>>>()?,
+        _ => rows
+            .skip(1)
+            .map(|r| facts(&r, ""))
+            .collect::<AppResult<Vec<_>>>()?,
+    };
     Ok((lookup, facts))
 }
 

@@ -50,7 +50,7 @@ pub async fn insert_new(txn: &crate::db::WriteTxn, claim: Claim<'_>) -> AppResul
     // A row back is the claim made; none, the notification's row was there.
     // Sent with the change-log rows the claimed work deferred: a claim is
     // the last statement of a notification's work but for its commit.
-    Ok(!txn.query_after_deferred(stmt).await?.is_empty())
+    Ok(!txn.query_last(stmt).await?.is_empty())
 }
 
 /// Takes over the row of the notification when its earlier delivery

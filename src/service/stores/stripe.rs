@@ -410,21 +410,19 @@ impl Stores {
         // Two events about one new subscription (checkout completed and
         // subscription created arrive together) would both insert it; holding
         // the named customer's lock first makes the second see the first.
-        if let Some(c) = customer
+        // The purchase is locked before it is read, so the application
+        // below can take this read as its own.
+        let (store, id) = (Store::Stripe.as_str(), &state.state().store_purchase_id);
+        match customer
             .as_deref()
             .or(state.state().bound_customer.as_deref())
         {
-            self.purchases.ensure_customer_in(txn, c, now).await?;
-            db::hold_customer(txn, c).await?;
+            Some(c) => {
+                self.purchases.ensure_customer_in(txn, c, now).await?;
+                db::hold_customer_and_store_purchase(txn, c, store, id).await?;
+            }
+            None => db::lock_store_purchase(txn, store, id).await?,
         }
-        // Locked before it is read, so the application below can take this
-        // read as its own.
-        db::lock_store_purchase(
-            txn,
-            Store::Stripe.as_str(),
-            &state.state().store_purchase_id,
-        )
-        .await?;
         let lookup = db::lookup_store_id_in(
             txn,
             Store::Stripe.as_str(),
