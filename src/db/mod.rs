@@ -188,6 +188,12 @@ pub struct TxnConn {
     /// store id lookup, for the write that follows it. Dropped by any
     /// statement other than a plain read: a write may change them.
     prefetched: std::sync::Mutex<Option<(String, Vec<PurchaseFacts>)>>,
+    /// Writes whose result nobody reads, held back to travel with the
+    /// transaction's last statement (see [`WriteTxn::defer_ordered`]); any
+    /// other statement sends them ahead of itself, so every later statement
+    /// sees them.
+    ordered: std::sync::Mutex<Vec<sea_orm::Statement>>,
+    statements: prometheus_client::metrics::counter::Counter,
 }
 
 impl TxnConn {
@@ -258,6 +264,17 @@ impl TxnConn {
         r
     }
 
+    /// Sends the writes held back by [`WriteTxn::defer_ordered`], in one
+    /// call, ahead of a statement that is not the transaction's last.
+    async fn flush_ordered(&self) -> Result<(), sea_orm::DbErr> {
+        let pending = std::mem::take(&mut *self.ordered.lock().expect("ordered"));
+        if let Some(stmt) = join_statements(pending, &self.statements) {
+            self.open_alone(&stmt.sql).await?;
+            self.txn.execute_raw(stmt).await?;
+        }
+        Ok(())
+    }
+
     /// The purchase facts of `customer_id` read with the last store id
     /// lookup, if nothing but reads ran since.
     pub fn take_prefetched_facts(&self, customer_id: &str) -> Option<Vec<PurchaseFacts>> {
@@ -279,11 +296,13 @@ impl ConnectionTrait for TxnConn {
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+        self.flush_ordered().await?;
         self.open_alone(&stmt.sql).await?;
         self.txn.execute_raw(stmt).await
     }
 
     async fn execute_unprepared(&self, sql: &str) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+        self.flush_ordered().await?;
         self.open_alone(sql).await?;
         self.txn.execute_unprepared(sql).await
     }
@@ -292,6 +311,7 @@ impl ConnectionTrait for TxnConn {
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<Option<sea_orm::QueryResult>, sea_orm::DbErr> {
+        self.flush_ordered().await?;
         self.read(stmt, |s| self.txn.query_one_raw(s)).await
     }
 
@@ -299,6 +319,7 @@ impl ConnectionTrait for TxnConn {
         &self,
         stmt: sea_orm::Statement,
     ) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
+        self.flush_ordered().await?;
         self.read(stmt, |s| self.txn.query_all_raw(s)).await
     }
 
@@ -334,6 +355,54 @@ fn renumber_parameters(sql: &str, offset: usize) -> String {
     out
 }
 
+/// Statements joined to run as one, in order: on SQLite one after another
+/// in one call, each taking the next values; on PostgreSQL the earlier ones
+/// as data-modifying WITH clauses of the last, their `$n` renumbered.
+/// Counted as the statements they are, however they travel.
+fn join_statements(
+    parts: Vec<sea_orm::Statement>,
+    statements: &prometheus_client::metrics::counter::Counter,
+) -> Option<sea_orm::Statement> {
+    if parts.len() > 1 {
+        // The statement count is of statements, however they travel.
+        statements.inc_by(parts.len() as u64 - 1);
+    }
+    let mut parts = parts.into_iter();
+    let mut all = parts.next()?;
+    let postgres = all.db_backend == DbBackend::Postgres;
+    let mut clauses = Vec::new();
+    for next in parts {
+        let offset = all.values.as_ref().map_or(0, |v| v.0.len());
+        if postgres {
+            // The statement so far becomes a WITH clause of the next;
+            // PostgreSQL runs each to completion, read or not.
+            clauses.push(std::mem::take(&mut all.sql));
+            all.sql = renumber_parameters(&next.sql, offset);
+        } else {
+            all.sql.push_str("; ");
+            all.sql.push_str(&next.sql);
+        }
+        match (&mut all.values, next.values) {
+            (Some(a), Some(b)) => a.0.extend(b.0),
+            (a @ None, b) => *a = b,
+            (Some(_), None) => {}
+        }
+    }
+    if !clauses.is_empty() {
+        let with: Vec<String> = clauses
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("deferred_{i} AS ({c})"))
+            .collect();
+        // A last statement with a WITH of its own continues this one.
+        all.sql = match all.sql.strip_prefix("WITH ") {
+            Some(rest) => format!("WITH {}, {rest}", with.join(", ")),
+            None => format!("WITH {} {}", with.join(", "), all.sql),
+        };
+    }
+    Some(all)
+}
+
 /// A transaction that is only this writer's (PostgreSQL, or a pool of one).
 fn own(txn: Arc<DatabaseTransaction>) -> AppResult<DatabaseTransaction> {
     Arc::try_unwrap(txn).map_err(|_| {
@@ -360,6 +429,27 @@ impl WriteTxn {
         };
         if joins {
             self.deferred.lock().expect("deferred").push(stmt);
+            return Ok(());
+        }
+        self.conn.execute_raw(stmt).await?;
+        Ok(())
+    }
+
+    /// Holds back a write whose result nobody reads, to travel with the
+    /// transaction's last statement ([`WriteTxn::query_last`], or the
+    /// commit): one round trip fewer. Unlike [`WriteTxn::defer`], any
+    /// other statement sends it ahead of itself first, so nothing later in
+    /// the transaction can miss it, whatever table it reads.
+    pub async fn defer_ordered(&self, stmt: sea_orm::Statement) -> AppResult<()> {
+        // A write may change the facts read with a lookup.
+        self.conn.prefetched.lock().expect("prefetched").take();
+        let joins = match stmt.db_backend {
+            DbBackend::Sqlite => !stmt.sql.contains('$'),
+            DbBackend::Postgres => true,
+            _ => false,
+        };
+        if joins {
+            self.conn.ordered.lock().expect("ordered").push(stmt);
             return Ok(());
         }
         self.conn.execute_raw(stmt).await?;
@@ -419,48 +509,13 @@ impl WriteTxn {
         cache_notice(me, &customers, &devices).map(|p| (p, touched))
     }
 
-    /// The deferred writes and then `last`, as one statement to run.
+    /// The writes held back (ordered, then deferred) and then `last`, as
+    /// one statement to run.
     fn with_deferred(&self, last: Option<sea_orm::Statement>) -> Option<sea_orm::Statement> {
+        let ordered = std::mem::take(&mut *self.conn.ordered.lock().expect("ordered"));
         let pending = std::mem::take(&mut *self.deferred.lock().expect("deferred"));
-        let parts: Vec<sea_orm::Statement> = pending.into_iter().chain(last).collect();
-        if parts.len() > 1 {
-            // The statement count is of statements, however they travel.
-            self.statements.inc_by(parts.len() as u64 - 1);
-        }
-        let mut parts = parts.into_iter();
-        let mut all = parts.next()?;
-        let postgres = all.db_backend == DbBackend::Postgres;
-        let mut clauses = Vec::new();
-        for next in parts {
-            let offset = all.values.as_ref().map_or(0, |v| v.0.len());
-            if postgres {
-                // The statement so far becomes a WITH clause of the next;
-                // PostgreSQL runs each to completion, read or not.
-                clauses.push(std::mem::take(&mut all.sql));
-                all.sql = renumber_parameters(&next.sql, offset);
-            } else {
-                all.sql.push_str("; ");
-                all.sql.push_str(&next.sql);
-            }
-            match (&mut all.values, next.values) {
-                (Some(a), Some(b)) => a.0.extend(b.0),
-                (a @ None, b) => *a = b,
-                (Some(_), None) => {}
-            }
-        }
-        if !clauses.is_empty() {
-            let with: Vec<String> = clauses
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("deferred_{i} AS ({c})"))
-                .collect();
-            // A last statement with a WITH of its own continues this one.
-            all.sql = match all.sql.strip_prefix("WITH ") {
-                Some(rest) => format!("WITH {}, {rest}", with.join(", ")),
-                None => format!("WITH {} {}", with.join(", "), all.sql),
-            };
-        }
-        Some(all)
+        let parts = ordered.into_iter().chain(pending).chain(last).collect();
+        join_statements(parts, &self.statements)
     }
 
     pub async fn commit(self) -> AppResult<()> {
@@ -798,6 +853,8 @@ impl Db {
                 txn,
                 opening,
                 prefetched: Default::default(),
+                ordered: Default::default(),
+                statements: self.stats.statements.clone(),
             },
             turn,
             touched: Default::default(),
@@ -2133,6 +2190,95 @@ mod tests {
             let quiet =
                 tokio::time::timeout(std::time::Duration::from_millis(300), listener.recv()).await;
             assert!(quiet.is_err(), "nothing heard: {quiet:?}");
+        }
+    }
+
+    /// A purchase overwrite held back travels with the claim, and any other
+    /// statement before the claim sends it first, so nothing after it in
+    /// the transaction misses it; rolled back, it never happened.
+    #[tokio::test]
+    async fn an_ordered_write_goes_ahead_of_any_later_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            ensure_customer(&txn, "c1", now).await.unwrap();
+            let row = purchase::insert(&*txn, play_purchase("c1", "tok-1", now, None))
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+            let status = |db: &Db| {
+                let conn = db.conn.clone();
+                async move {
+                    purchase::find_by_store_id(&conn, "play_store", "tok-1")
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .status
+                }
+            };
+            let with_status = |s: &str| {
+                let mut f = play_purchase("c1", "tok-1", now, Some(serde_json::json!({"n": s})));
+                f.status = s.into();
+                f
+            };
+            let claim = |id: &'static str| webhook_claim::Claim {
+                source: "play_store",
+                event_id: id,
+                payload: &serde_json::Value::Null,
+                outcome: "applied",
+                customer_id: Some("c1"),
+                at: now,
+            };
+
+            // Read back in the transaction: sent ahead of the read.
+            let txn = db.write().await.unwrap();
+            let written = purchase::overwrite_deferred(&txn, row.clone(), with_status("expired"))
+                .await
+                .unwrap();
+            assert_eq!(written.status, "expired");
+            assert_eq!(written.raw, Some(serde_json::json!({"n": "expired"})));
+            let before = statements(&db);
+            let read = purchase::find(&*txn, row.id).await.unwrap().unwrap();
+            assert_eq!(read, written, "the row as the transaction reads it");
+            assert_eq!(statements(&db) - before, 2, "the write, then the read");
+            txn.commit().await.unwrap();
+            assert_eq!(status(&db).await, "expired");
+
+            // With the claim, as its last statement: both or neither.
+            let txn = db.write().await.unwrap();
+            let row = purchase::find(&*txn, row.id).await.unwrap().unwrap();
+            purchase::overwrite_deferred(&txn, row.clone(), with_status("active"))
+                .await
+                .unwrap();
+            let before = statements(&db);
+            assert!(webhook_claim::insert_new(&txn, claim("e1")).await.unwrap());
+            assert_eq!(statements(&db) - before, 2, "the write and the claim");
+            txn.commit().await.unwrap();
+            assert_eq!(status(&db).await, "active");
+
+            // Rolled back: the held-back write is gone with the rest.
+            let txn = db.write().await.unwrap();
+            purchase::overwrite_deferred(&txn, row.clone(), with_status("revoked"))
+                .await
+                .unwrap();
+            assert!(!webhook_claim::insert_new(&txn, claim("e1")).await.unwrap());
+            txn.abandon().await.unwrap();
+            assert_eq!(status(&db).await, "active");
+            let txn = db.write().await.unwrap();
+            purchase::overwrite_deferred(&txn, row.clone(), with_status("revoked"))
+                .await
+                .unwrap();
+            drop(txn);
+            assert_eq!(status(&db).await, "active");
+
+            // Nothing after it but the commit: written at the commit.
+            let txn = db.write().await.unwrap();
+            purchase::overwrite_deferred(&txn, row, with_status("revoked"))
+                .await
+                .unwrap();
+            txn.commit().await.unwrap();
+            assert_eq!(status(&db).await, "revoked");
         }
     }
 

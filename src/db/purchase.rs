@@ -78,6 +78,46 @@ pub async fn overwrite(
     Ok(am.update(c).await?)
 }
 
+/// [`overwrite`], held back to travel with the transaction's last
+/// statement (see [`crate::db::WriteTxn::defer_ordered`]): the row as it
+/// will read, without a round trip for it. The row was read under this
+/// transaction's locks, so the update finds it.
+pub async fn overwrite_deferred(
+    txn: &crate::db::WriteTxn,
+    row: purchases::Model,
+    f: PurchaseFields,
+) -> AppResult<purchases::Model> {
+    use sea_orm::{QueryTrait, TryIntoModel};
+    let mut am = row.into_active_model();
+    fill(&mut am, f);
+    let mut written = am.clone().try_into_model()?;
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        // As PostgreSQL will store them, to the microsecond, and would have
+        // returned them.
+        let micros = |t: DateTime<Utc>| {
+            use chrono::Timelike;
+            t.with_nanosecond(t.nanosecond() / 1_000 * 1_000)
+                .unwrap_or(t)
+        };
+        written.purchased_at = micros(written.purchased_at);
+        written.source_updated_at = micros(written.source_updated_at);
+        for t in [
+            &mut written.expires_at,
+            &mut written.grace_expires_at,
+            &mut written.canceled_at,
+            &mut written.revoked_at,
+        ] {
+            *t = t.map(micros);
+        }
+    }
+    let stmt = purchases::Entity::update_many()
+        .set(am)
+        .filter(purchases::Column::Id.eq(written.id))
+        .build(txn.get_database_backend());
+    txn.defer_ordered(stmt).await?;
+    Ok(written)
+}
+
 /// Gives the purchase to another customer, its state unchanged.
 pub async fn move_to(
     c: &impl ConnectionTrait,

@@ -577,7 +577,7 @@ impl Purchases {
             Some(e) => {
                 let renewal_count = vp.renewal_count.or(counted).unwrap_or(e.renewal_count);
                 let row = self.fields(vp, &owner, renewal_count);
-                let row = db::purchase::overwrite(&**txn, e, row).await?;
+                let row = db::purchase::overwrite_deferred(txn, e, row).await?;
                 (row.id, Some(row))
             }
             None => {
