@@ -1887,6 +1887,17 @@ mod tests {
     }
 
     /// Customers `owner`, `into`, and `merged`, merged into `into`.
+    /// [`owner_and_merged_customers`], with a Play purchase for each
+    /// (customer, token).
+    async fn owned_purchases(txn: &WriteTxn, now: DateTime<Utc>, owned: &[(&str, &str)]) {
+        owner_and_merged_customers(txn, now).await;
+        for (customer, token) in owned {
+            purchase::insert(&**txn, play_purchase(customer, token, now, None))
+                .await
+                .unwrap();
+        }
+    }
+
     async fn owner_and_merged_customers(txn: &WriteTxn, now: DateTime<Utc>) {
         for c in ["owner", "merged", "into"] {
             ensure_customer(txn, c, now).await.unwrap();
@@ -1937,12 +1948,7 @@ mod tests {
             }
             let now = Utc::now();
             let txn = db.write().await.unwrap();
-            owner_and_merged_customers(&txn, now).await;
-            for (customer, token) in [("owner", "tok-owner"), ("into", "tok-into")] {
-                purchase::insert(&*txn, play_purchase(customer, token, now, None))
-                    .await
-                    .unwrap();
-            }
+            owned_purchases(&txn, now, &[("owner", "tok-owner"), ("into", "tok-into")]).await;
             let facts = |c: &'static str| {
                 let txn = &txn;
                 async move { purchase_facts_of(&**txn, c).await.unwrap() }
@@ -1983,8 +1989,6 @@ mod tests {
         }
     }
 
-    /// The one-statement lookup of a store id reads what the separate
-    /// reads do, in each state a store id can be in.
     /// PostgreSQL: the facts come with the lookup only for an owner whose
     /// lock was held when it ran (no other write to them can commit in
     /// between), in the lookup's own statement.
@@ -1997,16 +2001,16 @@ mod tests {
             }
             let now = Utc::now();
             let txn = db.write().await.unwrap();
-            owner_and_merged_customers(&txn, now).await;
-            for (customer, token) in [
-                ("owner", "tok-owner"),
-                ("owner", "tok-2"),
-                ("into", "tok-into"),
-            ] {
-                purchase::insert(&*txn, play_purchase(customer, token, now, None))
-                    .await
-                    .unwrap();
-            }
+            owned_purchases(
+                &txn,
+                now,
+                &[
+                    ("owner", "tok-owner"),
+                    ("owner", "tok-2"),
+                    ("into", "tok-into"),
+                ],
+            )
+            .await;
             txn.commit().await.unwrap();
             let owner = purchase_facts_of(&db.conn, "owner").await.unwrap();
             let into = purchase_facts_of(&db.conn, "into").await.unwrap();
@@ -2297,6 +2301,8 @@ mod tests {
         row.try_get::<bool>("", "ok").unwrap()
     }
 
+    /// The one-statement lookup of a store id reads what the separate
+    /// reads do, in each state a store id can be in.
     #[tokio::test]
     async fn a_store_id_lookup_reads_row_alias_hold_and_binding() {
         let dir = tempfile::tempdir().unwrap();
