@@ -1563,6 +1563,26 @@ pub async fn customers_page(
     Ok((rows, more))
 }
 
+/// A fresh, empty database on each backend the tests have: SQLite always,
+/// PostgreSQL when `ENTITLE_TEST_POSTGRES_URL` names a server.
+#[cfg(test)]
+pub(crate) async fn fresh_test_database_urls(dir: &std::path::Path) -> Vec<String> {
+    let mut urls = vec![format!("sqlite://{}?mode=rwc", dir.join("t.db").display())];
+    if let Ok(pg) = std::env::var("ENTITLE_TEST_POSTGRES_URL") {
+        let name = format!("entitle_t_{:016x}", rand::random::<u64>());
+        let admin = Database::connect(pg.as_str()).await.unwrap();
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let mut url = url::Url::parse(&pg).unwrap();
+        url.set_path(&name);
+        urls.push(url.to_string());
+    }
+    urls
+}
+
 #[cfg(test)]
 mod tests {
     use sea_orm::{ConnectionTrait, PaginatorTrait, Statement};
@@ -1600,24 +1620,9 @@ mod tests {
         assert_eq!(writer, -2000, "SQLite's default");
     }
 
-    /// A fresh database on each backend the tests have: SQLite always,
-    /// PostgreSQL when `ENTITLE_TEST_POSTGRES_URL` names a server.
     async fn fresh_dbs(dir: &std::path::Path) -> Vec<Db> {
-        let mut urls = vec![format!("sqlite://{}?mode=rwc", dir.join("t.db").display())];
-        if let Ok(pg) = std::env::var("ENTITLE_TEST_POSTGRES_URL") {
-            let name = format!("entitle_t_{:016x}", rand::random::<u64>());
-            let admin = Database::connect(pg.as_str()).await.unwrap();
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-            admin.close().await.unwrap();
-            let mut url = url::Url::parse(&pg).unwrap();
-            url.set_path(&name);
-            urls.push(url.to_string());
-        }
         let mut dbs = Vec::new();
-        for u in urls {
+        for u in super::fresh_test_database_urls(dir).await {
             let mut config = Config::default();
             config.database_url = crate::config::Secret::new(u);
             dbs.push(Db::connect(&config).await.unwrap());

@@ -3,11 +3,25 @@
 use chrono::{DateTime, Utc};
 use entities::signing_keys;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
-    sea_query::Expr,
+    ActiveValue::Set, ColumnTrait, Condition, ConnectionTrait, DbBackend, EntityTrait, QueryFilter,
+    Statement, sea_query::Expr,
 };
 
 use crate::error::AppResult;
+
+/// Serialises, on PostgreSQL, the transactions that create a first key, so
+/// that replicas started together agree on one instead of each making its
+/// own. (SQLite's write transactions are already exclusive.)
+pub async fn lock(c: &impl ConnectionTrait) -> AppResult<()> {
+    if c.get_database_backend() == DbBackend::Postgres {
+        c.execute_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtextextended('signing_keys', 0))",
+        ))
+        .await?;
+    }
+    Ok(())
+}
 
 pub async fn all(c: &impl ConnectionTrait) -> AppResult<Vec<signing_keys::Model>> {
     Ok(signing_keys::Entity::find().all(c).await?)
@@ -63,26 +77,34 @@ pub async fn retire(
     Ok(())
 }
 
-/// Extends how long the key stays published, while it still signs at
-/// `now` and no one extended it further; returns the rows written.
+/// Extends how long the key stays published to at least `verify_until`,
+/// while it still signs at `now`; returns 0 only when it no longer does.
+/// A replica that leased it further meanwhile keeps its longer lease, and
+/// counts as done: the key is published as long as this caller needs.
 pub async fn extend_verify_until(
     c: &impl ConnectionTrait,
     kid: &str,
     now: DateTime<Utc>,
     verify_until: DateTime<Utc>,
 ) -> AppResult<u64> {
+    let col = signing_keys::Column::VerifyUntil;
     let res = signing_keys::Entity::update_many()
-        .col_expr(signing_keys::Column::VerifyUntil, Expr::value(verify_until))
+        .col_expr(
+            col,
+            Expr::case(
+                Condition::any()
+                    .add(col.is_null())
+                    .add(col.lt(verify_until)),
+                Expr::value(verify_until),
+            )
+            .finally(Expr::col(col))
+            .into(),
+        )
         .filter(signing_keys::Column::Kid.eq(kid))
         .filter(
             Condition::any()
                 .add(signing_keys::Column::RetiredAt.is_null())
                 .add(signing_keys::Column::RetiredAt.gt(now)),
-        )
-        .filter(
-            Condition::any()
-                .add(signing_keys::Column::VerifyUntil.is_null())
-                .add(signing_keys::Column::VerifyUntil.lt(verify_until)),
         )
         .exec(c)
         .await?;

@@ -410,6 +410,11 @@ impl fmt::Debug for Tokens {
     }
 }
 
+/// Whether `k` is the one signing at `now`, or one of several to choose from.
+fn signs_at(k: &signing_keys::Model, now: DateTime<Utc>) -> bool {
+    k.created_at <= now && k.retired_at.is_none_or(|r| r > now)
+}
+
 fn parse_alg(s: &str) -> Option<TokenAlgorithm> {
     match s {
         "ES256" => Some(TokenAlgorithm::ES256),
@@ -564,6 +569,24 @@ impl Tokens {
         Ok(model)
     }
 
+    /// A key that signs from now, unless another process made one since
+    /// the caller looked: the check and the insert hold the lock that
+    /// serialises every first key.
+    async fn create_first_key(&self) -> AppResult<()> {
+        let txn = self.db.write().await?;
+        db::signing_key::lock(&*txn).await?;
+        // Taken once the lock is held: a key another process committed
+        // before that was made at an earlier instant, so it signs by now.
+        let now = self.clock.now();
+        let rows = db::signing_key::all(&*txn).await?;
+        if !rows.iter().any(|k| signs_at(k, now)) {
+            db::signing_key::retire_all_from(&*txn, now).await?;
+            db::signing_key::insert(&*txn, self.new_row(self.cfg.algorithm, now)).await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
     /// `entitle signing-key rotate`: a new key, published now and current
     /// one refresh period from now (every replica has re-read the keys by
     /// then); the current key signs until that instant.
@@ -588,16 +611,14 @@ impl Tokens {
         for _ in 0..4 {
             let now = self.clock.now();
             let rows = db::signing_key::all(&self.db.conn).await?;
-            let signs_at = |k: &signing_keys::Model| {
-                k.created_at <= now && k.retired_at.is_none_or(|r| r > now)
-            };
+            let signs_at = |k: &signing_keys::Model| signs_at(k, now);
             let Some(current) = rows
                 .iter()
                 .filter(|k| signs_at(k))
                 .max_by(|a, b| (a.created_at, &a.kid).cmp(&(b.created_at, &b.kid)))
                 .cloned()
             else {
-                self.insert_key(self.cfg.algorithm, now).await?;
+                self.create_first_key().await?;
                 continue;
             };
             // Two replicas that created a first key at once: the newer wins,
@@ -628,8 +649,9 @@ impl Tokens {
                         .await?;
                 txn.commit().await?;
                 if extended == 0 {
-                    // Retired meanwhile, or another replica leased further:
-                    // read again and decide on what is there.
+                    // Retired meanwhile (a longer lease by another replica
+                    // counts as extended): read again and decide on what is
+                    // there.
                     continue;
                 }
             }
@@ -890,5 +912,57 @@ mod tests {
         assert_eq!(sqlite_file("sqlite::memory:"), None);
         assert_eq!(sqlite_file("sqlite://x.db?mode=memory"), None);
         assert_eq!(sqlite_file("postgres://h/db"), None);
+    }
+
+    /// Replicas started together on a fresh database each create a first
+    /// key, retire the others' and lease the survivor at once; every one
+    /// comes up signing with a key that all of them publish.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_loading_keys_together_all_come_up_on_one_key() {
+        const REPLICAS: usize = 8;
+        let dir = tempfile::tempdir().unwrap();
+        for url in crate::db::fresh_test_database_urls(dir.path()).await {
+            let mut config = Config::default();
+            config.database_url = Secret::new(url);
+            config.database_max_connections = Some(2);
+            config.tokens.encryption_key = Some(Secret::new(STANDARD.encode([5u8; 32])));
+            Db::migrate_only(&config).await.unwrap();
+            let mut replicas = Vec::new();
+            for _ in 0..REPLICAS {
+                let db = Db::connect_only(&config).await.unwrap();
+                let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+                replicas.push(Arc::new(Tokens::new(&config, db, clock).unwrap()));
+            }
+            let start = Arc::new(tokio::sync::Barrier::new(REPLICAS));
+            let loads: Vec<_> = replicas
+                .iter()
+                .map(|t| {
+                    let (t, start) = (t.clone(), start.clone());
+                    tokio::spawn(async move {
+                        start.wait().await;
+                        t.load().await
+                    })
+                })
+                .collect();
+            let mut first = Vec::new();
+            for l in loads {
+                let ring = l.await.unwrap().unwrap_or_else(|e| panic!("{e:?}"));
+                first.push(ring.current.kid.clone());
+            }
+            // Read again once all are up: one key signs, and every key any
+            // replica came up with is still published.
+            let mut current = Vec::new();
+            for t in &replicas {
+                let ring = t.load().await.unwrap();
+                for kid in &first {
+                    assert!(ring.kids.contains(kid), "{kid} is no longer published");
+                }
+                current.push(ring.current.kid.clone());
+            }
+            current.dedup();
+            assert_eq!(current.len(), 1, "replicas sign with different keys");
+            let keys = db::signing_key::all(&replicas[0].db.conn).await.unwrap();
+            assert_eq!(keys.len(), 1, "each replica made a first key of its own");
+        }
     }
 }
