@@ -24,7 +24,7 @@ fi
 for v in $(compgen -e | grep -E '^(ENTITLE_|DATABASE_URL$)' | grep -v '^ENTITLE_TEST_' || true); do unset "$v"; done
 
 cargo build --quiet --bin entitle
-BIN="$ROOT/target/debug/entitle"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/entitle"
 
 WORK="$(mktemp -d)"
 SERVER_PID=""
