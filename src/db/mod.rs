@@ -2062,6 +2062,84 @@ mod tests {
         }
     }
 
+    /// PostgreSQL: a lookup that finds no row takes the new row's id from
+    /// the sequence in the same statement, once however many facts come
+    /// with it, so the insert can travel with the claim; the row reads as
+    /// it was built.
+    #[tokio::test]
+    async fn on_postgres_a_new_purchase_takes_its_id_with_the_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        for db in fresh_dbs(dir.path()).await {
+            if db.backend() != DbBackend::Postgres {
+                continue;
+            }
+            let now = Utc::now();
+            let txn = db.write().await.unwrap();
+            owned_purchases(&txn, now, &[("owner", "tok-1"), ("owner", "tok-2")]).await;
+            txn.commit().await.unwrap();
+
+            let txn = db.write().await.unwrap();
+            hold_customer(&txn, "owner").await.unwrap();
+            let known = lookup_store_id_in(&txn, "play_store", "tok-1", Some("owner"))
+                .await
+                .unwrap();
+            assert_eq!(known.next_id, None, "a stored row keeps its id");
+            let first = lookup_store_id_in(&txn, "play_store", "tok-new", Some("owner"))
+                .await
+                .unwrap();
+            assert_eq!(txn.take_prefetched_facts("owner").map(|f| f.len()), Some(2));
+            let again = lookup_store_id_in(&txn, "play_store", "tok-new", Some("owner"))
+                .await
+                .unwrap();
+            let id = first.next_id.expect("an id for the new row");
+            assert!(id > known.row.unwrap().id);
+            assert_eq!(
+                again.next_id,
+                Some(id + 1),
+                "one id per lookup, not per row"
+            );
+
+            let raw = serde_json::json!({"n": 1});
+            let row = play_purchase("owner", "tok-new", now, Some(raw));
+            let written = purchase::insert_deferred(&txn, id, row).await.unwrap();
+            assert_eq!(written.id, id);
+            let before = statements(&db);
+            let claim = webhook_claim::Claim {
+                source: "play_store",
+                event_id: "e-new",
+                payload: &serde_json::Value::Null,
+                outcome: "applied",
+                customer_id: Some("owner"),
+                at: now,
+            };
+            assert!(webhook_claim::insert_new(&txn, claim).await.unwrap());
+            assert_eq!(statements(&db) - before, 2, "the insert and the claim");
+            txn.commit().await.unwrap();
+            let stored = purchase::find_by_store_id(&db.conn, "play_store", "tok-new")
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(stored, written, "the row as it was built");
+
+            // Read back in the transaction: sent ahead of the read.
+            let txn = db.write().await.unwrap();
+            hold_customer(&txn, "owner").await.unwrap();
+            let next = lookup_store_id_in(&txn, "play_store", "tok-3", Some("owner"))
+                .await
+                .unwrap()
+                .next_id
+                .unwrap();
+            let row = play_purchase("owner", "tok-3", now, None);
+            let written = purchase::insert_deferred(&txn, next, row).await.unwrap();
+            let read = purchase_facts_of(&*txn, "owner").await.unwrap();
+            assert_eq!(read.len(), 4);
+            assert_eq!(read.last().unwrap().id, written.id);
+            drop(txn);
+            let after = purchase::find_by_store_id(&db.conn, "play_store", "tok-3").await;
+            assert!(after.unwrap().is_none(), "rolled back with the rest");
+        }
+    }
+
     /// The customer lock and the store purchase lock a Stripe event takes
     /// go in one statement on PostgreSQL, and both are held after it.
     #[tokio::test]

@@ -90,32 +90,56 @@ pub async fn overwrite_deferred(
     use sea_orm::{QueryTrait, TryIntoModel};
     let mut am = row.into_active_model();
     fill(&mut am, f);
-    let mut written = am.clone().try_into_model()?;
-    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-        // As PostgreSQL will store them, to the microsecond, and would have
-        // returned them.
-        let micros = |t: DateTime<Utc>| {
-            use chrono::Timelike;
-            t.with_nanosecond(t.nanosecond() / 1_000 * 1_000)
-                .unwrap_or(t)
-        };
-        written.purchased_at = micros(written.purchased_at);
-        written.source_updated_at = micros(written.source_updated_at);
-        for t in [
-            &mut written.expires_at,
-            &mut written.grace_expires_at,
-            &mut written.canceled_at,
-            &mut written.revoked_at,
-        ] {
-            *t = t.map(micros);
-        }
-    }
+    let written = as_stored(txn, am.clone().try_into_model()?);
     let stmt = purchases::Entity::update_many()
         .set(am)
         .filter(purchases::Column::Id.eq(written.id))
         .build(txn.get_database_backend());
     txn.defer_ordered(stmt).await?;
     Ok(written)
+}
+
+/// [`insert`], held back like [`overwrite_deferred`], under an id taken
+/// beforehand ([`StoreIdLookup::next_id`]): the row as it will read.
+pub async fn insert_deferred(
+    txn: &crate::db::WriteTxn,
+    id: i64,
+    f: PurchaseFields,
+) -> AppResult<purchases::Model> {
+    use sea_orm::{QueryTrait, TryIntoModel};
+    let mut am = <purchases::ActiveModel as Default>::default();
+    am.id = Set(id);
+    fill(&mut am, f);
+    if matches!(am.order_id, sea_orm::ActiveValue::NotSet) {
+        am.order_id = Set(None);
+    }
+    let written = as_stored(txn, am.clone().try_into_model()?);
+    let stmt = purchases::Entity::insert(am).build(txn.get_database_backend());
+    txn.defer_ordered(stmt).await?;
+    Ok(written)
+}
+
+/// `row` as the database will store it, and would have returned it: on
+/// PostgreSQL, its timestamps to the microsecond.
+fn as_stored(txn: &crate::db::WriteTxn, mut row: purchases::Model) -> purchases::Model {
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let micros = |t: DateTime<Utc>| {
+            use chrono::Timelike;
+            t.with_nanosecond(t.nanosecond() / 1_000 * 1_000)
+                .unwrap_or(t)
+        };
+        row.purchased_at = micros(row.purchased_at);
+        row.source_updated_at = micros(row.source_updated_at);
+        for t in [
+            &mut row.expires_at,
+            &mut row.grace_expires_at,
+            &mut row.canceled_at,
+            &mut row.revoked_at,
+        ] {
+            *t = t.map(micros);
+        }
+    }
+    row
 }
 
 /// Gives the purchase to another customer, its state unchanged.
@@ -171,6 +195,11 @@ pub struct StoreIdLookup {
     /// `(bound, resolved)`: the customer `bound` names after following a
     /// merge (itself when it was not merged).
     pub bound: Option<(String, String)>,
+    /// PostgreSQL, with the facts: an id taken from the purchases' sequence
+    /// when no row is stored under the store id, so a new row's insert can
+    /// be held back ([`insert_deferred`]) without a round trip for its id.
+    /// Unused, it is only a gap in the sequence.
+    pub next_id: Option<i64>,
 }
 
 impl StoreIdLookup {
@@ -245,6 +274,7 @@ fn lookup_from_row(row: &sea_orm::QueryResult, bound: Option<&str>) -> AppResult
         replaced_by: row.try_get("", "lookup_replaced_by")?,
         held: row.try_get("", "lookup_held")?,
         bound: bound.map(|b| (b.to_string(), alias.unwrap_or_else(|| b.to_string()))),
+        next_id: None,
     })
 }
 
@@ -257,8 +287,12 @@ const LOOKUP_WITH_FACTS_PG: &str = "SELECT l.*, f.id AS fact_id, f.store AS fact
     f.status AS fact_status, f.period_type AS fact_period_type, \
     f.purchased_at AS fact_purchased_at, f.expires_at AS fact_expires_at, \
     f.grace_expires_at AS fact_grace_expires_at, f.auto_renew AS fact_auto_renew, \
-    f.revoked_at AS fact_revoked_at FROM (";
-const LOOKUP_WITH_FACTS_PG_TAIL: &str = ") l LEFT JOIN LATERAL (SELECT * FROM purchases q \
+    f.revoked_at AS fact_revoked_at FROM (SELECT found.*, \
+    CASE WHEN found.id IS NULL THEN nextval(pg_get_serial_sequence('purchases', 'id')) END \
+    AS lookup_next_id FROM (";
+// The lookup is the outer side of the join: its one row, and its one
+// `nextval`, are computed once however many facts rows follow.
+const LOOKUP_WITH_FACTS_PG_TAIL: &str = ") found) l LEFT JOIN LATERAL (SELECT * FROM purchases q \
     WHERE q.customer_id = COALESCE(l.customer_id, l.lookup_alias, $3)) f ON true \
     ORDER BY f.id";
 
@@ -301,7 +335,10 @@ pub async fn lookup_store_id_with_facts(
     let first = rows
         .peek()
         .ok_or_else(|| crate::error::AppError::Internal(anyhow::anyhow!("lookup gave no row")))?;
-    let lookup = lookup_from_row(first, bound)?;
+    let mut lookup = lookup_from_row(first, bound)?;
+    if backend == sea_orm::DbBackend::Postgres {
+        lookup.next_id = first.try_get("", "lookup_next_id")?;
+    }
     let facts = match backend {
         sea_orm::DbBackend::Postgres => rows
             .filter_map(|r| match r.try_get::<Option<i64>>("", "fact_id") {

@@ -427,6 +427,7 @@ impl Purchases {
                     Some((b, _)) => Some((b.clone(), db::resolve_customer(&**txn, b).await?)),
                     None => None,
                 },
+                next_id: lookup.next_id,
             };
             assert_eq!(lookup, read, "store id lookup");
         }
@@ -582,7 +583,10 @@ impl Purchases {
             }
             None => {
                 let row = self.fields(vp, &owner, vp.renewal_count.or(counted).unwrap_or(0));
-                let row = db::purchase::insert(&**txn, row).await?;
+                let row = match lookup.next_id {
+                    Some(id) => db::purchase::insert_deferred(txn, id, row).await?,
+                    None => db::purchase::insert(&**txn, row).await?,
+                };
                 (row.id, Some(row))
             }
         };
