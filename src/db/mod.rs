@@ -1621,8 +1621,22 @@ mod tests {
     }
 
     async fn fresh_dbs(dir: &std::path::Path) -> Vec<Db> {
+        connect_all(super::fresh_test_database_urls(dir).await).await
+    }
+
+    /// The fresh database of one backend, if the tests have it.
+    async fn fresh_dbs_of(dir: &std::path::Path, backend: DbBackend) -> Vec<Db> {
+        let urls = super::fresh_test_database_urls(dir).await;
+        let sqlite = |u: &String| u.starts_with("sqlite:");
+        let urls = urls
+            .into_iter()
+            .filter(|u| sqlite(u) == (backend == DbBackend::Sqlite));
+        connect_all(urls.collect()).await
+    }
+
+    async fn connect_all(urls: Vec<String>) -> Vec<Db> {
         let mut dbs = Vec::new();
-        for u in super::fresh_test_database_urls(dir).await {
+        for u in urls {
             let mut config = Config::default();
             config.database_url = crate::config::Secret::new(u);
             dbs.push(Db::connect(&config).await.unwrap());
@@ -1947,10 +1961,7 @@ mod tests {
     #[tokio::test]
     async fn a_lookup_brings_its_owners_facts_until_something_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        for db in fresh_dbs(dir.path()).await {
-            if db.backend() != DbBackend::Sqlite {
-                continue;
-            }
+        for db in fresh_dbs_of(dir.path(), DbBackend::Sqlite).await {
             let now = Utc::now();
             let txn = db.write().await.unwrap();
             owned_purchases(&txn, now, &[("owner", "tok-owner"), ("into", "tok-into")]).await;
@@ -2000,10 +2011,7 @@ mod tests {
     #[tokio::test]
     async fn on_postgres_a_lookup_brings_the_facts_of_a_held_owner_only() {
         let dir = tempfile::tempdir().unwrap();
-        for db in fresh_dbs(dir.path()).await {
-            if db.backend() != DbBackend::Postgres {
-                continue;
-            }
+        for db in fresh_dbs_of(dir.path(), DbBackend::Postgres).await {
             let now = Utc::now();
             let txn = db.write().await.unwrap();
             owned_purchases(
@@ -2069,10 +2077,7 @@ mod tests {
     #[tokio::test]
     async fn on_postgres_a_new_purchase_takes_its_id_with_the_lookup() {
         let dir = tempfile::tempdir().unwrap();
-        for db in fresh_dbs(dir.path()).await {
-            if db.backend() != DbBackend::Postgres {
-                continue;
-            }
+        for db in fresh_dbs_of(dir.path(), DbBackend::Postgres).await {
             let now = Utc::now();
             let txn = db.write().await.unwrap();
             owned_purchases(&txn, now, &[("owner", "tok-1"), ("owner", "tok-2")]).await;
@@ -2204,10 +2209,7 @@ mod tests {
     #[tokio::test]
     async fn the_cache_notice_goes_with_the_claim() {
         let dir = tempfile::tempdir().unwrap();
-        for db in fresh_dbs(dir.path()).await {
-            if db.backend() != DbBackend::Postgres {
-                continue;
-            }
+        for db in fresh_dbs_of(dir.path(), DbBackend::Postgres).await {
             let pool = db.conn.get_postgres_connection_pool().clone();
             let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool)
                 .await
